@@ -1,0 +1,186 @@
+"""HTTP routes: the OpenAI-compatible `/v1/*` API, `/healthz` and `/readyz`.
+
+Routes only translate between HTTP and the proxy; every error leaves as OpenAI's envelope. Quart's own 60 s
+response timeout is disabled (it would cut long streams); QueueGate's upstream timeouts apply instead.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from queuegate.config import ServerConfig
+from queuegate.errors import (
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+)
+from queuegate.fleet.catalog import Catalog
+from queuegate.proxy import CLIENT_CLOSED, Proxy, Reply, RequestRecord
+from queuegate.scheduler import Admission
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+CLEANUP_KEY = "queuegate.cleanup"
+
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+def create_app(server: ServerConfig, catalog: Catalog, admission: Admission, proxy: Proxy) -> ASGIApp:
+    """Build the ASGI application for one daemon (no module-level app: each daemon gets its own)."""
+    app = QuartTrio("queuegate")
+    app.config.update(
+        RESPONSE_TIMEOUT=None,
+        BODY_TIMEOUT=server.body_timeout_s,
+        MAX_CONTENT_LENGTH=int(server.max_body_mb * 1024 * 1024),
+        PROVIDE_AUTOMATIC_OPTIONS=False,
+    )
+    created = int(time.time())
+
+    async def relay(endpoint: str) -> Response:
+        request_id = _request_id(request.headers.get("x-request-id"))
+        record = RequestRecord(request_id, endpoint, client=request.remote_addr or "")
+        try:
+            reply = await proxy.handle(record, await _read_body())
+        except GatewayError as exc:
+            record.finish(exc.status, error=exc.message)
+            return _error_response(exc, request_id)
+        except BaseException:
+            record.finish(CLIENT_CLOSED, error="client disconnected")
+            raise
+        if isinstance(reply.body, bytes):
+            record.finish(reply.status)
+        else:
+            request.scope[CLEANUP_KEY].append(reply.body.aclose)
+        return _response(reply, request_id)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        return await relay("chat")
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        return await relay("completions")
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        return await relay("embeddings")
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        data = []
+        for name in catalog.public_names():
+            spec = catalog.resolve(name)
+            assert spec is not None
+            entry: dict[str, Any] = {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": server.owned_by,
+            }
+            if name != spec.name:
+                entry["alias_for"] = spec.name
+            data.append(entry)
+        return _json({"object": "list", "data": data})
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        stats = admission.statistics()
+        models = []
+        for model in stats.models:
+            ready = any(u.state == "ready" for u in model.upstreams)
+            entry: dict[str, Any] = {"name": model.name, "ready": ready}
+            if not ready:
+                entry["reason"] = "; ".join(f"{u.id}: {u.state} ({u.reason})" for u in model.upstreams)
+            models.append(entry)
+        ok = any(m["ready"] for m in models)
+        return _json({"ready": ok, "models": models}, status=200 if ok else 503)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        return _error_response(_from_http_exception(exc), _request_id(request.headers.get("x-request-id")))
+
+    return _with_request_cleanup(app)
+
+
+async def _read_body() -> bytes:
+    try:
+        return await request.get_data(cache=False)
+    except HTTPException as exc:
+        raise _from_http_exception(exc) from None
+
+
+def _from_http_exception(exc: HTTPException) -> GatewayError:
+    """Werkzeug's errors (unknown route, wrong method, body too large or too slow) in OpenAI's terms."""
+    code = exc.code or 500
+    if code == 404:
+        return NotFound(f"no route for {request.method} {request.path}")
+    if code == 405:
+        return MethodNotAllowed(f"method {request.method} is not allowed on {request.path}")
+    if code == 413:
+        limit = request.max_content_length or 0
+        return PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
+    if code == 408:
+        return RequestTimeout("the request body did not arrive in time")
+    return GatewayError(exc.description or exc.name, status=code)
+
+
+def _request_id(supplied: str | None) -> str:
+    """The client's X-Request-Id when it is a sane token, else a fresh one."""
+    if supplied and _REQUEST_ID.match(supplied):
+        return supplied
+    return "qg-" + secrets.token_hex(8)
+
+
+def _response(reply: Reply, request_id: str) -> Response:
+    headers = {**reply.headers, "x-request-id": request_id}
+    if not isinstance(reply.body, bytes):
+        headers["x-accel-buffering"] = "no"  # tell nginx-style proxies not to buffer the stream
+    return Response(reply.body, status=reply.status, headers=headers)
+
+
+def _error_response(error: GatewayError, request_id: str) -> Response:
+    headers = {"content-type": "application/json", "x-request-id": request_id, **error.headers()}
+    return Response(error.body(), status=error.status, headers=headers)
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(doc), status=status, headers={"content-type": "application/json"})
+
+
+def _with_request_cleanup(app: ASGIApp) -> ASGIApp:
+    """Run each HTTP request's cleanups (close upstream stream, free its slot) when its ASGI call ends.
+
+    Quart closes a streamed body only if it started sending it; a client that vanishes between the handler's
+    return and the first byte would otherwise leak the upstream connection and the scheduler slot.
+    """
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        cleanups: list[Callable[[], Awaitable[None]]] = []
+        scope[CLEANUP_KEY] = cleanups
+        try:
+            await app(scope, receive, send)
+        finally:
+            if cleanups:
+                with trio.CancelScope(shield=True):
+                    for cleanup in cleanups:
+                        await cleanup()
+
+    return asgi

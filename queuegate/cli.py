@@ -1,0 +1,156 @@
+"""`queuegate run | check | init`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from queuegate.config import Config, ConfigError, load_config
+from queuegate.daemon import Daemon
+from queuegate.logs import configure_logging
+from queuegate.starter import render_starter
+
+DEFAULT_CONFIG = "queuegate.toml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="queuegate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="start the daemon")
+    _config_option(run)
+    run.add_argument(
+        "--demo", action="store_true", help="start a simulated fleet (no GPU needed) and serve it"
+    )
+    run.add_argument("--listen", help="host:port, overrides [server].listen")
+
+    check = commands.add_parser("check", help="validate a config and print the resolved models")
+    _config_option(check)
+
+    init = commands.add_parser("init", help="write a commented starter config")
+    init.add_argument("path", nargs="?", default=DEFAULT_CONFIG)
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.add_argument("--stdout", action="store_true", help="print it instead of writing a file")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "init":
+            return _init(args)
+        if args.command == "check":
+            return _check(load_config(args.config))
+        return _run(args)
+    except ConfigError as exc:
+        print(f"queuegate: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("QUEUEGATE_CONFIG", DEFAULT_CONFIG),
+        help=f"config file (default: $QUEUEGATE_CONFIG or ./{DEFAULT_CONFIG})",
+    )
+
+
+def _init(args: argparse.Namespace) -> int:
+    text = render_starter()
+    if args.stdout:
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        print(f"queuegate: {path} exists; use --force to overwrite it", file=sys.stderr)
+        return 1
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path}; edit [models], then: queuegate check --config {path}")
+    return 0
+
+
+def _check(config: Config) -> int:
+    from queuegate.fleet import Catalog
+
+    catalog = Catalog.from_config(config)
+    print(f"config ok: listen {config.server.listen}, {len(catalog.models)} model(s)")
+    for spec in catalog.models.values():
+        aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
+        print(f"  {spec.name}{aliases}")
+        print(
+            f"    kind {spec.kind.name}, sends model {spec.upstream_model!r}, endpoints {', '.join(sorted(spec.endpoints))}"
+        )
+        for upstream in spec.upstreams:
+            health = upstream.health_url or "no health check"
+            print(
+                f"    upstream {upstream.display_url}  max_concurrency {upstream.capacity}  health {health}"
+            )
+        if spec.defaults:
+            print(f"    defaults {dict(spec.defaults)}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not args.demo and not Path(args.config).exists():
+        print(
+            f"queuegate: no config at {args.config}. Write one with `queuegate init`, "
+            "or try `queuegate run --demo` for a simulated fleet.",
+            file=sys.stderr,
+        )
+        return 2
+    config = None if args.demo else load_config(args.config)
+    level = config.server.log_level if config else "info"
+    configure_logging(config.server.log_format if config else "text", level)
+    trio.run(_serve, config, args.listen)
+    return 0
+
+
+async def _serve(config: Config | None, listen: str | None) -> None:
+    """Run the daemon (and the demo fleet) until SIGINT/SIGTERM; a second signal cancels at once."""
+    async with trio.open_nursery() as nursery:
+        if config is None:
+            from queuegate.demo import start_demo_fleet
+
+            config = await start_demo_fleet(nursery, listen=listen or "127.0.0.1:8080")
+        elif listen:
+            import msgspec
+
+            config = msgspec.structs.replace(
+                config, server=msgspec.structs.replace(config.server, listen=listen)
+            )
+        daemon = Daemon(config)
+        nursery.start_soon(_on_signals, daemon, nursery.cancel_scope)
+        started = await nursery.start(_run_then_stop_all, daemon, nursery.cancel_scope)
+        print(
+            f"QueueGate listening on {started.base_url}  (OpenAI base URL: {started.base_url}/v1)", flush=True
+        )
+
+
+async def _run_then_stop_all(
+    daemon: Daemon, everything: trio.CancelScope, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
+) -> None:
+    """When the daemon has shut down, stop the rest too (demo fleet, signal watcher)."""
+    try:
+        await daemon.run(task_status=task_status)
+    finally:
+        everything.cancel()
+
+
+async def _on_signals(daemon: Daemon, everything: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if daemon.shutdown_requested:
+                everything.cancel()
+                return
+            print(
+                "shutting down: finishing in-flight requests (signal again to stop now)",
+                file=sys.stderr,
+                flush=True,
+            )
+            daemon.request_shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Configuration: typed msgspec structs, TOML loading, `${ENV}` interpolation and clear errors.
+
+A bad config fails at start with the key path (`models.coder.max_concurrency`) and what was expected. Secret values
+(keys read from the environment) never appear in an error message or a repr.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+Kind = Literal["vllm", "ollama", "llamacpp", "tgi", "sglang", "localai", "lmstudio", "openai"]
+Endpoint = Literal["chat", "completions", "embeddings"]
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message names the file, the key path and what was expected."""
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base for config tables: unknown keys are errors, so a typo never silently does nothing."""
+
+
+class ServerConfig(_Section):
+    listen: str = "127.0.0.1:8080"
+    state_dir: str = ".queuegate"
+    owned_by: str = "queuegate"
+    max_body_mb: PositiveFloat = 16.0
+    body_timeout_s: PositiveFloat = 60.0
+    shutdown_grace_s: NonNegativeFloat = 30.0
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class UpstreamDefaults(_Section):
+    """How QueueGate talks to every upstream: timeouts, connection pool, health checks."""
+
+    connect_timeout_s: PositiveFloat = 10.0
+    first_byte_timeout_s: PositiveFloat = 300.0
+    idle_timeout_s: PositiveFloat = 120.0
+    total_timeout_s: NonNegativeFloat = 0.0
+    max_connections: PositiveInt = 512
+    health_interval_s: PositiveFloat = 5.0
+    health_timeout_s: PositiveFloat = 3.0
+
+
+class QueueConfig(_Section):
+    max_size: PositiveInt = 256
+    max_wait_s: PositiveFloat = 600.0
+
+
+class ModelConfig(_Section):
+    upstreams: Annotated[list[str], msgspec.Meta(min_length=1)]
+    upstream_model: str | None = None
+    kind: Kind = "openai"
+    api_key_env: str | None = None
+    max_concurrency: PositiveInt = 4
+    health_path: str | None = None
+    endpoints: list[Endpoint] | None = None
+    aliases: list[str] = []
+    defaults: dict[str, Any] = {}
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    upstream: UpstreamDefaults = msgspec.field(default_factory=UpstreamDefaults)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    models: dict[str, ModelConfig] = {}
+    # Where the config came from; relative paths (state_dir) resolve against its folder.
+    base_dir: str = "."
+
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+
+
+def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a TOML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    return parse_config(text, source=str(path), base_dir=str(path.resolve().parent), environ=environ)
+
+
+def parse_config(
+    text: str, *, source: str = "<config>", base_dir: str = ".", environ: dict[str, str] | None = None
+) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return build_config(raw, source=source, base_dir=base_dir, environ=environ)
+
+
+def build_config(
+    raw: dict[str, Any],
+    *,
+    source: str = "<config>",
+    base_dir: str = ".",
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Validate an already-parsed mapping (from TOML, or built in code for the demo)."""
+    env = os.environ if environ is None else environ
+    data = _interpolate(raw, env, source, path="")
+    data["base_dir"] = base_dir
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_readable(str(exc))}") from None
+    _check(config, source, env)
+    return config
+
+
+def _interpolate(value: Any, env: Any, source: str, path: str) -> Any:
+    """Replace `${NAME}` with the environment variable NAME in every string; `$$` is a literal `$`."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name is None:
+                return "$"
+            if name not in env:
+                raise ConfigError(f"{source}: at `{path}`: environment variable {name} is not set")
+            return str(env[name])
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, source, f"{path}.{k}" if path else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, source, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _readable(message: str) -> str:
+    """msgspec says 'Expected `int` >= 1 - at `$.models.x.max_concurrency`'; put the key path first."""
+    text, sep, where = message.rpartition(" - at `$")
+    if not sep:
+        return message
+    key = where.rstrip("`").lstrip(".")
+    return f"at `{key}`: {text}"
+
+
+def _check(config: Config, source: str, env: Any) -> None:
+    """Rules a type cannot express: names, URLs, unique aliases, listen address, env vars present."""
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: at `{key}`: {why}")
+
+    parse_listen(config.server.listen, on_error=lambda why: fail("server.listen", why))
+    owners: dict[str, str] = {}
+    for name, model in config.models.items():
+        if not _NAME.match(name):
+            fail(f"models.{name}", "a model name may use letters, digits and . _ : / @ + -")
+        owners[name] = name
+    for name, model in config.models.items():
+        for i, url in enumerate(model.upstreams):
+            if not re.match(r"^https?://[^/\s]+", url):
+                fail(
+                    f"models.{name}.upstreams[{i}]",
+                    f"expected an http(s) base URL such as http://host:8081/v1, got {url!r}",
+                )
+        for i, alias in enumerate(model.aliases):
+            if not _NAME.match(alias):
+                fail(f"models.{name}.aliases[{i}]", "an alias may use letters, digits and . _ : / @ + -")
+            if alias in owners:
+                fail(
+                    f"models.{name}.aliases[{i}]",
+                    f"{alias!r} is already the name or alias of model {owners[alias]!r}",
+                )
+            owners[alias] = name
+        if model.api_key_env is not None and not env.get(model.api_key_env):
+            fail(f"models.{name}.api_key_env", f"environment variable {model.api_key_env} is not set")
+        if model.health_path is not None and model.health_path and not model.health_path.startswith("/"):
+            fail(
+                f"models.{name}.health_path",
+                'expected a path starting with / (or "" to disable health checks)',
+            )
+        for key in ("model", "stream"):
+            if key in model.defaults:
+                fail(f"models.{name}.defaults.{key}", f"`{key}` cannot have a default; the client sets it")
+
+
+def parse_listen(listen: str, *, on_error: Any = None) -> tuple[str, int]:
+    """'127.0.0.1:8080' or '[::1]:8080' -> (host, port)."""
+    host, sep, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        why = f"expected host:port such as 127.0.0.1:8080, got {listen!r}"
+        if on_error is not None:
+            on_error(why)
+        raise ValueError(why)
+    return host, int(port_text)
+
+
+def config_to_toml_data(config: Config) -> dict[str, Any]:
+    """The config as plain data for tomli-w (used by `queuegate init` and the demo)."""
+    data = msgspec.to_builtins(config)
+    data.pop("base_dir", None)
+    return data

@@ -1,0 +1,104 @@
+"""The composition root: builds every component from the config, wires them, and runs them in one nursery.
+
+Nothing else constructs long-lived objects. Start order: health monitor (first check done) → HTTP server (bound).
+Shutdown: `request_shutdown()` stops accepting, lets in-flight requests finish for `shutdown_grace_s`, then cancels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpcore
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from queuegate.api import create_app
+from queuegate.config import Config, parse_listen
+from queuegate.fleet import Catalog, HealthMonitor
+from queuegate.proxy import Forwarder, Proxy, Timeouts
+from queuegate.scheduler import Admission, SchedulerCore
+
+log = logging.getLogger("queuegate.daemon")
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """What `Daemon.run` reports once it is really serving."""
+
+    base_url: str  # e.g. http://127.0.0.1:8080 (the bound port, also when configured as 0)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.catalog = Catalog.from_config(config)
+        self.admission = Admission(
+            SchedulerCore(
+                [(u.id, u.model, u.capacity) for u in self.catalog.upstreams.values()],
+                max_queue=config.queue.max_size,
+            ),
+            max_wait_s=config.queue.max_wait_s,
+        )
+        self._shutdown = trio.Event()
+
+    @property
+    def shutdown_requested(self) -> bool:
+        return self._shutdown.is_set()
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown (safe to call more than once)."""
+        self._shutdown.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Started] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        up = cfg.upstream
+        timeouts = Timeouts(
+            up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s
+        )
+        async with (
+            httpcore.AsyncConnectionPool(
+                max_connections=up.max_connections,
+                max_keepalive_connections=up.max_connections,
+                keepalive_expiry=4.0,  # below the usual 5 s server keep-alive, so we never reuse a closing socket
+            ) as pool,
+            httpx.AsyncClient(
+                timeout=up.health_timeout_s, limits=httpx.Limits(max_connections=64)
+            ) as health_client,
+            trio.open_nursery() as nursery,
+        ):
+            health = HealthMonitor(
+                self.catalog,
+                health_client,
+                self.admission.set_upstream_state,
+                interval_s=up.health_interval_s,
+                timeout_s=up.health_timeout_s,
+            )
+            proxy = Proxy(self.catalog, self.admission, Forwarder(pool, timeouts), health.report_failure)
+            app = create_app(cfg.server, self.catalog, self.admission, proxy)
+            await nursery.start(health.run)
+            binds = await nursery.start(self._serve, app, nursery)
+            base_url = binds[0]
+            log.info("listening", extra={"fields": {"url": base_url, "models": len(self.catalog.models)}})
+            task_status.started(Started(base_url))
+
+    async def _serve(
+        self,
+        app: object,
+        nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        host, port = parse_listen(self.config.server.listen)
+        hc = HypercornConfig()
+        hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        hc.graceful_timeout = self.config.server.shutdown_grace_s
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("queuegate.http")
+        try:
+            await serve(app, hc, shutdown_trigger=self._shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+        finally:
+            # The server has drained (or failed): stop the health checks and everything else with it.
+            nursery.cancel_scope.cancel()

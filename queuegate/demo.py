@@ -1,0 +1,61 @@
+"""`queuegate run --demo`: a fleet of simulated OpenAI-compatible servers, so QueueGate works on any machine.
+
+The simulators are real HTTP servers in child processes (`python -m queuegate.sim`), with llama-server-like health
+and load times and realistic token rates; the gateway in front of them is the real daemon with a normal config.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from typing import Any
+
+import trio
+
+from queuegate.config import Config, build_config
+from queuegate.fleet.process import ChildProcess
+
+READY_PREFIX = "QUEUEGATE_SIM_READY "
+
+# name -> (simulator arguments per upstream, model settings)
+DEMO_FLEET: dict[str, tuple[list[list[str]], dict[str, Any]]] = {
+    "demo-chat": (
+        [["--tokens-per-s", "40"], ["--tokens-per-s", "40"]],
+        {
+            "kind": "llamacpp",
+            "aliases": ["chat", "planner"],
+            "max_concurrency": 2,
+            "defaults": {"temperature": 0.7},
+        },
+    ),
+    "demo-coder": (
+        [["--tokens-per-s", "80", "--load-time", "1.5"]],
+        {"kind": "llamacpp", "aliases": ["coder"], "max_concurrency": 2, "defaults": {"temperature": 0.2}},
+    ),
+    "demo-embed": (
+        [["--embedding-dim", "16"]],
+        {"kind": "llamacpp", "aliases": ["embed"], "max_concurrency": 4},
+    ),
+}
+
+
+async def start_demo_fleet(
+    nursery: trio.Nursery, *, listen: str, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Start every simulator in `nursery` (they die with it) and return a config pointing at them."""
+    models: dict[str, Any] = {}
+    for name, (upstream_args, settings) in DEMO_FLEET.items():
+        urls = []
+        for i, args in enumerate(upstream_args):
+            child = ChildProcess(
+                f"{name}#{i}", [sys.executable, "-m", "queuegate.sim", "--port", "0", "--model", name, *args]
+            )
+            urls.append(await nursery.start(partial(child.run, ready_prefix=READY_PREFIX)))
+        models[name] = {"upstreams": urls, **settings}
+    raw: dict[str, Any] = {
+        "server": {"listen": listen},
+        "upstream": {"health_interval_s": 2.0},
+        "models": models,
+        **(overrides or {}),
+    }
+    return build_config(raw, source="<demo>")

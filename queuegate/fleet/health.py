@@ -1,0 +1,111 @@
+"""Background health checks: take an upstream out when it fails, put it back when it recovers.
+
+One loop per upstream polls its health URL: every `interval_s` while ready, every `retry_interval_s` while loading or
+down. The forwarder calls `report_failure` when a request cannot reach an upstream, which takes it out at once and
+re-checks it straight away instead of waiting for the next poll.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import httpx
+import trio
+
+from queuegate.fleet.catalog import Catalog, Upstream
+from queuegate.fleet.kinds import KindProfile
+from queuegate.scheduler import UpstreamState
+
+log = logging.getLogger("queuegate.health")
+
+StateSink = Callable[[str, UpstreamState, str], None]
+
+
+class HealthMonitor:
+    def __init__(
+        self,
+        catalog: Catalog,
+        client: httpx.AsyncClient,
+        on_state: StateSink,
+        *,
+        interval_s: float,
+        timeout_s: float,
+        retry_interval_s: float = 1.0,
+    ) -> None:
+        self._catalog = catalog
+        self._client = client
+        self._on_state = on_state
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._retry_interval_s = min(retry_interval_s, interval_s)
+        self._recheck = {uid: trio.Event() for uid in catalog.upstreams}
+        self._state: dict[str, UpstreamState] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Check every upstream once (concurrently), report ready, then keep watching until cancelled."""
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as first_round:
+                for upstream in self._catalog.upstreams.values():
+                    first_round.start_soon(self._check, upstream)
+            for upstream in self._catalog.upstreams.values():
+                nursery.start_soon(self._watch, upstream)
+            task_status.started()
+
+    def report_failure(self, upstream: Upstream, reason: str) -> None:
+        """A request could not reach `upstream`: take it out now and re-check it at once."""
+        self._set(upstream, UpstreamState.DOWN, reason)
+        self._recheck[upstream.id].set()
+
+    async def _watch(self, upstream: Upstream) -> None:
+        if upstream.health_url is None:
+            return
+        while True:
+            ready = self._state.get(upstream.id) is UpstreamState.READY
+            with trio.move_on_after(self._interval_s if ready else self._retry_interval_s):
+                await self._recheck[upstream.id].wait()
+            self._recheck[upstream.id] = trio.Event()
+            await self._check(upstream)
+
+    async def _check(self, upstream: Upstream) -> None:
+        if upstream.health_url is None:
+            self._set(upstream, UpstreamState.READY, "no health check configured")
+            return
+        kind = self._catalog.models[upstream.model].kind
+        state, reason = await self._probe(upstream, kind)
+        self._set(upstream, state, reason)
+
+    async def _probe(self, upstream: Upstream, kind: KindProfile) -> tuple[UpstreamState, str]:
+        assert upstream.health_url is not None
+        headers = [(k.decode(), v.decode()) for k, v in upstream.headers if k == b"authorization"]
+        try:
+            with trio.fail_after(self._timeout_s):
+                response = await self._client.get(upstream.health_url, headers=headers)
+        except trio.TooSlowError:
+            return UpstreamState.DOWN, f"health check timed out after {self._timeout_s:g} s"
+        except httpx.HTTPError as exc:
+            return UpstreamState.DOWN, f"health check failed: {type(exc).__name__}: {exc}"
+        if response.status_code == 200:
+            return UpstreamState.READY, "ok"
+        if response.status_code in kind.loading_statuses:
+            return UpstreamState.LOADING, f"loading (health answered {response.status_code})"
+        return UpstreamState.DOWN, f"health answered {response.status_code}"
+
+    def _set(self, upstream: Upstream, state: UpstreamState, reason: str) -> None:
+        previous = self._state.get(upstream.id)
+        self._state[upstream.id] = state
+        if previous is not state:
+            level = logging.INFO if state is UpstreamState.READY else logging.WARNING
+            log.log(
+                level,
+                "upstream state",
+                extra={
+                    "fields": {
+                        "upstream": upstream.id,
+                        "url": upstream.display_url,
+                        "state": state.value,
+                        "reason": reason,
+                    }
+                },
+            )
+        self._on_state(upstream.id, state, reason)

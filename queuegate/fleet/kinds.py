@@ -1,0 +1,36 @@
+"""Capability profiles of the upstream kinds: where their health endpoint is and which OpenAI endpoints they serve.
+
+A request for an endpoint the backend cannot serve is answered 501 by QueueGate without calling the upstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALL_ENDPOINTS = frozenset({"chat", "completions", "embeddings"})
+
+
+@dataclass(frozen=True, slots=True)
+class KindProfile:
+    name: str
+    health_path: (
+        str  # relative to the server root (the base URL without its trailing /v1); "" = no health check
+    )
+    endpoints: frozenset[str]
+    loading_statuses: frozenset[int]  # health statuses that mean "up, still loading the model"
+
+
+PROFILES: dict[str, KindProfile] = {
+    p.name: p
+    for p in (
+        KindProfile("llamacpp", "/health", ALL_ENDPOINTS, frozenset({503})),
+        KindProfile("vllm", "/health", ALL_ENDPOINTS, frozenset()),
+        KindProfile("sglang", "/health", ALL_ENDPOINTS, frozenset()),
+        KindProfile("ollama", "/api/version", ALL_ENDPOINTS, frozenset()),
+        # Text Generation Inference serves chat and completions through its Messages API; no embeddings.
+        KindProfile("tgi", "/health", frozenset({"chat", "completions"}), frozenset({503})),
+        KindProfile("localai", "/readyz", ALL_ENDPOINTS, frozenset({503})),
+        KindProfile("lmstudio", "/v1/models", ALL_ENDPOINTS, frozenset()),
+        KindProfile("openai", "/v1/models", ALL_ENDPOINTS, frozenset()),
+    )
+}

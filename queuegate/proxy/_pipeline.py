@@ -1,0 +1,207 @@
+"""One request's way through QueueGate: parse → resolve model → queue for a slot → forward → reply.
+
+All of it runs in the request's own task and cancel scope: if the client leaves, the queue entry is withdrawn and
+the upstream response closed on the way out. Failures before any byte reached the client are retried on another
+upstream of the model; after the first byte, never.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpcore
+import msgspec
+import trio
+
+from queuegate.errors import BadRequest, GatewayError, ModelNotFound, NotSupported, UpstreamError
+from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
+from queuegate.proxy._forwarder import ChunkReader, Forwarder, RetryableFailure, close_response
+from queuegate.proxy._record import RequestRecord, Usage
+from queuegate.proxy._relay import EventReader, RelayStream, looks_like_sse
+from queuegate.scheduler import Admission, NoUpstreamLeft, Ticket
+
+# Fields each endpoint cannot do without; everything else is forwarded untouched.
+REQUIRED_FIELDS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+UPSTREAM_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+ERROR_BODY_LIMIT = 64 * 1024
+
+
+class _UsageCarrier(msgspec.Struct):
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class Reply:
+    """What the HTTP layer sends back: a whole body, or a `RelayStream` it must iterate and `aclose()`."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes | RelayStream
+
+
+class Proxy:
+    def __init__(
+        self,
+        catalog: Catalog,
+        admission: Admission,
+        forwarder: Forwarder,
+        on_unreachable: Callable[[Upstream, str], None],
+    ) -> None:
+        self._catalog = catalog
+        self._admission = admission
+        self._forwarder = forwarder
+        self._on_unreachable = on_unreachable
+
+    async def handle(self, record: RequestRecord, raw_body: bytes) -> Reply:
+        """Serve one OpenAI request. Raises GatewayError for anything the client should see as an error."""
+        body = parse_body(raw_body, record.endpoint)
+        spec = self._resolve(body["model"], record.endpoint)
+        record.model = spec.name
+        record.stream = body.get("stream") is True
+        payload = {**spec.defaults, **body, "model": spec.upstream_model}
+        return await self._forward(spec, record, msgspec.json.encode(payload))
+
+    def _resolve(self, name: Any, endpoint: str) -> ModelSpec:
+        spec = self._catalog.resolve(name)
+        if spec is None:
+            available = ", ".join(self._catalog.public_names()) or "none configured"
+            raise ModelNotFound(
+                f"The model {name!r} does not exist. Available models: {available}", param="model"
+            )
+        if endpoint not in spec.endpoints:
+            raise NotSupported(
+                f"model {spec.name!r} (kind {spec.kind.name}) does not support the {endpoint} endpoint",
+                param="model",
+            )
+        return spec
+
+    async def _forward(self, spec: ModelSpec, record: RequestRecord, payload: bytes) -> Reply:
+        tried: set[str] = set()
+        last_failure: GatewayError | None = None
+        while True:
+            queued_at = trio.current_time()
+            try:
+                ticket = await self._admission.acquire(spec.name, exclude=frozenset(tried))
+            except NoUpstreamLeft:
+                assert last_failure is not None
+                raise last_failure from None
+            finally:
+                record.queue_s += trio.current_time() - queued_at
+            upstream = self._catalog.upstreams[ticket.upstream_id]  # type: ignore[index]
+            record.upstream = upstream.id
+            try:
+                return await self._attempt(upstream, ticket, record, payload)
+            except RetryableFailure as failure:
+                if failure.unreachable:
+                    self._on_unreachable(upstream, failure.message)
+                tried.add(upstream.id)
+                last_failure = failure
+                record.retries += 1
+
+    async def _attempt(
+        self, upstream: Upstream, ticket: Ticket, record: RequestRecord, payload: bytes
+    ) -> Reply:
+        """Send to one upstream. Owns the slot and the response until it hands both to a RelayStream."""
+        handed_over = False
+        response: httpcore.Response | None = None
+        try:
+            deadline = self._forwarder.timeouts.deadline()
+            path = UPSTREAM_PATHS[record.endpoint]
+            response = await self._forwarder.send(upstream, path, payload, record.request_id, deadline)
+            content_type = _header(response, b"content-type") or "application/json"
+            reader = ChunkReader(response, upstream, self._forwarder.timeouts.idle_s, deadline)
+            if response.status >= 500:
+                detail = await _error_detail(reader)
+                raise RetryableFailure(
+                    f"upstream {upstream.id} answered {response.status}: {detail}", unreachable=False
+                )
+            if response.status == 200 and content_type.startswith("text/event-stream"):
+                events = EventReader(reader)
+                try:
+                    first = await events.next_events()
+                except GatewayError as exc:
+                    raise RetryableFailure(exc.message, unreachable=False) from None
+                if first is None or not looks_like_sse(first):
+                    raise RetryableFailure(
+                        f"upstream {upstream.id} sent a malformed event stream", unreachable=False
+                    )
+                relay = RelayStream(first, events, response, record, lambda: self._admission.release(ticket))
+                handed_over = True
+                return Reply(200, {"content-type": content_type, "cache-control": "no-cache"}, relay)
+            body = await self._forwarder.read_body(response, upstream, deadline)
+            if response.status == 200:
+                try:
+                    record.usage = msgspec.json.decode(body, type=_UsageCarrier).usage
+                except msgspec.DecodeError:
+                    raise RetryableFailure(
+                        f"upstream {upstream.id} sent invalid JSON", unreachable=False
+                    ) from None
+                return Reply(200, {"content-type": content_type}, body)
+            return _client_error_reply(response, body, content_type)
+        finally:
+            if not handed_over:
+                if response is not None:
+                    await close_response(response)
+                self._admission.release(ticket)
+
+
+def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
+    """Decode and check the request body: a JSON object with a string `model` and the endpoint's required field."""
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("you must provide a model parameter", param="model")
+    required = REQUIRED_FIELDS[endpoint]
+    if required not in body:
+        raise BadRequest(f"missing required parameter: {required!r}", param=required)
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise BadRequest("`stream` must be true or false", param="stream")
+    return body
+
+
+def _header(response: httpcore.Response, name: bytes) -> str | None:
+    for key, value in response.headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _error_detail(reader: ChunkReader) -> str:
+    """A short, printable description of an upstream error body (its error.message when it is OpenAI-shaped)."""
+    data = b""
+    try:
+        while len(data) < ERROR_BODY_LIMIT and (chunk := await reader.next()) is not None:
+            data += chunk
+    except GatewayError:
+        pass
+    try:
+        message = msgspec.json.decode(data)["error"]["message"]
+        if isinstance(message, str):
+            return message[:500]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        pass
+    return data[:200].decode("utf-8", "replace") or "(empty body)"
+
+
+def _client_error_reply(response: httpcore.Response, body: bytes, content_type: str) -> Reply:
+    """An upstream 4xx goes to the client as is when it is an OpenAI envelope, else wrapped in one."""
+    try:
+        decoded = msgspec.json.decode(body)
+        is_envelope = isinstance(decoded, dict) and isinstance(decoded.get("error"), dict)
+    except msgspec.DecodeError:
+        is_envelope = False
+    headers = {"content-type": "application/json"}
+    retry_after = _header(response, b"retry-after")
+    if retry_after is not None:
+        headers["retry-after"] = retry_after
+    if is_envelope:
+        return Reply(response.status, headers, body)
+    message = f"upstream answered {response.status}: {body[:200].decode('utf-8', 'replace')}"
+    return Reply(response.status, headers, UpstreamError(message, status=response.status).body())

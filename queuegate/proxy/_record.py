@@ -1,0 +1,65 @@
+"""What one request did, logged as exactly one structured line when it ends (however it ends)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import msgspec
+import trio
+
+log = logging.getLogger("queuegate.request")
+
+# nginx's convention for "the client closed the connection before we answered".
+CLIENT_CLOSED = 499
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    endpoint: str
+    client: str = ""
+    started_at: float = field(default_factory=trio.current_time)
+    model: str | None = None
+    upstream: str | None = None
+    stream: bool = False
+    queue_s: float = 0.0
+    retries: int = 0
+    usage: Usage | None = None
+    error: str | None = None
+    finished: bool = False
+
+    def finish(self, status: int, *, error: str | None = None) -> None:
+        """Log the request's line; later calls do nothing, so every exit path may call it."""
+        if self.finished:
+            return
+        self.finished = True
+        if error is not None:
+            self.error = error
+        usage = self.usage
+        log.info(
+            "request",
+            extra={
+                "fields": {
+                    "rid": self.request_id,
+                    "endpoint": self.endpoint,
+                    "model": self.model,
+                    "upstream": self.upstream,
+                    "status": status,
+                    "stream": self.stream,
+                    "queue_ms": round(self.queue_s * 1000, 1),
+                    "duration_ms": round((trio.current_time() - self.started_at) * 1000, 1),
+                    "retries": self.retries or None,
+                    "prompt_tokens": usage.prompt_tokens if usage else None,
+                    "completion_tokens": usage.completion_tokens if usage else None,
+                    "client": self.client or None,
+                    "error": self.error,
+                }
+            },
+        )

@@ -1,0 +1,151 @@
+"""The commented starter config written by `queuegate init` (and shipped as `queuegate.toml.example`).
+
+Values are rendered by tomli-w, so they are always valid TOML; the defaults shown are read from the config structs,
+so the documentation cannot drift from what QueueGate really does. Keys marked optional are written commented out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import tomli_w
+
+from queuegate.config import QueueConfig, ServerConfig, UpstreamDefaults
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    value: Any
+    doc: str
+    optional: bool = False  # written commented out: shown, not set
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    doc: str
+    keys: list[Key]
+
+
+def _defaults(struct: Any, docs: dict[str, str]) -> list[Key]:
+    return [Key(name, getattr(struct, name), doc) for name, doc in docs.items()]
+
+
+def starter_tables() -> list[Table]:
+    return [
+        Table(
+            "server",
+            "How clients reach QueueGate.",
+            _defaults(
+                ServerConfig(),
+                {
+                    "listen": "host:port to listen on. Loopback by default; use 0.0.0.0:8080 only behind keys/firewall.",
+                    "state_dir": "Folder for state (usage DB, admin socket), relative to this file.",
+                    "owned_by": "`owned_by` reported for every model in GET /v1/models.",
+                    "max_body_mb": "Largest request body accepted; larger ones get 413.",
+                    "body_timeout_s": "How long a client may take to send its request body (then 408).",
+                    "shutdown_grace_s": "On SIGINT/SIGTERM: stop accepting, let requests finish this long, then cancel.",
+                    "log_format": '"text" (key=value) or "json": one line per request with its id, model, timings.',
+                    "log_level": '"debug", "info", "warning" or "error".',
+                },
+            ),
+        ),
+        Table(
+            "upstream",
+            "How QueueGate talks to upstream servers (all models).",
+            _defaults(
+                UpstreamDefaults(),
+                {
+                    "connect_timeout_s": "Connecting to an upstream; a failure is retried on another upstream.",
+                    "first_byte_timeout_s": "From sending a request to its first byte (prompt processing can be slow).",
+                    "idle_timeout_s": "Longest silence between two chunks of a response before it is cut (504).",
+                    "total_timeout_s": "Longest one upstream response may take, first to last byte; 0 = no limit.",
+                    "max_connections": "Connection pool size to all upstreams together.",
+                    "health_interval_s": "Health check period of a ready upstream (1 s while it is down or loading).",
+                    "health_timeout_s": "A health check slower than this counts as failed.",
+                },
+            ),
+        ),
+        Table(
+            "queue",
+            "Requests wait here for a free upstream slot.",
+            _defaults(
+                QueueConfig(),
+                {
+                    "max_size": "Waiting requests; beyond it new requests get 429 with Retry-After.",
+                    "max_wait_s": "A request that waited this long gets 503 with Retry-After.",
+                },
+            ),
+        ),
+        Table(
+            "models.qwen3-coder",
+            "A model: the table name is the name clients send as `model`.",
+            [
+                Key(
+                    "upstreams",
+                    ["http://127.0.0.1:8081/v1"],
+                    "One or more OpenAI-compatible base URLs (ending in /v1).",
+                ),
+                Key("upstream_model", "qwen3-coder-30b", "Name sent upstream (default: the table name)."),
+                Key(
+                    "kind",
+                    "llamacpp",
+                    "vllm | ollama | llamacpp | tgi | sglang | localai | lmstudio | openai: sets the health path\n"
+                    "and which endpoints exist (e.g. tgi has no embeddings: QueueGate answers 501 itself).",
+                ),
+                Key("max_concurrency", 2, "Requests in flight per upstream; more wait in the queue."),
+                Key("aliases", ["coder"], "Other names for this model, e.g. roles such as planner or coder."),
+                Key(
+                    "defaults",
+                    {"temperature": 0.2},
+                    "Request fields used when the client does not send them.",
+                ),
+                Key(
+                    "api_key_env",
+                    "BACKEND_KEY",
+                    "Env var holding the upstream's API key (never logged).",
+                    True,
+                ),
+                Key(
+                    "health_path",
+                    "/health",
+                    'Health endpoint relative to the server root; "" disables checks.',
+                    True,
+                ),
+                Key("endpoints", ["chat", "completions"], "Override the kind's endpoints.", True),
+            ],
+        ),
+    ]
+
+
+HEADER = """\
+# QueueGate configuration. Every key is optional unless noted; the values shown are the defaults.
+# `${NAME}` in any string is replaced by the environment variable NAME (`$$` is a literal `$`).
+# Check it with `queuegate check --config queuegate.toml`; run with `queuegate run --config queuegate.toml`.
+"""
+
+
+def render_starter() -> str:
+    parts = [HEADER]
+    for table in starter_tables():
+        parts.append(f"\n# {table.doc}\n[{table.name}]\n")
+        for key in table.keys:
+            for line in key.doc.splitlines():
+                parts.append(f"# {line}\n")
+            parts.append(("# " if key.optional else "") + _render_key(key.name, key.value) + "\n")
+    return "".join(parts)
+
+
+def _render_key(name: str, value: Any) -> str:
+    return f"{name} = {_inline(value)}"
+
+
+def _inline(value: Any) -> str:
+    """A value on one line: scalars via tomli-w, arrays and tables inline, so each key stays under its comment."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(_render_key(k, v) for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).strip().removeprefix("v = ")
