@@ -10,13 +10,14 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 Kind = Literal["vllm", "ollama", "llamacpp", "tgi", "sglang", "localai", "lmstudio", "openai"]
 Endpoint = Literal["chat", "completions", "embeddings"]
 
+_T = TypeVar("_T")
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -113,13 +114,22 @@ def build_config(
     """Validate an already-parsed mapping (from TOML, or built in code for the demo)."""
     env = os.environ if environ is None else environ
     data = _interpolate(raw, env, source, path="")
-    data["base_dir"] = base_dir
-    try:
-        config = msgspec.convert(data, Config)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_readable(str(exc))}") from None
+    # Named tables (one per model) are converted one by one, so an error names the model, not `models[...]`.
+    tables = data.pop("models", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{source}: at `models`: Expected `table`, got `{type(tables).__name__}`")
+    models = {name: _convert(table, ModelConfig, source, f"models.{name}") for name, table in tables.items()}
+    config = _convert({**data, "base_dir": base_dir}, Config, source, "")
+    config = msgspec.structs.replace(config, models=models)
     _check(config, source, env)
     return config
+
+
+def _convert(data: Any, type_: type[_T], source: str, path: str) -> _T:
+    try:
+        return msgspec.convert(data, type_)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_readable(str(exc), path)}") from None
 
 
 def _interpolate(value: Any, env: Any, source: str, path: str) -> Any:
@@ -142,13 +152,14 @@ def _interpolate(value: Any, env: Any, source: str, path: str) -> Any:
     return value
 
 
-def _readable(message: str) -> str:
-    """msgspec says 'Expected `int` >= 1 - at `$.models.x.max_concurrency`'; put the key path first."""
+def _readable(message: str, prefix: str) -> str:
+    """msgspec says 'Expected `int` >= 1 - at `$.max_concurrency`'; say 'at `models.x.max_concurrency`: ...'."""
     text, sep, where = message.rpartition(" - at `$")
+    key = where.rstrip("`").lstrip(".") if sep else ""
+    full = ".".join(p for p in (prefix, key) if p)
     if not sep:
-        return message
-    key = where.rstrip("`").lstrip(".")
-    return f"at `{key}`: {text}"
+        text = message
+    return f"at `{full}`: {text}" if full else text
 
 
 def _check(config: Config, source: str, env: Any) -> None:

@@ -1,0 +1,106 @@
+"""Config loading: defaults, interpolation, and errors that name the key and what was expected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from queuegate.config import ConfigError, load_config, parse_config
+from queuegate.fleet import Catalog
+from queuegate.starter import render_starter
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MINIMAL = """
+[models.m]
+upstreams = ["http://127.0.0.1:8081/v1"]
+"""
+
+
+def test_defaults_are_safe():
+    config = parse_config(MINIMAL)
+    assert config.server.listen == "127.0.0.1:8080"  # loopback unless told otherwise
+    assert config.queue.max_size == 256
+    spec = Catalog.from_config(config).resolve("m")
+    assert spec is not None and spec.upstream_model == "m" and spec.kind.name == "openai"
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[models.m]\nupstreams = []", "at `models.m.upstreams`: Expected `array` of length >= 1"),
+        ('[models.m]\nupstreams = ["x"]\nmax_concurrency = 0', "at `models.m.max_concurrency`: Expected `int` >= 1"),
+        ('[models.m]\nupstreams = ["x"]\nkind = "gpt"', "at `models.m.kind`: Invalid enum value 'gpt'"),
+        ('[models.m]\nupstreams = ["x"]\nmax_concurency = 2', "Object contains unknown field `max_concurency`"),
+        ('[models.m]\nupstreams = ["ftp://h/v1"]', "at `models.m.upstreams[0]`: expected an http(s) base URL"),
+        ('[server]\nlisten = "8080"', "at `server.listen`: expected host:port"),
+        ('[models.m]\nupstreams = ["http://h/v1"]\naliases = ["m"]', "'m' is already the name or alias"),
+        ('[models.m]\nupstreams = ["http://h/v1"]\ndefaults = { model = "x" }', "at `models.m.defaults.model`"),
+        ("[models.m\n", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_key(toml, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(toml, source="q.toml")
+    assert str(info.value).startswith("q.toml: ")
+    assert expected in str(info.value)
+
+
+def test_env_interpolation_and_secrets_stay_out_of_errors_and_reprs():
+    env = {"HOST": "10.0.0.5", "BACKEND_KEY": "sk-very-secret"}
+    config = parse_config(
+        '[models.m]\nupstreams = ["http://${HOST}:8081/v1"]\napi_key_env = "BACKEND_KEY"\nupstream_model = "a$$b"',
+        environ=env,
+    )
+    spec = Catalog.from_config(config, environ=env).resolve("m")
+    assert spec is not None
+    assert spec.upstreams[0].base_url == "http://10.0.0.5:8081/v1"
+    assert spec.upstream_model == "a$b"
+    assert (b"authorization", b"Bearer sk-very-secret") in spec.upstreams[0].headers
+    assert "sk-very-secret" not in repr(spec)
+
+    with pytest.raises(ConfigError, match=r"at `models.m.upstreams\[0\]`: environment variable NOPE is not set"):
+        parse_config('[models.m]\nupstreams = ["http://${NOPE}/v1"]', environ={})
+    with pytest.raises(ConfigError, match="at `models.m.api_key_env`: environment variable BACKEND_KEY is not set"):
+        parse_config('[models.m]\nupstreams = ["http://h/v1"]\napi_key_env = "BACKEND_KEY"', environ={})
+
+
+def test_kind_profiles_set_health_and_endpoints():
+    config = parse_config(
+        '[models.t]\nupstreams = ["http://h:80/v1"]\nkind = "tgi"\n'
+        '[models.o]\nupstreams = ["http://h:11434/v1"]\nkind = "ollama"\n'
+        '[models.x]\nupstreams = ["http://h/v1"]\nkind = "vllm"\nhealth_path = ""\nendpoints = ["embeddings"]\n'
+    )
+    catalog = Catalog.from_config(config)
+    tgi, ollama, custom = (catalog.resolve(n) for n in "tox")
+    assert tgi and ollama and custom
+    assert "embeddings" not in tgi.endpoints and tgi.upstreams[0].health_url == "http://h:80/health"
+    assert ollama.upstreams[0].health_url == "http://h:11434/api/version"
+    assert custom.upstreams[0].health_url is None and custom.endpoints == {"embeddings"}
+
+
+def test_starter_config_is_valid_and_is_the_shipped_example():
+    text = render_starter()
+    config = parse_config(text)
+    assert "qwen3-coder" in config.models
+    assert (ROOT / "queuegate.toml.example").read_text() == text, "regenerate: queuegate init --stdout"
+
+
+def test_cli_init_and_check(tmp_path):
+    path = tmp_path / "queuegate.toml"
+    run = [sys.executable, "-m", "queuegate.cli"]
+    assert subprocess.run([*run, "init", str(path)], capture_output=True, check=False).returncode == 0
+    again = subprocess.run([*run, "init", str(path)], capture_output=True, text=True, check=False)
+    assert again.returncode == 1 and "exists" in again.stderr
+    check = subprocess.run([*run, "check", "--config", str(path)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+    assert "qwen3-coder (aliases: coder)" in check.stdout and "http://127.0.0.1:8081/health" in check.stdout
+    assert load_config(path).models["qwen3-coder"].max_concurrency == 2
+
+    path.write_text(MINIMAL + "max_concurrency = -1\n")
+    bad = subprocess.run([*run, "check", "--config", str(path)], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2
+    assert "at `models.m.max_concurrency`" in bad.stderr and "Expected `int` >= 1" in bad.stderr
