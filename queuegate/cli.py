@@ -24,9 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = commands.add_parser("run", help="start the daemon")
     _config_option(run)
-    run.add_argument(
-        "--demo", action="store_true", help="start a simulated fleet (no GPU needed) and serve it"
-    )
+    run.add_argument("--demo", action="store_true", help="start a simulated fleet (no GPU needed) and serve it")
     run.add_argument("--listen", help="host:port, overrides [server].listen")
 
     check = commands.add_parser("check", help="validate a config and print the resolved models")
@@ -79,14 +77,11 @@ def _check(config: Config) -> int:
     for spec in catalog.models.values():
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         print(f"  {spec.name}{aliases}")
-        print(
-            f"    kind {spec.kind.name}, sends model {spec.upstream_model!r}, endpoints {', '.join(sorted(spec.endpoints))}"
-        )
+        endpoints = ", ".join(sorted(spec.endpoints))
+        print(f"    kind {spec.kind.name}, sends model {spec.upstream_model!r}, endpoints {endpoints}")
         for upstream in spec.upstreams:
             health = upstream.health_url or "no health check"
-            print(
-                f"    upstream {upstream.display_url}  max_concurrency {upstream.capacity}  health {health}"
-            )
+            print(f"    upstream {upstream.display_url}  max_concurrency {upstream.capacity}  health {health}")
         if spec.defaults:
             print(f"    defaults {dict(spec.defaults)}")
     return 0
@@ -117,15 +112,11 @@ async def _serve(config: Config | None, listen: str | None) -> None:
         elif listen:
             import msgspec
 
-            config = msgspec.structs.replace(
-                config, server=msgspec.structs.replace(config.server, listen=listen)
-            )
+            config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, listen=listen))
         daemon = Daemon(config)
         nursery.start_soon(_on_signals, daemon, nursery.cancel_scope)
         started = await nursery.start(_run_then_stop_all, daemon, nursery.cancel_scope)
-        print(
-            f"QueueGate listening on {started.base_url}  (OpenAI base URL: {started.base_url}/v1)", flush=True
-        )
+        print(f"QueueGate listening on {started.base_url}  (OpenAI base URL: {started.base_url}/v1)", flush=True)
 
 
 async def _run_then_stop_all(

@@ -170,7 +170,7 @@ def _check(config: Config, source: str, env: Any) -> None:
 
     parse_listen(config.server.listen, on_error=lambda why: fail("server.listen", why))
     owners: dict[str, str] = {}
-    for name, model in config.models.items():
+    for name in config.models:
         if not _NAME.match(name):
             fail(f"models.{name}", "a model name may use letters, digits and . _ : / @ + -")
         owners[name] = name

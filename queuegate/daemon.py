@@ -55,18 +55,14 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[Started] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         up = cfg.upstream
-        timeouts = Timeouts(
-            up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s
-        )
+        timeouts = Timeouts(up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s)
         async with (
             httpcore.AsyncConnectionPool(
                 max_connections=up.max_connections,
                 max_keepalive_connections=up.max_connections,
                 keepalive_expiry=4.0,  # below the usual 5 s server keep-alive, so we never reuse a closing socket
             ) as pool,
-            httpx.AsyncClient(
-                timeout=up.health_timeout_s, limits=httpx.Limits(max_connections=64)
-            ) as health_client,
+            httpx.AsyncClient(timeout=up.health_timeout_s, limits=httpx.Limits(max_connections=64)) as health_client,
             trio.open_nursery() as nursery,
         ):
             health = HealthMonitor(

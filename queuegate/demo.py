@@ -39,9 +39,7 @@ DEMO_FLEET: dict[str, tuple[list[list[str]], dict[str, Any]]] = {
 }
 
 
-async def start_demo_fleet(
-    nursery: trio.Nursery, *, listen: str, overrides: dict[str, Any] | None = None
-) -> Config:
+async def start_demo_fleet(nursery: trio.Nursery, *, listen: str, overrides: dict[str, Any] | None = None) -> Config:
     """Start every simulator in `nursery` (they die with it) and return a config pointing at them."""
     models: dict[str, Any] = {}
     for name, (upstream_args, settings) in DEMO_FLEET.items():

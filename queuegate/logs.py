@@ -24,9 +24,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         parts = [stamp, record.levelname, record.getMessage()]
-        parts.extend(
-            f"{key}={_text_value(value)}" for key, value in _fields(record).items() if value is not None
-        )
+        parts.extend(f"{key}={_text_value(value)}" for key, value in _fields(record).items() if value is not None)
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

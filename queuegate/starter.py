@@ -41,7 +41,7 @@ def starter_tables() -> list[Table]:
             _defaults(
                 ServerConfig(),
                 {
-                    "listen": "host:port to listen on. Loopback by default; use 0.0.0.0:8080 only behind keys/firewall.",
+                    "listen": "host:port to listen on. Loopback by default; 0.0.0.0:8080 exposes it to the network.",
                     "state_dir": "Folder for state (usage DB, admin socket), relative to this file.",
                     "owned_by": "`owned_by` reported for every model in GET /v1/models.",
                     "max_body_mb": "Largest request body accepted; larger ones get 413.",

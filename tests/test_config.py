@@ -32,13 +32,25 @@ def test_defaults_are_safe():
     ("toml", "expected"),
     [
         ("[models.m]\nupstreams = []", "at `models.m.upstreams`: Expected `array` of length >= 1"),
-        ('[models.m]\nupstreams = ["x"]\nmax_concurrency = 0', "at `models.m.max_concurrency`: Expected `int` >= 1"),
+        (
+            '[models.m]\nupstreams = ["x"]\nmax_concurrency = 0',
+            "at `models.m.max_concurrency`: Expected `int` >= 1",
+        ),
         ('[models.m]\nupstreams = ["x"]\nkind = "gpt"', "at `models.m.kind`: Invalid enum value 'gpt'"),
-        ('[models.m]\nupstreams = ["x"]\nmax_concurency = 2', "Object contains unknown field `max_concurency`"),
-        ('[models.m]\nupstreams = ["ftp://h/v1"]', "at `models.m.upstreams[0]`: expected an http(s) base URL"),
+        (
+            '[models.m]\nupstreams = ["x"]\nmax_concurency = 2',
+            "Object contains unknown field `max_concurency`",
+        ),
+        (
+            '[models.m]\nupstreams = ["ftp://h/v1"]',
+            "at `models.m.upstreams[0]`: expected an http(s) base URL",
+        ),
         ('[server]\nlisten = "8080"', "at `server.listen`: expected host:port"),
         ('[models.m]\nupstreams = ["http://h/v1"]\naliases = ["m"]', "'m' is already the name or alias"),
-        ('[models.m]\nupstreams = ["http://h/v1"]\ndefaults = { model = "x" }', "at `models.m.defaults.model`"),
+        (
+            '[models.m]\nupstreams = ["http://h/v1"]\ndefaults = { model = "x" }',
+            "at `models.m.defaults.model`",
+        ),
         ("[models.m\n", "not valid TOML"),
     ],
 )
@@ -64,7 +76,7 @@ def test_env_interpolation_and_secrets_stay_out_of_errors_and_reprs():
 
     with pytest.raises(ConfigError, match=r"at `models.m.upstreams\[0\]`: environment variable NOPE is not set"):
         parse_config('[models.m]\nupstreams = ["http://${NOPE}/v1"]', environ={})
-    with pytest.raises(ConfigError, match="at `models.m.api_key_env`: environment variable BACKEND_KEY is not set"):
+    with pytest.raises(ConfigError, match=r"at `models\.m\.api_key_env`: environment variable BACKEND_KEY is not set"):
         parse_config('[models.m]\nupstreams = ["http://h/v1"]\napi_key_env = "BACKEND_KEY"', environ={})
 
 

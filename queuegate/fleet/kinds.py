@@ -13,9 +13,7 @@ ALL_ENDPOINTS = frozenset({"chat", "completions", "embeddings"})
 @dataclass(frozen=True, slots=True)
 class KindProfile:
     name: str
-    health_path: (
-        str  # relative to the server root (the base URL without its trailing /v1); "" = no health check
-    )
+    health_path: str  # relative to the server root (the base URL without its trailing /v1); "" = no health check
     endpoints: frozenset[str]
     loading_statuses: frozenset[int]  # health statuses that mean "up, still loading the model"
 

@@ -50,13 +50,9 @@ class ChildProcess:
                         break
             if not ready:
                 if waiting.cancelled_caught:
-                    raise ChildFailed(
-                        f"{self.name} was not ready within {ready_timeout_s:g} s:\n{self.tail()}"
-                    )
+                    raise ChildFailed(f"{self.name} was not ready within {ready_timeout_s:g} s:\n{self.tail()}")
                 await process.wait()
-                raise ChildFailed(
-                    f"{self.name} exited with {process.returncode} before it was ready:\n{self.tail()}"
-                )
+                raise ChildFailed(f"{self.name} exited with {process.returncode} before it was ready:\n{self.tail()}")
             async for line in lines:
                 self.output.append(line)
             await process.wait()

@@ -70,9 +70,7 @@ class Forwarder:
                 f"upstream {upstream.id} sent no response within {self.timeouts.first_byte_s:g} s"
             ) from None
         except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-            raise RetryableFailure(
-                f"cannot connect to upstream {upstream.id}: {_why(exc)}", unreachable=True
-            ) from None
+            raise RetryableFailure(f"cannot connect to upstream {upstream.id}: {_why(exc)}", unreachable=True) from None
         except httpcore.PoolTimeout:
             raise UpstreamTimeout(f"no connection to upstream {upstream.id} became free in time") from None
         except _DROPPED as exc:
@@ -93,9 +91,7 @@ class Forwarder:
 class ChunkReader:
     """Reads body chunks one by one under the idle and total deadlines (no async generator to finalize)."""
 
-    def __init__(
-        self, response: httpcore.Response, upstream: Upstream, idle_s: float, deadline: float
-    ) -> None:
+    def __init__(self, response: httpcore.Response, upstream: Upstream, idle_s: float, deadline: float) -> None:
         self._iterator = response.stream.__aiter__()  # type: ignore[union-attr]
         self._upstream = upstream
         self._idle_s = idle_s
@@ -109,9 +105,7 @@ class ChunkReader:
         except StopAsyncIteration:
             return None
         except trio.TooSlowError:
-            raise UpstreamTimeout(
-                f"upstream {self._upstream.id} stalled: nothing for {self._idle_s:g} s"
-            ) from None
+            raise UpstreamTimeout(f"upstream {self._upstream.id} stalled: nothing for {self._idle_s:g} s") from None
         except _DROPPED as exc:
             raise UpstreamError(
                 f"upstream {self._upstream.id} dropped the connection mid-response: {_why(exc)}"

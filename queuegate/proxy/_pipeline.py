@@ -67,9 +67,7 @@ class Proxy:
         spec = self._catalog.resolve(name)
         if spec is None:
             available = ", ".join(self._catalog.public_names()) or "none configured"
-            raise ModelNotFound(
-                f"The model {name!r} does not exist. Available models: {available}", param="model"
-            )
+            raise ModelNotFound(f"The model {name!r} does not exist. Available models: {available}", param="model")
         if endpoint not in spec.endpoints:
             raise NotSupported(
                 f"model {spec.name!r} (kind {spec.kind.name}) does not support the {endpoint} endpoint",
@@ -100,9 +98,7 @@ class Proxy:
                 last_failure = failure
                 record.retries += 1
 
-    async def _attempt(
-        self, upstream: Upstream, ticket: Ticket, record: RequestRecord, payload: bytes
-    ) -> Reply:
+    async def _attempt(self, upstream: Upstream, ticket: Ticket, record: RequestRecord, payload: bytes) -> Reply:
         """Send to one upstream. Owns the slot and the response until it hands both to a RelayStream."""
         handed_over = False
         response: httpcore.Response | None = None
@@ -124,9 +120,7 @@ class Proxy:
                 except GatewayError as exc:
                     raise RetryableFailure(exc.message, unreachable=False) from None
                 if first is None or not looks_like_sse(first):
-                    raise RetryableFailure(
-                        f"upstream {upstream.id} sent a malformed event stream", unreachable=False
-                    )
+                    raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream", unreachable=False)
                 relay = RelayStream(first, events, response, record, lambda: self._admission.release(ticket))
                 handed_over = True
                 return Reply(200, {"content-type": content_type, "cache-control": "no-cache"}, relay)
@@ -135,9 +129,7 @@ class Proxy:
                 try:
                     record.usage = msgspec.json.decode(body, type=_UsageCarrier).usage
                 except msgspec.DecodeError:
-                    raise RetryableFailure(
-                        f"upstream {upstream.id} sent invalid JSON", unreachable=False
-                    ) from None
+                    raise RetryableFailure(f"upstream {upstream.id} sent invalid JSON", unreachable=False) from None
                 return Reply(200, {"content-type": content_type}, body)
             return _client_error_reply(response, body, content_type)
         finally:

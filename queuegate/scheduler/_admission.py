@@ -43,9 +43,7 @@ class Admission:
                 del self._wakeups[ticket]
             if not ticket.decided:
                 self._wake(self._core.withdraw(ticket))
-                raise QueueTimeout(
-                    f"waited {self._max_wait_s:g} s in the queue for model {model!r}", retry_after_s=5
-                )
+                raise QueueTimeout(f"waited {self._max_wait_s:g} s in the queue for model {model!r}", retry_after_s=5)
         if ticket.rejection is not None:
             raise ticket.rejection
         return ticket

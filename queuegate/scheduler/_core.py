@@ -104,9 +104,7 @@ class SchedulerCore:
         if self._grant_or_reject(model, ticket):
             return [ticket]
         if self._waiting >= self.max_queue:
-            raise QueueFull(
-                f"the queue is full ({self.max_queue} requests waiting); retry later", retry_after_s=1
-            )
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later", retry_after_s=1)
         model.waiting[ticket] = None
         self._waiting += 1
         return []
@@ -158,9 +156,10 @@ class SchedulerCore:
             if slot.id in ticket.exclude or slot.state is UpstreamState.DOWN:
                 continue
             usable = True
-            if slot.state is UpstreamState.READY and slot.in_flight < slot.capacity:
-                if best is None or slot.in_flight * best.capacity < best.in_flight * slot.capacity:
-                    best = slot
+            free = slot.state is UpstreamState.READY and slot.in_flight < slot.capacity
+            # Least loaded relative to capacity: in_flight/capacity compared without division.
+            if free and (best is None or slot.in_flight * best.capacity < best.in_flight * slot.capacity):
+                best = slot
         if best is not None:
             best.in_flight += 1
             self._in_service += 1

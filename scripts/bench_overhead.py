@@ -1,0 +1,275 @@
+"""What does QueueGate cost? Drive a fast upstream directly and through the gateway in the same run.
+
+Three servers run as separate processes on loopback: a simulated upstream answering at once (`queuegate.sim`,
+no token delay), QueueGate in front of it (`queuegate run`, default logging), and a bare quart-trio no-op route
+(the framework ceiling). A lean keep-alive HTTP/1.1 client (raw trio sockets) drives each for a fixed time.
+
+Printed: requests/s, p50/p99 latency, the latency QueueGate adds, throughput ratios gateway/direct and
+gateway/framework-ceiling, and errors. Machines here are noisy 2-core VMs: read the ratios, not absolutes.
+Targets: added p50 at concurrency 1 <= 1.5 ms; non-stream throughput at concurrency 16 >= 0.5 of the ceiling;
+no errors at concurrency 128.
+
+    python scripts/bench_overhead.py [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+READY_PREFIXES = ("QUEUEGATE_SIM_READY ", "QueueGate listening on ", "NOOP_READY ")
+
+
+@dataclass
+class Result:
+    requests: int = 0
+    errors: int = 0
+    chunks: int = 0
+    latencies: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.elapsed if self.elapsed else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that reads content-length and chunked responses."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.stream: trio.SocketStream | None = None
+        self.buffer = bytearray()
+
+    async def request(self, raw: bytes) -> tuple[int, int]:
+        """Send one request; return (status, number of body chunks)."""
+        if self.stream is None:
+            self.stream = await trio.open_tcp_stream(self.host, self.port)
+            self.buffer.clear()
+        await self.stream.send_all(raw)
+        head = await self._read_until(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip().lower()
+        if headers.get(b"transfer-encoding") == b"chunked":
+            chunks = 0
+            while True:
+                size = int((await self._read_until(b"\r\n")).split(b";")[0], 16)
+                await self._read_exactly(size + 2)
+                if size == 0:
+                    break
+                chunks += 1
+        else:
+            await self._read_exactly(int(headers.get(b"content-length", b"0")))
+            chunks = 1
+        if headers.get(b"connection") == b"close":
+            await self.close()
+        return status, chunks
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+            self.stream = None
+
+    async def _fill(self) -> None:
+        assert self.stream is not None
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        self.buffer += data
+
+    async def _read_until(self, marker: bytes) -> bytes:
+        while (end := self.buffer.find(marker)) < 0:
+            await self._fill()
+        data = bytes(self.buffer[:end])
+        del self.buffer[: end + len(marker)]
+        return data
+
+    async def _read_exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            await self._fill()
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+
+def post(host: str, port: int, path: str, body: bytes) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def drive(url: str, path: str, body: bytes, concurrency: int, seconds: float) -> Result:
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    raw = post(host, int(port), path, body)
+    result = Result()
+    start = time.perf_counter()
+    stop_at = start + seconds
+
+    async def worker() -> None:
+        conn = Connection(host, int(port))
+        try:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    status, chunks = await conn.request(raw)
+                except (OSError, ConnectionError, ValueError, IndexError):
+                    result.errors += 1
+                    await conn.close()
+                    continue
+                result.latencies.append(time.perf_counter() - t0)
+                if status == 200:
+                    result.requests += 1
+                    result.chunks += chunks
+                else:
+                    result.errors += 1
+        finally:
+            await conn.close()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    result.elapsed = time.perf_counter() - start
+    return result
+
+
+def start_server(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        for prefix in READY_PREFIXES:
+            if line.startswith(prefix):
+                return process, line[len(prefix) :].split()[0].removesuffix("/v1")
+    raise RuntimeError(f"{argv} exited before it was ready")
+
+
+def serve_noop() -> None:
+    """The framework ceiling: a quart-trio POST route that reads the body and returns a small JSON."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+    from quart import request
+    from quart_trio import QuartTrio
+
+    app = QuartTrio("noop")
+
+    @app.post("/v1/chat/completions")
+    async def noop():
+        await request.get_data()
+        return {"ok": True}
+
+    async def main() -> None:
+        config = Config()
+        config.bind = ["127.0.0.1:0"]
+        config.accesslog = None
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
+            print("NOOP_READY", binds[0], flush=True)
+
+    trio.run(main)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
+    parser.add_argument("--serve-noop", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_noop:
+        serve_noop()
+        return
+
+    py = sys.executable
+    servers = []
+    try:
+        sim, sim_url = start_server([py, "-m", "queuegate.sim", "--port", "0", "--tokens-per-s", "0"])
+        servers.append(sim)
+        noop, noop_url = start_server([py, __file__, "--serve-noop"])
+        servers.append(noop)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = os.path.join(tmp, "queuegate.toml")
+            with open(config, "w") as f:
+                f.write(
+                    '[server]\nlisten = "127.0.0.1:0"\n[queue]\nmax_size = 4096\n'
+                    f'[models.bench]\nupstreams = ["{sim_url}/v1"]\nkind = "llamacpp"\nmax_concurrency = 512\n'
+                )
+            gateway, gateway_url = start_server([py, "-m", "queuegate.cli", "run", "--config", config])
+            servers.append(gateway)
+            trio.run(report, sim_url, gateway_url, noop_url, args.seconds)
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(10)
+
+
+def body(stream: bool, tokens: int) -> bytes:
+    stream_json = "true" if stream else "false"
+    return (
+        f'{{"model": "bench", "stream": {stream_json}, "max_tokens": {tokens}, '
+        '"messages": [{"role": "user", "content": "benchmark"}]}'
+    ).encode()
+
+
+async def report(sim_url: str, gateway_url: str, noop_url: str, seconds: float) -> None:
+    path = "/v1/chat/completions"
+    short = body(False, 1)
+    # Warm up every server and connection pool, then measure.
+    for url in (sim_url, gateway_url, noop_url):
+        await drive(url, path, short, 16, 0.5)
+    ceiling = await drive(noop_url, path, short, 16, seconds)
+    print(f"framework ceiling (quart-trio no-op, concurrency 16): {ceiling.rps:,.0f} req/s\n")
+    print(
+        f"{'scenario':<26}{'direct/s':>10}{'gateway/s':>11}{'gw/direct':>11}{'gw/ceiling':>12}"
+        f"{'p50 +ms':>9}{'p99 +ms':>9}{'errors':>8}"
+    )
+    scenarios = [
+        ("non-stream c=1", short, 1),
+        ("non-stream c=16", short, 16),
+        ("non-stream c=128", short, 128),
+        ("stream 50 chunks c=64", body(True, 50), 64),
+    ]
+    results: dict[str, tuple[Result, Result]] = {}
+    for name, payload, concurrency in scenarios:
+        direct = await drive(sim_url, path, payload, concurrency, seconds)
+        through = await drive(gateway_url, path, payload, concurrency, seconds)
+        results[name] = (direct, through)
+        added_p50 = (through.pct(0.5) - direct.pct(0.5)) * 1000
+        added_p99 = (through.pct(0.99) - direct.pct(0.99)) * 1000
+        print(
+            f"{name:<26}{direct.rps:>10,.0f}{through.rps:>11,.0f}{through.rps / direct.rps:>11.2f}"
+            f"{through.rps / ceiling.rps:>12.2f}{added_p50:>9.2f}{added_p99:>9.2f}{direct.errors + through.errors:>8}"
+        )
+        if name.startswith("stream"):
+            print(
+                f"{'':<26}chunks/s direct {direct.chunks / direct.elapsed:,.0f}, "
+                f"gateway {through.chunks / through.elapsed:,.0f} "
+                f"(ratio {through.chunks / direct.chunks if direct.chunks else 0:.2f})"
+            )
+    c1_direct, c1_gateway = results["non-stream c=1"]
+    added = (c1_gateway.pct(0.5) - c1_direct.pct(0.5)) * 1000
+    share = results["non-stream c=16"][1].rps / ceiling.rps
+    errors = sum(r.errors for r in results["non-stream c=128"])
+    print("\ntargets:")
+    print(f"  added p50 at c=1 <= 1.5 ms: {added:.2f} ms  {'ok' if added <= 1.5 else 'MISSED'}")
+    print(f"  non-stream c=16 >= 0.5 of ceiling: {share:.2f}  {'ok' if share >= 0.5 else 'MISSED'}")
+    print(f"  no errors at c=128: {errors}  {'ok' if errors == 0 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
