@@ -46,7 +46,7 @@ def starter_tables() -> list[Table]:
                     "owned_by": "`owned_by` reported for every model in GET /v1/models.",
                     "max_body_mb": "Largest request body accepted; larger ones get 413.",
                     "body_timeout_s": "How long a client may take to send its request body (then 408).",
-                    "shutdown_grace_s": "On SIGINT/SIGTERM: stop accepting new requests, finish running ones for this long.",
+                    "shutdown_grace_s": "On SIGINT/SIGTERM: stop accepting, finish running requests this long.",
                     "log_format": '"text" (key=value) or "json": one line per request with its id, model, timings.',
                     "log_level": '"debug", "info", "warning" or "error".',
                 },
