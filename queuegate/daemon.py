@@ -15,7 +15,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from queuegate.api import create_app
+from queuegate.api import InFlight, create_app
 from queuegate.config import Config, parse_listen
 from queuegate.fleet import Catalog, HealthMonitor
 from queuegate.proxy import Forwarder, Proxy, Timeouts
@@ -43,6 +43,7 @@ class Daemon:
             max_wait_s=config.queue.max_wait_s,
         )
         self._shutdown = trio.Event()
+        self._in_flight = InFlight()
 
     @property
     def shutdown_requested(self) -> bool:
@@ -73,7 +74,7 @@ class Daemon:
                 timeout_s=up.health_timeout_s,
             )
             proxy = Proxy(self.catalog, self.admission, Forwarder(pool, timeouts), health.report_failure)
-            app = create_app(cfg.server, self.catalog, self.admission, proxy)
+            app = create_app(cfg.server, self.catalog, self.admission, proxy, self._in_flight)
             await nursery.start(health.run)
             binds = await nursery.start(self._serve, app, nursery)
             base_url = binds[0]
@@ -94,7 +95,21 @@ class Daemon:
         hc.accesslog = None
         hc.errorlog = logging.getLogger("queuegate.http")
         try:
-            await serve(app, hc, shutdown_trigger=self._shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+            with trio.CancelScope() as server_scope:
+                nursery.start_soon(self._stop_when_drained, server_scope)
+                await serve(app, hc, shutdown_trigger=self._shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
         finally:
             # The server has drained (or failed): stop the health checks and everything else with it.
             nursery.cancel_scope.cancel()
+
+    async def _stop_when_drained(self, server_scope: trio.CancelScope) -> None:
+        """After a shutdown request, stop the server once no request is in flight (or the grace period ends).
+
+        hypercorn stops accepting at once but, with quart-trio, keeps idle keep-alive connections open until its
+        graceful timeout; waiting for our own in-flight count ends the shutdown as soon as the work is done.
+        """
+        await self._shutdown.wait()
+        with trio.move_on_after(self.config.server.shutdown_grace_s):
+            await self._in_flight.wait_idle()
+        log.info("stopped", extra={"fields": {"unfinished_requests": self._in_flight.count}})
+        server_scope.cancel()

@@ -29,6 +29,8 @@ def test_grants_least_loaded_ready_upstream_then_queues_fifo():
     assert {c.upstream_id, d.upstream_id} == {"m#0", "m#1"}
     assert core.submit(e) == [] and not e.decided  # all four slots busy
     f = Ticket("m", 5.0)
+    for ticket in (a, b, c, d):
+        assert ticket.upstream_id is not None
     core.submit(f)
     # A release hands the slot to the oldest waiter, not the newest.
     assert core.release(a) == [e]

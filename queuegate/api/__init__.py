@@ -1,5 +1,5 @@
 """HTTP API."""
 
-from queuegate.api.app import create_app
+from queuegate.api.app import InFlight, create_app
 
-__all__ = ["create_app"]
+__all__ = ["InFlight", "create_app"]

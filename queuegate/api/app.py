@@ -36,7 +36,31 @@ CLEANUP_KEY = "queuegate.cleanup"
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
-def create_app(server: ServerConfig, catalog: Catalog, admission: Admission, proxy: Proxy) -> ASGIApp:
+class InFlight:
+    """Counts HTTP requests being served, so a graceful shutdown knows when the last one has finished."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            self._idle = trio.Event()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+def create_app(
+    server: ServerConfig, catalog: Catalog, admission: Admission, proxy: Proxy, in_flight: InFlight
+) -> ASGIApp:
     """Build the ASGI application for one daemon (no module-level app: each daemon gets its own)."""
     app = QuartTrio("queuegate")
     app.config.update(
@@ -114,7 +138,7 @@ def create_app(server: ServerConfig, catalog: Catalog, admission: Admission, pro
     async def http_error(exc: HTTPException) -> Response:
         return _error_response(_from_http_exception(exc), _request_id(request.headers.get("x-request-id")))
 
-    return _with_request_cleanup(app)
+    return _with_request_lifetime(app, in_flight)
 
 
 async def _read_body() -> bytes:
@@ -162,8 +186,8 @@ def _json(doc: Any, status: int = 200) -> Response:
     return Response(msgspec.json.encode(doc), status=status, headers={"content-type": "application/json"})
 
 
-def _with_request_cleanup(app: ASGIApp) -> ASGIApp:
-    """Run each HTTP request's cleanups (close upstream stream, free its slot) when its ASGI call ends.
+def _with_request_lifetime(app: ASGIApp, in_flight: InFlight) -> ASGIApp:
+    """Count each HTTP request while it runs, and run its cleanups (close upstream, free slot) when it ends.
 
     Quart closes a streamed body only if it started sending it; a client that vanishes between the handler's
     return and the first byte would otherwise leak the upstream connection and the scheduler slot.
@@ -175,6 +199,7 @@ def _with_request_cleanup(app: ASGIApp) -> ASGIApp:
             return
         cleanups: list[Callable[[], Awaitable[None]]] = []
         scope[CLEANUP_KEY] = cleanups
+        in_flight.enter()
         try:
             await app(scope, receive, send)
         finally:
@@ -182,5 +207,6 @@ def _with_request_cleanup(app: ASGIApp) -> ASGIApp:
                 with trio.CancelScope(shield=True):
                     for cleanup in cleanups:
                         await cleanup()
+            in_flight.leave()
 
     return asgi

@@ -86,7 +86,7 @@ def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str]) -> ModelSpec
             base_url=url.rstrip("/"),
             health_url=(server_root(url) + health_path) if health_path else None,
             capacity=mc.max_concurrency,
-            headers=tuple(headers),
+            headers=((b"host", urlsplit(url).netloc.rsplit("@", 1)[-1].encode()), *headers),
         )
         for i, url in enumerate(mc.upstreams)
     )

@@ -77,7 +77,7 @@ class HealthMonitor:
 
     async def _probe(self, upstream: Upstream, kind: KindProfile) -> tuple[UpstreamState, str]:
         assert upstream.health_url is not None
-        headers = [(k.decode(), v.decode()) for k, v in upstream.headers if k == b"authorization"]
+        headers = [(k.decode(), v.decode()) for k, v in upstream.headers if k == b"authorization"]  # httpx sets host
         try:
             with trio.fail_after(self._timeout_s):
                 response = await self._client.get(upstream.health_url, headers=headers)

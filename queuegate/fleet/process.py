@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 
 import trio
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class ChildFailed(Exception):
@@ -34,7 +38,11 @@ class ChildProcess:
         Runs until cancelled; then the whole process group gets SIGTERM, and SIGKILL if it lingers.
         """
         process = await trio.lowlevel.open_process(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.process = process
         try:
@@ -63,6 +71,13 @@ class ChildProcess:
 
     def tail(self, lines: int = 20) -> str:
         return "\n".join(list(self.output)[-lines:])
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM us if QueueGate dies (even by SIGKILL), so no orphan
+    model server keeps a GPU busy. Elsewhere this is a no-op; the cancel path still stops children."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 async def _lines(stream: trio.abc.ReceiveStream):

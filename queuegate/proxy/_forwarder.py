@@ -58,7 +58,11 @@ class Forwarder:
         request = httpcore.Request(
             b"POST",
             upstream.base_url + path,
-            headers=[*upstream.headers, (b"x-request-id", request_id.encode())],
+            headers=[
+                *upstream.headers,
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id.encode()),
+            ],
             content=body,
             extensions=self._extensions,
         )

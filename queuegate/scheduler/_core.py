@@ -58,6 +58,7 @@ class _Upstream:
 class _Model:
     upstreams: list[_Upstream]
     waiting: dict[Ticket, None] = field(default_factory=dict)  # insertion-ordered set: FIFO, O(1) removal
+    next_turn: int = 0  # index of the upstream to consider first (round-robin between equally loaded ones)
 
 
 class UpstreamStatistics(msgspec.Struct, frozen=True):
@@ -152,7 +153,10 @@ class SchedulerCore:
         """Give the ticket the least-loaded usable slot, or reject it if nothing it may use can come back."""
         best: _Upstream | None = None
         usable = False
-        for slot in model.upstreams:
+        # Start after the last upstream granted, so equally loaded upstreams take turns.
+        count = len(model.upstreams)
+        for i in range(count):
+            slot = model.upstreams[(model.next_turn + i) % count]
             if slot.id in ticket.exclude or slot.state is UpstreamState.DOWN:
                 continue
             usable = True
@@ -161,6 +165,7 @@ class SchedulerCore:
             if free and (best is None or slot.in_flight * best.capacity < best.in_flight * slot.capacity):
                 best = slot
         if best is not None:
+            model.next_turn = (model.upstreams.index(best) + 1) % count
             best.in_flight += 1
             self._in_service += 1
             ticket.upstream_id = best.id

@@ -1,0 +1,73 @@
+"""Shared test harness: real daemons on port 0, real simulated upstreams on loopback, the real `openai` client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import openai
+import pytest
+import trio
+
+from queuegate.config import build_config
+from queuegate.daemon import Daemon
+from queuegate.sim import SimConfig, Simulator
+
+T = TypeVar("T")
+
+
+@dataclass
+class Gateway:
+    daemon: Daemon
+    base_url: str  # http://127.0.0.1:PORT
+
+    @property
+    def api(self) -> str:
+        return self.base_url + "/v1"
+
+    def client(self, **kwargs: Any) -> openai.OpenAI:
+        """The official client, no retries (tests look at the first answer), short timeout."""
+        return openai.OpenAI(base_url=self.api, api_key="unused", max_retries=0, timeout=20, **kwargs)
+
+    def stats(self):
+        return self.daemon.admission.statistics()
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    """Run a blocking call (the sync openai client) without blocking the trio loop that serves it."""
+    return await trio.to_thread.run_sync(fn)
+
+
+@pytest.fixture
+def start_sim(nursery):
+    """Start a simulated upstream (real HTTP server on a loopback port) in the test's nursery."""
+
+    async def start(**settings: Any) -> tuple[Simulator, str]:
+        sim = Simulator(SimConfig(**settings))
+        url = await nursery.start(sim.run)
+        return sim, url
+
+    return start
+
+
+@pytest.fixture
+def start_gateway(nursery):
+    """Start the real daemon on 127.0.0.1:0 with `models` (and optional config sections)."""
+
+    async def start(models: dict[str, Any], **sections: Any) -> Gateway:
+        sections.setdefault("server", {})
+        sections["server"].setdefault("listen", "127.0.0.1:0")
+        sections.setdefault("upstream", {})
+        sections["upstream"].setdefault("health_interval_s", 0.2)
+        daemon = Daemon(build_config({"models": models, **sections}))
+        started = await nursery.start(daemon.run)
+        return Gateway(daemon, started.base_url)
+
+    return start
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0, interval: float = 0.01) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(interval)

@@ -1,0 +1,310 @@
+"""The gateway end to end with the official `openai` client, against simulated upstreams.
+
+The upstreams are `queuegate.sim` servers: real HTTP servers on loopback ports, used instead of llama-server where
+the behaviour needs timing or faults on demand (hang, die mid-stream, garbage, 5xx). tests/test_llama_e2e.py runs
+the same client paths against a real llama-server.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+
+import httpx
+import openai
+import pytest
+import trio
+
+from queuegate.sim import SimConfig, Simulator
+from tests.conftest import in_thread, wait_until
+
+
+def chat(client: openai.OpenAI, model: str = "m", **kwargs):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}], **kwargs)
+
+
+async def test_non_stream_chat_rewrites_model_merges_defaults_and_forwards_unknown_fields(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway(
+        {
+            "m": {
+                "upstreams": [url],
+                "kind": "llamacpp",
+                "upstream_model": "big-model-q4",
+                "aliases": ["coder"],
+                "defaults": {"temperature": 0.2, "top_p": 0.9},
+            }
+        }
+    )
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "look"}, image]}]
+    raw = await in_thread(
+        lambda: gw.client().chat.completions.with_raw_response.create(
+            model="coder",
+            messages=messages,
+            temperature=0.9,
+            max_tokens=5,
+            tools=tools,
+            response_format={"type": "json_object"},
+            extra_body={"cache_prompt": True},
+        )
+    )
+    completion = raw.parse()
+    assert raw.headers["x-request-id"].startswith("qg-")
+    assert completion.model == "big-model-q4"
+    assert completion.choices[0].message.content
+    assert completion.usage is not None and completion.usage.completion_tokens == 5
+    sent = sim.stats.received[-1].body
+    assert sent["model"] == "big-model-q4"
+    assert sent["temperature"] == 0.9 and sent["top_p"] == 0.9  # client wins, defaults fill the rest
+    assert sent["tools"] == tools and sent["response_format"] == {"type": "json_object"}
+    assert sent["messages"] == messages and sent["cache_prompt"] is True
+
+
+async def test_stream_is_passed_through_as_it_is_generated(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=20)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+
+    def consume():
+        started = time.monotonic()
+        arrivals, text = [], []
+        for chunk in chat(gw.client(), stream=True, max_tokens=10):
+            arrivals.append(time.monotonic() - started)
+            if chunk.choices and chunk.choices[0].delta.content:
+                text.append(chunk.choices[0].delta.content)
+        return arrivals, "".join(text)
+
+    arrivals, text = await in_thread(consume)
+    assert text
+    # Ten tokens at 20 tok/s take ~0.5 s: the first chunk must arrive long before the last (no buffering).
+    assert arrivals[-1] >= 0.4
+    assert arrivals[0] < arrivals[-1] - 0.3
+
+
+async def test_completions_embeddings_and_models(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0, embedding_dim=8)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "aliases": ["planner"]}, "e": {"upstreams": [url], "kind": "vllm"}},
+        server={"owned_by": "homelab"},
+    )
+    client = gw.client()
+    completion = await in_thread(lambda: client.completions.create(model="m", prompt="once upon", max_tokens=3))
+    assert completion.choices[0].text
+    streamed = await in_thread(
+        lambda: [
+            c.choices[0].text
+            for c in client.completions.create(model="m", prompt="x", max_tokens=3, stream=True)
+            if c.choices
+        ]
+    )
+    assert "".join(streamed)
+    vectors = await in_thread(lambda: client.embeddings.create(model="e", input=["a", "b"]))
+    assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 8
+    models = await in_thread(lambda: list(client.models.list()))
+    assert [m.id for m in models] == ["m", "e", "planner"]
+    assert {m.owned_by for m in models} == {"homelab"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "exc", "needle"),
+    [
+        (b"{not json", 400, openai.BadRequestError, "not valid JSON"),
+        (b'{"model": "m"}', 400, openai.BadRequestError, "messages"),
+        (b'{"model": "nope", "messages": []}', 404, openai.NotFoundError, "Available models: m, e"),
+        (b'{"model": "e", "messages": []}', 501, openai.APIStatusError, "does not support the chat endpoint"),
+    ],
+)
+async def test_client_errors_use_the_openai_envelope(start_sim, start_gateway, body, status, exc, needle):
+    _, url = await start_sim()
+    gw = await start_gateway({"m": {"upstreams": [url]}, "e": {"upstreams": [url], "endpoints": ["embeddings"]}})
+    async with httpx.AsyncClient() as http:
+        response = await http.post(gw.api + "/chat/completions", content=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and needle in error["message"]
+    if body.startswith(b'{"model'):
+        # The same error through the official client raises the exception class it uses for that status.
+        with pytest.raises(exc) as info:
+            await in_thread(lambda: gw.client().post("/chat/completions", body=json.loads(body), cast_to=object))
+        assert info.value.status_code == status
+
+
+async def test_oversized_body_is_413_and_daemon_keeps_serving(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}}, server={"max_body_mb": 0.01})
+    big = "x" * 20_000
+    with pytest.raises(openai.APIStatusError) as info:
+        await in_thread(lambda: chat(gw.client(), max_tokens=1, extra_body={"pad": big}))
+    assert info.value.status_code == 413
+    assert (await in_thread(lambda: chat(gw.client(), max_tokens=1))).choices
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "exc"),
+    [
+        ("status_500", 502, openai.InternalServerError),
+        ("garbage", 502, openai.InternalServerError),
+        ("close_before_response", 502, openai.InternalServerError),
+    ],
+)
+async def test_upstream_failures_map_to_502(start_sim, start_gateway, fault, status, exc):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    for stream in (False, True):
+        with pytest.raises(exc) as info:
+            await in_thread(partial(chat, gw.client(), stream=stream, max_tokens=2, extra_body={"sim_fault": fault}))
+        assert info.value.status_code == status
+    assert (await in_thread(lambda: chat(gw.client(), max_tokens=2))).choices  # still serving
+
+
+async def test_upstream_hang_is_504_after_first_byte_timeout(start_sim, start_gateway):
+    sim, url = await start_sim()
+    gw = await start_gateway({"m": {"upstreams": [url]}}, upstream={"first_byte_timeout_s": 0.3})
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as info:
+        await in_thread(lambda: chat(gw.client(), extra_body={"sim_fault": "hang"}))
+    assert info.value.status_code == 504 and 0.3 <= time.monotonic() - started < 2
+    await wait_until(lambda: sim.stats.active == 0)  # the hung upstream request was closed
+    assert gw.stats().in_service == 0
+
+
+async def test_failure_after_first_byte_ends_stream_with_error_event(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=100)
+    gw = await start_gateway({"m": {"upstreams": [url]}, "n": {"upstreams": [url]}}, upstream={"idle_timeout_s": 0.3})
+
+    def consume(fault):
+        got = []
+        with pytest.raises(openai.APIError) as info:
+            for chunk in chat(gw.client(), stream=True, max_tokens=20, extra_body={"sim_fault": fault}):
+                got.append(chunk)
+        return got, info.value
+
+    got, error = await in_thread(lambda: consume("die_mid_stream"))
+    assert got and "dropped the connection" in error.message
+    got, error = await in_thread(lambda: consume("hang_after_first"))
+    assert got and "stalled" in error.message
+    assert gw.stats().in_service == 0
+
+
+async def test_5xx_and_connect_failures_retry_on_another_upstream(start_sim, start_gateway, nursery):
+    bad, bad_url = await start_sim(tokens_per_s=0)
+    _, good_url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [bad_url, good_url], "max_concurrency": 1}})
+    bad.set_fault("status_500")
+    for _ in range(3):
+        assert (await in_thread(lambda: chat(gw.client(), max_tokens=1))).choices
+    assert bad.stats.requests >= 1  # it was tried, failed with 500, and the request went on to the other one
+
+    # An upstream that dies (connection refused) is retried elsewhere and taken out at once.
+    dying_scope = trio.CancelScope()
+
+    async def run_dying(task_status=trio.TASK_STATUS_IGNORED):
+        with dying_scope:
+            await Simulator(SimConfig(tokens_per_s=0)).run(task_status=task_status)
+
+    dying_url = await nursery.start(run_dying)
+    gw2 = await start_gateway({"m": {"upstreams": [good_url, dying_url]}}, upstream={"health_interval_s": 30})
+    assert [u.state for u in gw2.stats().models[0].upstreams] == ["ready", "ready"]
+    dying_scope.cancel()
+    await trio.sleep(0.05)
+    answers = [await in_thread(lambda: chat(gw2.client(), max_tokens=1)) for _ in range(3)]
+    assert all(a.choices for a in answers)
+    assert gw2.stats().models[0].upstreams[1].state == "down"
+
+
+async def test_health_monitor_takes_upstream_out_and_back(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url], "kind": "llamacpp"}})
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(gw.base_url + "/readyz")).status_code == 200
+        sim.set_fault(None, health_status=500)
+        await wait_until(lambda: gw.stats().models[0].upstreams[0].state == "down")
+        ready = await http.get(gw.base_url + "/readyz")
+        assert ready.status_code == 503 and "health answered 500" in ready.json()["models"][0]["reason"]
+        with pytest.raises(openai.InternalServerError) as info:
+            await in_thread(lambda: chat(gw.client(), max_tokens=1))
+        assert info.value.status_code == 503 and info.value.response.headers["retry-after"]
+        sim.set_fault(None, health_status=503)  # llama-server's "Loading model"
+        await wait_until(lambda: gw.stats().models[0].upstreams[0].state == "loading")
+        sim.set_fault(None, health_status=None)
+        await wait_until(lambda: gw.stats().models[0].upstreams[0].state == "ready", timeout=3)
+        assert (await http.get(gw.base_url + "/readyz")).status_code == 200
+
+
+async def test_requests_wait_for_a_loading_upstream(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0, load_time_s=0.8)
+    gw = await start_gateway({"m": {"upstreams": [url], "kind": "llamacpp"}})
+    assert gw.stats().models[0].upstreams[0].state == "loading"
+    started = time.monotonic()
+    answer = await in_thread(lambda: chat(gw.client(), max_tokens=1))
+    assert answer.choices and time.monotonic() - started >= 0.3
+
+
+async def test_bounded_queue_429_and_max_wait_503(start_sim, start_gateway, nursery):
+    _, url = await start_sim(tokens_per_s=5)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"max_size": 1, "max_wait_s": 0.5}
+    )
+    nursery.start_soon(in_thread, lambda: chat(gw.client(), max_tokens=10))  # holds the slot ~2 s
+    await wait_until(lambda: gw.stats().in_service == 1)
+
+    async def times_out() -> None:
+        with pytest.raises(openai.InternalServerError) as waited:
+            await in_thread(lambda: chat(gw.client(), max_tokens=1))
+        assert waited.value.status_code == 503 and "waited 0.5 s in the queue" in waited.value.message
+
+    nursery.start_soon(times_out)
+    await wait_until(lambda: gw.stats().waiting == 1)
+    with pytest.raises(openai.RateLimitError) as full:
+        await in_thread(lambda: chat(gw.client(), max_tokens=1))
+    assert full.value.response.headers["retry-after"] == "1"
+    assert "queue is full" in full.value.message
+    await wait_until(lambda: gw.stats().waiting == 0, timeout=2)  # the waiter timed out (503) and left
+
+
+async def test_client_disconnect_closes_upstream_promptly(start_sim, start_gateway):
+    """For streaming and non-streaming requests the upstream sees the close within 100 ms."""
+    sim, url = await start_sim(tokens_per_s=10)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+    async with httpx.AsyncClient(timeout=10) as http:
+        for stream in (True, False):
+            before = sim.stats.disconnects
+            with trio.move_on_after(0.5):
+                async with http.stream("POST", gw.api + "/chat/completions", json={**body, "stream": stream}) as r:
+                    async for _ in r.aiter_raw():
+                        pass
+            closed_at = time.monotonic()
+            await wait_until(lambda: sim.stats.disconnects > before, timeout=1)  # noqa: B023
+            assert sim.stats.disconnect_times[-1] - closed_at < 0.1
+            await wait_until(lambda: gw.stats().in_service == 0, timeout=1)
+
+
+async def test_disconnect_while_queued_never_reaches_upstream(start_sim, start_gateway, nursery):
+    sim, url = await start_sim(tokens_per_s=20)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}})
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    async with httpx.AsyncClient(timeout=10) as http:
+        nursery.start_soon(partial(http.post, gw.api + "/chat/completions", json=body))  # holds the only slot
+        await wait_until(lambda: gw.stats().in_service == 1)
+        with trio.move_on_after(0.2):
+            await http.post(gw.api + "/chat/completions", json=body)  # queued, then abandoned
+        await wait_until(lambda: gw.stats().waiting == 0, timeout=1)
+        await wait_until(lambda: gw.stats().in_service == 0, timeout=3)
+    assert sim.stats.requests == 1
+
+
+async def test_request_log_line(start_sim, start_gateway, caplog):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    caplog.set_level("INFO", logger="queuegate")
+    await in_thread(lambda: chat(gw.client(), max_tokens=3, extra_headers={"X-Request-Id": "trace-42"}))
+    await in_thread(lambda: list(chat(gw.client(), max_tokens=3, stream=True, stream_options={"include_usage": True})))
+    lines = [r.fields for r in caplog.records if r.getMessage() == "request"]
+    assert lines[0]["rid"] == "trace-42"
+    for line in lines:
+        assert line["model"] == "m" and line["upstream"] == "m#0" and line["status"] == 200
+        assert line["completion_tokens"] == 3 and line["queue_ms"] >= 0 and line["duration_ms"] > 0
+    assert [line["stream"] for line in lines] == [False, True]
