@@ -28,7 +28,8 @@ class Gateway:
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         """The official client, no retries (tests look at the first answer), short timeout."""
-        return openai.OpenAI(base_url=self.api, api_key="unused", max_retries=0, timeout=20, **kwargs)
+        settings = {"api_key": "unused", "max_retries": 0, "timeout": 20, **kwargs}
+        return openai.OpenAI(base_url=self.api, **settings)
 
     def stats(self):
         return self.daemon.admission.statistics()

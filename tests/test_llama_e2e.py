@@ -1,0 +1,113 @@
+"""End to end in front of a real llama.cpp `llama-server` with a real small model (Gemma 3 270M, CPU).
+
+`.ci/run` builds (or reuses the cached) llama-server and the model and exports their paths. Locally, without them,
+these tests are skipped with the reason; under CI a missing part is a failure, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+import trio
+from tests.realparts import llama_server_binary, start_llama_server, test_model_path
+
+from tests.conftest import in_thread, wait_until
+
+pytestmark = pytest.mark.llama
+
+
+@pytest.fixture
+def llama_parts():
+    binary, why_binary = llama_server_binary()
+    model, why_model = test_model_path()
+    if binary and model:
+        return binary, model
+    reason = "; ".join(why for path, why in ((binary, why_binary), (model, why_model)) if not path)
+    if os.environ.get("CI"):
+        pytest.fail(f"real llama-server parts missing in CI: {reason}")
+    pytest.skip(f"real llama-server not available: {reason}")
+
+
+@pytest.fixture
+async def llama_gateway(llama_parts, nursery, start_gateway):
+    binary, model = llama_parts
+    url = await start_llama_server(nursery, binary=binary, model=model)
+    gw = await start_gateway(
+        {
+            "gemma": {
+                "upstreams": [url],
+                "kind": "llamacpp",
+                "aliases": ["tiny"],
+                "defaults": {"temperature": 0},
+            }
+        }
+    )
+    return gw, url
+
+
+async def test_chat_stream_and_non_stream_via_openai_client(llama_gateway):
+    gw, _ = llama_gateway
+    client = gw.client(timeout=60)
+    messages = [{"role": "user", "content": "Say hello in one word."}]
+    answer = await in_thread(lambda: client.chat.completions.create(model="tiny", messages=messages, max_tokens=8))
+    assert answer.choices[0].message.content
+    assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 8
+
+    def stream():
+        chunks = client.chat.completions.create(
+            model="gemma",
+            messages=messages,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        return list(chunks)
+
+    chunks = await in_thread(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+    completion = await in_thread(lambda: client.completions.create(model="gemma", prompt="The sky is", max_tokens=4))
+    assert completion.choices[0].text
+
+
+async def test_client_disconnect_stops_llama_generation(llama_gateway):
+    """A client that leaves mid-stream frees llama-server's slot at once, long before max_tokens."""
+    gw, url = llama_gateway
+    slots_url = url.removesuffix("/v1") + "/slots"
+    body = {
+        "model": "gemma",
+        "stream": True,
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "Count."}],
+    }
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with http.stream("POST", gw.api + "/chat/completions", json=body) as response:
+            seen = 0
+            async for line in response.aiter_lines():
+                seen += line.startswith("data:")
+                if seen >= 3:
+                    break
+        closed_at = time.monotonic()
+
+        async def slots_busy() -> bool:
+            slots = (await http.get(slots_url)).json()
+            return any(slot.get("is_processing") for slot in slots)
+
+        with trio.fail_after(5):
+            while await slots_busy():
+                await trio.sleep(0.02)
+        assert time.monotonic() - closed_at < 1.0
+    await wait_until(lambda: gw.stats().in_service == 0)
+
+
+async def test_embeddings_against_llama_embedding_server(llama_parts, nursery, start_gateway):
+    binary, model = llama_parts
+    url = await start_llama_server(nursery, binary=binary, model=model, extra_args=["--embeddings", "--pooling", "mean"])
+    gw = await start_gateway({"embed": {"upstreams": [url], "kind": "llamacpp"}})
+    result = await in_thread(lambda: gw.client(timeout=60).embeddings.create(model="embed", input=["a cat", "a dog"]))
+    assert len(result.data) == 2 and len(result.data[0].embedding) > 100
