@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 import trio
-from tests.realparts import llama_server_binary, start_llama_server, test_model_path
 
 from tests.conftest import in_thread, wait_until
+from tests.realparts import llama_server_binary, start_llama_server, test_model_path
 
 pytestmark = pytest.mark.llama
 
@@ -107,7 +107,9 @@ async def test_client_disconnect_stops_llama_generation(llama_gateway):
 
 async def test_embeddings_against_llama_embedding_server(llama_parts, nursery, start_gateway):
     binary, model = llama_parts
-    url = await start_llama_server(nursery, binary=binary, model=model, extra_args=["--embeddings", "--pooling", "mean"])
+    url = await start_llama_server(
+        nursery, binary=binary, model=model, extra_args=["--embeddings", "--pooling", "mean"]
+    )
     gw = await start_gateway({"embed": {"upstreams": [url], "kind": "llamacpp"}})
     result = await in_thread(lambda: gw.client(timeout=60).embeddings.create(model="embed", input=["a cat", "a dog"]))
     assert len(result.data) == 2 and len(result.data[0].embedding) > 100

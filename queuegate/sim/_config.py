@@ -45,7 +45,7 @@ class ReceivedRequest:
 class SimStats:
     """Counters that tests read directly (in process) or via GET /sim/stats."""
 
-    requests: int = 0  # requests received on /v1/*
+    requests: int = 0  # well-formed JSON requests received on POST /v1/*
     active: int = 0  # of those, being answered now
     completed: int = 0
     disconnects: int = 0  # clients that went away before their answer was complete
