@@ -242,26 +242,27 @@ async def test_requests_wait_for_a_loading_upstream(start_sim, start_gateway):
     assert answer.choices and time.monotonic() - started >= 0.3
 
 
-async def test_bounded_queue_429_and_max_wait_503(start_sim, start_gateway, nursery):
+async def test_bounded_queue_429_and_max_wait_503(start_sim, start_gateway):
     _, url = await start_sim(tokens_per_s=5)
     gw = await start_gateway(
         {"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"max_size": 1, "max_wait_s": 0.5}
     )
-    nursery.start_soon(in_thread, lambda: chat(gw.client(), max_tokens=10))  # holds the slot ~2 s
-    await wait_until(lambda: gw.stats().in_service == 1)
 
     async def times_out() -> None:
         with pytest.raises(openai.InternalServerError) as waited:
             await in_thread(lambda: chat(gw.client(), max_tokens=1))
         assert waited.value.status_code == 503 and "waited 0.5 s in the queue" in waited.value.message
 
-    nursery.start_soon(times_out)
-    await wait_until(lambda: gw.stats().waiting == 1)
-    with pytest.raises(openai.RateLimitError) as full:
-        await in_thread(lambda: chat(gw.client(), max_tokens=1))
-    assert full.value.response.headers["retry-after"] == "1"
-    assert "queue is full" in full.value.message
-    await wait_until(lambda: gw.stats().waiting == 0, timeout=2)  # the waiter timed out (503) and left
+    async with trio.open_nursery() as nursery:  # waits for the slot holder, so no request outlives the gateway
+        nursery.start_soon(in_thread, lambda: chat(gw.client(), max_tokens=10))  # holds the slot ~2 s
+        await wait_until(lambda: gw.stats().in_service == 1)
+        nursery.start_soon(times_out)
+        await wait_until(lambda: gw.stats().waiting == 1)
+        with pytest.raises(openai.RateLimitError) as full:
+            await in_thread(lambda: chat(gw.client(), max_tokens=1))
+        assert full.value.response.headers["retry-after"] == "1"
+        assert "queue is full" in full.value.message
+        await wait_until(lambda: gw.stats().waiting == 0, timeout=2)  # the waiter timed out (503) and left
 
 
 async def test_client_disconnect_closes_upstream_promptly(start_sim, start_gateway):
@@ -282,17 +283,24 @@ async def test_client_disconnect_closes_upstream_promptly(start_sim, start_gatew
             await wait_until(lambda: gw.stats().in_service == 0, timeout=1)
 
 
-async def test_disconnect_while_queued_never_reaches_upstream(start_sim, start_gateway, nursery):
+async def test_disconnect_while_queued_never_reaches_upstream(start_sim, start_gateway):
     sim, url = await start_sim(tokens_per_s=20)
     gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}})
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
-    async with httpx.AsyncClient(timeout=10) as http:
-        nursery.start_soon(partial(http.post, gw.api + "/chat/completions", json=body))  # holds the only slot
+    holder_status = []
+
+    async def hold_the_only_slot():
+        async with httpx.AsyncClient(timeout=10) as http:
+            holder_status.append((await http.post(gw.api + "/chat/completions", json=body)).status_code)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold_the_only_slot)
         await wait_until(lambda: gw.stats().in_service == 1)
-        with trio.move_on_after(0.2):
-            await http.post(gw.api + "/chat/completions", json=body)  # queued, then abandoned
+        async with httpx.AsyncClient(timeout=10) as http:
+            with trio.move_on_after(0.2):
+                await http.post(gw.api + "/chat/completions", json=body)  # queued, then abandoned
         await wait_until(lambda: gw.stats().waiting == 0, timeout=1)
-        await wait_until(lambda: gw.stats().in_service == 0, timeout=3)
+    assert holder_status == [200]
     assert sim.stats.requests == 1
 
 
