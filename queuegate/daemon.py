@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import httpcore
 import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -18,7 +17,7 @@ from hypercorn.trio import serve
 from queuegate.api import InFlight, create_app
 from queuegate.config import Config, parse_listen
 from queuegate.fleet import Catalog, HealthMonitor
-from queuegate.proxy import Forwarder, Proxy, Timeouts
+from queuegate.proxy import Forwarder, Proxy, Timeouts, UpstreamConnections
 from queuegate.scheduler import Admission, SchedulerCore
 
 log = logging.getLogger("queuegate.daemon")
@@ -57,12 +56,10 @@ class Daemon:
         cfg = self.config
         up = cfg.upstream
         timeouts = Timeouts(up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s)
+        # Keep-alive expiry below the usual 5 s server keep-alive, so we rarely reuse a socket the server is closing.
+        pool = UpstreamConnections(keepalive_expiry_s=4.0, max_idle_per_upstream=up.keepalive_connections)
         async with (
-            httpcore.AsyncConnectionPool(
-                max_connections=up.max_connections,
-                max_keepalive_connections=up.max_connections,
-                keepalive_expiry=4.0,  # below the usual 5 s server keep-alive, so we never reuse a closing socket
-            ) as pool,
+            pool,
             httpx.AsyncClient(timeout=up.health_timeout_s, limits=httpx.Limits(max_connections=64)) as health_client,
             trio.open_nursery() as nursery,
         ):

@@ -62,7 +62,7 @@ def starter_tables() -> list[Table]:
                     "first_byte_timeout_s": "From sending a request to its first byte (prompt processing can be slow).",
                     "idle_timeout_s": "Longest silence between two chunks of a response before it is cut (504).",
                     "total_timeout_s": "Longest one upstream response may take, first to last byte; 0 = no limit.",
-                    "max_connections": "Connection pool size to all upstreams together.",
+                    "keepalive_connections": "Idle keep-alive connections kept open per upstream for reuse.",
                     "health_interval_s": "Health check period of a ready upstream (1 s while it is down or loading).",
                     "health_timeout_s": "A health check slower than this counts as failed.",
                 },

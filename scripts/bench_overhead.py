@@ -2,20 +2,22 @@
 
 Three servers run as separate processes on loopback: a simulated upstream answering at once (`queuegate.sim`,
 no token delay), QueueGate in front of it (`queuegate run`, default logging), and a bare quart-trio no-op route
-(the framework ceiling). A lean keep-alive HTTP/1.1 client (raw trio sockets) drives each for a fixed time.
+(the framework ceiling). A lean keep-alive HTTP/1.1 client (raw trio sockets) drives each for a fixed time, the
+servers interleaved over several rounds (median throughput) so background noise hits them alike.
 
 Printed: requests/s, p50/p99 latency, the latency QueueGate adds, throughput ratios gateway/direct and
 gateway/framework-ceiling, and errors. Machines here are noisy 2-core VMs: read the ratios, not absolutes.
 Targets: added p50 at concurrency 1 <= 1.5 ms; non-stream throughput at concurrency 16 >= 0.5 of the ceiling;
 no errors at concurrency 128.
 
-    python scripts/bench_overhead.py [--seconds 3]
+    python scripts/bench_overhead.py [--seconds 2] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,7 +189,8 @@ def serve_noop() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
+    parser.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per scenario (median is shown)")
     parser.add_argument("--serve-noop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_noop:
@@ -210,7 +213,7 @@ def main() -> None:
                 )
             gateway, gateway_url = start_server([py, "-m", "queuegate.cli", "run", "--config", config])
             servers.append(gateway)
-            trio.run(report, sim_url, gateway_url, noop_url, args.seconds)
+            trio.run(report, sim_url, gateway_url, noop_url, args.seconds, args.rounds)
     finally:
         for server in servers:
             server.terminate()
@@ -226,29 +229,58 @@ def body(stream: bool, tokens: int) -> bytes:
     ).encode()
 
 
-async def report(sim_url: str, gateway_url: str, noop_url: str, seconds: float) -> None:
+@dataclass
+class Rounds:
+    """One scenario measured over several interleaved rounds: median throughput, pooled latencies."""
+
+    runs: list[Result] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return statistics.median(r.rps for r in self.runs)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.errors for r in self.runs)
+
+    @property
+    def chunks_per_s(self) -> float:
+        return statistics.median(r.chunks / r.elapsed for r in self.runs)
+
+    def pct(self, q: float) -> float:
+        pooled = Result(latencies=[x for r in self.runs for x in r.latencies])
+        return pooled.pct(q)
+
+
+async def report(sim_url: str, gateway_url: str, noop_url: str, seconds: float, rounds: int) -> None:
     path = "/v1/chat/completions"
     short = body(False, 1)
     # Warm up every server and connection pool, then measure.
     for url in (sim_url, gateway_url, noop_url):
         await drive(url, path, short, 16, 0.5)
-    ceiling = await drive(noop_url, path, short, 16, seconds)
-    print(f"framework ceiling (quart-trio no-op, concurrency 16): {ceiling.rps:,.0f} req/s\n")
-    print(
-        f"{'scenario':<26}{'direct/s':>10}{'gateway/s':>11}{'gw/direct':>11}{'gw/ceiling':>12}"
-        f"{'p50 +ms':>9}{'p99 +ms':>9}{'errors':>8}"
-    )
     scenarios = [
         ("non-stream c=1", short, 1),
         ("non-stream c=16", short, 16),
         ("non-stream c=128", short, 128),
         ("stream 50 chunks c=64", body(True, 50), 64),
     ]
-    results: dict[str, tuple[Result, Result]] = {}
+    results: dict[str, tuple[Rounds, Rounds]] = {}
+    ceiling = Rounds()
     for name, payload, concurrency in scenarios:
-        direct = await drive(sim_url, path, payload, concurrency, seconds)
-        through = await drive(gateway_url, path, payload, concurrency, seconds)
+        direct, through = Rounds(), Rounds()
+        # Interleave the servers round by round, so a noisy neighbour hurts each of them alike.
+        for _ in range(rounds):
+            direct.runs.append(await drive(sim_url, path, payload, concurrency, seconds))
+            through.runs.append(await drive(gateway_url, path, payload, concurrency, seconds))
+            if concurrency == 16:
+                ceiling.runs.append(await drive(noop_url, path, short, 16, seconds))
         results[name] = (direct, through)
+
+    print(
+        f"{'scenario':<26}{'direct/s':>10}{'gateway/s':>11}{'gw/direct':>11}{'gw/ceiling':>12}"
+        f"{'p50 +ms':>9}{'p99 +ms':>9}{'errors':>8}"
+    )
+    for name, (direct, through) in results.items():
         added_p50 = (through.pct(0.5) - direct.pct(0.5)) * 1000
         added_p99 = (through.pct(0.99) - direct.pct(0.99)) * 1000
         print(
@@ -257,10 +289,10 @@ async def report(sim_url: str, gateway_url: str, noop_url: str, seconds: float) 
         )
         if name.startswith("stream"):
             print(
-                f"{'':<26}chunks/s direct {direct.chunks / direct.elapsed:,.0f}, "
-                f"gateway {through.chunks / through.elapsed:,.0f} "
-                f"(ratio {through.chunks / direct.chunks if direct.chunks else 0:.2f})"
+                f"{'':<26}chunks/s direct {direct.chunks_per_s:,.0f}, gateway {through.chunks_per_s:,.0f} "
+                f"(ratio {through.chunks_per_s / direct.chunks_per_s:.2f})"
             )
+    print(f"\nframework ceiling (bare quart-trio no-op route, concurrency 16): {ceiling.rps:,.0f} req/s")
     c1_direct, c1_gateway = results["non-stream c=1"]
     added = (c1_gateway.pct(0.5) - c1_direct.pct(0.5)) * 1000
     share = results["non-stream c=16"][1].rps / ceiling.rps

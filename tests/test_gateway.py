@@ -316,3 +316,39 @@ async def test_request_log_line(start_sim, start_gateway, caplog):
         assert line["model"] == "m" and line["upstream"] == "m#0" and line["status"] == 200
         assert line["completion_tokens"] == 3 and line["queue_ms"] >= 0 and line["duration_ms"] > 0
     assert [line["stream"] for line in lines] == [False, True]
+
+
+async def test_reused_connection_closed_by_upstream_is_retried_on_a_fresh_one(start_gateway, nursery):
+    """A fake upstream (raw sockets) that answers only the first request on each connection and drops any later one,
+    as a server does when its keep-alive timeout fires while our request is on the wire. Not a failure of the
+    upstream: the request goes out again on a fresh connection and the upstream stays in service."""
+    answered, dropped = [], []
+    completion = json.dumps(
+        {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [], "usage": None}
+    ).encode()
+
+    async def one_answer_per_connection(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+        while len(rest) < int(lengths[0] if lengths else 0):
+            rest += await stream.receive_some(65536)
+        if head.startswith(b"POST"):
+            answered.append(1)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(completion)
+            + completion
+        )
+        if await stream.receive_some(65536):  # the next request on this kept-alive connection
+            dropped.append(1)
+        await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, one_answer_per_connection, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    gw = await start_gateway({"m": {"upstreams": [f"http://127.0.0.1:{port}/v1"]}}, upstream={"health_interval_s": 30})
+    for _ in range(3):
+        await in_thread(lambda: chat(gw.client(), max_tokens=1))
+    assert len(answered) == 3 and len(dropped) == 2
+    assert gw.stats().models[0].upstreams[0].state == "ready"

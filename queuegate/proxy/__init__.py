@@ -1,6 +1,6 @@
 """Forwarding to upstreams: retries before the first byte, real streaming, usage extraction."""
 
-from queuegate.proxy._forwarder import Forwarder, Timeouts
+from queuegate.proxy._forwarder import Forwarder, Timeouts, UpstreamConnections
 from queuegate.proxy._pipeline import Proxy, Reply
 from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord, Usage
 from queuegate.proxy._relay import RelayStream
@@ -13,5 +13,6 @@ __all__ = [
     "Reply",
     "RequestRecord",
     "Timeouts",
+    "UpstreamConnections",
     "Usage",
 ]

@@ -11,13 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpcore
 import msgspec
 import trio
 
 from queuegate.errors import BadRequest, GatewayError, ModelNotFound, NotSupported, UpstreamError
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
-from queuegate.proxy._forwarder import ChunkReader, Forwarder, RetryableFailure, close_response
+from queuegate.proxy._forwarder import ChunkReader, Forwarder, RetryableFailure, UpstreamResponse, close_response
 from queuegate.proxy._record import RequestRecord, Usage
 from queuegate.proxy._relay import EventReader, RelayStream, looks_like_sse
 from queuegate.scheduler import Admission, NoUpstreamLeft, Ticket
@@ -101,13 +100,13 @@ class Proxy:
     async def _attempt(self, upstream: Upstream, ticket: Ticket, record: RequestRecord, payload: bytes) -> Reply:
         """Send to one upstream. Owns the slot and the response until it hands both to a RelayStream."""
         handed_over = False
-        response: httpcore.Response | None = None
+        response: UpstreamResponse | None = None
         try:
             deadline = self._forwarder.timeouts.deadline()
             path = UPSTREAM_PATHS[record.endpoint]
             response = await self._forwarder.send(upstream, path, payload, record.request_id, deadline)
-            content_type = _header(response, b"content-type") or "application/json"
-            reader = ChunkReader(response, upstream, self._forwarder.timeouts.idle_s, deadline)
+            content_type = response.header(b"content-type") or "application/json"
+            reader = ChunkReader(response, self._forwarder.timeouts.idle_s, deadline)
             if response.status >= 500:
                 detail = await _error_detail(reader)
                 raise RetryableFailure(
@@ -124,7 +123,7 @@ class Proxy:
                 relay = RelayStream(first, events, response, record, lambda: self._admission.release(ticket))
                 handed_over = True
                 return Reply(200, {"content-type": content_type, "cache-control": "no-cache"}, relay)
-            body = await self._forwarder.read_body(response, upstream, deadline)
+            body = await self._forwarder.read_body(response, deadline)
             if response.status == 200:
                 try:
                     record.usage = msgspec.json.decode(body, type=_UsageCarrier).usage
@@ -158,13 +157,6 @@ def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
     return body
 
 
-def _header(response: httpcore.Response, name: bytes) -> str | None:
-    for key, value in response.headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
 async def _error_detail(reader: ChunkReader) -> str:
     """A short, printable description of an upstream error body (its error.message when it is OpenAI-shaped)."""
     data = b""
@@ -182,7 +174,7 @@ async def _error_detail(reader: ChunkReader) -> str:
     return data[:200].decode("utf-8", "replace") or "(empty body)"
 
 
-def _client_error_reply(response: httpcore.Response, body: bytes, content_type: str) -> Reply:
+def _client_error_reply(response: UpstreamResponse, body: bytes, content_type: str) -> Reply:
     """An upstream 4xx goes to the client as is when it is an OpenAI envelope, else wrapped in one."""
     try:
         decoded = msgspec.json.decode(body)
@@ -190,7 +182,7 @@ def _client_error_reply(response: httpcore.Response, body: bytes, content_type: 
     except msgspec.DecodeError:
         is_envelope = False
     headers = {"content-type": "application/json"}
-    retry_after = _header(response, b"retry-after")
+    retry_after = response.header(b"retry-after")
     if retry_after is not None:
         headers["retry-after"] = retry_after
     if is_envelope:

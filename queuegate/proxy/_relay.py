@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import httpcore
 import msgspec
 
 from queuegate.errors import GatewayError, UpstreamError
-from queuegate.proxy._forwarder import ChunkReader, close_response
+from queuegate.proxy._forwarder import ChunkReader, UpstreamResponse, close_response
 from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord, Usage
 
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
@@ -81,7 +80,7 @@ class RelayStream:
         self,
         first: bytes,
         events: EventReader,
-        response: httpcore.Response,
+        response: UpstreamResponse,
         record: RequestRecord,
         release: Callable[[], None],
     ) -> None:
