@@ -57,6 +57,19 @@ class UpstreamDefaults(_Section):
 class QueueConfig(_Section):
     max_size: PositiveInt = 256
     max_wait_s: PositiveFloat = 600.0
+    classes: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["user", "agent", "batch"]
+    )
+    aging_s: PositiveFloat = 30.0
+    notify: Literal["auto", "always", "never"] = "auto"
+    notify_min_ms: NonNegativeFloat = 1000.0
+    keepalive_s: PositiveFloat = 10.0
+
+
+class AffinityConfig(_Section):
+    header: str = "X-Chat-Id"
+    ttl_s: PositiveFloat = 600.0
+    max_wait_ms: NonNegativeFloat = 500.0
 
 
 class ModelConfig(_Section):
@@ -65,6 +78,7 @@ class ModelConfig(_Section):
     kind: Kind = "openai"
     api_key_env: str | None = None
     max_concurrency: PositiveInt = 4
+    max_queue: PositiveInt | None = None
     health_path: str | None = None
     endpoints: list[Endpoint] | None = None
     aliases: list[str] = []
@@ -75,10 +89,14 @@ class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     upstream: UpstreamDefaults = msgspec.field(default_factory=UpstreamDefaults)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    affinity: AffinityConfig = msgspec.field(default_factory=AffinityConfig)
     models: dict[str, ModelConfig] = {}
     # Where the config came from; relative paths (state_dir) resolve against its folder.
     base_dir: str = "."
 
+
+# The classes QueueGate's routes assign: /v1/chat/completions is "user", /v1/agent/chat/completions is "agent".
+ROUTE_CLASSES = ("user", "agent")
 
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
@@ -169,6 +187,12 @@ def _check(config: Config, source: str, env: Any) -> None:
         raise ConfigError(f"{source}: at `{key}`: {why}")
 
     parse_listen(config.server.listen, on_error=lambda why: fail("server.listen", why))
+    classes = config.queue.classes
+    for required in ROUTE_CLASSES:
+        if required not in classes:
+            fail("queue.classes", f"must include {required!r} (the class of its routes), got {classes}")
+    if len(set(classes)) != len(classes):
+        fail("queue.classes", f"each class may appear once, got {classes}")
     owners: dict[str, str] = {}
     for name in config.models:
         if not _NAME.match(name):

@@ -17,8 +17,8 @@ from hypercorn.trio import serve
 from queuegate.api import InFlight, create_app
 from queuegate.config import Config, parse_listen
 from queuegate.fleet import Catalog, HealthMonitor
-from queuegate.proxy import Forwarder, Proxy, Timeouts, UpstreamConnections
-from queuegate.scheduler import Admission, SchedulerCore
+from queuegate.proxy import Forwarder, NoticePolicy, Proxy, Timeouts, UpstreamConnections
+from queuegate.scheduler import Admission, Policy, SchedulerCore
 
 log = logging.getLogger("queuegate.daemon")
 
@@ -34,12 +34,18 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.catalog = Catalog.from_config(config)
+        queue, affinity = config.queue, config.affinity
+        policy = Policy(
+            classes=tuple(queue.classes),
+            aging_s=queue.aging_s,
+            max_queue=queue.max_size,
+            model_max_queue={name: m.max_queue for name, m in config.models.items() if m.max_queue is not None},
+            affinity_ttl_s=affinity.ttl_s,
+            affinity_wait_s=affinity.max_wait_ms / 1000,
+        )
         self.admission = Admission(
-            SchedulerCore(
-                [(u.id, u.model, u.capacity) for u in self.catalog.upstreams.values()],
-                max_queue=config.queue.max_size,
-            ),
-            max_wait_s=config.queue.max_wait_s,
+            SchedulerCore([(u.id, u.model, u.capacity) for u in self.catalog.upstreams.values()], policy),
+            max_wait_s=queue.max_wait_s,
         )
         self._shutdown = trio.Event()
         self._in_flight = InFlight()
@@ -70,8 +76,16 @@ class Daemon:
                 interval_s=up.health_interval_s,
                 timeout_s=up.health_timeout_s,
             )
-            proxy = Proxy(self.catalog, self.admission, Forwarder(pool, timeouts), health.report_failure)
-            app = create_app(cfg.server, self.catalog, self.admission, proxy, self._in_flight)
+            notices = NoticePolicy(
+                mode=cfg.queue.notify,
+                min_wait_s=cfg.queue.notify_min_ms / 1000,
+                keepalive_s=cfg.queue.keepalive_s,
+                chat_header=cfg.affinity.header,
+            )
+            forwarder = Forwarder(pool, timeouts)
+            proxy = Proxy(self.catalog, self.admission, forwarder, health.report_failure, notices)
+            app = create_app(cfg.server, self.catalog, self.admission, proxy, self._in_flight, cfg.queue.classes)
+            await nursery.start(self.admission.run)
             await nursery.start(health.run)
             binds = await nursery.start(self._serve, app, nursery)
             base_url = binds[0]

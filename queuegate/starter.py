@@ -11,7 +11,7 @@ from typing import Any
 
 import tomli_w
 
-from queuegate.config import QueueConfig, ServerConfig, UpstreamDefaults
+from queuegate.config import AffinityConfig, QueueConfig, ServerConfig, UpstreamDefaults
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,29 @@ def starter_tables() -> list[Table]:
                 {
                     "max_size": "Waiting requests; beyond it new requests get 429 with Retry-After.",
                     "max_wait_s": "A request that waited this long gets 503 with Retry-After.",
+                    "classes": "Priority classes, highest first. /v1/chat/completions is user,\n"
+                    "/v1/agent/chat/completions is agent; an X-Priority header may lower (never raise) it.",
+                    "aging_s": "Starvation bound: a lower-class request waiting this long goes before\n"
+                    "higher-class requests that arrived after it.",
+                    "notify": "Queue notices for streamed chats that wait: auto (user class only) | always | never.\n"
+                    "A notice is a reasoning_content delta with the position and expected wait.",
+                    "notify_min_ms": "Notices start once a streamed request has waited this long.",
+                    "keepalive_s": "While a notified request waits, an SSE comment this often keeps proxies from\n"
+                    "cutting the idle stream.",
+                },
+            ),
+        ),
+        Table(
+            "affinity",
+            "Sticky chats: a chat's requests prefer the upstream that served it before (its prompt cache is warm).\n"
+            "The chat is the header below, else X-OpenWebUI-Chat-Id, else the body's chat_id, conversation_id or\n"
+            "metadata.chat_id, else a hash of the model, system prompt and first user message.",
+            _defaults(
+                AffinityConfig(),
+                {
+                    "header": "Header naming the chat.",
+                    "ttl_s": "A chat sticks to its upstream for this long after its last request.",
+                    "max_wait_ms": "How long a request waits for its busy sticky upstream before taking any free one.",
                 },
             ),
         ),
@@ -96,6 +119,7 @@ def starter_tables() -> list[Table]:
                     "and which endpoints exist (e.g. tgi has no embeddings: QueueGate answers 501 itself).",
                 ),
                 Key("max_concurrency", 2, "Requests in flight per upstream; more wait in the queue."),
+                Key("max_queue", 64, "Waiting requests for this model (then 429); [queue].max_size still holds.", True),
                 Key("aliases", ["coder"], "Other names for this model, e.g. roles such as planner or coder."),
                 Key(
                     "defaults",
@@ -130,12 +154,15 @@ HEADER = """\
 def render_starter() -> str:
     parts = [HEADER]
     for table in starter_tables():
-        parts.append(f"\n# {table.doc}\n[{table.name}]\n")
+        parts.append("\n" + _comment(table.doc) + f"[{table.name}]\n")
         for key in table.keys:
-            for line in key.doc.splitlines():
-                parts.append(f"# {line}\n")
+            parts.append(_comment(key.doc))
             parts.append(("# " if key.optional else "") + _render_key(key.name, key.value) + "\n")
     return "".join(parts)
+
+
+def _comment(text: str) -> str:
+    return "".join(f"# {line}\n" for line in text.splitlines())
 
 
 def _render_key(name: str, value: Any) -> str:

@@ -20,8 +20,8 @@ from queuegate.sim import SimConfig, Simulator
 from tests.conftest import in_thread, wait_until
 
 
-def chat(client: openai.OpenAI, model: str = "m", **kwargs):
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}], **kwargs)
+def chat(client: openai.OpenAI, model: str = "m", content: str = "hello", **kwargs):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kwargs)
 
 
 async def test_non_stream_chat_rewrites_model_merges_defaults_and_forwards_unknown_fields(start_sim, start_gateway):
@@ -193,8 +193,8 @@ async def test_5xx_and_connect_failures_retry_on_another_upstream(start_sim, sta
     _, good_url = await start_sim(tokens_per_s=0)
     gw = await start_gateway({"m": {"upstreams": [bad_url, good_url], "max_concurrency": 1}})
     bad.set_fault("status_500")
-    for _ in range(3):
-        assert (await in_thread(lambda: chat(gw.client(), max_tokens=1))).choices
+    for i in range(3):
+        assert (await in_thread(lambda i=i: chat(gw.client(), content=f"chat {i}", max_tokens=1))).choices
     assert bad.stats.requests >= 1  # it was tried, failed with 500, and the request went on to the other one
 
     # An upstream that dies (connection refused) is retried elsewhere and taken out at once.
@@ -209,7 +209,8 @@ async def test_5xx_and_connect_failures_retry_on_another_upstream(start_sim, sta
     assert [u.state for u in gw2.stats().models[0].upstreams] == ["ready", "ready"]
     dying_scope.cancel()
     await trio.sleep(0.05)
-    answers = [await in_thread(lambda: chat(gw2.client(), max_tokens=1)) for _ in range(3)]
+    # Three different chats (the same chat would stick to the upstream that served it first).
+    answers = [await in_thread(lambda i=i: chat(gw2.client(), content=f"chat {i}", max_tokens=1)) for i in range(3)]
     assert all(a.choices for a in answers)
     assert gw2.stats().models[0].upstreams[1].state == "down"
 

@@ -1,4 +1,4 @@
-"""The scheduler state machine, step by step, with no I/O (and its invariants under random event sequences)."""
+"""The scheduler state machine, step by step, with no I/O and no clock (and its invariants under random events)."""
 
 from __future__ import annotations
 
@@ -7,110 +7,240 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from queuegate.errors import QueueFull
-from queuegate.scheduler import ModelUnavailable, NoUpstreamLeft, SchedulerCore, Ticket, UpstreamState
+from queuegate.scheduler import ModelUnavailable, NoUpstreamLeft, Policy, SchedulerCore, Ticket, UpstreamState
 
 READY, LOADING, DOWN = UpstreamState.READY, UpstreamState.LOADING, UpstreamState.DOWN
 
 
-def core_with(*upstreams: tuple[str, str, int], max_queue: int = 10, state: UpstreamState = READY) -> SchedulerCore:
-    core = SchedulerCore(list(upstreams), max_queue=max_queue)
+def core_with(*upstreams: tuple[str, str, int], state: UpstreamState = READY, **policy) -> SchedulerCore:
+    core = SchedulerCore(list(upstreams), Policy(**{"max_queue": 10, **policy}))
     for uid, _, _ in upstreams:
-        core.set_upstream_state(uid, state, "test")
+        core.set_upstream_state(uid, state, "test", 0.0)
     return core
+
+
+def ticket(at: float, klass: str = "user", flow: str = "f", model: str = "m", **kwargs) -> Ticket:
+    return Ticket(model, at, klass, flow, **kwargs)
+
+
+def serve_all(core: SchedulerCore, holder: Ticket, now: float) -> list[Ticket]:
+    """Release slots one by one (one upstream slot) and return the order in which waiters got it."""
+    order, current = [], holder
+    while True:
+        granted = core.release(current, now)
+        if not granted:
+            return order
+        (current,) = granted
+        order.append(current)
 
 
 def test_grants_least_loaded_ready_upstream_then_queues_fifo():
     core = core_with(("m#0", "m", 2), ("m#1", "m", 2))
-    a, b, c, d, e = (Ticket("m", float(i)) for i in range(5))
-    assert core.submit(a) == [a] and a.upstream_id == "m#0"
-    assert core.submit(b) == [b] and b.upstream_id == "m#1"  # least loaded, not first
-    core.submit(c)
-    core.submit(d)
+    a, b, c, d, e, f = (ticket(float(i)) for i in range(6))
+    assert core.submit(a, 0) == [a] and a.upstream_id == "m#0"
+    assert core.submit(b, 1) == [b] and b.upstream_id == "m#1"  # least loaded, not first
+    core.submit(c, 2)
+    core.submit(d, 3)
     assert {c.upstream_id, d.upstream_id} == {"m#0", "m#1"}
-    assert core.submit(e) == [] and not e.decided  # all four slots busy
-    f = Ticket("m", 5.0)
-    for ticket in (a, b, c, d):
-        assert ticket.upstream_id is not None
-    core.submit(f)
-    # A release hands the slot to the oldest waiter, not the newest.
-    assert core.release(a) == [e]
+    assert core.submit(e, 4) == [] and not e.decided  # all four slots busy
+    core.submit(f, 5)
+    assert core.release(a, 6) == [e]  # FIFO inside a flow
     assert e.upstream_id == "m#0" and not f.decided
     assert core.statistics(10.0).waiting == 1
 
 
 def test_loading_upstream_holds_requests_until_ready():
     core = core_with(("m#0", "m", 1), state=LOADING)
-    t = Ticket("m", 0.0)
-    assert core.submit(t) == []
-    assert core.set_upstream_state("m#0", READY, "ok") == [t]
+    t = ticket(0.0)
+    assert core.submit(t, 0) == []
+    assert core.set_upstream_state("m#0", READY, "ok", 1) == [t]
     assert t.upstream_id == "m#0"
 
 
 def test_all_upstreams_down_rejects_at_once_and_rejects_waiters():
     core = core_with(("m#0", "m", 1), state=DOWN)
-    t = Ticket("m", 0.0)
-    assert core.submit(t) == [t]
-    assert isinstance(t.rejection, ModelUnavailable)
-    assert "m#0" in t.rejection.message
-
-    core.set_upstream_state("m#0", LOADING, "loading")
-    waiter = Ticket("m", 1.0)
-    assert core.submit(waiter) == []
-    assert core.set_upstream_state("m#0", DOWN, "crashed") == [waiter]
+    t = ticket(0.0)
+    assert core.submit(t, 0) == [t]
+    assert isinstance(t.rejection, ModelUnavailable) and "m#0" in t.rejection.message
+    core.set_upstream_state("m#0", LOADING, "loading", 1)
+    waiter = ticket(1.0)
+    assert core.submit(waiter, 1) == []
+    assert core.set_upstream_state("m#0", DOWN, "crashed", 2) == [waiter]
     assert isinstance(waiter.rejection, ModelUnavailable)
     assert core.statistics(2.0).waiting == 0
 
 
 def test_excluded_upstreams_are_skipped_and_exhaustion_is_reported():
     core = core_with(("m#0", "m", 1), ("m#1", "m", 1))
-    retry = Ticket("m", 0.0, exclude=frozenset({"m#0"}))
-    assert core.submit(retry) == [retry] and retry.upstream_id == "m#1"
-    last = Ticket("m", 0.0, exclude=frozenset({"m#0", "m#1"}))
-    assert core.submit(last) == [last]
+    retry = ticket(0.0, exclude=frozenset({"m#0"}))
+    assert core.submit(retry, 0) == [retry] and retry.upstream_id == "m#1"
+    last = ticket(0.0, exclude=frozenset({"m#0", "m#1"}))
+    assert core.submit(last, 0) == [last]
     assert isinstance(last.rejection, NoUpstreamLeft)
 
 
 def test_withdraw_removes_waiter_or_returns_granted_slot():
     core = core_with(("m#0", "m", 1))
-    holder, waiter, other = Ticket("m", 0.0), Ticket("m", 1.0), Ticket("m", 2.0)
-    core.submit(holder)
-    core.submit(waiter)
-    core.submit(other)
-    assert core.withdraw(waiter) == []
+    holder, waiter, other = ticket(0.0), ticket(1.0), ticket(2.0)
+    for t in (holder, waiter, other):
+        core.submit(t, t.enqueued_at)
+    assert core.withdraw(waiter, 3) == []
     assert core.statistics(3.0).waiting == 1
-    # Withdrawing a granted ticket frees its slot for the next in line.
-    assert core.withdraw(holder) == [other]
-    assert core.release(holder) == []  # idempotent
+    assert core.withdraw(holder, 3) == [other]  # a withdrawn granted ticket frees its slot for the next in line
+    assert core.release(holder, 3) == []  # idempotent
 
 
-def test_queue_bound_counts_all_models():
-    core = core_with(("a#0", "a", 1), ("b#0", "b", 1), max_queue=2)
-    for model in "ab":
-        core.submit(Ticket(model, 0.0))
-    core.submit(Ticket("a", 0.0))
-    core.submit(Ticket("b", 0.0))
+def test_queue_bound_counts_all_models_and_per_model_bound():
+    core = core_with(("a#0", "a", 1), ("b#0", "b", 1), max_queue=3, model_max_queue={"a": 1})
+    core.submit(ticket(0, model="a"), 0)
+    core.submit(ticket(0, model="b"), 0)
+    core.submit(ticket(0, model="a"), 0)  # a's one waiting place
     with pytest.raises(QueueFull) as info:
-        core.submit(Ticket("a", 0.0))
+        core.submit(ticket(0, model="a"), 0)
     assert info.value.status == 429 and info.value.headers()["Retry-After"] == "1"
+    assert "(1 requests waiting)" in info.value.message
+    core.submit(ticket(0, model="b"), 0)
+    core.submit(ticket(0, model="b"), 0)
+    with pytest.raises(QueueFull):
+        core.submit(ticket(0, model="b"), 0)  # 3 waiting overall
 
 
-def test_statistics_snapshot():
+def test_strict_priority_between_classes():
     core = core_with(("m#0", "m", 1))
-    core.submit(Ticket("m", 0.0))
-    core.submit(Ticket("m", 4.0))
+    holder = ticket(0)
+    core.submit(holder, 0)
+    batch, agent, user = ticket(1, "batch"), ticket(2, "agent"), ticket(3, "user")
+    for t in (batch, agent, user):
+        core.submit(t, t.enqueued_at)
+    assert serve_all(core, holder, 4) == [user, agent, batch]
+
+
+def test_aging_serves_a_starved_lower_class_request_before_newer_higher_class_work():
+    core = core_with(("m#0", "m", 1), aging_s=30)
+    holder = ticket(0)
+    core.submit(holder, 0)
+    old_batch = ticket(1, "batch", "b")
+    early_user, late_user = ticket(0.5, "user", "u"), ticket(20, "user", "u2")
+    for t in (early_user, old_batch, late_user):
+        core.submit(t, t.enqueued_at)
+    # At t=10 nothing is aged: strict priority.
+    assert core.release(holder, 10) == [early_user]
+    # At t=40 the batch request waited 39 s > 30 s and arrived before late_user: it goes first.
+    assert core.release(early_user, 40) == [old_batch]
+    assert core.release(old_batch, 41) == [late_user]
+
+
+def test_aging_never_jumps_higher_class_work_that_arrived_earlier():
+    core = core_with(("m#0", "m", 1), aging_s=30)
+    holder = ticket(0)
+    core.submit(holder, 0)
+    early_user, old_batch = ticket(1, "user", "u"), ticket(2, "batch", "b")
+    for t in (early_user, old_batch):
+        core.submit(t, t.enqueued_at)
+    assert core.release(holder, 100) == [early_user]
+
+
+def test_flows_take_turns_inside_a_class():
+    """One flow with 500 waiting requests delays another flow's single request by at most one slot."""
+    core = core_with(("m#0", "m", 1), max_queue=1000)
+    holder = ticket(0, flow="agent")
+    core.submit(holder, 0)
+    flood = [ticket(1 + i * 0.001, flow="agent") for i in range(500)]
+    for t in flood:
+        core.submit(t, t.enqueued_at)
+    single = ticket(5, flow="alice")
+    core.submit(single, 5)
+    order = serve_all(core, holder, 6)
+    assert order.index(single) <= 1
+    assert [t for t in order if t.flow == "agent"] == flood  # FIFO inside the flow, nothing lost
+
+
+def test_sticky_chat_prefers_its_upstream_waits_briefly_then_takes_any():
+    core = core_with(("m#0", "m", 1), ("m#1", "m", 1), affinity_wait_s=0.5)
+    first = ticket(0, affinity="chat-1")
+    core.submit(first, 0)
+    assert first.upstream_id == "m#0"
+    core.release(first, 1)
+    # The chat's next request goes back to m#0 even though round-robin would pick m#1.
+    again = ticket(2, affinity="chat-1")
+    core.submit(again, 2)
+    assert again.upstream_id == "m#0"
+    # While m#0 is busy, the chat's third request holds for it (m#1 is free) ...
+    third = ticket(3, affinity="chat-1")
+    assert core.submit(third, 3) == [] and core.next_wakeup() == 3.5
+    # ... others are not held up by it ...
+    other = ticket(3.1, flow="g", affinity="chat-2")  # another flow: FIFO holds only inside a flow
+    assert core.submit(other, 3.1) == [other] and other.upstream_id == "m#1"
+    core.release(other, 3.2)
+    # ... and when the short wait runs out it takes any free upstream.
+    assert core.tick(3.4) == []
+    assert core.tick(3.5) == [third] and third.upstream_id == "m#1"
+    assert core.next_wakeup() is None
+
+
+def test_sticky_mapping_expires_after_ttl():
+    core = core_with(("m#0", "m", 1), ("m#1", "m", 1), affinity_ttl_s=10)
+    first = ticket(0, affinity="c")
+    core.submit(first, 0)
+    core.release(first, 1)
+    nudge = ticket(1.5)  # takes m#1, so round-robin would next offer m#0
+    core.submit(nudge, 1.5)
+    core.release(nudge, 1.6)
+    late = ticket(50, affinity="c")
+    core.submit(late, 50)
+    assert late.upstream_id == "m#0"  # round-robin, no hold: the mapping was stale
+    assert core.next_wakeup() is None
+
+
+def test_position_and_eta():
+    core = core_with(("m#0", "m", 1))
+    holder = ticket(0)
+    core.submit(holder, 0)
+    core.release(holder, 2)  # service time 2 s
+    holder = ticket(2)
+    core.submit(holder, 2)
+    a1, a2, b1 = ticket(3, flow="a"), ticket(3, flow="a"), ticket(4, flow="b")
+    agent = ticket(3, "agent", "z")
+    for t in (a1, a2, b1, agent):
+        core.submit(t, t.enqueued_at)
+    assert core.position(a1).position == 1
+    assert core.position(b1).position == 2  # a1 goes first, then b1 (flows alternate)
+    assert core.position(a2).position == 3
+    assert core.position(agent).position == 4
+    assert core.position(b1).eta_s == 4.0
+    assert core.position(holder) is None  # granted, not waiting
+
+
+def test_statistics_snapshot_per_class_and_flow():
+    core = core_with(("m#0", "m", 1))
+    core.submit(ticket(0, flow="alice"), 0)
+    core.submit(ticket(4, "agent", "bot"), 4)
+    core.submit(ticket(5, "agent", "bot"), 5)
     stats = core.statistics(10.0)
     model = stats.models[0]
-    assert (stats.waiting, stats.in_service) == (1, 1)
+    assert (stats.waiting, stats.in_service) == (2, 1)
     assert model.oldest_wait_s == 6.0
+    classes = {c.name: c for c in model.classes}
+    assert (classes["user"].in_service, classes["agent"].waiting, classes["agent"].oldest_wait_s) == (1, 2, 6.0)
+    flows = {f.flow: f for f in model.flows}
+    assert (flows["bot"].waiting, flows["alice"].in_service) == (2, 1)
     assert model.upstreams[0].in_flight == 1 and model.upstreams[0].state == "ready"
 
 
+CLASSES = ("user", "agent", "batch")
 events = st.lists(
     st.one_of(
-        st.tuples(st.just("submit"), st.sampled_from(["a", "b"])),
+        st.tuples(
+            st.just("submit"),
+            st.sampled_from(["a", "b"]),
+            st.sampled_from(CLASSES),
+            st.sampled_from(["f1", "f2", "f3"]),
+            st.sampled_from([None, "c1", "c2"]),
+        ),
         st.tuples(st.just("release"), st.integers(0, 50)),
         st.tuples(st.just("withdraw"), st.integers(0, 50)),
         st.tuples(st.just("state"), st.sampled_from(["a#0", "a#1", "b#0"]), st.sampled_from(list(UpstreamState))),
+        st.tuples(st.just("tick")),
     ),
     max_size=120,
 )
@@ -119,40 +249,57 @@ events = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(events)
 def test_invariants_hold_for_any_event_sequence(sequence):
-    """No slot overcommitted; every ticket is waiting, granted, rejected or gone, exactly once; counts agree."""
+    """No slot overcommitted; every ticket waiting, granted, rejected or gone exactly once; counts agree; a grant
+    never skips an older same-flow request or (unless aged) a waiting higher-class one."""
     capacity = {"a#0": 2, "a#1": 1, "b#0": 1}
-    core = SchedulerCore([("a#0", "a", 2), ("a#1", "a", 1), ("b#0", "b", 1)], max_queue=5)
+    aging_s = 20.0
+    core = SchedulerCore(
+        [("a#0", "a", 2), ("a#1", "a", 1), ("b#0", "b", 1)], Policy(max_queue=5, aging_s=aging_s, affinity_wait_s=2)
+    )
     tickets: list[Ticket] = []
-    waiting: set[int] = set()
+    waiting: list[Ticket] = []
     for step, event in enumerate(sequence):
+        now = float(step)
         decided: list[Ticket] = []
         if event[0] == "submit":
-            ticket = Ticket(event[1], float(step))
+            new = Ticket(event[1], now, event[2], event[3], event[4])
             try:
-                decided = core.submit(ticket)
+                decided = core.submit(new, now)
             except QueueFull:
                 assert len(waiting) == 5
                 continue
-            tickets.append(ticket)
-            if not ticket.decided:
-                waiting.add(id(ticket))
+            tickets.append(new)
+            waiting.append(new)
         elif event[0] in ("release", "withdraw") and tickets:
-            ticket = tickets[event[1] % len(tickets)]
-            decided = core.release(ticket) if event[0] == "release" else core.withdraw(ticket)
-            waiting.discard(id(ticket)) if event[0] == "withdraw" else None
+            chosen = tickets[event[1] % len(tickets)]
+            decided = core.release(chosen, now) if event[0] == "release" else core.withdraw(chosen, now)
+            if event[0] == "withdraw" and chosen in waiting:
+                waiting.remove(chosen)
         elif event[0] == "state":
-            decided = core.set_upstream_state(event[1], event[2], "test")
-        for ticket in decided:
-            assert ticket.decided
-            assert id(ticket) in waiting or event[0] == "submit"
-            waiting.discard(id(ticket))
+            decided = core.set_upstream_state(event[1], event[2], "test", now)
+        elif event[0] == "tick":
+            decided = core.tick(now)
+        for t in decided:
+            assert t.decided and t in waiting  # decided once, and only while waiting
+            rest = [w for w in waiting if w is not t and w.model == t.model and w not in decided]
+            if t.upstream_id is not None:
+                assert not any(w.flow == t.flow and w.klass == t.klass and w.enqueued_at < t.enqueued_at for w in rest)
+                rank = CLASSES.index(t.klass)
+                aged = now - t.enqueued_at >= aging_s
+                for w in rest:
+                    if CLASSES.index(w.klass) < rank and not aged:
+                        # A higher-class waiter was passed over: only because it cannot use a free slot right now
+                        # (it holds for its sticky upstream, or excludes it).
+                        assert w.affinity is not None or w.exclude
+            waiting.remove(t)
         granted: dict[str, int] = {}
-        for ticket in tickets:
-            if ticket.upstream_id is not None:
-                granted[ticket.upstream_id] = granted.get(ticket.upstream_id, 0) + 1
-        stats = core.statistics(float(step))
+        for t in tickets:
+            if t.upstream_id is not None:
+                granted[t.upstream_id] = granted.get(t.upstream_id, 0) + 1
+        stats = core.statistics(now)
         for model in stats.models:
             for up in model.upstreams:
                 assert up.in_flight == granted.get(up.id, 0) <= capacity[up.id]
+            assert sum(c.waiting for c in model.classes) == model.waiting
         assert stats.waiting == len(waiting) <= 5
         assert stats.in_service == sum(granted.values())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -27,7 +27,7 @@ from queuegate.errors import (
     RequestTimeout,
 )
 from queuegate.fleet.catalog import Catalog
-from queuegate.proxy import CLIENT_CLOSED, Proxy, Reply, RequestRecord
+from queuegate.proxy import CLIENT_CLOSED, Proxy, Reply, RequestRecord, request_class, request_flow
 from queuegate.scheduler import Admission
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -59,7 +59,12 @@ class InFlight:
 
 
 def create_app(
-    server: ServerConfig, catalog: Catalog, admission: Admission, proxy: Proxy, in_flight: InFlight
+    server: ServerConfig,
+    catalog: Catalog,
+    admission: Admission,
+    proxy: Proxy,
+    in_flight: InFlight,
+    classes: Sequence[str],
 ) -> ASGIApp:
     """Build the ASGI application for one daemon (no module-level app: each daemon gets its own)."""
     app = QuartTrio("queuegate")
@@ -71,11 +76,14 @@ def create_app(
     )
     created = int(time.time())
 
-    async def relay(endpoint: str) -> Response:
+    async def relay(endpoint: str, route_class: str = "user") -> Response:
         request_id = _request_id(request.headers.get("x-request-id"))
-        record = RequestRecord(request_id, endpoint, client=request.remote_addr or "")
+        client = request.remote_addr or ""
+        record = RequestRecord(request_id, endpoint, client=client)
         try:
-            reply = await proxy.handle(record, await _read_body())
+            record.klass = request_class(route_class, request.headers.get("x-priority"), classes)
+            record.flow = request_flow(key_name=None, session=request.headers.get("x-session-id"), client=client)
+            reply = await proxy.handle(record, await _read_body(), request.headers)
         except GatewayError as exc:
             record.finish(exc.status, error=exc.message)
             return _error_response(exc, request_id)
@@ -91,6 +99,15 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
         return await relay("chat")
+
+    @app.post("/v1/chat/completions_passthrough")
+    async def chat_completions_passthrough() -> Response:
+        # Same scheduling; tool calls always go back to the client (QueueGate runs no tools on this route).
+        return await relay("chat")
+
+    @app.post("/v1/agent/chat/completions")
+    async def agent_chat_completions() -> Response:
+        return await relay("chat", "agent")
 
     @app.post("/v1/completions")
     async def completions() -> Response:

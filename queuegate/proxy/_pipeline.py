@@ -7,7 +7,7 @@ upstream of the model; after the first byte, never.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +17,11 @@ import trio
 from queuegate.errors import BadRequest, GatewayError, ModelNotFound, NotSupported, UpstreamError
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
 from queuegate.proxy._forwarder import ChunkReader, Forwarder, RetryableFailure, UpstreamResponse, close_response
+from queuegate.proxy._notices import SSE_HEADERS, QueuedStream
 from queuegate.proxy._record import RequestRecord, Usage
 from queuegate.proxy._relay import EventReader, RelayStream, looks_like_sse
-from queuegate.scheduler import Admission, NoUpstreamLeft, Ticket
+from queuegate.proxy._routing import chat_key
+from queuegate.scheduler import Admission, NoUpstreamLeft, QueuePosition, Ticket
 
 # Fields each endpoint cannot do without; everything else is forwarded untouched.
 REQUIRED_FIELDS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
@@ -33,11 +35,26 @@ class _UsageCarrier(msgspec.Struct):
 
 @dataclass(slots=True)
 class Reply:
-    """What the HTTP layer sends back: a whole body, or a `RelayStream` it must iterate and `aclose()`."""
+    """What the HTTP layer sends back: a whole body, or a stream it must iterate and `aclose()`."""
 
     status: int
     headers: dict[str, str]
-    body: bytes | RelayStream
+    body: bytes | RelayStream | QueuedStream
+
+
+@dataclass(frozen=True, slots=True)
+class NoticePolicy:
+    """When a streamed request that waits gets queue notices (see `QueuedStream`)."""
+
+    mode: str = "auto"  # auto (the user class only) | always | never
+    min_wait_s: float = 1.0
+    keepalive_s: float = 10.0
+    chat_header: str = "X-Chat-Id"
+
+    def applies(self, record: RequestRecord) -> bool:
+        if not record.stream or record.endpoint == "embeddings" or self.mode == "never":
+            return False
+        return self.mode == "always" or record.klass == "user"
 
 
 class Proxy:
@@ -47,20 +64,43 @@ class Proxy:
         admission: Admission,
         forwarder: Forwarder,
         on_unreachable: Callable[[Upstream, str], None],
+        notices: NoticePolicy | None = None,
     ) -> None:
         self._catalog = catalog
         self._admission = admission
         self._forwarder = forwarder
         self._on_unreachable = on_unreachable
+        self.notices = notices or NoticePolicy()
 
-    async def handle(self, record: RequestRecord, raw_body: bytes) -> Reply:
+    async def handle(self, record: RequestRecord, raw_body: bytes, headers: Mapping[str, str]) -> Reply:
         """Serve one OpenAI request. Raises GatewayError for anything the client should see as an error."""
         body = parse_body(raw_body, record.endpoint)
         spec = self._resolve(body["model"], record.endpoint)
         record.model = spec.name
         record.stream = body.get("stream") is True
-        payload = {**spec.defaults, **body, "model": spec.upstream_model}
-        return await self._forward(spec, record, msgspec.json.encode(payload))
+        payload = msgspec.json.encode({**spec.defaults, **body, "model": spec.upstream_model})
+        sticky = chat_key(headers, self.notices.chat_header, body) if len(spec.upstreams) > 1 else None
+        ticket = self._admission.enqueue(spec.name, klass=record.klass, flow=record.flow, affinity=sticky)
+        if self.notices.applies(record):
+            deadline = ticket.enqueued_at + self.notices.min_wait_s
+            if not await self.wait_for_slot(ticket, record, until=deadline):
+                # Still queued: answer now with an event stream that carries notices until the slot comes.
+                return Reply(200, dict(SSE_HEADERS), QueuedStream(self, spec, record, payload, ticket))
+        return await self.forward(spec, record, payload, ticket)
+
+    async def wait_for_slot(self, ticket: Ticket, record: RequestRecord, *, until: float | None = None) -> bool:
+        """Wait in the queue (see `Admission.wait`), counting the time in the request's record."""
+        try:
+            return await self._admission.wait(ticket, until=until)
+        finally:
+            end = ticket.granted_at if ticket.upstream_id is not None else trio.current_time()
+            record.queue_s = record.queued_before_s + (end - ticket.enqueued_at)
+
+    def position(self, ticket: Ticket) -> QueuePosition | None:
+        return self._admission.position(ticket)
+
+    def withdraw(self, ticket: Ticket) -> None:
+        self._admission.withdraw(ticket)
 
     def _resolve(self, name: Any, endpoint: str) -> ModelSpec:
         spec = self._catalog.resolve(name)
@@ -74,18 +114,16 @@ class Proxy:
             )
         return spec
 
-    async def _forward(self, spec: ModelSpec, record: RequestRecord, payload: bytes) -> Reply:
+    async def forward(self, spec: ModelSpec, record: RequestRecord, payload: bytes, ticket: Ticket) -> Reply:
+        """Wait for the ticket's slot and send; on a failure before any byte, queue again for another upstream."""
         tried: set[str] = set()
         last_failure: GatewayError | None = None
         while True:
-            queued_at = trio.current_time()
             try:
-                ticket = await self._admission.acquire(spec.name, exclude=frozenset(tried))
+                await self.wait_for_slot(ticket, record)
             except NoUpstreamLeft:
                 assert last_failure is not None
                 raise last_failure from None
-            finally:
-                record.queue_s += trio.current_time() - queued_at
             upstream = self._catalog.upstreams[ticket.upstream_id]  # type: ignore[index]
             record.upstream = upstream.id
             try:
@@ -96,6 +134,10 @@ class Proxy:
                 tried.add(upstream.id)
                 last_failure = failure
                 record.retries += 1
+                record.queued_before_s = record.queue_s
+                ticket = self._admission.enqueue(
+                    spec.name, klass=record.klass, flow=record.flow, affinity=ticket.affinity, exclude=frozenset(tried)
+                )
 
     async def _attempt(self, upstream: Upstream, ticket: Ticket, record: RequestRecord, payload: bytes) -> Reply:
         """Send to one upstream. Owns the slot and the response until it hands both to a RelayStream."""
@@ -122,7 +164,7 @@ class Proxy:
                     raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream", unreachable=False)
                 relay = RelayStream(first, events, response, record, lambda: self._admission.release(ticket))
                 handed_over = True
-                return Reply(200, {"content-type": content_type, "cache-control": "no-cache"}, relay)
+                return Reply(200, {**SSE_HEADERS, "content-type": content_type}, relay)
             body = await self._forwarder.read_body(response, deadline)
             if response.status == 200:
                 try:

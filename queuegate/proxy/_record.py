@@ -25,11 +25,14 @@ class RequestRecord:
     request_id: str
     endpoint: str
     client: str = ""
+    klass: str = "user"  # priority class
+    flow: str = ""  # whose turn inside the class (key, session or client)
     started_at: float = field(default_factory=trio.current_time)
     model: str | None = None
     upstream: str | None = None
     stream: bool = False
-    queue_s: float = 0.0
+    queue_s: float = 0.0  # all time spent queued, retries included
+    queued_before_s: float = 0.0  # queue time of earlier attempts (before a retry)
     retries: int = 0
     usage: Usage | None = None
     error: str | None = None
@@ -50,6 +53,8 @@ class RequestRecord:
                     "rid": self.request_id,
                     "endpoint": self.endpoint,
                     "model": self.model,
+                    "class": self.klass,
+                    "flow": self.flow,
                     "upstream": self.upstream,
                     "status": status,
                     "stream": self.stream,

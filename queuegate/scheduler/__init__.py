@@ -2,9 +2,13 @@
 
 from queuegate.scheduler._admission import Admission, QueueTimeout
 from queuegate.scheduler._core import (
+    ClassStatistics,
+    FlowStatistics,
     ModelStatistics,
     ModelUnavailable,
     NoUpstreamLeft,
+    Policy,
+    QueuePosition,
     SchedulerCore,
     SchedulerStatistics,
     Ticket,
@@ -14,9 +18,13 @@ from queuegate.scheduler._core import (
 
 __all__ = [
     "Admission",
+    "ClassStatistics",
+    "FlowStatistics",
     "ModelStatistics",
     "ModelUnavailable",
     "NoUpstreamLeft",
+    "Policy",
+    "QueuePosition",
     "QueueTimeout",
     "SchedulerCore",
     "SchedulerStatistics",

@@ -2,16 +2,18 @@
 
 If the task is cancelled (client gone) or times out while queued, its ticket is withdrawn in the same step, so the
 slot it would have taken goes to the next request. A granted slot is handed back exactly once via `release`.
+`run` is the one background task: it wakes the core when a sticky-chat wait runs out.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import trio
 
 from queuegate.errors import ServiceUnavailable
-from queuegate.scheduler._core import SchedulerCore, SchedulerStatistics, Ticket, UpstreamState
+from queuegate.scheduler._core import QueuePosition, SchedulerCore, SchedulerStatistics, Ticket, UpstreamState
 
 
 class QueueTimeout(ServiceUnavailable):
@@ -23,37 +25,85 @@ class Admission:
         self._core = core
         self._max_wait_s = max_wait_s
         self._wakeups: dict[Ticket, trio.Event] = {}
+        self._timer_changed = trio.Event()
+        self._armed_at: float | None = None  # the wake-up time `run` sleeps until
 
-    async def acquire(self, model: str, *, exclude: frozenset[str] = frozenset()) -> Ticket:
-        """Wait for a slot on one of `model`'s upstreams (not in `exclude`); returns the granted ticket.
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Tick the core when the earliest sticky-chat wait expires."""
+        task_status.started()
+        while True:
+            wake_at = self._armed_at = self._core.next_wakeup()
+            with trio.move_on_at(math.inf if wake_at is None else wake_at):
+                await self._timer_changed.wait()
+            self._timer_changed = trio.Event()
+            self._wake(self._core.tick(trio.current_time()))
 
-        Raises the ticket's rejection (model unavailable, queue full, waited too long).
+    def enqueue(
+        self,
+        model: str,
+        *,
+        klass: str,
+        flow: str,
+        affinity: str | None = None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Ticket:
+        """Submit a request; it may be decided at once. Raises QueueFull when there is no room."""
+        ticket = Ticket(model, trio.current_time(), klass, flow, affinity, exclude)
+        self._wake(self._core.submit(ticket, ticket.enqueued_at))
+        return ticket
+
+    async def wait(self, ticket: Ticket, *, until: float | None = None) -> bool:
+        """Wait until the ticket is granted (True), `until` passes (False), or the queue's max wait runs out.
+
+        Raises the ticket's rejection, or QueueTimeout. Cancellation (client gone) withdraws the ticket.
         """
-        ticket = Ticket(model, trio.current_time(), exclude)
-        self._wake(self._core.submit(ticket))
+        deadline = ticket.enqueued_at + self._max_wait_s
         if not ticket.decided:
             wakeup = self._wakeups[ticket] = trio.Event()
             try:
-                with trio.move_on_after(self._max_wait_s):
+                with trio.move_on_at(deadline if until is None else min(until, deadline)):
                     await wakeup.wait()
             except BaseException:
-                self._wake(self._core.withdraw(ticket))
+                self.withdraw(ticket)
                 raise
             finally:
                 del self._wakeups[ticket]
-            if not ticket.decided:
-                self._wake(self._core.withdraw(ticket))
-                raise QueueTimeout(f"waited {self._max_wait_s:g} s in the queue for model {model!r}", retry_after_s=5)
         if ticket.rejection is not None:
             raise ticket.rejection
+        if ticket.decided:
+            return True
+        if trio.current_time() < deadline:
+            return False
+        self.withdraw(ticket)
+        raise QueueTimeout(f"waited {self._max_wait_s:g} s in the queue for model {ticket.model!r}", retry_after_s=5)
+
+    async def acquire(
+        self,
+        model: str,
+        *,
+        klass: str,
+        flow: str,
+        affinity: str | None = None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Ticket:
+        """Enqueue and wait for a slot; returns the granted ticket."""
+        ticket = self.enqueue(model, klass=klass, flow=flow, affinity=affinity, exclude=exclude)
+        await self.wait(ticket)
         return ticket
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """Forget a waiting ticket or give back its slot (idempotent)."""
+        self._wake(self._core.withdraw(ticket, trio.current_time()))
 
     def release(self, ticket: Ticket) -> None:
         """Give the slot back (idempotent); the next waiting request may get it at once."""
-        self._wake(self._core.release(ticket))
+        self._wake(self._core.release(ticket, trio.current_time()))
+
+    def position(self, ticket: Ticket) -> QueuePosition | None:
+        return self._core.position(ticket)
 
     def set_upstream_state(self, upstream_id: str, state: UpstreamState, reason: str) -> None:
-        self._wake(self._core.set_upstream_state(upstream_id, state, reason))
+        self._wake(self._core.set_upstream_state(upstream_id, state, reason, trio.current_time()))
 
     def is_servable(self, model: str) -> bool:
         return self._core.is_servable(model)
@@ -66,3 +116,5 @@ class Admission:
             wakeup = self._wakeups.get(ticket)
             if wakeup is not None:
                 wakeup.set()
+        if self._core.next_wakeup() != self._armed_at:
+            self._timer_changed.set()

@@ -1,18 +1,32 @@
-"""The scheduler's state machine: queues, upstream slots and upstream availability. No I/O, no awaits.
+"""The scheduler's state machine: queues, flows, upstream slots and sticky chats. No I/O, no awaits, no clock.
 
-Each method applies one event (a request arrives, leaves, finishes; an upstream changes state) and returns the
-tickets it decided (granted a slot or rejected). The trio layer (`_admission.py`) wakes their owners. Reads that gate
-a mutation happen in the same call, so no other task can interleave between the check and the change.
+Each method applies one event at time `now` (a request arrives, leaves, finishes; an upstream changes state; time
+passes) and returns the tickets it decided (granted a slot or rejected). The trio layer (`_admission.py`) wakes their
+owners. Reads that gate a mutation happen in the same call, so no other task can interleave.
+
+Policy, per model, whenever a slot is free:
+1. Classes in priority order (default user > agent > batch): the highest class with waiting work goes first...
+2. ...except that a lower-class request that has waited `aging_s` or longer is served before every higher-class
+   request that arrived after it (oldest such request first). This bounds starvation.
+3. Inside a class, flows (API key, else session, else client address) take turns round-robin; FIFO inside a flow.
+   A flow with 500 waiting requests delays another flow's single request by at most one slot per flow ahead of it.
+4. A request of a sticky chat prefers the upstream its chat last used (while the mapping is younger than the
+   affinity TTL). If that upstream is busy it waits for it at most `affinity_wait_s`, letting others go first,
+   then takes any free upstream.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
 from queuegate.errors import GatewayError, QueueFull, ServiceUnavailable, UpstreamError
+
+DEFAULT_CLASSES = ("user", "agent", "batch")
 
 
 class UpstreamState(enum.Enum):
@@ -35,16 +49,31 @@ class Ticket:
 
     model: str
     enqueued_at: float
-    exclude: frozenset[str] = frozenset()
+    klass: str = DEFAULT_CLASSES[0]
+    flow: str = ""
+    affinity: str | None = None  # sticky-chat key
+    exclude: frozenset[str] = frozenset()  # upstreams already tried by this request
     upstream_id: str | None = None  # set when granted
     rejection: GatewayError | None = None  # set when rejected
+    granted_at: float = 0.0
 
     @property
     def decided(self) -> bool:
         return self.upstream_id is not None or self.rejection is not None
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class Policy:
+    classes: Sequence[str] = DEFAULT_CLASSES
+    aging_s: float = 30.0
+    max_queue: int = 256
+    model_max_queue: dict[str, int] = field(default_factory=dict)  # optional per-model bounds
+    affinity_ttl_s: float = 600.0
+    affinity_wait_s: float = 0.5
+    affinity_max_entries: int = 10_000
+
+
+@dataclass(slots=True, eq=False)
 class _Upstream:
     id: str
     model: str
@@ -55,10 +84,28 @@ class _Upstream:
 
 
 @dataclass(slots=True)
+class _ClassQueue:
+    name: str
+    flows: dict[str, dict[Ticket, None]] = field(default_factory=dict)  # rotation order; each flow FIFO
+    arrivals: dict[Ticket, None] = field(default_factory=dict)  # every waiting ticket, oldest first
+
+
+@dataclass(slots=True, eq=False)
 class _Model:
+    name: str
     upstreams: list[_Upstream]
-    waiting: dict[Ticket, None] = field(default_factory=dict)  # insertion-ordered set: FIFO, O(1) removal
+    classes: list[_ClassQueue]
+    max_queue: int | None
+    waiting: int = 0
     next_turn: int = 0  # index of the upstream to consider first (round-robin between equally loaded ones)
+    service_s: float | None = None  # moving average of how long a request holds a slot
+    in_service_by_class: Counter[str] = field(default_factory=Counter)
+    in_service_by_flow: Counter[str] = field(default_factory=Counter)
+
+
+class QueuePosition(msgspec.Struct, frozen=True):
+    position: int  # 1 = next to be served
+    eta_s: float | None  # None until the model has served a request
 
 
 class UpstreamStatistics(msgspec.Struct, frozen=True):
@@ -69,11 +116,27 @@ class UpstreamStatistics(msgspec.Struct, frozen=True):
     capacity: int
 
 
+class ClassStatistics(msgspec.Struct, frozen=True):
+    name: str
+    waiting: int
+    oldest_wait_s: float
+    in_service: int
+
+
+class FlowStatistics(msgspec.Struct, frozen=True):
+    flow: str
+    klass: str
+    waiting: int
+    in_service: int
+
+
 class ModelStatistics(msgspec.Struct, frozen=True):
     name: str
     waiting: int
     oldest_wait_s: float
     in_service: int
+    classes: list[ClassStatistics]
+    flows: list[FlowStatistics]  # the busiest flows first, at most FLOW_STATISTICS_LIMIT
     upstreams: list[UpstreamStatistics]
 
 
@@ -84,96 +147,215 @@ class SchedulerStatistics(msgspec.Struct, frozen=True):
     models: list[ModelStatistics]
 
 
+FLOW_STATISTICS_LIMIT = 50
+_SERVICE_SMOOTHING = 0.2  # weight of the newest sample in the moving average of service time
+
+
 class SchedulerCore:
-    def __init__(self, upstreams: list[tuple[str, str, int]], *, max_queue: int) -> None:
+    def __init__(self, upstreams: list[tuple[str, str, int]], policy: Policy | None = None) -> None:
         """`upstreams`: (upstream id, model name, capacity) for every upstream, in config order."""
-        self.max_queue = max_queue
+        self.policy = policy or Policy()
+        self.max_queue = self.policy.max_queue
+        self._rank = {name: i for i, name in enumerate(self.policy.classes)}
         self._upstreams: dict[str, _Upstream] = {}
         self._models: dict[str, _Model] = {}
         for uid, model, capacity in upstreams:
             slot = _Upstream(uid, model, capacity)
             self._upstreams[uid] = slot
-            self._models.setdefault(model, _Model([])).upstreams.append(slot)
+            if model not in self._models:
+                queues = [_ClassQueue(name) for name in self.policy.classes]
+                self._models[model] = _Model(model, [], queues, self.policy.model_max_queue.get(model))
+            self._models[model].upstreams.append(slot)
         self._waiting = 0
         self._in_service = 0
+        # Sticky chats: (model, key) -> (upstream id, last used), least recently used first.
+        self._affinity: dict[tuple[str, str], tuple[str, float]] = {}
+        self._holds: dict[Ticket, float] = {}  # tickets waiting for their sticky upstream -> until when
 
     # -- events -------------------------------------------------------------------------------------------------
 
-    def submit(self, ticket: Ticket) -> list[Ticket]:
-        """A request arrives. Granted or rejected at once when possible, else queued (or refused: queue full)."""
+    def submit(self, ticket: Ticket, now: float) -> list[Ticket]:
+        """A request arrives: granted or rejected at once when possible, else queued (or refused: queue full)."""
         model = self._models[ticket.model]
-        if self._grant_or_reject(model, ticket):
+        if ticket.klass not in self._rank:
+            raise ValueError(f"unknown class {ticket.klass!r}")
+        if not self._usable(model, ticket):
+            ticket.rejection = self._unavailable(model, ticket)
             return [ticket]
-        if self._waiting >= self.max_queue:
-            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later", retry_after_s=1)
-        model.waiting[ticket] = None
+        model_full = model.max_queue is not None and model.waiting >= model.max_queue
+        # When full, only a request that would be served at once may still come in.
+        if (self._waiting >= self.max_queue or model_full) and (model.waiting or not self._has_free_slot(model)):
+            limit = model.max_queue if model_full else self.max_queue
+            raise QueueFull(f"the queue is full ({limit} requests waiting); retry later", retry_after_s=1)
+        queue = model.classes[self._rank[ticket.klass]]
+        queue.flows.setdefault(ticket.flow, {})[ticket] = None
+        queue.arrivals[ticket] = None
+        model.waiting += 1
         self._waiting += 1
-        return []
+        return self._dispatch(model, now)
 
-    def withdraw(self, ticket: Ticket) -> list[Ticket]:
+    def withdraw(self, ticket: Ticket, now: float) -> list[Ticket]:
         """The request's owner is gone (disconnect, timeout): forget it, or give back the slot it was granted."""
         if ticket.upstream_id is not None:
-            return self.release(ticket)
-        waiting = self._models[ticket.model].waiting
-        if ticket in waiting:
-            del waiting[ticket]
-            self._waiting -= 1
+            return self.release(ticket, now)
+        model = self._models[ticket.model]
+        if ticket in model.classes[self._rank[ticket.klass]].arrivals:
+            self._unqueue(model, ticket, rotate=False)
+            return self._dispatch(model, now)  # if it held its flow for a sticky upstream, the next one may go
         return []
 
-    def release(self, ticket: Ticket) -> list[Ticket]:
+    def release(self, ticket: Ticket, now: float) -> list[Ticket]:
         """A granted request finished with its upstream slot (idempotent)."""
         uid = ticket.upstream_id
         if uid is None:
             return []
         ticket.upstream_id = None
         slot = self._upstreams[uid]
+        model = self._models[slot.model]
         slot.in_flight -= 1
         self._in_service -= 1
-        return self._dispatch(self._models[slot.model])
+        _decrement(model.in_service_by_class, ticket.klass)
+        _decrement(model.in_service_by_flow, ticket.flow)
+        held = now - ticket.granted_at
+        model.service_s = (
+            held if model.service_s is None else model.service_s + _SERVICE_SMOOTHING * (held - model.service_s)
+        )
+        if ticket.affinity is not None and len(model.upstreams) > 1:
+            self._remember(ticket.model, ticket.affinity, uid, now)
+        return self._dispatch(model, now)
 
-    def set_upstream_state(self, upstream_id: str, state: UpstreamState, reason: str) -> list[Ticket]:
+    def set_upstream_state(self, upstream_id: str, state: UpstreamState, reason: str, now: float) -> list[Ticket]:
         slot = self._upstreams[upstream_id]
         if slot.state is state and slot.reason == reason:
             return []
         slot.state, slot.reason = state, reason
-        return self._dispatch(self._models[slot.model])
+        model = self._models[slot.model]
+        decided = []
+        if state is UpstreamState.DOWN:
+            # Requests that can no longer be served anywhere are told now rather than at their deadline.
+            for queue in model.classes:
+                for ticket in [t for t in queue.arrivals if not self._usable(model, t)]:
+                    self._unqueue(model, ticket, rotate=False)
+                    ticket.rejection = self._unavailable(model, ticket)
+                    decided.append(ticket)
+        return decided + self._dispatch(model, now)
+
+    def tick(self, now: float) -> list[Ticket]:
+        """Time passed: requests whose wait for their sticky upstream ran out may now take any free one."""
+        expired = {t.model for t, until in self._holds.items() if until <= now}
+        decided = []
+        for name in expired:
+            decided += self._dispatch(self._models[name], now)
+        return decided
+
+    def next_wakeup(self) -> float | None:
+        """When `tick` may next decide something (the earliest sticky-wait expiry), or None."""
+        return min(self._holds.values(), default=None)
 
     # -- decisions ----------------------------------------------------------------------------------------------
 
-    def _dispatch(self, model: _Model) -> list[Ticket]:
+    def _dispatch(self, model: _Model, now: float) -> list[Ticket]:
+        """Fill free slots with waiting requests in policy order."""
+        for ticket in [t for t in self._holds if t.model == model.name]:
+            del self._holds[ticket]  # decided afresh below
         decided = []
-        for ticket in list(model.waiting):
-            if self._grant_or_reject(model, ticket):
-                del model.waiting[ticket]
-                self._waiting -= 1
-                decided.append(ticket)
+        while model.waiting and self._has_free_slot(model):
+            placed = False
+            for ticket in self._candidates(model, now):
+                slot = self._choose(model, ticket, now)
+                if slot is not None:
+                    self._grant(model, ticket, slot, now)
+                    decided.append(ticket)
+                    placed = True
+                    break
+            if not placed:
+                break
         return decided
 
-    def _grant_or_reject(self, model: _Model, ticket: Ticket) -> bool:
-        """Give the ticket the least-loaded usable slot, or reject it if nothing it may use can come back."""
-        best: _Upstream | None = None
-        usable = False
-        # Start after the last upstream granted, so equally loaded upstreams take turns.
+    def _candidates(self, model: _Model, now: float) -> Iterator[Ticket]:
+        """Waiting tickets in the order the policy serves them (each flow's head only: FIFO inside a flow)."""
+        queues = [q for q in model.classes if q.arrivals]
+        if not queues:
+            return
+        top = queues[0]
+        first = next(iter(top.flows.values()))
+        normal = next(iter(first))
+        aged = sorted(
+            (
+                oldest
+                for q in queues[1:]
+                if now - (oldest := next(iter(q.arrivals))).enqueued_at >= self.policy.aging_s
+                and oldest.enqueued_at < normal.enqueued_at
+            ),
+            key=lambda t: t.enqueued_at,
+        )
+        yield from aged
+        for queue in queues:
+            # The caller stops iterating before it changes any flow, so no copy is needed.
+            for flow in queue.flows.values():
+                yield next(iter(flow))
+
+    def _choose(self, model: _Model, ticket: Ticket, now: float) -> _Upstream | None:
+        """The upstream for this ticket now, or None (nothing free it may use, or it holds for its sticky one)."""
+        free = [
+            s
+            for s in model.upstreams
+            if s.state is UpstreamState.READY and s.in_flight < s.capacity and s.id not in ticket.exclude
+        ]
+        if not free:
+            return None
+        if ticket.affinity is not None and len(model.upstreams) > 1:
+            preferred = self._sticky_upstream(ticket.model, ticket.affinity, now)
+            usable = preferred is not None and preferred.id not in ticket.exclude
+            if usable and preferred.state is not UpstreamState.DOWN:  # type: ignore[union-attr]
+                if preferred in free:
+                    return preferred
+                until = ticket.enqueued_at + self.policy.affinity_wait_s
+                if now < until:
+                    self._holds[ticket] = until
+                    return None
+        # Least loaded relative to capacity; start after the last upstream granted, so ties take turns.
         count = len(model.upstreams)
+        best: _Upstream | None = None
         for i in range(count):
             slot = model.upstreams[(model.next_turn + i) % count]
-            if slot.id in ticket.exclude or slot.state is UpstreamState.DOWN:
-                continue
-            usable = True
-            free = slot.state is UpstreamState.READY and slot.in_flight < slot.capacity
-            # Least loaded relative to capacity: in_flight/capacity compared without division.
-            if free and (best is None or slot.in_flight * best.capacity < best.in_flight * slot.capacity):
+            if slot in free and (best is None or slot.in_flight * best.capacity < best.in_flight * slot.capacity):
                 best = slot
-        if best is not None:
-            model.next_turn = (model.upstreams.index(best) + 1) % count
-            best.in_flight += 1
-            self._in_service += 1
-            ticket.upstream_id = best.id
-            return True
-        if usable:
-            return False
-        ticket.rejection = self._unavailable(model, ticket)
-        return True
+        return best
+
+    def _grant(self, model: _Model, ticket: Ticket, slot: _Upstream, now: float) -> None:
+        self._unqueue(model, ticket, rotate=True)
+        model.next_turn = (model.upstreams.index(slot) + 1) % len(model.upstreams)
+        slot.in_flight += 1
+        self._in_service += 1
+        model.in_service_by_class[ticket.klass] += 1
+        model.in_service_by_flow[ticket.flow] += 1
+        ticket.upstream_id = slot.id
+        ticket.granted_at = now
+        if ticket.affinity is not None and len(model.upstreams) > 1:
+            self._remember(ticket.model, ticket.affinity, slot.id, now)
+
+    def _unqueue(self, model: _Model, ticket: Ticket, *, rotate: bool) -> None:
+        """Take a ticket out of its class and flow. `rotate`: its flow was served, so it goes to the back."""
+        queue = model.classes[self._rank[ticket.klass]]
+        del queue.arrivals[ticket]
+        flow = queue.flows[ticket.flow]
+        del flow[ticket]
+        if not flow:
+            del queue.flows[ticket.flow]
+        elif rotate:
+            del queue.flows[ticket.flow]
+            queue.flows[ticket.flow] = flow
+        self._holds.pop(ticket, None)
+        model.waiting -= 1
+        self._waiting -= 1
+
+    def _has_free_slot(self, model: _Model) -> bool:
+        return any(s.state is UpstreamState.READY and s.in_flight < s.capacity for s in model.upstreams)
+
+    def _usable(self, model: _Model, ticket: Ticket) -> bool:
+        """Whether some upstream this ticket may use is up or coming up."""
+        return any(s.state is not UpstreamState.DOWN and s.id not in ticket.exclude for s in model.upstreams)
 
     def _unavailable(self, model: _Model, ticket: Ticket) -> GatewayError:
         if any(slot.id in ticket.exclude for slot in model.upstreams):
@@ -181,21 +363,86 @@ class SchedulerCore:
         reasons = "; ".join(f"{slot.id}: {slot.reason}" for slot in model.upstreams)
         return ModelUnavailable(f"model {ticket.model!r} is unavailable: {reasons}", retry_after_s=5)
 
+    # -- sticky chats -------------------------------------------------------------------------------------------
+
+    def _sticky_upstream(self, model: str, key: str, now: float) -> _Upstream | None:
+        entry = self._affinity.get((model, key))
+        if entry is None:
+            return None
+        uid, last_used = entry
+        if now - last_used > self.policy.affinity_ttl_s:
+            del self._affinity[model, key]
+            return None
+        return self._upstreams[uid]
+
+    def _remember(self, model: str, key: str, upstream_id: str, now: float) -> None:
+        self._affinity.pop((model, key), None)  # re-insert at the end: most recently used
+        self._affinity[model, key] = (upstream_id, now)
+        while len(self._affinity) > self.policy.affinity_max_entries:
+            del self._affinity[next(iter(self._affinity))]
+
     # -- observation --------------------------------------------------------------------------------------------
 
     def is_servable(self, model: str) -> bool:
         return any(slot.state is UpstreamState.READY for slot in self._models[model].upstreams)
 
+    def position(self, ticket: Ticket) -> QueuePosition | None:
+        """Where a waiting ticket stands (approximately, under the round-robin) and when it may be served."""
+        model = self._models[ticket.model]
+        rank = self._rank[ticket.klass]
+        queue = model.classes[rank]
+        flow = queue.flows.get(ticket.flow)
+        if flow is None or ticket not in flow:
+            return None
+        ahead_in_flow = 0
+        for other in flow:
+            if other is ticket:
+                break
+            ahead_in_flow += 1
+        ahead = sum(len(q.arrivals) for q in model.classes[:rank]) + ahead_in_flow
+        # Flows before this one in the rotation serve one more request than it before its turn comes.
+        before_own = True
+        for key, other_flow in queue.flows.items():
+            if key == ticket.flow:
+                before_own = False
+                continue
+            ahead += min(len(other_flow), ahead_in_flow + before_own)
+        capacity = sum(s.capacity for s in model.upstreams if s.state is not UpstreamState.DOWN) or 1
+        eta = None if model.service_s is None else round((ahead + 1) * model.service_s / capacity, 1)
+        return QueuePosition(ahead + 1, eta)
+
     def statistics(self, now: float) -> SchedulerStatistics:
         models = []
         for name, model in self._models.items():
-            oldest = next(iter(model.waiting), None)
+            classes = [
+                ClassStatistics(
+                    q.name,
+                    len(q.arrivals),
+                    round(now - next(iter(q.arrivals)).enqueued_at, 3) if q.arrivals else 0.0,
+                    model.in_service_by_class[q.name],
+                )
+                for q in model.classes
+            ]
+            flows = [
+                FlowStatistics(key, q.name, len(f), model.in_service_by_flow[key])
+                for q in model.classes
+                for key, f in q.flows.items()
+            ]
+            flows.sort(key=lambda f: -f.waiting)
+            waiting_flows = {f.flow for f in flows}
+            flows += [
+                FlowStatistics(key, "", 0, count)
+                for key, count in model.in_service_by_flow.items()
+                if key not in waiting_flows
+            ]
             models.append(
                 ModelStatistics(
                     name=name,
-                    waiting=len(model.waiting),
-                    oldest_wait_s=round(now - oldest.enqueued_at, 3) if oldest else 0.0,
+                    waiting=model.waiting,
+                    oldest_wait_s=max((c.oldest_wait_s for c in classes), default=0.0),
                     in_service=sum(slot.in_flight for slot in model.upstreams),
+                    classes=classes,
+                    flows=flows[:FLOW_STATISTICS_LIMIT],
                     upstreams=[
                         UpstreamStatistics(s.id, s.state.value, s.reason, s.in_flight, s.capacity)
                         for s in model.upstreams
@@ -203,3 +450,9 @@ class SchedulerCore:
                 )
             )
         return SchedulerStatistics(self._waiting, self._in_service, self.max_queue, models)
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]

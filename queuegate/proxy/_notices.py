@@ -1,0 +1,124 @@
+"""Queue notices: a streamed request that waits gets its answer's event stream at once, showing where it stands.
+
+Chat streams get a `reasoning_content` delta ("Queued for coder: position 3, about 20 s"), which Open WebUI and
+similar clients show as the model's thinking, so the final answer stays clean; it is sent again when the position
+changes. Every stream gets SSE comments while it waits, so proxies never see an idle connection. Once the slot comes,
+the upstream's own events follow. The HTTP status (200) is sent before the upstream is asked, so a failure from here
+on ends the stream with an error event the `openai` client raises on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+import trio
+
+from queuegate.errors import GatewayError, UpstreamError
+from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord
+from queuegate.proxy._relay import RelayStream
+
+if TYPE_CHECKING:
+    from queuegate.fleet.catalog import ModelSpec
+    from queuegate.proxy._pipeline import Proxy
+    from queuegate.scheduler import Ticket
+
+SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
+POSITION_CHECK_S = 1.0  # how often a waiting request looks at its position
+KEEPALIVE = b": queued\n\n"
+
+
+class QueuedStream:
+    """The client's response body while its request is queued, then the upstream's stream (iterate, then aclose)."""
+
+    def __init__(self, proxy: Proxy, spec: ModelSpec, record: RequestRecord, payload: bytes, ticket: Ticket) -> None:
+        self._proxy = proxy
+        self._spec = spec
+        self._record = record
+        self._payload = payload
+        self._ticket = ticket
+        self._relay: RelayStream | None = None
+        self._ended = False
+        self._last_notice = ""
+        self._last_sent = -float("inf")
+        self._id = f"queued-{record.request_id}"
+
+    def __aiter__(self) -> QueuedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._relay is not None:
+            return await self._relay.__anext__()
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            while True:
+                notice = self._notice()
+                now = trio.current_time()
+                if notice is not None and notice != self._last_notice:
+                    self._last_notice, self._last_sent = notice, now
+                    return self._notice_event(notice)
+                if now - self._last_sent >= self._proxy.notices.keepalive_s:
+                    self._last_sent = now
+                    return KEEPALIVE
+                if await self._proxy.wait_for_slot(self._ticket, self._record, until=now + POSITION_CHECK_S):
+                    return await self._start_upstream()
+        except GatewayError as exc:
+            return self._fail(exc.status, exc)
+
+    async def _start_upstream(self) -> bytes:
+        reply = await self._proxy.forward(self._spec, self._record, self._payload, self._ticket)
+        if isinstance(reply.body, RelayStream):
+            self._relay = reply.body
+            return await self._relay.__anext__()
+        # The upstream refused (a 4xx) or answered without streaming; the status is already sent.
+        return self._fail(reply.status, UpstreamError(_error_message(reply.body), status=reply.status))
+
+    def _fail(self, status: int, exc: GatewayError) -> bytes:
+        self._ended = True
+        self._record.finish(status, error=exc.message)
+        return b"data: " + exc.body() + b"\n\n"
+
+    def _notice(self) -> str | None:
+        """The text shown to the user, or None where notices cannot be shown (plain completions)."""
+        if self._record.endpoint != "chat":
+            return None
+        where = self._proxy.position(self._ticket)
+        if where is None:
+            return None
+        text = f"Queued for {self._spec.name}: position {where.position}"
+        if where.eta_s is not None:
+            text += f", about {max(1, round(where.eta_s))} s"
+        return text + ".\n"
+
+    def _notice_event(self, text: str) -> bytes:
+        chunk = {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self._spec.name,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "reasoning_content": text}, "finish_reason": None}],
+        }
+        return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+
+    async def aclose(self) -> None:
+        """Leave the queue (or close the upstream stream); log the request if nothing else did."""
+        if self._relay is not None:
+            await self._relay.aclose()
+            return
+        self._proxy.withdraw(self._ticket)
+        if not self._ended:
+            self._record.finish(CLIENT_CLOSED, error="client closed the stream while queued")
+
+
+def _error_message(body: object) -> str:
+    if isinstance(body, bytes):
+        try:
+            error = msgspec.json.decode(body).get("error", {})
+            if isinstance(error, dict) and isinstance(error.get("message"), str):
+                return str(error["message"])
+        except (msgspec.DecodeError, AttributeError):
+            pass
+        return body[:200].decode("utf-8", "replace")
+    return "upstream answered without a stream"

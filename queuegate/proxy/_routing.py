@@ -1,0 +1,62 @@
+"""Who a request is, for the scheduler: its priority class, its flow (whose turn) and its chat (sticky upstream)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from queuegate.errors import BadRequest
+
+OPEN_WEBUI_CHAT_HEADER = "x-openwebui-chat-id"
+_BODY_CHAT_FIELDS = ("chat_id", "conversation_id")
+
+
+def request_class(route_class: str, priority: str | None, classes: Sequence[str]) -> str:
+    """The route's class, lowered by an `X-Priority: <class>` header; a header can never raise it."""
+    if priority is None or not priority.strip():
+        return route_class
+    wanted = priority.strip().lower()
+    if wanted not in classes:
+        raise BadRequest(f"X-Priority must be one of {', '.join(classes)}; got {priority!r}", param="X-Priority")
+    return wanted if classes.index(wanted) > classes.index(route_class) else route_class
+
+
+def request_flow(*, key_name: str | None, session: str | None, client: str) -> str:
+    """Whose turn it is inside a class: the API key, else the session, else the client's address."""
+    if key_name:
+        return f"key:{key_name}"
+    if session:
+        return f"session:{session}"
+    return f"client:{client}"
+
+
+def chat_key(headers: Mapping[str, str], chat_header: str, body: Mapping[str, Any]) -> str:
+    """The sticky-chat key: configured header, Open WebUI's header, body fields, else a hash of the chat's start."""
+    for name in (chat_header.lower(), OPEN_WEBUI_CHAT_HEADER):
+        value = headers.get(name)
+        if value:
+            return f"id:{value}"
+    for name in _BODY_CHAT_FIELDS:
+        value = body.get(name)
+        if isinstance(value, str | int) and value != "":
+            return f"id:{value}"
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("chat_id"), str | int):
+        return f"id:{metadata['chat_id']}"
+    return "hash:" + _conversation_hash(body)
+
+
+def _conversation_hash(body: Mapping[str, Any]) -> str:
+    """Model + system prompt + first user message: the same chat keeps these as it grows."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(repr(body.get("model")).encode())
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        system = next((m for m in messages if isinstance(m, dict) and m.get("role") == "system"), None)
+        first_user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+        for message in (system, first_user):
+            digest.update(b"\x00" + repr(message.get("content") if message else None).encode())
+    else:
+        digest.update(b"\x00" + repr(body.get("prompt")).encode())
+    return digest.hexdigest()
