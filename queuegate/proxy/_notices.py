@@ -62,7 +62,8 @@ class QueuedStream:
                 if now - self._last_sent >= self._proxy.notices.keepalive_s:
                     self._last_sent = now
                     return KEEPALIVE
-                if await self._proxy.wait_for_slot(self._ticket, self._record, until=now + POSITION_CHECK_S):
+                wake = min(now + POSITION_CHECK_S, self._last_sent + self._proxy.notices.keepalive_s)
+                if await self._proxy.wait_for_slot(self._ticket, self._record, until=wake):
                     return await self._start_upstream()
         except GatewayError as exc:
             return self._fail(exc.status, exc)

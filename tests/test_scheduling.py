@@ -1,0 +1,246 @@
+"""Scheduling through the real daemon: classes, fairness, bounds, sticky chats, queue notices, cancellation.
+
+Upstreams are simulated servers (real HTTP on loopback): the tests need slow, countable slots on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.conftest import in_thread, wait_until
+
+
+def body(content: str, **extra) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+
+
+def served_order(sim) -> list[str]:
+    return [r.body["messages"][0]["content"] for r in sim.stats.received]
+
+
+async def post_all(gw, nursery, requests: list[tuple[str, dict, dict]], results: dict) -> None:
+    """Send each (path, body, headers) from its own task, one after another so arrival order is known."""
+
+    async def send(path: str, payload: dict, headers: dict) -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            results[payload["messages"][0]["content"]] = await http.post(gw.api + path, json=payload, headers=headers)
+
+    def admitted() -> int:
+        stats = gw.stats()
+        return stats.waiting + stats.in_service
+
+    for path, payload, headers in requests:
+        before = admitted()
+        nursery.start_soon(send, path, payload, headers)
+        await wait_until(lambda before=before: admitted() == before + 1)
+
+
+async def test_classes_go_in_priority_order_and_x_priority_only_lowers(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=10)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}})
+    results: dict[str, httpx.Response] = {}
+    async with trio.open_nursery() as nursery:
+        await post_all(gw, nursery, [("/chat/completions", body("holder", max_tokens=10), {})], results)
+        await post_all(
+            gw,
+            nursery,
+            [
+                ("/chat/completions", body("batch"), {"X-Priority": "batch"}),
+                ("/agent/chat/completions", body("agent-asks-user"), {"X-Priority": "user"}),  # cannot raise
+                ("/chat/completions", body("user"), {}),
+            ],
+            results,
+        )
+        classes = {c.name: c.waiting for c in gw.stats().models[0].classes}
+        assert classes == {"user": 1, "agent": 1, "batch": 1}
+    assert served_order(sim) == ["holder", "user", "agent-asks-user", "batch"]
+    assert all(r.status_code == 200 for r in results.values())
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        await in_thread(
+            lambda: gw.client().chat.completions.create(model="m", messages=[], extra_headers={"X-Priority": "urgent"})
+        )
+    assert bad.value.body["param"] == "X-Priority" and "user, agent, batch" in bad.value.message
+
+
+async def test_a_flooding_flow_delays_another_flow_by_at_most_one_slot(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"max_size": 100})
+    results: dict[str, httpx.Response] = {}
+    async with trio.open_nursery() as nursery:
+        # The holder hangs at the upstream until we hang up on it, so the queue fills at our pace.
+        sim.set_fault("hang")
+        holder = trio.CancelScope()
+
+        async def hold() -> None:
+            with holder:
+                async with httpx.AsyncClient(timeout=30) as http:
+                    await http.post(gw.api + "/chat/completions", json=body("holder"))
+
+        nursery.start_soon(hold)
+        await wait_until(lambda: gw.stats().in_service == 1)
+        sim.set_fault(None)
+        flood = [("/chat/completions", body(f"flood-{i}"), {"X-Session-Id": "agent"}) for i in range(30)]
+        await post_all(gw, nursery, flood, results)
+        await post_all(gw, nursery, [("/chat/completions", body("alice"), {"X-Session-Id": "alice"})], results)
+        flows = {f.flow: f.waiting for f in gw.stats().models[0].flows}
+        assert flows == {"session:agent": 30, "session:alice": 1, "client:127.0.0.1": 0}
+        holder.cancel()
+    order = served_order(sim)
+    assert order[:3] == ["holder", "flood-0", "alice"]  # one slot behind the flood's request in turn, not 30
+    assert order[3:] == [f"flood-{i}" for i in range(1, 30)]  # FIFO inside the flow, nothing lost
+    assert all(r.status_code == 200 for r in results.values())
+
+
+async def test_per_model_queue_bound_answers_429_with_retry_after(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=5)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1, "max_queue": 1}})
+    results: dict[str, httpx.Response] = {}
+    async with trio.open_nursery() as nursery:
+        await post_all(gw, nursery, [("/chat/completions", body("holder", max_tokens=5), {})], results)
+        await wait_until(lambda: gw.stats().in_service == 1)
+        await post_all(gw, nursery, [("/chat/completions", body("waits"), {})], results)
+        with pytest.raises(openai.RateLimitError) as full:
+            await in_thread(lambda: gw.client().chat.completions.create(**body("refused")))
+        assert full.value.response.headers["retry-after"] == "1" and "queue is full" in full.value.message
+
+
+async def test_sticky_chat_returns_to_its_upstream_and_does_not_stall_when_it_is_busy(start_sim, start_gateway):
+    sims = [await start_sim(tokens_per_s=0) for _ in range(2)]
+    gw = await start_gateway(
+        {"m": {"upstreams": [url for _, url in sims], "max_concurrency": 1}}, affinity={"max_wait_ms": 300}
+    )
+
+    def where(content: str) -> int:
+        return next(i for i, (sim, _) in enumerate(sims) if content in served_order(sim))
+
+    client = gw.client()
+    ways = [
+        ({"X-Chat-Id": "c1"}, {}),
+        ({"X-OpenWebUI-Chat-Id": "c2"}, {}),
+        ({}, {"chat_id": "c3"}),
+        ({}, {"metadata": {"chat_id": "c4"}}),
+        ({}, {}),  # no id: the hash of the chat's first messages
+    ]
+    for n, (headers, extra) in enumerate(ways):
+        for turn in range(4):
+            content = f"way{n}-turn{turn}"
+            messages = [{"role": "user", "content": f"way{n} start"}, {"role": "user", "content": content}]
+            await in_thread(
+                lambda messages=messages, headers=headers, extra=extra: client.chat.completions.create(
+                    model="m", messages=messages, max_tokens=1, extra_headers=headers, extra_body=extra
+                )
+            )
+        homes = {i for i, (sim, _) in enumerate(sims) for r in sim.stats.received if f"way{n}" in json.dumps(r.body)}
+        assert len(homes) == 1, f"chat {n} moved between upstreams"
+
+    # Busy sticky upstream: the request waits ~max_wait_ms, then takes the free one.
+    home = next(i for i in range(2) if any("way0" in json.dumps(r.body) for r in sims[i][0].stats.received))
+    sims[home][0].set_fault("hang")
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as http:
+        hog = trio.CancelScope()
+
+        async def occupy() -> None:
+            with hog:
+                await http.post(gw.api + "/chat/completions", json=body("hog"), headers={"X-Chat-Id": "c1"})
+
+        nursery.start_soon(occupy)
+        await wait_until(lambda: gw.stats().in_service == 1)
+        sims[home][0].set_fault(None)
+        started = time.monotonic()
+        answer = await http.post(gw.api + "/chat/completions", json=body("moved"), headers={"X-Chat-Id": "c1"})
+        assert answer.status_code == 200 and 0.25 <= time.monotonic() - started < 2
+        assert "moved" in served_order(sims[1 - home][0])
+        hog.cancel()
+
+
+async def test_streamed_user_request_that_waits_gets_notices_then_a_clean_answer(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=10)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"notify_min_ms": 100, "keepalive_s": 0.3}
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(in_thread, lambda: gw.client().chat.completions.create(**body("holder", max_tokens=15)))
+        await wait_until(lambda: gw.stats().in_service == 1)
+
+        def stream_and_time():
+            started, events = time.monotonic(), []
+            for chunk in gw.client().chat.completions.create(**body("waiting", max_tokens=3), stream=True):
+                delta = chunk.choices[0].delta if chunk.choices else None
+                events.append((time.monotonic() - started, delta))
+            return events
+
+        events = await in_thread(stream_and_time)
+    notices = [
+        (t, d.model_extra["reasoning_content"]) for t, d in events if (d.model_extra or {}).get("reasoning_content")
+    ]
+    content = "".join(d.content or "" for _, d in events if d is not None)
+    assert notices and notices[0][0] < 0.6  # the user sees the notice long before the answer
+    assert "Queued for m: position 1" in notices[0][1]
+    assert content and "Queued" not in content  # the answer itself is untouched
+    assert events[-1][0] > 1.0  # it really waited for the holder (15 tokens at 10/s)
+
+
+async def test_keepalives_while_queued_and_no_notices_for_agents(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=10)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"notify_min_ms": 50, "keepalive_s": 0.2}
+    )
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as http:
+        nursery.start_soon(in_thread, lambda: gw.client().chat.completions.create(**body("holder", max_tokens=10)))
+        await wait_until(lambda: gw.stats().in_service == 1)
+        user = await http.post(gw.api + "/chat/completions", json=body("u", stream=True))
+        agent = await http.post(gw.api + "/agent/chat/completions", json=body("a", stream=True))
+    assert user.text.count(": queued") >= 2 and "reasoning_content" in user.text and "[DONE]" in user.text
+    assert ": queued" not in agent.text and "reasoning_content" not in agent.text and "[DONE]" in agent.text
+
+
+async def test_queue_timeout_after_notices_ends_the_stream_with_an_error_the_client_raises(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=5)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"notify_min_ms": 50, "max_wait_s": 0.5}
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(in_thread, lambda: gw.client().chat.completions.create(**body("holder", max_tokens=10)))
+        await wait_until(lambda: gw.stats().in_service == 1)
+
+        def consume():
+            seen = []
+            with pytest.raises(openai.APIError) as failed:
+                for chunk in gw.client().chat.completions.create(**body("late"), stream=True):
+                    seen.append(chunk)
+            return seen, failed.value
+
+        seen, error = await in_thread(consume)
+    assert seen and "waited 0.5 s in the queue" in error.message
+    assert gw.stats().waiting == 0
+
+
+async def test_disconnect_while_notified_in_the_queue_withdraws_and_never_reaches_upstream(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=10)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"notify_min_ms": 50})
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as http:
+        nursery.start_soon(in_thread, lambda: gw.client().chat.completions.create(**body("holder", max_tokens=10)))
+        await wait_until(lambda: gw.stats().in_service == 1)
+        async with http.stream("POST", gw.api + "/chat/completions", json=body("leaves", stream=True)) as response:
+            async for line in response.aiter_lines():
+                if "reasoning_content" in line:
+                    break  # saw the notice: now hang up
+        await wait_until(lambda: gw.stats().waiting == 0, timeout=1)
+        await wait_until(lambda: gw.stats().in_service == 0, timeout=3)
+    assert served_order(sim) == ["holder"]
+
+
+async def test_passthrough_route_is_scheduled_like_chat(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = await http.post(gw.api + "/chat/completions_passthrough", json=body("tools", tools=[]))
+    assert answer.status_code == 200 and answer.json()["object"] == "chat.completion"
+    assert sim.stats.received[-1].path == "/v1/chat/completions" and sim.stats.received[-1].body["tools"] == []
