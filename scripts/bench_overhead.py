@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 import trio
-
-READY_PREFIXES = ("QUEUEGATE_SIM_READY ", "QueueGate listening on ", "NOOP_READY ")
+from benchlib import start_server
 
 
 @dataclass
@@ -150,16 +148,6 @@ async def drive(url: str, path: str, body: bytes, concurrency: int, seconds: flo
             nursery.start_soon(worker)
     result.elapsed = time.perf_counter() - start
     return result
-
-
-def start_server(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert process.stdout is not None
-    for line in process.stdout:
-        for prefix in READY_PREFIXES:
-            if line.startswith(prefix):
-                return process, line[len(prefix) :].split()[0].removesuffix("/v1")
-    raise RuntimeError(f"{argv} exited before it was ready")
 
 
 def serve_noop() -> None:

@@ -29,23 +29,11 @@ import time
 from collections import deque
 
 import trio
+from benchlib import start_server
 
 from queuegate.scheduler import Policy, SchedulerCore, Ticket, UpstreamState
 
-READY_PREFIXES = ("QUEUEGATE_SIM_READY ", "QueueGate listening on ", "HOLD_READY ")
-
-
 # -- 1. memory and decision time ----------------------------------------------------------------------------------
-
-
-def start_server(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert process.stdout is not None
-    for line in process.stdout:
-        for prefix in READY_PREFIXES:
-            if line.startswith(prefix):
-                return process, line[len(prefix) :].split()[0].removesuffix("/v1")
-    raise RuntimeError(f"{argv} exited before it was ready")
 
 
 def rss_kb(pid: int) -> int:

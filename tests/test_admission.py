@@ -6,7 +6,14 @@ import pytest
 import trio
 import trio.testing
 
-from queuegate.scheduler import Admission, Policy, QueueTimeout, SchedulerCore, UpstreamState
+from queuegate.scheduler import Admission, Policy, QueueTimeout, SchedulerCore, Ticket, UpstreamState
+
+
+async def acquire(admission: Admission, **identity) -> Ticket:
+    """Enqueue and wait for the slot, as the proxy does."""
+    ticket = admission.enqueue("m", **identity)
+    await admission.wait(ticket)
+    return ticket
 
 
 def one_slot_admission(**policy) -> Admission:
@@ -20,13 +27,13 @@ async def test_cancel_racing_the_grant_hands_the_slot_on(cancel_first):
     """The waiter is cancelled in the same instant its slot is granted, in either order: the slot goes to the next
     waiter, nobody holds it."""
     admission = one_slot_admission()
-    holder = await admission.acquire("m", klass="user", flow="a")
+    holder = await acquire(admission, klass="user", flow="a")
     scope = trio.CancelScope()
     async with trio.open_nursery() as nursery:
 
         async def doomed() -> None:
             with scope:
-                ticket = await admission.acquire("m", klass="user", flow="b")
+                ticket = await acquire(admission, klass="user", flow="b")
                 try:
                     await trio.sleep_forever()  # where the request would start its upstream call
                 finally:
@@ -48,9 +55,9 @@ async def test_cancel_racing_the_grant_hands_the_slot_on(cancel_first):
 
 async def test_max_wait_withdraws_and_raises_503(autojump_clock):
     admission = one_slot_admission()
-    await admission.acquire("m", klass="user", flow="a")
+    await acquire(admission, klass="user", flow="a")
     with pytest.raises(QueueTimeout) as timeout:
-        await admission.acquire("m", klass="user", flow="b")
+        await acquire(admission, klass="user", flow="b")
     assert timeout.value.status == 503 and timeout.value.headers()["Retry-After"] == "5"
     assert admission.statistics().waiting == 0
 
@@ -62,9 +69,9 @@ async def test_sticky_wait_expiry_is_ticked_by_the_run_task(autojump_clock):
     admission = Admission(core, max_wait_s=60)
     async with trio.open_nursery() as nursery:
         await nursery.start(admission.run)
-        first = await admission.acquire("m", klass="user", flow="a", affinity="chat")
+        first = await acquire(admission, klass="user", flow="a", affinity="chat")
         assert first.upstream_id == "m#0"
         started = trio.current_time()
-        second = await admission.acquire("m", klass="user", flow="b", affinity="chat")  # m#0 busy, m#1 free
+        second = await acquire(admission, klass="user", flow="b", affinity="chat")  # m#0 busy, m#1 free
         assert second.upstream_id == "m#1" and trio.current_time() - started == pytest.approx(0.5)
         nursery.cancel_scope.cancel()

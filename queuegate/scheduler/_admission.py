@@ -77,20 +77,6 @@ class Admission:
         self.withdraw(ticket)
         raise QueueTimeout(f"waited {self._max_wait_s:g} s in the queue for model {ticket.model!r}", retry_after_s=5)
 
-    async def acquire(
-        self,
-        model: str,
-        *,
-        klass: str,
-        flow: str,
-        affinity: str | None = None,
-        exclude: frozenset[str] = frozenset(),
-    ) -> Ticket:
-        """Enqueue and wait for a slot; returns the granted ticket."""
-        ticket = self.enqueue(model, klass=klass, flow=flow, affinity=affinity, exclude=exclude)
-        await self.wait(ticket)
-        return ticket
-
     def withdraw(self, ticket: Ticket) -> None:
         """Forget a waiting ticket or give back its slot (idempotent)."""
         self._wake(self._core.withdraw(ticket, trio.current_time()))
