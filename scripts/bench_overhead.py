@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 import trio
-from benchlib import start_server
+from benchlib import serve_app, start_server
 
 
 @dataclass
@@ -152,8 +152,6 @@ async def drive(url: str, path: str, body: bytes, concurrency: int, seconds: flo
 
 def serve_noop() -> None:
     """The framework ceiling: a quart-trio POST route that reads the body and returns a small JSON."""
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
     from quart import request
     from quart_trio import QuartTrio
 
@@ -164,15 +162,7 @@ def serve_noop() -> None:
         await request.get_data()
         return {"ok": True}
 
-    async def main() -> None:
-        config = Config()
-        config.bind = ["127.0.0.1:0"]
-        config.accesslog = None
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
-            print("NOOP_READY", binds[0], flush=True)
-
-    trio.run(main)
+    serve_app(app)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import time
 from collections import deque
 
 import trio
-from benchlib import start_server
+from benchlib import serve_app, start_server
 
 from queuegate.scheduler import Policy, SchedulerCore, Ticket, UpstreamState
 
@@ -46,8 +46,6 @@ def rss_kb(pid: int) -> int:
 
 def serve_hold() -> None:
     """The baseline: a quart-trio POST route that reads the body and waits forever."""
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
     from quart import request
     from quart_trio import QuartTrio
 
@@ -59,16 +57,7 @@ def serve_hold() -> None:
         await request.get_data()
         await trio.sleep_forever()
 
-    async def main() -> None:
-        config = Config()
-        config.bind = ["127.0.0.1:0"]
-        config.accesslog = None
-        config.backlog = 4096
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
-            print("HOLD_READY", binds[0], flush=True)
-
-    trio.run(main)
+    serve_app(app, backlog=4096)
 
 
 REQUEST = (
