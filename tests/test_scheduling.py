@@ -41,6 +41,17 @@ async def post_all(gw, nursery, requests: list[tuple[str, dict, dict]], results:
         await wait_until(lambda before=before: admitted() == before + 1)
 
 
+async def one_busy_slot(start_sim, start_gateway, nursery, *, tokens_per_s: float, holder_tokens: int, **queue):
+    """A gateway with one upstream slot, already taken by a "holder" request of `holder_tokens` tokens (run in
+    `nursery`, so the caller's nursery waits for it); `queue` sets the [queue] section."""
+    sim, url = await start_sim(tokens_per_s=tokens_per_s)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, queue=queue)
+    holder = body("holder", max_tokens=holder_tokens)
+    nursery.start_soon(in_thread, lambda: gw.client().chat.completions.create(**holder))
+    await wait_until(lambda: gw.stats().in_service == 1)
+    return sim, gw
+
+
 async def test_classes_go_in_priority_order_and_x_priority_only_lowers(start_sim, start_gateway):
     sim, url = await start_sim(tokens_per_s=10)
     gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}})
@@ -161,13 +172,10 @@ async def test_sticky_chat_returns_to_its_upstream_and_does_not_stall_when_it_is
 
 
 async def test_streamed_user_request_that_waits_gets_notices_then_a_clean_answer(start_sim, start_gateway):
-    _, url = await start_sim(tokens_per_s=10)
-    gw = await start_gateway(
-        {"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"notify_min_ms": 100, "keepalive_s": 0.3}
-    )
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(in_thread, lambda: gw.client().chat.completions.create(**body("holder", max_tokens=15)))
-        await wait_until(lambda: gw.stats().in_service == 1)
+        _, gw = await one_busy_slot(
+            start_sim, start_gateway, nursery, tokens_per_s=10, holder_tokens=15, notify_min_ms=100, keepalive_s=0.3
+        )
 
         def stream_and_time():
             started, events = time.monotonic(), []
@@ -188,13 +196,10 @@ async def test_streamed_user_request_that_waits_gets_notices_then_a_clean_answer
 
 
 async def test_keepalives_while_queued_and_no_notices_for_agents(start_sim, start_gateway):
-    _, url = await start_sim(tokens_per_s=10)
-    gw = await start_gateway(
-        {"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"notify_min_ms": 50, "keepalive_s": 0.2}
-    )
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as http:
-        nursery.start_soon(in_thread, lambda: gw.client().chat.completions.create(**body("holder", max_tokens=10)))
-        await wait_until(lambda: gw.stats().in_service == 1)
+        _, gw = await one_busy_slot(
+            start_sim, start_gateway, nursery, tokens_per_s=10, holder_tokens=10, notify_min_ms=50, keepalive_s=0.2
+        )
         user = await http.post(gw.api + "/chat/completions", json=body("u", stream=True))
         agent = await http.post(gw.api + "/agent/chat/completions", json=body("a", stream=True))
     assert user.text.count(": queued") >= 2 and "reasoning_content" in user.text and "[DONE]" in user.text
@@ -202,13 +207,10 @@ async def test_keepalives_while_queued_and_no_notices_for_agents(start_sim, star
 
 
 async def test_queue_timeout_after_notices_ends_the_stream_with_an_error_the_client_raises(start_sim, start_gateway):
-    _, url = await start_sim(tokens_per_s=5)
-    gw = await start_gateway(
-        {"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"notify_min_ms": 50, "max_wait_s": 0.5}
-    )
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(in_thread, lambda: gw.client().chat.completions.create(**body("holder", max_tokens=10)))
-        await wait_until(lambda: gw.stats().in_service == 1)
+        _, gw = await one_busy_slot(
+            start_sim, start_gateway, nursery, tokens_per_s=5, holder_tokens=10, notify_min_ms=50, max_wait_s=0.5
+        )
 
         def consume():
             seen = []
@@ -223,11 +225,10 @@ async def test_queue_timeout_after_notices_ends_the_stream_with_an_error_the_cli
 
 
 async def test_disconnect_while_notified_in_the_queue_withdraws_and_never_reaches_upstream(start_sim, start_gateway):
-    sim, url = await start_sim(tokens_per_s=10)
-    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"notify_min_ms": 50})
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as http:
-        nursery.start_soon(in_thread, lambda: gw.client().chat.completions.create(**body("holder", max_tokens=10)))
-        await wait_until(lambda: gw.stats().in_service == 1)
+        sim, gw = await one_busy_slot(
+            start_sim, start_gateway, nursery, tokens_per_s=10, holder_tokens=10, notify_min_ms=50
+        )
         async with http.stream("POST", gw.api + "/chat/completions", json=body("leaves", stream=True)) as response:
             async for line in response.aiter_lines():
                 if "reasoning_content" in line:
