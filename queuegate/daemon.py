@@ -80,10 +80,9 @@ class Daemon:
                 mode=cfg.queue.notify,
                 min_wait_s=cfg.queue.notify_min_ms / 1000,
                 keepalive_s=cfg.queue.keepalive_s,
-                chat_header=cfg.affinity.header,
             )
             forwarder = Forwarder(pool, timeouts)
-            proxy = Proxy(self.catalog, self.admission, forwarder, health.report_failure, notices)
+            proxy = Proxy(self.catalog, self.admission, forwarder, health.report_failure, notices, cfg.affinity.header)
             app = create_app(cfg.server, self.catalog, self.admission, proxy, self._in_flight, cfg.queue.classes)
             await nursery.start(self.admission.run)
             await nursery.start(health.run)

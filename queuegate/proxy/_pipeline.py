@@ -49,7 +49,6 @@ class NoticePolicy:
     mode: str = "auto"  # auto (the user class only) | always | never
     min_wait_s: float = 1.0
     keepalive_s: float = 10.0
-    chat_header: str = "X-Chat-Id"
 
     def applies(self, record: RequestRecord) -> bool:
         if not record.stream or record.endpoint == "embeddings" or self.mode == "never":
@@ -65,12 +64,14 @@ class Proxy:
         forwarder: Forwarder,
         on_unreachable: Callable[[Upstream, str], None],
         notices: NoticePolicy | None = None,
+        chat_header: str = "X-Chat-Id",
     ) -> None:
         self._catalog = catalog
         self._admission = admission
         self._forwarder = forwarder
         self._on_unreachable = on_unreachable
         self.notices = notices or NoticePolicy()
+        self._chat_header = chat_header  # names the sticky chat (see `chat_key`)
 
     async def handle(self, record: RequestRecord, raw_body: bytes, headers: Mapping[str, str]) -> Reply:
         """Serve one OpenAI request. Raises GatewayError for anything the client should see as an error."""
@@ -79,7 +80,7 @@ class Proxy:
         record.model = spec.name
         record.stream = body.get("stream") is True
         payload = msgspec.json.encode({**spec.defaults, **body, "model": spec.upstream_model})
-        sticky = chat_key(headers, self.notices.chat_header, body) if len(spec.upstreams) > 1 else None
+        sticky = chat_key(headers, self._chat_header, body) if len(spec.upstreams) > 1 else None
         ticket = self._admission.enqueue(spec.name, klass=record.klass, flow=record.flow, affinity=sticky)
         if self.notices.applies(record):
             deadline = ticket.enqueued_at + self.notices.min_wait_s
