@@ -311,7 +311,13 @@ async def test_request_log_line(start_sim, start_gateway, caplog):
     caplog.set_level("INFO", logger="queuegate")
     await in_thread(lambda: chat(gw.client(), max_tokens=3, extra_headers={"X-Request-Id": "trace-42"}))
     await in_thread(lambda: list(chat(gw.client(), max_tokens=3, stream=True, stream_options={"include_usage": True})))
-    lines = [r.fields for r in caplog.records if r.getMessage() == "request"]
+
+    def logged() -> list[dict]:
+        return [r.fields for r in caplog.records if r.getMessage() == "request"]
+
+    # A stream's line is written when the gateway closes it, which may be just after the client read the last byte.
+    await wait_until(lambda: len(logged()) == 2)
+    lines = logged()
     assert lines[0]["rid"] == "trace-42"
     for line in lines:
         assert line["model"] == "m" and line["upstream"] == "m#0" and line["status"] == 200
