@@ -72,8 +72,51 @@ class AffinityConfig(_Section):
     max_wait_ms: NonNegativeFloat = 500.0
 
 
+class DeviceConfig(_Section):
+    """A GPU (or any memory pool) that managed models share."""
+
+    memory_gb: PositiveFloat
+    exclusive: bool = False  # at most one model at a time, whatever the memory says
+
+
+class FleetConfig(_Section):
+    """How QueueGate starts, swaps and stops the models it manages (launcher = process or docker)."""
+
+    swap_after_ms: NonNegativeFloat = 10000.0
+    health_poll_ms: PositiveFloat = 50.0
+    restart_attempts: Annotated[int, msgspec.Meta(ge=0)] = 2
+    restart_backoff_s: PositiveFloat = 2.0
+    failure_hold_s: NonNegativeFloat = 30.0
+    abandoned_load: Literal["finish", "abort"] = "finish"
+    docker_url: str = ""
+    docker_timeout_s: PositiveFloat = 30.0
+
+
+class ContainerSpec(_Section):
+    """How to create a model's container when it does not exist yet (launcher = docker)."""
+
+    image: str
+    command: list[str] = []
+    environment: dict[str, str] = {}
+    mounts: list[str] = []  # "host_path:container_path[:ro]"
+    network_mode: str = "host"
+    gpus: str = ""  # "" = none, "all", or device ids such as "0,1"
+
+
 class ModelConfig(_Section):
-    upstreams: Annotated[list[str], msgspec.Meta(min_length=1)]
+    upstreams: list[str] = []
+    launcher: Literal["external", "process", "docker"] = "external"
+    cmd: list[str] = []
+    env: dict[str, str] = {}
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    container: str | None = None
+    create: ContainerSpec | None = None
+    device: str | None = None
+    memory_gb: NonNegativeFloat = 0.0
+    startup_timeout_s: PositiveFloat = 120.0
+    stop_timeout_s: PositiveFloat = 10.0
+    ttl_s: NonNegativeFloat = 0.0
+    preload: bool = False
     upstream_model: str | None = None
     kind: Kind = "openai"
     api_key_env: str | None = None
@@ -90,6 +133,8 @@ class Config(_Section):
     upstream: UpstreamDefaults = msgspec.field(default_factory=UpstreamDefaults)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     affinity: AffinityConfig = msgspec.field(default_factory=AffinityConfig)
+    fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
+    devices: dict[str, DeviceConfig] = {}
     models: dict[str, ModelConfig] = {}
     # Where the config came from; relative paths (state_dir) resolve against its folder.
     base_dir: str = "."
@@ -99,6 +144,8 @@ class Config(_Section):
 ROUTE_CLASSES = ("user", "agent")
 
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Inside a model's table these stay literal for the launcher: ${PORT} (its port) and ${MODEL} (its name).
+LAUNCH_MACROS = frozenset({"PORT", "MODEL"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 
 
@@ -132,15 +179,19 @@ def build_config(
     """Validate an already-parsed mapping (from TOML, or built in code for the demo)."""
     env = os.environ if environ is None else environ
     data = _interpolate(raw, env, source, path="")
-    # Named tables (one per model) are converted one by one, so an error names the model, not `models[...]`.
-    tables = data.pop("models", {})
-    if not isinstance(tables, dict):
-        raise ConfigError(f"{source}: at `models`: Expected `table`, got `{type(tables).__name__}`")
-    models = {name: _convert(table, ModelConfig, source, f"models.{name}") for name, table in tables.items()}
+    # Named tables (one per model or device) are converted one by one, so an error names the table, not `[...]`.
+    models = _convert_named(data.pop("models", {}), ModelConfig, source, "models")
+    devices = _convert_named(data.pop("devices", {}), DeviceConfig, source, "devices")
     config = _convert({**data, "base_dir": base_dir}, Config, source, "")
-    config = msgspec.structs.replace(config, models=models)
+    config = msgspec.structs.replace(config, models=models, devices=devices)
     _check(config, source, env)
     return config
+
+
+def _convert_named(tables: Any, type_: type[_T], source: str, key: str) -> dict[str, _T]:
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{source}: at `{key}`: Expected `table`, got `{type(tables).__name__}`")
+    return {name: _convert(table, type_, source, f"{key}.{name}") for name, table in tables.items()}
 
 
 def _convert(data: Any, type_: type[_T], source: str, path: str) -> _T:
@@ -158,6 +209,8 @@ def _interpolate(value: Any, env: Any, source: str, path: str) -> Any:
             name = match.group(1)
             if name is None:
                 return "$"
+            if name in LAUNCH_MACROS and path.startswith("models."):
+                return match.group(0)
             if name not in env:
                 raise ConfigError(f"{source}: at `{path}`: environment variable {name} is not set")
             return str(env[name])
@@ -199,6 +252,7 @@ def _check(config: Config, source: str, env: Any) -> None:
             fail(f"models.{name}", "a model name may use letters, digits and . _ : / @ + -")
         owners[name] = name
     for name, model in config.models.items():
+        _check_launch(name, model, config, fail)
         for i, url in enumerate(model.upstreams):
             if not re.match(r"^https?://[^/\s]+", url):
                 fail(
@@ -224,6 +278,44 @@ def _check(config: Config, source: str, env: Any) -> None:
         for key in ("model", "stream"):
             if key in model.defaults:
                 fail(f"models.{name}.defaults.{key}", f"`{key}` cannot have a default; the client sets it")
+
+
+def _check_launch(name: str, model: ModelConfig, config: Config, fail: Any) -> None:
+    """A model's launcher settings: what each launcher needs, and that its device can hold it."""
+    key = f"models.{name}"
+    if model.launcher == "external" and not model.upstreams:
+        fail(f"{key}.upstreams", "expected at least one base URL such as http://host:8081/v1")
+    if model.launcher == "process" and not model.cmd:
+        fail(f"{key}.cmd", 'launcher = "process" needs the command that starts the server, e.g. ["llama-server", ...]')
+    if model.launcher == "docker":
+        if not model.container:
+            fail(f"{key}.container", 'launcher = "docker" needs the name of the container to start and stop')
+        if not model.upstreams:
+            fail(f"{key}.upstreams", "expected the base URL the container serves on, e.g. http://127.0.0.1:8081/v1")
+    if model.launcher != "external" and len(model.upstreams) > 1:
+        fail(f"{key}.upstreams", f'launcher = "{model.launcher}" starts one server, so give at most one URL')
+    for field_name in ("cmd", "env", "port", "container", "create"):
+        if getattr(model, field_name) and not _launcher_uses(model.launcher, field_name):
+            fail(f"{key}.{field_name}", f'not used with launcher = "{model.launcher}"')
+    if model.device is None:
+        return
+    device = config.devices.get(model.device)
+    if device is None:
+        known = ", ".join(sorted(config.devices)) or "none configured"
+        fail(f"{key}.device", f"no device {model.device!r} under [devices] ({known})")
+    elif model.memory_gb > device.memory_gb:
+        fail(
+            f"{key}.memory_gb",
+            f"{model.memory_gb:g} GB can never fit on device {model.device!r} ({device.memory_gb:g} GB)",
+        )
+
+
+def _launcher_uses(launcher: str, field_name: str) -> bool:
+    if field_name in ("cmd", "env"):
+        return launcher == "process"
+    if field_name in ("container", "create"):
+        return launcher == "docker"
+    return launcher != "external"  # port
 
 
 def parse_listen(listen: str, *, on_error: Any = None) -> tuple[str, int]:

@@ -3,6 +3,7 @@
 from queuegate.scheduler._admission import Admission, QueueTimeout
 from queuegate.scheduler._core import (
     ClassStatistics,
+    Demand,
     FlowStatistics,
     ModelStatistics,
     ModelUnavailable,
@@ -19,6 +20,7 @@ from queuegate.scheduler._core import (
 __all__ = [
     "Admission",
     "ClassStatistics",
+    "Demand",
     "FlowStatistics",
     "ModelStatistics",
     "ModelUnavailable",

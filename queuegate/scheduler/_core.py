@@ -63,6 +63,17 @@ class Ticket:
 
 
 @dataclass(frozen=True, slots=True)
+class Demand:
+    """What one model's queue asks of the fleet: the planner loads, keeps and swaps models by it."""
+
+    waiting: int = 0
+    in_flight: int = 0
+    top_rank: int | None = None  # the best class among waiting requests (0 = the first class)
+    oldest_at: float | None = None  # when the oldest waiting request arrived
+    serving_rank: int | None = None  # the best class among requests in flight
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     classes: Sequence[str] = DEFAULT_CLASSES
     aging_s: float = 30.0
@@ -382,6 +393,20 @@ class SchedulerCore:
             del self._affinity[next(iter(self._affinity))]
 
     # -- observation --------------------------------------------------------------------------------------------
+
+    def demand(self) -> dict[str, Demand]:
+        """Every model's waiting and in-flight work, for the fleet planner."""
+        result = {}
+        for name, model in self._models.items():
+            in_flight = sum(slot.in_flight for slot in model.upstreams)
+            serving = min((self._rank[k] for k in model.in_service_by_class), default=None)
+            heads = [next(iter(q.arrivals)) for q in model.classes if q.arrivals]
+            if not heads:
+                result[name] = Demand(0, in_flight, serving_rank=serving)
+                continue
+            rank = self._rank[heads[0].klass]
+            result[name] = Demand(model.waiting, in_flight, rank, min(t.enqueued_at for t in heads), serving)
+        return result
 
     def is_servable(self, model: str) -> bool:
         return any(slot.state is UpstreamState.READY for slot in self._models[model].upstreams)
