@@ -83,6 +83,7 @@ class FleetConfig(_Section):
     """How QueueGate starts, swaps and stops the models it manages (launcher = process or docker)."""
 
     swap_after_ms: NonNegativeFloat = 10000.0
+    idle_grace_ms: NonNegativeFloat = 500.0
     health_poll_ms: PositiveFloat = 50.0
     restart_attempts: Annotated[int, msgspec.Meta(ge=0)] = 2
     restart_backoff_s: PositiveFloat = 2.0

@@ -17,6 +17,11 @@ from hypercorn.trio import serve
 from queuegate.api import InFlight, create_app
 from queuegate.config import Config, parse_listen
 from queuegate.fleet import Catalog, HealthMonitor
+from queuegate.fleet.catalog import Upstream
+from queuegate.fleet.containers import DockerEngine, DockerLauncher
+from queuegate.fleet.manager import Fleet, Launcher
+from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
+from queuegate.fleet.process import ChildProcess
 from queuegate.proxy import Forwarder, NoticePolicy, Proxy, Timeouts, UpstreamConnections
 from queuegate.scheduler import Admission, Policy, SchedulerCore
 
@@ -47,6 +52,8 @@ class Daemon:
             SchedulerCore([(u.id, u.model, u.capacity) for u in self.catalog.upstreams.values()], policy),
             max_wait_s=queue.max_wait_s,
         )
+        self.launchers = _launchers(config, self.catalog)
+        self.fleet: Fleet | None = None  # built in `run`: it needs the health client
         self._shutdown = trio.Event()
         self._in_flight = InFlight()
 
@@ -81,11 +88,29 @@ class Daemon:
                 min_wait_s=cfg.queue.notify_min_ms / 1000,
                 keepalive_s=cfg.queue.keepalive_s,
             )
+            fleet = self.fleet = Fleet(
+                self.catalog,
+                _planner(cfg, trio.current_time()),
+                self.launchers,
+                self.admission,
+                health_client,
+                poll_s=cfg.fleet.health_poll_ms / 1000,
+                interval_s=up.health_interval_s,
+                timeout_s=up.health_timeout_s,
+            )
+
+            def report_unreachable(upstream: Upstream, reason: str) -> None:
+                model = self.catalog.models[upstream.model]
+                (fleet if model.launch is not None else health).report_failure(upstream, reason)
+
             forwarder = Forwarder(pool, timeouts)
-            proxy = Proxy(self.catalog, self.admission, forwarder, health.report_failure, notices, cfg.affinity.header)
-            app = create_app(cfg.server, self.catalog, self.admission, proxy, self._in_flight, cfg.queue.classes)
+            proxy = Proxy(self.catalog, self.admission, forwarder, report_unreachable, notices, cfg.affinity.header)
+            app = create_app(cfg.server, self.catalog, self.admission, fleet, proxy, self._in_flight, cfg.queue.classes)
             await nursery.start(self.admission.run)
             await nursery.start(health.run)
+            if self.launchers:
+                self.admission.add_listener(fleet.notify)
+            await nursery.start(fleet.run)
             binds = await nursery.start(self._serve, app, nursery)
             base_url = binds[0]
             log.info("listening", extra={"fields": {"url": base_url, "models": len(self.catalog.models)}})
@@ -123,3 +148,39 @@ class Daemon:
             await self._in_flight.wait_idle()
         log.info("stopped", extra={"fields": {"unfinished_requests": self._in_flight.count}})
         server_scope.cancel()
+
+
+def _planner(config: Config, now: float) -> FleetPlanner:
+    fleet = config.fleet
+    return FleetPlanner(
+        [DeviceSpec(name, d.memory_gb, d.exclusive) for name, d in config.devices.items()],
+        [
+            PlannedModel(name, m.device, m.memory_gb, m.ttl_s, m.preload, managed=m.launcher != "external")
+            for name, m in config.models.items()
+        ],
+        PlannerPolicy(
+            swap_after_s=fleet.swap_after_ms / 1000,
+            idle_grace_s=fleet.idle_grace_ms / 1000,
+            restart_attempts=fleet.restart_attempts,
+            restart_backoff_s=fleet.restart_backoff_s,
+            failure_hold_s=fleet.failure_hold_s,
+            abort_abandoned=fleet.abandoned_load == "abort",
+        ),
+        now=now,
+    )
+
+
+def _launchers(config: Config, catalog: Catalog) -> dict[str, Launcher]:
+    """One launcher per managed model; docker ones share one Docker Engine client."""
+    engine: DockerEngine | None = None
+    launchers: dict[str, Launcher] = {}
+    for name, spec in catalog.models.items():
+        launch = spec.launch
+        if launch is None:
+            continue
+        if launch.launcher == "process":
+            launchers[name] = ChildProcess(name, launch.argv, env=launch.env, stop_grace_s=launch.stop_timeout_s)
+        else:
+            engine = engine or DockerEngine(config.fleet.docker_url, config.fleet.docker_timeout_s)
+            launchers[name] = DockerLauncher(name, launch, engine)
+    return launchers

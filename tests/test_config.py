@@ -31,7 +31,7 @@ def test_defaults_are_safe():
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [
-        ("[models.m]\nupstreams = []", "at `models.m.upstreams`: Expected `array` of length >= 1"),
+        ("[models.m]\nupstreams = []", "at `models.m.upstreams`: expected at least one base URL"),
         (
             '[models.m]\nupstreams = ["x"]\nmax_concurrency = 0',
             "at `models.m.max_concurrency`: Expected `int` >= 1",
@@ -52,6 +52,22 @@ def test_defaults_are_safe():
             "at `models.m.defaults.model`",
         ),
         ("[models.m\n", "not valid TOML"),
+        ('[models.m]\nlauncher = "process"', 'at `models.m.cmd`: launcher = "process" needs the command'),
+        ('[models.m]\nlauncher = "docker"\nupstreams = ["http://h/v1"]', "at `models.m.container`: "),
+        (
+            '[models.m]\nupstreams = ["http://h/v1"]\ncontainer = "c"',
+            'at `models.m.container`: not used with launcher = "external"',
+        ),
+        (
+            '[models.m]\nupstreams = ["http://h/v1"]\ndevice = "gpu"',
+            "at `models.m.device`: no device 'gpu' under [devices]",
+        ),
+        (
+            '[devices.gpu]\nmemory_gb = 8\n[models.m]\nlauncher = "process"\ncmd = ["x"]\ndevice = "gpu"\nmemory_gb = 12',
+            "at `models.m.memory_gb`: 12 GB can never fit on device 'gpu' (8 GB)",
+        ),
+        ("[devices.gpu]\nexclusive = true", "at `devices.gpu`: Object missing required field `memory_gb`"),
+        ('[fleet]\nabandoned_load = "keep"', "at `fleet.abandoned_load`: Invalid enum value 'keep'"),
     ],
 )
 def test_errors_name_the_key(toml, expected):
@@ -92,6 +108,24 @@ def test_kind_profiles_set_health_and_endpoints():
     assert "embeddings" not in tgi.endpoints and tgi.upstreams[0].health_url == "http://h:80/health"
     assert ollama.upstreams[0].health_url == "http://h:11434/api/version"
     assert custom.upstreams[0].health_url is None and custom.endpoints == {"embeddings"}
+
+
+def test_launch_macros_are_the_launchers_and_env_references_stay_the_environments():
+    config = parse_config(
+        '[models.p]\nlauncher = "process"\nkind = "llamacpp"\n'
+        'cmd = ["srv", "--port", "${PORT}", "--alias", "${MODEL}", "--key", "${SECRET}"]\nenv = { TAG = "${MODEL}" }\n'
+        '[models.d]\nlauncher = "docker"\ncontainer = "box"\nport = 9000\nupstreams = ["http://127.0.0.1:${PORT}/v1"]\n',
+        environ={"SECRET": "s3", "PORT": "1"},  # an environment PORT does not leak into a model's ${PORT}
+    )
+    catalog = Catalog.from_config(config, free_port=lambda: 8123)
+    process, docker = catalog.models["p"], catalog.models["d"]
+    assert process.launch is not None and docker.launch is not None
+    assert process.launch.argv == ("srv", "--port", "8123", "--alias", "p", "--key", "s3")
+    assert process.launch.env == {"TAG": "p"}
+    assert process.upstreams[0].base_url == "http://127.0.0.1:8123/v1"  # the process launcher's default URL
+    assert process.upstreams[0].health_url == "http://127.0.0.1:8123/health"
+    assert docker.upstreams[0].base_url == "http://127.0.0.1:9000/v1"
+    assert catalog.models["p"].launch.startup_timeout_s == 120.0
 
 
 def test_starter_config_is_valid_and_is_the_shipped_example():

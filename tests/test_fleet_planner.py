@@ -15,7 +15,7 @@ from queuegate.fleet.planner import (
     FleetPlanner,
     Halt,
     Launch,
-    ModelSpec,
+    PlannedModel,
     ModelState,
     PlannerPolicy,
 )
@@ -78,7 +78,7 @@ class FakeFleet:
 def exclusive_pair(**policy):
     return FakeFleet(
         [DeviceSpec("gpu", 24, exclusive=True)],
-        [ModelSpec("a", "gpu", 8), ModelSpec("b", "gpu", 8)],
+        [PlannedModel("a", "gpu", 8), PlannedModel("b", "gpu", 8)],
         PlannerPolicy(**{"swap_after_s": 10, **policy}),
     )
 
@@ -155,7 +155,7 @@ def test_the_swap_bound_counts_from_the_residents_load():
 def test_memory_device_evicts_the_least_recently_used_idle_model():
     fleet = FakeFleet(
         [DeviceSpec("gpu", 20)],
-        [ModelSpec("a", "gpu", 8), ModelSpec("b", "gpu", 8), ModelSpec("c", "gpu", 8)],
+        [PlannedModel("a", "gpu", 8), PlannedModel("b", "gpu", 8), PlannedModel("c", "gpu", 8)],
     )
     assert fleet.set("a", waiting=1) == [Launch("a")]
     assert fleet.set("b", waiting=1) == [Launch("b")]  # both fit in 20 GB
@@ -171,7 +171,7 @@ def test_memory_device_evicts_the_least_recently_used_idle_model():
 
 
 def test_idle_models_unload_after_their_ttl():
-    fleet = FakeFleet([], [ModelSpec("a", None, ttl_s=60)])
+    fleet = FakeFleet([], [PlannedModel("a", None, ttl_s=60)])
     fleet.set("a", waiting=1)
     fleet.ready("a")
     fleet.set("a", in_flight=1)
@@ -221,7 +221,7 @@ def test_a_crash_while_serving_restarts_it_for_the_waiting_requests():
 def test_startup_preload_fills_free_room_only():
     fleet = FakeFleet(
         [DeviceSpec("gpu", 24, exclusive=True)],
-        [ModelSpec("a", "gpu", 8, preload=True), ModelSpec("b", "gpu", 8, preload=True)],
+        [PlannedModel("a", "gpu", 8, preload=True), PlannedModel("b", "gpu", 8, preload=True)],
     )
     assert fleet.plan() == [Launch("a")]
     fleet.ready("a")
@@ -264,7 +264,7 @@ def test_a_swap_nobody_needs_any_more_is_cancelled():
 def test_external_models_hold_their_memory_and_never_move():
     fleet = FakeFleet(
         [DeviceSpec("gpu", 16)],
-        [ModelSpec("embed", "gpu", 6, managed=False), ModelSpec("a", "gpu", 8), ModelSpec("b", "gpu", 8)],
+        [PlannedModel("embed", "gpu", 6, managed=False), PlannedModel("a", "gpu", 8), PlannedModel("b", "gpu", 8)],
     )
     fleet.running.add("embed")
     fleet.set("a", waiting=1)
@@ -322,7 +322,7 @@ def test_no_device_is_ever_overcommitted(events):
     """Whatever happens, the servers running on a device (by the fake's own timeline) fit it."""
     fleet = FakeFleet(
         [DeviceSpec("x", 24, exclusive=True), DeviceSpec("m", 16)],
-        [ModelSpec("a", "x", 10), ModelSpec("b", "x", 10), ModelSpec("c", "m", 10), ModelSpec("d", "m", 6)],
+        [PlannedModel("a", "x", 10), PlannedModel("b", "x", 10), PlannedModel("c", "m", 10), PlannedModel("d", "m", 6)],
         PlannerPolicy(swap_after_s=5, restart_backoff_s=1, failure_hold_s=3),
     )
     for kind, model, waiting, in_flight in events:

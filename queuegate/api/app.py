@@ -27,6 +27,7 @@ from queuegate.errors import (
     RequestTimeout,
 )
 from queuegate.fleet.catalog import Catalog
+from queuegate.fleet.manager import Fleet
 from queuegate.proxy import CLIENT_CLOSED, Proxy, Reply, RequestRecord, request_class, request_flow
 from queuegate.scheduler import Admission
 
@@ -62,6 +63,7 @@ def create_app(
     server: ServerConfig,
     catalog: Catalog,
     admission: Admission,
+    fleet: Fleet,
     proxy: Proxy,
     in_flight: InFlight,
     classes: Sequence[str],
@@ -117,17 +119,36 @@ def create_app(
     async def embeddings() -> Response:
         return await relay("embeddings")
 
+    def model_states() -> dict[str, tuple[str, bool]]:
+        """Each model's state ("ready", "stopped", "starting", ... or for external ones their upstreams' best) and
+        whether it can take requests (now, or after loading on demand)."""
+        planned = {m.name: m.state for m in fleet.statistics().models}
+        states = {}
+        for model in admission.statistics().models:
+            upstreams = {u.state for u in model.upstreams}
+            if catalog.models[model.name].launch is not None:
+                state = planned[model.name]
+                states[model.name] = (state, state != "failed")
+            else:
+                state = next((s for s in ("ready", "loading", "down") if s in upstreams), "down")
+                states[model.name] = (state, state == "ready")
+        return states
+
     @app.get("/v1/models")
     async def list_models() -> Response:
+        states = model_states()
         data = []
         for name in catalog.public_names():
             spec = catalog.resolve(name)
             assert spec is not None
+            state = states[spec.name][0]
             entry: dict[str, Any] = {
                 "id": name,
                 "object": "model",
                 "created": created,
                 "owned_by": server.owned_by,
+                "loaded": state == "ready",
+                "state": state,
             }
             if name != spec.name:
                 entry["alias_for"] = spec.name
@@ -140,12 +161,13 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        stats = admission.statistics()
+        """Ready when some model can take requests: loaded, or managed and loadable on demand."""
+        states = model_states()
         models = []
-        for model in stats.models:
-            ready = any(u.state == "ready" for u in model.upstreams)
-            entry: dict[str, Any] = {"name": model.name, "ready": ready}
-            if not ready:
+        for model in admission.statistics().models:
+            state, available = states[model.name]
+            entry: dict[str, Any] = {"name": model.name, "ready": available, "loaded": state == "ready"}
+            if not available or state != "ready":
                 entry["reason"] = "; ".join(f"{u.id}: {u.state} ({u.reason})" for u in model.upstreams)
             models.append(entry)
         ok = any(m["ready"] for m in models)

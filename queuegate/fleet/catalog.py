@@ -6,12 +6,14 @@ Built once from the config by the composition root; immutable afterwards, so eve
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from queuegate.config import Config, ModelConfig
+from queuegate.config import Config, ContainerSpec, ModelConfig
 from queuegate.fleet.kinds import PROFILES, KindProfile
 
 
@@ -33,6 +35,20 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    """How QueueGate starts and stops a managed model's server, with ${PORT} and ${MODEL} already substituted."""
+
+    launcher: str  # "process" or "docker"
+    argv: tuple[str, ...]  # process
+    env: Mapping[str, str]  # process: added to QueueGate's environment
+    container: str | None  # docker
+    create: ContainerSpec | None  # docker: how to create the container when it is missing
+    port: int
+    startup_timeout_s: float
+    stop_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     name: str
     upstream_model: str
@@ -41,6 +57,7 @@ class ModelSpec:
     aliases: tuple[str, ...]
     defaults: Mapping[str, Any]
     upstreams: tuple[Upstream, ...]
+    launch: LaunchSpec | None = None  # None: external, always on
 
 
 class Catalog:
@@ -56,9 +73,16 @@ class Catalog:
         self.upstreams: dict[str, Upstream] = {u.id: u for m in self.models.values() for u in m.upstreams}
 
     @classmethod
-    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> Catalog:
+    def from_config(
+        cls,
+        config: Config,
+        environ: Mapping[str, str] | None = None,
+        free_port: Callable[[], int] | None = None,
+    ) -> Catalog:
+        """`free_port` picks the port of a managed model that uses ${PORT} without setting `port`."""
         env = os.environ if environ is None else environ
-        return cls({name: _model_spec(name, mc, env) for name, mc in config.models.items()})
+        pick = free_port or pick_free_port
+        return cls({name: _model_spec(name, mc, env, pick) for name, mc in config.models.items()})
 
     def resolve(self, name: str) -> ModelSpec | None:
         return self._by_name.get(name)
@@ -70,8 +94,34 @@ class Catalog:
         return names
 
 
-def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str]) -> ModelSpec:
+def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str], free_port: Callable[[], int]) -> ModelSpec:
     profile = PROFILES[mc.kind]
+    launch = None
+    urls = mc.upstreams
+    if mc.launcher != "external":
+        port = mc.port or free_port()
+        macros = {"PORT": str(port), "MODEL": name}
+        urls = [_expand(u, macros) for u in (mc.upstreams or ["http://127.0.0.1:${PORT}/v1"])]
+        create = mc.create
+        if create is not None:
+            create = ContainerSpec(
+                image=create.image,
+                command=[_expand(a, macros) for a in create.command],
+                environment={k: _expand(v, macros) for k, v in create.environment.items()},
+                mounts=list(create.mounts),
+                network_mode=create.network_mode,
+                gpus=create.gpus,
+            )
+        launch = LaunchSpec(
+            launcher=mc.launcher,
+            argv=tuple(_expand(a, macros) for a in mc.cmd),
+            env={k: _expand(v, macros) for k, v in mc.env.items()},
+            container=mc.container,
+            create=create,
+            port=port,
+            startup_timeout_s=mc.startup_timeout_s,
+            stop_timeout_s=mc.stop_timeout_s,
+        )
     health_path = profile.health_path if mc.health_path is None else mc.health_path
     headers: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"),
@@ -88,7 +138,7 @@ def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str]) -> ModelSpec
             capacity=mc.max_concurrency,
             headers=((b"host", urlsplit(url).netloc.rsplit("@", 1)[-1].encode()), *headers),
         )
-        for i, url in enumerate(mc.upstreams)
+        for i, url in enumerate(urls)
     )
     return ModelSpec(
         name=name,
@@ -98,7 +148,22 @@ def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str]) -> ModelSpec
         aliases=tuple(mc.aliases),
         defaults=dict(mc.defaults),
         upstreams=upstreams,
+        launch=launch,
     )
+
+
+_MACRO = re.compile(r"\$\{(PORT|MODEL)\}")
+
+
+def _expand(text: str, macros: Mapping[str, str]) -> str:
+    return _MACRO.sub(lambda m: macros[m.group(1)], text)
+
+
+def pick_free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it); the model's server binds it when launched."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def server_root(base_url: str) -> str:

@@ -34,21 +34,23 @@ class HealthMonitor:
         retry_interval_s: float = 1.0,
     ) -> None:
         self._catalog = catalog
+        # Upstreams of managed models (launcher = process or docker) are watched by the fleet instead.
+        self._upstreams = [u for u in catalog.upstreams.values() if catalog.models[u.model].launch is None]
         self._client = client
         self._on_state = on_state
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._retry_interval_s = min(retry_interval_s, interval_s)
-        self._recheck = {uid: trio.Event() for uid in catalog.upstreams}
+        self._recheck = {u.id: trio.Event() for u in self._upstreams}
         self._state: dict[str, UpstreamState] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check every upstream once (concurrently), report ready, then keep watching until cancelled."""
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as first_round:
-                for upstream in self._catalog.upstreams.values():
+                for upstream in self._upstreams:
                     first_round.start_soon(self._check, upstream)
-            for upstream in self._catalog.upstreams.values():
+            for upstream in self._upstreams:
                 nursery.start_soon(self._watch, upstream)
             task_status.started()
 
@@ -72,24 +74,8 @@ class HealthMonitor:
             self._set(upstream, UpstreamState.READY, "no health check configured")
             return
         kind = self._catalog.models[upstream.model].kind
-        state, reason = await self._probe(upstream, kind)
+        state, reason = await probe_health(self._client, upstream, kind, self._timeout_s)
         self._set(upstream, state, reason)
-
-    async def _probe(self, upstream: Upstream, kind: KindProfile) -> tuple[UpstreamState, str]:
-        assert upstream.health_url is not None
-        headers = [(k.decode(), v.decode()) for k, v in upstream.headers if k == b"authorization"]  # httpx sets host
-        try:
-            with trio.fail_after(self._timeout_s):
-                response = await self._client.get(upstream.health_url, headers=headers)
-        except trio.TooSlowError:
-            return UpstreamState.DOWN, f"health check timed out after {self._timeout_s:g} s"
-        except httpx.HTTPError as exc:
-            return UpstreamState.DOWN, f"health check failed: {type(exc).__name__}: {exc}"
-        if response.status_code == 200:
-            return UpstreamState.READY, "ok"
-        if response.status_code in kind.loading_statuses:
-            return UpstreamState.LOADING, f"loading (health answered {response.status_code})"
-        return UpstreamState.DOWN, f"health answered {response.status_code}"
 
     def _set(self, upstream: Upstream, state: UpstreamState, reason: str) -> None:
         previous = self._state.get(upstream.id)
@@ -109,3 +95,23 @@ class HealthMonitor:
                 },
             )
         self._on_state(upstream.id, state, reason)
+
+
+async def probe_health(
+    client: httpx.AsyncClient, upstream: Upstream, kind: KindProfile, timeout_s: float
+) -> tuple[UpstreamState, str]:
+    """One health check: READY on 200, LOADING on the kind's loading statuses, else DOWN; with the reason."""
+    assert upstream.health_url is not None
+    headers = [(k.decode(), v.decode()) for k, v in upstream.headers if k == b"authorization"]  # httpx sets host
+    try:
+        with trio.fail_after(timeout_s):
+            response = await client.get(upstream.health_url, headers=headers)
+    except trio.TooSlowError:
+        return UpstreamState.DOWN, f"health check timed out after {timeout_s:g} s"
+    except httpx.HTTPError as exc:
+        return UpstreamState.DOWN, f"health check failed: {type(exc).__name__}: {exc}"
+    if response.status_code == 200:
+        return UpstreamState.READY, "ok"
+    if response.status_code in kind.loading_statuses:
+        return UpstreamState.LOADING, f"loading (health answered {response.status_code})"
+    return UpstreamState.DOWN, f"health answered {response.status_code}"

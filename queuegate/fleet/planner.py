@@ -80,7 +80,7 @@ class DeviceSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelSpec:
+class PlannedModel:
     """What the planner knows of a model. `managed=False`: always on (external), never launched or evicted."""
 
     name: str
@@ -110,7 +110,7 @@ class Want(enum.Enum):
 
 @dataclass(slots=True, eq=False)
 class _Model:
-    spec: ModelSpec
+    spec: PlannedModel
     state: ModelState = ModelState.STOPPED
     reason: str = "not loaded yet"
     since: float = 0.0  # when it entered its state
@@ -173,7 +173,7 @@ class FleetPlanner:
     def __init__(
         self,
         devices: Iterable[DeviceSpec],
-        models: Iterable[ModelSpec],
+        models: Iterable[PlannedModel],
         policy: PlannerPolicy | None = None,
         *,
         now: float = 0.0,

@@ -1,4 +1,4 @@
-"""Child processes QueueGate starts itself: own process group, output kept in a ring buffer, killed on cancel."""
+"""Child processes QueueGate starts itself: own process group, output kept in a ring buffer, stopped on cancel."""
 
 from __future__ import annotations
 
@@ -8,66 +8,101 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import trio
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-class ChildFailed(Exception):
-    """The child exited or never said it was ready; the message carries the tail of its output."""
+class LaunchFailed(Exception):
+    """A model server could not start, or exited; the message says why, with the tail of its output."""
 
 
 class ChildProcess:
-    def __init__(self, name: str, argv: Sequence[str], *, ring_lines: int = 200) -> None:
+    """One child process: the process launcher's model server, or one of the demo's simulators.
+
+    `history` is the launcher's own timeline: ("spawning", t) just before the process is created and
+    ("exited", t) once it has been reaped, in trio time. Tests check device exclusivity on it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stop_grace_s: float = 3.0,
+        ring_lines: int = 200,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
+        self.env = None if env is None else {**os.environ, **env}
+        self.stop_grace_s = stop_grace_s
         self.output: collections.deque[str] = collections.deque(maxlen=ring_lines)
+        self.history: collections.deque[tuple[str, float]] = collections.deque(maxlen=100)
         self.process: trio.Process | None = None
 
     async def run(
         self,
         *,
-        ready_prefix: str,
+        ready_prefix: str | None = None,
         ready_timeout_s: float = 30.0,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Start the child, wait for an output line starting with `ready_prefix`, report the rest of that line.
+        """Start the child and report started: at once, or (with `ready_prefix`) once it prints a line starting
+        with it, reporting the rest of that line. Raises LaunchFailed when the child exits.
 
-        Runs until cancelled; then the whole process group gets SIGTERM, and SIGKILL if it lingers.
+        Runs until cancelled; then the whole process group gets SIGTERM, and SIGKILL after `stop_grace_s`.
         """
-        process = await trio.lowlevel.open_process(
-            self.argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+        self.history.append(("spawning", trio.current_time()))
+        try:
+            process = await trio.lowlevel.open_process(
+                self.argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                env=self.env,
+            )
+        except OSError as exc:
+            self.history.append(("exited", trio.current_time()))
+            raise LaunchFailed(f"{self.name}: cannot run {self.argv[0]!r}: {exc.strerror or exc}") from None
         self.process = process
         try:
             assert process.stdout is not None
             lines = _lines(process.stdout)
-            ready = False
-            with trio.move_on_after(ready_timeout_s) as waiting:
-                async for line in lines:
-                    self.output.append(line)
-                    if line.startswith(ready_prefix):
-                        ready = True
-                        task_status.started(line[len(ready_prefix) :].strip())
-                        break
-            if not ready:
-                if waiting.cancelled_caught:
-                    raise ChildFailed(f"{self.name} was not ready within {ready_timeout_s:g} s:\n{self.tail()}")
-                await process.wait()
-                raise ChildFailed(f"{self.name} exited with {process.returncode} before it was ready:\n{self.tail()}")
+            if ready_prefix is None:
+                task_status.started("")
+            else:
+                await self._wait_ready(process, lines, ready_prefix, ready_timeout_s, task_status)
             async for line in lines:
                 self.output.append(line)
             await process.wait()
-            raise ChildFailed(f"{self.name} exited with {process.returncode}:\n{self.tail()}")
+            raise LaunchFailed(f"{self.name} exited with {process.returncode}:\n{self.tail()}")
         finally:
             with trio.CancelScope(shield=True):
-                await _stop_group(process)
+                await _stop_group(process, self.stop_grace_s)
+            self.history.append(("exited", trio.current_time()))
+
+    async def _wait_ready(
+        self,
+        process: trio.Process,
+        lines: AsyncIterator[str],
+        ready_prefix: str,
+        timeout_s: float,
+        task_status: trio.TaskStatus[str],
+    ) -> None:
+        with trio.move_on_after(timeout_s) as waiting:
+            async for line in lines:
+                self.output.append(line)
+                if line.startswith(ready_prefix):
+                    task_status.started(line[len(ready_prefix) :].strip())
+                    return
+        if waiting.cancelled_caught:
+            raise LaunchFailed(f"{self.name} was not ready within {timeout_s:g} s:\n{self.tail()}")
+        await process.wait()
+        raise LaunchFailed(f"{self.name} exited with {process.returncode} before it was ready:\n{self.tail()}")
 
     def tail(self, lines: int = 20) -> str:
         return "\n".join(list(self.output)[-lines:])
@@ -80,7 +115,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def _lines(stream: trio.abc.ReceiveStream):
+async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:
     buffer = b""
     while chunk := await stream.receive_some():
         buffer += chunk
@@ -91,7 +126,7 @@ async def _lines(stream: trio.abc.ReceiveStream):
         yield buffer.decode("utf-8", "replace")
 
 
-async def _stop_group(process: trio.Process, grace_s: float = 3.0) -> None:
+async def _stop_group(process: trio.Process, grace_s: float) -> None:
     if process.returncode is not None:
         return
     try:

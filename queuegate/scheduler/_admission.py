@@ -8,12 +8,19 @@ slot it would have taken goes to the next request. A granted slot is handed back
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
 from queuegate.errors import ServiceUnavailable
-from queuegate.scheduler._core import QueuePosition, SchedulerCore, SchedulerStatistics, Ticket, UpstreamState
+from queuegate.scheduler._core import (
+    Demand,
+    QueuePosition,
+    SchedulerCore,
+    SchedulerStatistics,
+    Ticket,
+    UpstreamState,
+)
 
 
 class QueueTimeout(ServiceUnavailable):
@@ -27,6 +34,7 @@ class Admission:
         self._wakeups: dict[Ticket, trio.Event] = {}
         self._timer_changed = trio.Event()
         self._armed_at: float | None = None  # the wake-up time `run` sleeps until
+        self._listeners: list[Callable[[], None]] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Tick the core when the earliest sticky-chat wait expires."""
@@ -85,6 +93,13 @@ class Admission:
         """Give the slot back (idempotent); the next waiting request may get it at once."""
         self._wake(self._core.release(ticket, trio.current_time()))
 
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every change to the queue (it must only take note: no awaits, no re-entry)."""
+        self._listeners.append(listener)
+
+    def demand(self) -> dict[str, Demand]:
+        return self._core.demand()
+
     def position(self, ticket: Ticket) -> QueuePosition | None:
         return self._core.position(ticket)
 
@@ -104,3 +119,5 @@ class Admission:
                 wakeup.set()
         if self._core.next_wakeup() != self._armed_at:
             self._timer_changed.set()
+        for listener in self._listeners:
+            listener()

@@ -1,0 +1,231 @@
+"""The fleet: carries out the planner's decisions for managed models and reports back what happened.
+
+It is the only component that launches or stops model servers. Its loop re-plans whenever the queue changes (the
+scheduler calls `notify`) or a planner deadline passes; each launched model gets its own task and cancel scope:
+launch, poll health at a fine interval until it answers (so the first request goes out within one poll of the
+server turning healthy), then watch it. Halting a model cancels that scope; the launcher stops the server.
+Every planner state change is passed on: to the scheduler (may this model's upstream take requests?), to the log,
+and to subscribers of `events`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import httpx
+import trio
+
+from queuegate.fleet.catalog import Catalog, Upstream
+from queuegate.fleet.health import probe_health
+from queuegate.fleet.planner import FleetPlanner, FleetStatistics, Halt, Launch, ModelState, Transition
+from queuegate.fleet.process import LaunchFailed
+from queuegate.scheduler import Admission, UpstreamState
+
+log = logging.getLogger("queuegate.fleet")
+
+# How a planner state shows to the scheduler: only a ready model takes requests; a failed one refuses them.
+_UPSTREAM_STATE = {
+    ModelState.READY: UpstreamState.READY,
+    ModelState.FAILED: UpstreamState.DOWN,
+}
+_HEALTH_FAILURES_TO_RESTART = 2  # failed checks in a row that make a serving model count as crashed
+_EVENT_BUFFER = 256
+
+
+class Launcher(Protocol):
+    """Starts one model's server: reports started once it runs, raises LaunchFailed when it exits, and stops it
+    when cancelled. `history` is its own timeline of ("spawning" | "exited", trio time)."""
+
+    @property
+    def history(self) -> Iterable[tuple[str, float]]: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+
+class Fleet:
+    def __init__(
+        self,
+        catalog: Catalog,
+        planner: FleetPlanner,
+        launchers: Mapping[str, Launcher],
+        admission: Admission,
+        health_client: httpx.AsyncClient,
+        *,
+        poll_s: float,
+        interval_s: float,
+        timeout_s: float,
+    ) -> None:
+        self._catalog = catalog
+        self._planner = planner
+        self._launchers = dict(launchers)
+        self._admission = admission
+        self._client = health_client
+        self._poll_s = poll_s
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._scopes: dict[str, trio.CancelScope] = {}  # the task of each model with a server (maybe) running
+        self._recheck: dict[str, trio.Event] = {}
+        self._subscribers: set[trio.MemorySendChannel[Transition]] = set()
+
+    @property
+    def managed(self) -> list[str]:
+        return list(self._launchers)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish every model's initial state, launch the preloads, then follow the queue until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._replan()
+            task_status.started()
+            while True:
+                wake_at = self._planner.next_wakeup()
+                with trio.move_on_at(math.inf if wake_at is None else wake_at):
+                    await self._changed.wait()
+                self._changed = trio.Event()
+                self._replan()
+
+    def notify(self) -> None:
+        """The queue changed: re-plan soon (on the fleet's own task, never inside the caller)."""
+        self._changed.set()
+
+    def preload(self, model: str) -> None:
+        """Load `model` now, draining what is in its way. KeyError: unknown; ValueError: not managed."""
+        self._planner.preload(self._name(model), trio.current_time())
+        self.notify()
+
+    def evict(self, model: str) -> None:
+        """Unload `model`; a busy one is drained first. KeyError: unknown; ValueError: not managed."""
+        self._planner.evict(self._name(model), trio.current_time())
+        self.notify()
+
+    def report_failure(self, upstream: Upstream, reason: str) -> None:
+        """A request could not reach a managed model's server: check its health now."""
+        recheck = self._recheck.get(upstream.model)
+        if recheck is not None:
+            recheck.set()
+
+    def statistics(self) -> FleetStatistics:
+        return self._planner.statistics(trio.current_time())
+
+    def launch_history(self, model: str) -> list[tuple[str, float]]:
+        """The launcher's own timeline for `model`: ("spawning" | "exited", trio time)."""
+        return list(self._launchers[model].history)
+
+    @asynccontextmanager
+    async def events(self) -> AsyncIterator[trio.MemoryReceiveChannel[Transition]]:
+        """Every model state change from now on. A subscriber that falls behind loses the oldest events."""
+        send, receive = trio.open_memory_channel[Transition](_EVENT_BUFFER)
+        self._subscribers.add(send)
+        try:
+            yield receive
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+
+    # -- planning -----------------------------------------------------------------------------------------------
+
+    def _replan(self) -> None:
+        assert self._nursery is not None
+        effects = self._planner.plan(trio.current_time(), self._admission.demand())
+        self._publish()
+        for effect in effects:
+            if isinstance(effect, Launch):
+                self._nursery.start_soon(self._serve, effect.model)
+            elif isinstance(effect, Halt):
+                scope = self._scopes.get(effect.model)
+                if scope is not None:
+                    scope.cancel()
+
+    def _publish(self) -> None:
+        for transition in self._planner.take_transitions():
+            model = self._catalog.models[transition.model]
+            if model.launch is None:
+                continue
+            state = _UPSTREAM_STATE.get(transition.state, UpstreamState.LOADING)
+            reason = f"{transition.state.value}: {transition.reason}"
+            for upstream in model.upstreams:
+                self._admission.set_upstream_state(upstream.id, state, reason)
+            level = logging.WARNING if transition.state is ModelState.FAILED else logging.INFO
+            fields = {"model": transition.model, "state": transition.state.value, "reason": transition.reason}
+            log.log(level, "model state", extra={"fields": fields})
+            for subscriber in list(self._subscribers):
+                try:
+                    subscriber.send_nowait(transition)
+                except trio.WouldBlock:
+                    pass  # a slow subscriber misses events, never the fleet
+                except trio.BrokenResourceError:
+                    self._subscribers.discard(subscriber)
+
+    def _report(self, method: str, model: str, *args: str) -> None:
+        getattr(self._planner, method)(model, trio.current_time(), *args)
+        self._replan()
+
+    def _name(self, model: str) -> str:
+        spec = self._catalog.resolve(model)
+        if spec is None:
+            raise KeyError(f"no model {model!r}")
+        return spec.name
+
+    # -- one model's server ---------------------------------------------------------------------------------------
+
+    async def _serve(self, model: str) -> None:
+        """Launch, wait for health, watch; until halted (scope cancelled) or the server fails."""
+        failure: str | None = None
+        upstream = self._catalog.models[model].upstreams[0]
+        with trio.CancelScope() as scope:
+            self._scopes[model] = scope
+            self._recheck[model] = trio.Event()
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self._launchers[model].run)
+                    self._report("launched", model)
+                    await self._wait_healthy(model, upstream)
+                    self._report("ready", model)
+                    await self._watch(model, upstream)
+            except* LaunchFailed as group:
+                failure = str(group.exceptions[0])
+        del self._scopes[model]
+        self._recheck.pop(model, None)
+        if failure is None:
+            self._report("stopped", model)
+        else:
+            log.warning("model server failed", extra={"fields": {"model": model, "error": failure}})
+            self._report("exited", model, failure)
+
+    async def _wait_healthy(self, model: str, upstream: Upstream) -> None:
+        spec = self._catalog.models[model]
+        assert spec.launch is not None
+        if upstream.health_url is None:
+            return
+        timeout_s = spec.launch.startup_timeout_s
+        reason = "no answer yet"
+        with trio.move_on_after(timeout_s):
+            while True:
+                state, reason = await probe_health(self._client, upstream, spec.kind, self._timeout_s)
+                if state is UpstreamState.READY:
+                    return
+                await trio.sleep(self._poll_s)
+        raise LaunchFailed(f"{model} was not healthy within {timeout_s:g} s (last check: {reason})")
+
+    async def _watch(self, model: str, upstream: Upstream) -> None:
+        """Check health every `interval_s` (or at once when a request failed to connect); raise when it fails."""
+        if upstream.health_url is None:
+            await trio.sleep_forever()
+        kind = self._catalog.models[model].kind
+        failures = 0
+        while True:
+            with trio.move_on_after(self._interval_s):
+                await self._recheck[model].wait()
+            self._recheck[model] = trio.Event()
+            state, reason = await probe_health(self._client, upstream, kind, self._timeout_s)
+            failures = 0 if state is UpstreamState.READY else failures + 1
+            if failures >= _HEALTH_FAILURES_TO_RESTART:
+                raise LaunchFailed(f"{model} failed its health check {failures} times in a row: {reason}")
+            if failures:
+                await trio.sleep(self._poll_s)  # re-check soon rather than a whole interval later
