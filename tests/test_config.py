@@ -63,7 +63,8 @@ def test_defaults_are_safe():
             "at `models.m.device`: no device 'gpu' under [devices]",
         ),
         (
-            '[devices.gpu]\nmemory_gb = 8\n[models.m]\nlauncher = "process"\ncmd = ["x"]\ndevice = "gpu"\nmemory_gb = 12',
+            "[devices.gpu]\nmemory_gb = 8\n"
+            '[models.m]\nlauncher = "process"\ncmd = ["x"]\ndevice = "gpu"\nmemory_gb = 12',
             "at `models.m.memory_gb`: 12 GB can never fit on device 'gpu' (8 GB)",
         ),
         ("[devices.gpu]\nexclusive = true", "at `devices.gpu`: Object missing required field `memory_gb`"),

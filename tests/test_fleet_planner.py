@@ -15,8 +15,8 @@ from queuegate.fleet.planner import (
     FleetPlanner,
     Halt,
     Launch,
-    PlannedModel,
     ModelState,
+    PlannedModel,
     PlannerPolicy,
 )
 from queuegate.scheduler import Demand

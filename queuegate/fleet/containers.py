@@ -134,6 +134,7 @@ class DockerLauncher:
             return str(exc)
         return bytes(raw).decode("utf-8", "replace").rstrip()
 
+
 def _create_arguments(spec: ContainerSpec) -> dict[str, Any]:
     arguments: dict[str, Any] = {
         "image": spec.image,

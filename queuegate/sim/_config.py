@@ -50,6 +50,7 @@ class SimStats:
     completed: int = 0
     disconnects: int = 0  # clients that went away before their answer was complete
     disconnect_times: list[float] = field(default_factory=list)  # time.monotonic(): comparable across processes
+    first_request_at: float | None = None  # time.monotonic() when the first request arrived
     received: collections.deque[ReceivedRequest] = field(default_factory=lambda: collections.deque(maxlen=1000))
 
     def counters(self) -> dict[str, int]:

@@ -53,9 +53,10 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
 class Completion:
     """One chat or text completion being generated, rendered in OpenAI's shapes."""
 
-    def __init__(self, chat: bool, model: str, n_tokens: int, limited: bool, prompt: int) -> None:
+    def __init__(self, chat: bool, model: str, n_tokens: int, limited: bool, prompt: int, served_by: str) -> None:
         self.chat = chat
         self.model = model
+        self.served_by = served_by  # the simulator's own model name, as `system_fingerprint`: which server answered
         self.tokens = tokens(n_tokens)
         self.finish_reason = "length" if limited else "stop"
         self.prompt = prompt
@@ -74,6 +75,7 @@ class Completion:
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": self.served_by,
             "choices": [choice],
             "usage": usage(self.prompt, len(self.tokens)),
         }
@@ -99,6 +101,7 @@ class Completion:
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": self.served_by,
             "choices": [choice] if choice else [],
         }
 

@@ -147,6 +147,8 @@ class Simulator:
             self.stats.received.append(ReceivedRequest(path, headers, body))
             self.stats.requests += 1
             self.stats.active += 1
+            if self.stats.first_request_at is None:
+                self.stats.first_request_at = time.monotonic()
         try:
             await self._while_watching(exchange, route, body)
         finally:
@@ -218,7 +220,12 @@ class Simulator:
         requested = body.get("max_tokens") or body.get("max_completion_tokens")
         n_tokens = requested if isinstance(requested, int) and requested > 0 else self.config.default_max_tokens
         completion = Completion(
-            chat, str(body.get("model", self.config.model)), n_tokens, requested is not None, prompt_tokens(body)
+            chat,
+            str(body.get("model", self.config.model)),
+            n_tokens,
+            requested is not None,
+            prompt_tokens(body),
+            served_by=self.config.model,
         )
         interval = 1.0 / self.config.tokens_per_s if self.config.tokens_per_s > 0 else 0.0
         first_delay = 30.0 if fault == "slow_first_token" else self.config.first_token_delay_s
@@ -303,4 +310,8 @@ class Simulator:
         await exchange.respond(200, b'{"ok":true}')
 
     async def _stats_route(self, exchange: _Exchange, _: Any) -> None:
-        await exchange.respond(200, msgspec.json.encode(self.stats.counters()))
+        timing = {
+            "healthy_at": self._started_at + self.config.load_time_s,
+            "first_request_at": self.stats.first_request_at,
+        }
+        await exchange.respond(200, msgspec.json.encode({**self.stats.counters(), **timing}))

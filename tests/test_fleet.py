@@ -1,0 +1,260 @@
+"""The fleet through the real daemon with the process launcher: real child processes, each a simulated server
+(`python -m queuegate.sim`, a real HTTP server with a llama-server-like load time), started and stopped by QueueGate.
+
+The simulator stands in for llama-server because these tests need load times, crashes and answers that say which
+server produced them (`system_fingerprint` is the server's own model name). The real llama-server swap is in
+test_llama_e2e.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sys
+
+import httpx
+import openai
+import pytest
+import trio
+
+from queuegate.fleet.catalog import server_root
+from tests.conftest import in_thread, wait_until
+
+SIM = [sys.executable, "-m", "queuegate.sim", "--port", "${PORT}", "--model", "${MODEL}", "--tokens-per-s", "200"]
+EXCLUSIVE = {"gpu": {"memory_gb": 24, "exclusive": True}}
+
+
+def sim_model(load_time: float = 0.2, *extra_args: str, **settings) -> dict:
+    return {
+        "launcher": "process",
+        "kind": "llamacpp",
+        "cmd": [*SIM, "--load-time", str(load_time), *extra_args],
+        "device": "gpu",
+        "memory_gb": 8,
+        **settings,
+    }
+
+
+def ask(gw, model: str, path: str = "/chat/completions", **settings):
+    """One chat request through the gateway from a worker thread; returns the parsed answer."""
+    client = gw.client(**settings)
+    if path == "/chat/completions":
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    return client.post(path, cast_to=dict, body={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def fingerprint(answer) -> str:
+    return answer["system_fingerprint"] if isinstance(answer, dict) else answer.system_fingerprint
+
+
+def state(gw, model: str) -> str:
+    return next(m.state for m in gw.daemon.fleet.statistics().models if m.name == model)
+
+
+def spans(gw, model: str) -> list[tuple[float, float]]:
+    """(spawning, exited) intervals from the launcher's own timeline; a running server ends at +inf."""
+    out, start = [], None
+    for event, at in gw.daemon.fleet.launch_history(model):
+        if event == "spawning":
+            start = at
+        else:
+            out.append((start, at))
+            start = None
+    if start is not None:
+        out.append((start, float("inf")))
+    return out
+
+
+def assert_never_together(gw, *models: str) -> None:
+    intervals = sorted((s, e, m) for m in models for s, e in spans(gw, m))
+    for (_, end, first), (start, _, second) in itertools.pairwise(intervals):
+        assert end <= start, f"{first} still ran when {second} was launched"
+
+
+async def gather(*calls) -> list:
+    """Run blocking calls concurrently, each in a worker thread; their results in order."""
+    results: list = [None] * len(calls)
+
+    async def run(i: int) -> None:
+        results[i] = await in_thread(calls[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(calls)):
+            nursery.start_soon(run, i)
+    return results
+
+
+async def sim_stats(gw, model: str) -> dict:
+    root = server_root(gw.daemon.catalog.models[model].upstreams[0].base_url)
+    async with httpx.AsyncClient() as http:
+        return (await http.get(root + "/sim/stats")).json()
+
+
+async def test_requests_for_a_stopped_model_join_one_load_and_go_out_once_it_is_healthy(start_gateway):
+    # A long health interval: only the fine polling while loading can get the first request out quickly.
+    gw = await start_gateway({"a": sim_model(0.5)}, devices=EXCLUSIVE, upstream={"health_interval_s": 30})
+    async with httpx.AsyncClient() as http:
+        listed = (await http.get(gw.api + "/models")).json()["data"]
+    assert [(m["id"], m["loaded"], m["state"]) for m in listed] == [("a", False, "stopped")]
+    answers = await gather(*[lambda: ask(gw, "a")] * 4)
+    assert [fingerprint(a) for a in answers] == ["a"] * 4
+    assert [e for e, _ in gw.daemon.fleet.launch_history("a")] == ["spawning"]  # one load for all four
+    stats = await sim_stats(gw, "a")
+    assert 0 <= stats["first_request_at"] - stats["healthy_at"] < 1.0
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(gw.api + "/models")).json()["data"][0]["loaded"] is True
+
+
+async def test_alternating_requests_through_an_exclusive_device_do_not_thrash(start_gateway):
+    gw = await start_gateway({"a": sim_model(), "b": sim_model()}, devices=EXCLUSIVE, fleet={"swap_after_ms": 3000})
+    answers: dict[int, str] = {}
+
+    async def send(i: int, model: str) -> None:
+        answers[i] = fingerprint(await in_thread(lambda: ask(gw, model)))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(12):  # a b a b ... arriving 50 ms apart
+            nursery.start_soon(send, i, "ab"[i % 2])
+            await trio.sleep(0.05)
+    assert answers == {i: "ab"[i % 2] for i in range(12)}  # every answer from the right server
+    stats = gw.daemon.fleet.statistics()
+    assert stats.swaps <= 2  # a per-request swapper would swap 11 times
+    assert_never_together(gw, "a", "b")
+
+
+async def test_a_user_request_swaps_before_the_bound_when_only_agent_work_holds_the_device(start_gateway):
+    slow_a = sim_model(0.1, "--tokens-per-s", "5", max_concurrency=1)
+    gw = await start_gateway({"a": slow_a, "b": sim_model(0.1)}, devices=EXCLUSIVE, fleet={"swap_after_ms": 60000})
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):  # agent work for a: about 0.4 s each, one at a time
+            nursery.start_soon(in_thread, lambda: ask(gw, "a", "/agent/chat/completions"))
+        await wait_until(lambda: state(gw, "a") == "ready", timeout=10)
+        with trio.fail_after(10):  # far less than swap_after_ms: the user's class wins the device
+            answer = await in_thread(lambda: ask(gw, "b"))
+        assert fingerprint(answer) == "b"
+    assert_never_together(gw, "a", "b")
+
+
+async def test_swap_progress_is_published_as_events_and_statistics(start_gateway):
+    gw = await start_gateway({"a": sim_model(), "b": sim_model(0.5)}, devices=EXCLUSIVE)
+    await in_thread(lambda: ask(gw, "a"))
+    seen: list[tuple[str, str, str]] = []
+    progress = []
+    async with gw.daemon.fleet.events() as events, trio.open_nursery() as nursery:
+        nursery.start_soon(in_thread, lambda: ask(gw, "b"))
+        with trio.fail_after(10):
+            async for event in events:
+                seen.append((event.model, event.state.value, event.reason))
+                swap = gw.daemon.fleet.statistics().devices[0].swap
+                if swap is not None:
+                    progress.append(swap.phase)
+                if (event.model, event.state.value) == ("b", "ready"):
+                    break
+    assert ("a", "stopping", "making room for b") in seen
+    assert ("a", "stopped", "stopped") in seen
+    assert ("b", "starting", "waiting for health") in seen
+    assert "waiting for health of b" in progress
+    assert seen.index(("a", "stopped", "stopped")) < seen.index(("b", "starting", "launching"))
+    b = next(m for m in gw.daemon.fleet.statistics().models if m.name == "b")
+    assert b.load_s is not None and b.load_s >= 0.5
+
+
+async def test_a_crashed_server_is_restarted_for_the_requests_waiting(start_gateway):
+    gw = await start_gateway({"a": sim_model()}, devices=EXCLUSIVE, fleet={"restart_backoff_s": 0.1})
+    await in_thread(lambda: ask(gw, "a"))
+    pid = gw.daemon.launchers["a"].process.pid
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: state(gw, "a") != "ready", timeout=5)  # noticed from the exit, not a poll
+    answer = await in_thread(lambda: ask(gw, "a"))
+    assert fingerprint(answer) == "a"
+    assert gw.daemon.launchers["a"].process.pid != pid
+
+
+async def test_a_server_that_cannot_start_fails_its_requests_with_the_reason(start_gateway):
+    broken = {
+        "launcher": "process",
+        "cmd": [sys.executable, "-c", "import sys; print('CUDA error: out of memory'); sys.exit(3)"],
+        "upstreams": ["http://127.0.0.1:${PORT}/v1"],
+    }
+    gw = await start_gateway({"x": broken}, fleet={"restart_attempts": 1, "restart_backoff_s": 0.1})
+    with pytest.raises(openai.APIStatusError) as info:
+        await in_thread(lambda: ask(gw, "x"))
+    assert info.value.status_code == 503
+    message = info.value.body["message"]
+    assert "exited with 3" in message and "CUDA error: out of memory" in message
+    assert info.value.response.headers["retry-after"]
+    assert len([e for e, _ in gw.daemon.fleet.launch_history("x") if e == "spawning"]) == 2  # one restart
+    assert state(gw, "x") == "failed"
+    with pytest.raises(openai.APIStatusError):  # refused at once while failed
+        await in_thread(lambda: ask(gw, "x"))
+
+
+@pytest.mark.parametrize("policy", ["abort", "finish"])
+async def test_a_load_whose_only_client_left(start_gateway, policy):
+    gw = await start_gateway({"a": sim_model(1.5)}, devices=EXCLUSIVE, fleet={"abandoned_load": policy})
+    with pytest.raises(openai.APITimeoutError):
+        await in_thread(lambda: ask(gw, "a", timeout=0.5))
+    await wait_until(lambda: gw.stats().waiting == 0)
+    if policy == "abort":
+        await wait_until(lambda: state(gw, "a") == "stopped", timeout=5)
+        assert [e for e, _ in gw.daemon.fleet.launch_history("a")] == ["spawning", "exited"]
+    else:
+        await wait_until(lambda: state(gw, "a") == "ready", timeout=5)
+
+
+async def test_a_client_that_leaves_while_queued_behind_a_swap_leaves_nothing_behind(start_gateway):
+    gw = await start_gateway({"a": sim_model(), "b": sim_model(1.0)}, devices=EXCLUSIVE)
+    await in_thread(lambda: ask(gw, "a"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(in_thread, lambda: ask(gw, "b"))  # a stays: it waits for b's load
+        await wait_until(lambda: state(gw, "b") == "starting", timeout=5)
+        with pytest.raises(openai.APITimeoutError):
+            await in_thread(lambda: ask(gw, "b", timeout=0.3))
+        model_b = next(m for m in gw.stats().models if m.name == "b")
+        assert model_b.waiting == 1  # only the first request still waits
+    assert gw.stats().waiting == 0 and gw.stats().in_service == 0
+
+
+async def test_idle_models_unload_after_ttl_and_preload_loads_at_start(start_gateway):
+    gw = await start_gateway(
+        {"a": sim_model(ttl_s=0.5), "b": sim_model(preload=True, device="big")},
+        devices={**EXCLUSIVE, "big": {"memory_gb": 80}},
+    )
+    await wait_until(lambda: state(gw, "b") == "ready", timeout=10)
+    await in_thread(lambda: ask(gw, "a"))
+    assert state(gw, "a") == "ready"
+    await wait_until(lambda: state(gw, "a") == "stopped", timeout=5)
+    assert [e for e, _ in gw.daemon.fleet.launch_history("a")] == ["spawning", "exited"]
+
+
+async def test_operator_preload_and_evict(start_gateway):
+    gw = await start_gateway({"a": sim_model(), "b": sim_model()}, devices=EXCLUSIVE)
+    fleet = gw.daemon.fleet
+    fleet.preload("a")
+    await wait_until(lambda: state(gw, "a") == "ready", timeout=10)
+    fleet.preload("b")  # the device is exclusive: a makes room
+    await wait_until(lambda: state(gw, "b") == "ready", timeout=10)
+    assert state(gw, "a") == "stopped"
+    fleet.evict("b")
+    await wait_until(lambda: state(gw, "b") == "stopped", timeout=10)
+    assert_never_together(gw, "a", "b")
+    with pytest.raises(KeyError):
+        fleet.preload("nope")
+
+
+async def test_evicting_a_busy_model_drains_it_first(start_gateway):
+    gw = await start_gateway({"a": sim_model(0.1, "--tokens-per-s", "10")}, devices=EXCLUSIVE)
+    await in_thread(lambda: ask(gw, "a"))
+    answers: list = []
+
+    async def slow_request() -> None:
+        answers.append(await in_thread(lambda: ask(gw, "a")))  # 0.2 s of tokens
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow_request)
+        await wait_until(lambda: gw.stats().in_service == 1)
+        gw.daemon.fleet.evict("a")
+        await wait_until(lambda: state(gw, "a") == "draining")
+    assert fingerprint(answers[0]) == "a"  # the request in flight finished
+    await wait_until(lambda: state(gw, "a") == "stopped", timeout=5)
