@@ -5,8 +5,11 @@ from __future__ import annotations
 import collections
 import os
 import re
+import shutil
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,3 +104,56 @@ async def start_llama_server(
                 await trio.sleep(0.1)
     tail = "\n".join(output)
     raise RuntimeError(f"llama-server did not become healthy (exit code {process.returncode}):\n{tail}")
+
+
+PODMAN_IMAGE = "localhost/queuegate-test-rootfs:latest"
+# podman on these machines (no systemd, no cgroup delegation): cgroupfs, runc, no default ulimits.
+_PODMAN_CONF = """\
+[containers]
+default_ulimits = []
+[engine]
+cgroup_manager = "cgroupfs"
+runtime = "runc"
+"""
+
+
+def start_podman_service(workdir: Path) -> tuple[subprocess.Popen[bytes] | None, str]:
+    """(process, base URL or reason): podman's Docker-compatible API on a private Unix socket, with a tiny local
+    image (a busybox rootfs: no registry is reachable) that tests run host programs in through read-only mounts."""
+    podman, busybox = shutil.which("podman"), shutil.which("busybox")
+    if podman is None or busybox is None:
+        return None, "needs podman and busybox-static (apt-get install podman runc busybox-static)"
+    conf = workdir / "containers.conf"
+    conf.write_text(_PODMAN_CONF)
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    socket_path = workdir / "podman.sock"
+    service = subprocess.Popen(
+        [podman, "system", "service", "--time=0", f"unix://{socket_path}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while not socket_path.exists():
+        if service.poll() is not None or time.monotonic() > deadline:
+            service.kill()
+            stderr = service.stderr.read().decode(errors="replace") if service.stderr else ""
+            return None, f"podman system service did not start: {stderr[-500:]}"
+        time.sleep(0.05)
+    images = subprocess.run([podman, "images", "-q", PODMAN_IMAGE], env=env, capture_output=True, check=True)
+    if not images.stdout.strip():
+        rootfs = workdir / "rootfs"
+        (rootfs / "bin").mkdir(parents=True)
+        shutil.copy(busybox, rootfs / "bin" / "busybox")
+        (rootfs / "bin" / "sh").symlink_to("busybox")
+        tarball = workdir / "rootfs.tar"
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], check=True)
+        subprocess.run([podman, "import", str(tarball), PODMAN_IMAGE], env=env, capture_output=True, check=True)
+    return service, f"unix://{socket_path}"
+
+
+def host_mounts() -> list[str]:
+    """Read-only bind mounts that let a container run this Python interpreter and this checkout's code."""
+    paths = ["/usr", "/lib", "/lib64", "/etc", sys.prefix, sys.base_prefix, str(ROOT)]
+    unique = sorted({p for p in paths if os.path.isdir(p)})
+    return [f"{p}:{p}:ro" for p in unique]
