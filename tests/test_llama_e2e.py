@@ -15,6 +15,7 @@ import trio
 
 from tests.conftest import in_thread, wait_until
 from tests.realparts import llama_server_binary, start_llama_server, test_model_path
+from tests.test_fleet import assert_never_together
 
 pytestmark = pytest.mark.llama
 
@@ -113,3 +114,35 @@ async def test_embeddings_against_llama_embedding_server(llama_parts, nursery, s
     gw = await start_gateway({"embed": {"upstreams": [url], "kind": "llamacpp"}})
     result = await in_thread(lambda: gw.client(timeout=60).embeddings.create(model="embed", input=["a cat", "a dog"]))
     assert len(result.data) == 2 and len(result.data[0].embedding) > 100
+
+
+async def test_queuegate_swaps_two_real_llama_servers_on_an_exclusive_device(llama_parts, start_gateway):
+    """Two models, each a real llama-server QueueGate launches itself (same GGUF, different settings), sharing an
+    exclusive device: each answer comes from the server of the model asked for, and they never run together."""
+    binary, gguf = llama_parts
+
+    def server(context: int) -> dict:
+        argv = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", "${PORT}", "--alias", "${MODEL}",
+                "-c", str(context), "-t", "2", "--parallel", "1", "--no-webui"]  # fmt: skip
+        return {"launcher": "process", "kind": "llamacpp", "cmd": argv, "device": "cpu", "memory_gb": 1}
+
+    gw = await start_gateway(
+        {"gemma-short": server(512), "gemma-long": server(1024)},
+        devices={"cpu": {"memory_gb": 1, "exclusive": True}},
+        fleet={"swap_after_ms": 1000},
+    )
+    client = gw.client(timeout=120)
+
+    def ask(model: str) -> str:
+        messages = [{"role": "user", "content": "Say hi."}]
+        answer = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+        assert answer.choices[0].message.content is not None
+        return answer.model  # llama-server reports its --alias: the server that really answered
+
+    for model in ["gemma-short", "gemma-long", "gemma-short"]:
+        assert await in_thread(lambda model=model: ask(model)) == model
+    fleet = gw.daemon.fleet
+    assert fleet.statistics().swaps == 2
+    assert_never_together(gw, "gemma-short", "gemma-long")
+    loaded = {m.name: m.load_s for m in fleet.statistics().models}
+    assert all(s is not None and s < 30 for s in loaded.values())
