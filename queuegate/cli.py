@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -84,6 +85,17 @@ def _check(config: Config) -> int:
             print(f"    upstream {upstream.display_url}  max_concurrency {upstream.capacity}  health {health}")
         if spec.defaults:
             print(f"    defaults {dict(spec.defaults)}")
+        launch, mc = spec.launch, config.models[spec.name]
+        if launch is not None:
+            what = " ".join(launch.argv) if launch.launcher == "process" else f"container {launch.container}"
+            print(f"    launcher {launch.launcher}: {what}")
+            if launch.launcher == "process" and shutil.which(launch.argv[0]) is None:
+                print(f"    warning: {launch.argv[0]!r} is not an executable on PATH; starting this model will fail")
+            place = f"device {mc.device} ({mc.memory_gb:g} GB)" if mc.device else "no device"
+            ttl = f"unload after {mc.ttl_s:g} s idle" if mc.ttl_s else "never unloaded when idle"
+            print(f"    {place}, {ttl}{', preloaded' if mc.preload else ''}")
+    for name, device in config.devices.items():
+        print(f"  device {name}: {device.memory_gb:g} GB{', exclusive' if device.exclusive else ''}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 The simulators are real HTTP servers in child processes (`python -m queuegate.sim`), with llama-server-like health
 and load times and realistic token rates; the gateway in front of them is the real daemon with a normal config.
+Two of them (coder, writer) are started by QueueGate itself and share one exclusive demo "GPU", so asking for one
+and then the other shows a swap.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from queuegate.fleet.process import ChildProcess
 
 READY_PREFIX = "QUEUEGATE_SIM_READY "
 
-# name -> (simulator arguments per upstream, model settings)
+
+def _launched_sim(*args: str) -> list[str]:
+    """A simulator QueueGate itself starts on demand (launcher = "process"), on the port it picks."""
+    return [sys.executable, "-m", "queuegate.sim", "--port", "${PORT}", "--model", "${MODEL}", *args]
+
+
+# name -> (simulator arguments per upstream the demo starts itself, model settings). Models with a launcher have
+# no such upstreams: QueueGate starts and swaps them on the demo's one exclusive "GPU".
 DEMO_FLEET: dict[str, tuple[list[list[str]], dict[str, Any]]] = {
     "demo-chat": (
         [["--tokens-per-s", "40"], ["--tokens-per-s", "40"]],
@@ -29,14 +38,39 @@ DEMO_FLEET: dict[str, tuple[list[list[str]], dict[str, Any]]] = {
         },
     ),
     "demo-coder": (
-        [["--tokens-per-s", "80", "--load-time", "1.5"]],
-        {"kind": "llamacpp", "aliases": ["coder"], "max_concurrency": 2, "defaults": {"temperature": 0.2}},
+        [],
+        {
+            "launcher": "process",
+            "cmd": _launched_sim("--tokens-per-s", "80", "--load-time", "1.5"),
+            "device": "demo-gpu",
+            "memory_gb": 16,
+            "preload": True,
+            "ttl_s": 600,
+            "kind": "llamacpp",
+            "aliases": ["coder"],
+            "max_concurrency": 2,
+            "defaults": {"temperature": 0.2},
+        },
+    ),
+    "demo-writer": (
+        [],
+        {
+            "launcher": "process",
+            "cmd": _launched_sim("--tokens-per-s", "30", "--load-time", "2.5"),
+            "device": "demo-gpu",
+            "memory_gb": 20,
+            "ttl_s": 600,
+            "kind": "llamacpp",
+            "aliases": ["writer"],
+            "max_concurrency": 2,
+        },
     ),
     "demo-embed": (
         [["--embedding-dim", "16"]],
         {"kind": "llamacpp", "aliases": ["embed"], "max_concurrency": 4},
     ),
 }
+DEMO_DEVICES = {"demo-gpu": {"memory_gb": 24}}  # coder (16 GB) and writer (20 GB) never fit together: they swap
 
 
 async def start_demo_fleet(nursery: trio.Nursery, *, listen: str, overrides: dict[str, Any] | None = None) -> Config:
@@ -49,10 +83,12 @@ async def start_demo_fleet(nursery: trio.Nursery, *, listen: str, overrides: dic
                 f"{name}#{i}", [sys.executable, "-m", "queuegate.sim", "--port", "0", "--model", name, *args]
             )
             urls.append(await nursery.start(partial(child.run, ready_prefix=READY_PREFIX)))
-        models[name] = {"upstreams": urls, **settings}
+        models[name] = {"upstreams": urls, **settings} if urls else dict(settings)
     raw: dict[str, Any] = {
         "server": {"listen": listen},
         "upstream": {"health_interval_s": 2.0},
+        "devices": DEMO_DEVICES,
+        "fleet": {"swap_after_ms": 5000},
         "models": models,
         **(overrides or {}),
     }

@@ -11,7 +11,7 @@ from typing import Any
 
 import tomli_w
 
-from queuegate.config import AffinityConfig, QueueConfig, ServerConfig, UpstreamDefaults
+from queuegate.config import AffinityConfig, FleetConfig, QueueConfig, ServerConfig, UpstreamDefaults
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,103 @@ def starter_tables() -> list[Table]:
                 Key("endpoints", ["chat", "completions"], "Override the kind's endpoints.", True),
             ],
         ),
+        Table(
+            "fleet",
+            "Models QueueGate starts itself (launcher = process or docker): loading, swapping, unloading.",
+            _defaults(
+                FleetConfig(),
+                {
+                    "swap_after_ms": "While a loaded model still has work, requests for another model on its device\n"
+                    "wait at most this long (from their arrival or the loaded model's load, whichever is later)\n"
+                    "before it is drained and swapped out. Stops A/B/A/B thrashing without starving B. A request\n"
+                    "of a higher class than all of the loaded model's work swaps at once.",
+                    "idle_grace_ms": "A model whose last request ended less than this ago still counts as busy, so\n"
+                    "a client sending requests one after another keeps its model loaded.",
+                    "health_poll_ms": "Health polling while a model loads: its first request goes out this soon\n"
+                    "after the server answers healthy.",
+                    "restart_attempts": "A server that exits unasked is restarted this many times in a row (its\n"
+                    "requests wait), then the model is failed and its requests get 503 with the reason.",
+                    "restart_backoff_s": "Wait before the first restart; doubles with each further one.",
+                    "failure_hold_s": "A failed model refuses requests this long, then loads again on demand.",
+                    "abandoned_load": 'When every client waiting for a loading model has left: "finish" the load\n'
+                    '(it stays for ttl_s) or "abort" it.',
+                    "docker_url": 'Docker Engine API for launcher = "docker"; "" = $DOCKER_HOST, else\n'
+                    "unix:///var/run/docker.sock. podman's `podman system service` works too.",
+                    "docker_timeout_s": "Longest a Docker API call may take (an unreachable daemon is an error).",
+                },
+            ),
+        ),
+        Table(
+            "devices.gpu0",
+            "A GPU (or any memory pool) shared by the models QueueGate starts. Models name it with `device`;\n"
+            "QueueGate never loads more than memory_gb on it: it evicts idle models (least recently used first)\n"
+            "or drains busy ones (see [fleet]).",
+            [
+                Key("memory_gb", 24, "Required. Memory the models on this device may use together."),
+                Key("exclusive", False, "true: one model at a time, whatever their memory (single-GPU safety)."),
+            ],
+        ),
+        Table(
+            "models.gemma3-12b",
+            "A model QueueGate starts on demand and stops when idle or when another needs its device.\n"
+            "In a model's table ${PORT} is its port and ${MODEL} its name.",
+            [
+                Key(
+                    "launcher",
+                    "process",
+                    '"external" (default: always on, you run it), "process" (QueueGate runs `cmd`) or\n'
+                    '"docker" (QueueGate starts and stops the container named `container`).',
+                ),
+                Key(
+                    "cmd",
+                    [
+                        *("llama-server", "-m", "/models/gemma-3-12b-it-Q4_K_M.gguf"),
+                        *("--port", "${PORT}", "--alias", "${MODEL}"),
+                    ],
+                    "The server's command line (own process group; output kept for error messages).",
+                ),
+                Key("kind", "llamacpp", "As for external models: health path and endpoints."),
+                Key("device", "gpu0", "The [devices] entry it runs on (none: no memory accounting)."),
+                Key("memory_gb", 9.5, "What it uses on its device (weights + KV cache)."),
+                Key("ttl_s", 600, "Stop it after this long without requests (default 0: never)."),
+                Key("preload", False, "Load it at start-up (into free room only; it evicts nothing)."),
+                Key("startup_timeout_s", 120.0, "From launch to healthy; longer counts as a failed start."),
+                Key("stop_timeout_s", 10.0, "SIGTERM (or docker stop) grace before it is killed."),
+                Key("port", 8090, "Port for ${PORT}; by default a free one is picked at start-up.", True),
+                Key("env", {"CUDA_VISIBLE_DEVICES": "0"}, "Extra environment for `cmd`.", True),
+                Key(
+                    "upstreams",
+                    ["http://127.0.0.1:${PORT}/v1"],
+                    "Where it serves (the default shown). Required for docker.",
+                    True,
+                ),
+            ],
+        ),
+        Table(
+            "models.mistral-small",
+            "A model in a container QueueGate starts and stops (it creates it from `create` if missing).",
+            [
+                Key("launcher", "docker", ""),
+                Key("container", "vllm-mistral-small", "The container's name."),
+                Key("upstreams", ["http://127.0.0.1:8000/v1"], "Where the container serves."),
+                Key("kind", "vllm", ""),
+                Key("device", "gpu0", ""),
+                Key("memory_gb", 20.0, ""),
+                Key(
+                    "create",
+                    {
+                        "image": "vllm/vllm-openai:latest",
+                        "command": ["--model", "mistralai/Mistral-Small-3.2-24B-Instruct-2506"],
+                        "mounts": ["/srv/hf:/root/.cache/huggingface"],
+                        "network_mode": "host",
+                        "gpus": "all",
+                    },
+                    "How to create the container when it does not exist (image, command, environment,\n"
+                    'mounts "host:container[:ro]", network_mode, gpus = "all" or "0,1").',
+                    True,
+                ),
+            ],
+        ),
     ]
 
 
@@ -156,7 +253,8 @@ def render_starter() -> str:
     for table in starter_tables():
         parts.append("\n" + _comment(table.doc) + f"[{table.name}]\n")
         for key in table.keys:
-            parts.append(_comment(key.doc))
+            if key.doc:
+                parts.append(_comment(key.doc))
             parts.append(("# " if key.optional else "") + _render_key(key.name, key.value) + "\n")
     return "".join(parts)
 
