@@ -41,7 +41,8 @@ def ask(gw, model: str, path: str = "/chat/completions", **settings):
     client = gw.client(**settings)
     if path == "/chat/completions":
         return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    return client.post(path, cast_to=dict, body={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    return client.post(path, cast_to=dict, body=payload)
 
 
 def fingerprint(answer) -> str:
@@ -127,7 +128,7 @@ async def test_a_user_request_swaps_before_the_bound_when_only_agent_work_holds_
     slow_a = sim_model(0.1, "--tokens-per-s", "5", max_concurrency=1)
     gw = await start_gateway({"a": slow_a, "b": sim_model(0.1)}, devices=EXCLUSIVE, fleet={"swap_after_ms": 60000})
     async with trio.open_nursery() as nursery:
-        for _ in range(4):  # agent work for a: about 0.4 s each, one at a time
+        for _ in range(6):  # agent work for a: about 0.4 s each, one at a time
             nursery.start_soon(in_thread, lambda: ask(gw, "a", "/agent/chat/completions"))
         await wait_until(lambda: state(gw, "a") == "ready", timeout=10)
         with trio.fail_after(10):  # far less than swap_after_ms: the user's class wins the device
