@@ -11,7 +11,9 @@ from pathlib import Path
 
 import trio
 
-from queuegate.config import Config, ConfigError, load_config
+from queuegate.admin import SocketInUse
+from queuegate.admin import command as admin_command
+from queuegate.config import Config, ConfigError, admin_socket_path, build_config, load_config
 from queuegate.daemon import Daemon
 from queuegate.logs import configure_logging
 from queuegate.starter import render_starter
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate a config and print the resolved models")
     _config_option(check)
 
+    admin = admin_command.add_parser(commands)
+    _config_option(admin)
+
     init = commands.add_parser("init", help="write a commented starter config")
     init.add_argument("path", nargs="?", default=DEFAULT_CONFIG)
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -42,10 +47,21 @@ def main(argv: list[str] | None = None) -> int:
             return _init(args)
         if args.command == "check":
             return _check(load_config(args.config))
+        if args.command == "admin":
+            return admin_command.run(args, _admin_socket(args))
         return _run(args)
     except ConfigError as exc:
         print(f"queuegate: config error: {exc}", file=sys.stderr)
         return 2
+
+
+def _admin_socket(args: argparse.Namespace) -> Path:
+    """--socket, else the config's admin socket, else the default one (./.queuegate/admin.sock, as the demo's)."""
+    if args.socket:
+        return Path(args.socket)
+    if Path(args.config).exists():
+        return admin_socket_path(load_config(args.config))
+    return admin_socket_path(build_config({}))
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +126,14 @@ def _run(args: argparse.Namespace) -> int:
     config = None if args.demo else load_config(args.config)
     level = config.server.log_level if config else "info"
     configure_logging(config.server.log_format if config else "text", level)
-    trio.run(_serve, config, args.listen)
+    in_use: list[str] = []
+    try:
+        trio.run(_serve, config, args.listen)
+    except* SocketInUse as group:
+        in_use.append(str(group.exceptions[0]))
+    if in_use:
+        print(f"queuegate: {in_use[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -34,6 +34,7 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ServerConfig(_Section):
     listen: str = "127.0.0.1:8080"
     state_dir: str = ".queuegate"
+    admin_socket: str = ""  # "" = <state_dir>/admin.sock
     owned_by: str = "queuegate"
     max_body_mb: PositiveFloat = 16.0
     body_timeout_s: PositiveFloat = 60.0
@@ -317,6 +318,15 @@ def _launcher_uses(launcher: str, field_name: str) -> bool:
     if field_name in ("container", "create"):
         return launcher == "docker"
     return launcher != "external"  # port
+
+
+def admin_socket_path(config: Config) -> Path:
+    """Where the daemon's admin socket is: `[server].admin_socket`, else <state_dir>/admin.sock; relative paths
+    resolve against the config file's folder."""
+    base = Path(config.base_dir)
+    if config.server.admin_socket:
+        return base / config.server.admin_socket
+    return base / config.server.state_dir / "admin.sock"
 
 
 def parse_listen(listen: str, *, on_error: Any = None) -> tuple[str, int]:

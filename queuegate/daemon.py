@@ -7,6 +7,7 @@ Shutdown: `request_shutdown()` stops accepting, lets in-flight requests finish f
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -14,8 +15,10 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from queuegate.admin import AdminServer
+from queuegate.admin.protocol import DaemonStatus
 from queuegate.api import InFlight, create_app
-from queuegate.config import Config, parse_listen
+from queuegate.config import Config, admin_socket_path, parse_listen
 from queuegate.fleet import Catalog, HealthMonitor
 from queuegate.fleet.catalog import Upstream
 from queuegate.fleet.containers import DockerEngine, DockerLauncher
@@ -113,7 +116,22 @@ class Daemon:
             await nursery.start(fleet.run)
             binds = await nursery.start(self._serve, app, nursery)
             base_url = binds[0]
-            log.info("listening", extra={"fields": {"url": base_url, "models": len(self.catalog.models)}})
+            started_at = time.time()
+
+            def status() -> DaemonStatus:
+                return DaemonStatus(
+                    at=time.time(),
+                    uptime_s=round(time.time() - started_at, 3),
+                    listen=base_url + "/v1",
+                    scheduler=self.admission.statistics(),
+                    fleet=fleet.statistics(),
+                )
+
+            admin = AdminServer(admin_socket_path(cfg), status, fleet)
+            self.admission.add_listener(admin.note_change)
+            await nursery.start(admin.run)
+            fields = {"url": base_url, "models": len(self.catalog.models), "admin": str(admin.path)}
+            log.info("listening", extra={"fields": fields})
             task_status.started(Started(base_url))
 
     async def _serve(

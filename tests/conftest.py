@@ -53,12 +53,18 @@ def start_sim(nursery):
 
 
 @pytest.fixture
-def start_gateway(nursery):
-    """Start the real daemon on 127.0.0.1:0 with `models` (and optional config sections)."""
+def start_gateway(nursery, tmp_path):
+    """Start the real daemon on 127.0.0.1:0 with `models` (and optional config sections); its state (the admin
+    socket) goes under the test's tmp_path."""
+
+    gateways = 0
 
     async def start(models: dict[str, Any], **sections: Any) -> Gateway:
+        nonlocal gateways
+        gateways += 1
         sections.setdefault("server", {})
         sections["server"].setdefault("listen", "127.0.0.1:0")
+        sections["server"].setdefault("state_dir", str(tmp_path / f"state-{gateways}"))
         sections.setdefault("upstream", {})
         sections["upstream"].setdefault("health_interval_s", 0.2)
         daemon = Daemon(build_config({"models": models, **sections}))

@@ -1,0 +1,6 @@
+"""The admin socket: a local control and observation channel for `queuegate admin` and `queuegate top`."""
+
+from queuegate.admin.client import AdminClient, AdminUnavailable
+from queuegate.admin.server import AdminServer, SocketInUse
+
+__all__ = ["AdminClient", "AdminServer", "AdminUnavailable", "SocketInUse"]

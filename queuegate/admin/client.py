@@ -1,0 +1,99 @@
+"""The client side of the admin socket, used by `queuegate admin` and `queuegate top`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+
+import msgspec
+import trio
+
+from queuegate.admin._stream import LineStream
+from queuegate.admin.protocol import (
+    PROTOCOL_VERSION,
+    DaemonStatus,
+    Error,
+    Hello,
+    Reply,
+    Request,
+    Snapshot,
+    Status,
+    Subscribe,
+    encode_line,
+    reply_decoder,
+)
+
+
+class AdminUnavailable(Exception):
+    """No daemon answers on the socket, or it speaks another protocol version."""
+
+
+class AdminError(Exception):
+    """The daemon refused the request; the message says why."""
+
+
+class AdminClient:
+    """One connection. Use as `async with AdminClient(path) as client:`; requests go one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lines: LineStream | None = None
+        self._ids = itertools.count(1)
+        self.daemon_pid = 0
+
+    async def __aenter__(self) -> AdminClient:
+        try:
+            stream = await trio.open_unix_socket(str(self.path))
+        except OSError as exc:
+            raise AdminUnavailable(f"no QueueGate daemon at {self.path}: {exc.strerror or exc}") from None
+        self._lines = LineStream(stream)
+        hello = await self._receive()
+        if not isinstance(hello, Hello) or hello.version != PROTOCOL_VERSION:
+            await stream.aclose()
+            raise AdminUnavailable(f"the daemon at {self.path} speaks another admin protocol ({hello!r})")
+        self.daemon_pid = hello.pid
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        if self._lines is not None:
+            await self._lines.stream.aclose()
+
+    async def request(self, message: Request) -> Reply:
+        """Send one request and return its reply; AdminError if the daemon refused it."""
+        message = msgspec.structs.replace(message, id=next(self._ids))
+        assert self._lines is not None
+        await self._lines.send(encode_line(message))
+        while True:
+            reply = await self._receive()
+            if reply.id == message.id:
+                break
+        if isinstance(reply, Error):
+            raise AdminError(reply.message)
+        return reply
+
+    async def status(self) -> DaemonStatus:
+        reply = await self.request(Status())
+        assert isinstance(reply, Snapshot)
+        return reply.status
+
+    async def subscribe(self, interval_ms: int = 250) -> AsyncIterator[DaemonStatus]:
+        """The status now, then each update the daemon sends, until the connection ends."""
+        first = await self.request(Subscribe(interval_ms=interval_ms))
+        assert isinstance(first, Snapshot)
+        yield first.status
+        while True:
+            update = await self._receive()
+            if isinstance(update, Snapshot) and update.id == 0:
+                yield update.status
+
+    async def _receive(self) -> Reply:
+        assert self._lines is not None
+        try:
+            line = await self._lines.receive_line()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise AdminUnavailable(f"lost the daemon at {self.path}: {exc}") from None
+        if line is None:
+            raise AdminUnavailable(f"the daemon at {self.path} closed the connection")
+        return reply_decoder.decode(line)

@@ -1,0 +1,76 @@
+"""`queuegate admin status | preload MODEL | evict MODEL [--json]`: the admin socket from scripts and shells."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import msgspec
+import trio
+
+from queuegate.admin.client import AdminClient, AdminError, AdminUnavailable
+from queuegate.admin.protocol import DaemonStatus, Evict, Ok, Preload
+
+
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    admin = commands.add_parser("admin", help="talk to a running daemon over its admin socket")
+    admin.add_argument("action", choices=["status", "preload", "evict"])
+    admin.add_argument("model", nargs="?", help="for preload and evict")
+    admin.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+    admin.add_argument("--socket", help="admin socket path (default: from the config's [server] section)")
+    return admin
+
+
+def run(args: argparse.Namespace, socket_path: Path) -> int:
+    if args.action in ("preload", "evict") and not args.model:
+        print(f"queuegate admin {args.action}: name the model", file=sys.stderr)
+        return 2
+    try:
+        return trio.run(_run, args, socket_path)
+    except AdminUnavailable as exc:
+        print(f"queuegate admin: {exc}", file=sys.stderr)
+        return 3
+    except AdminError as exc:
+        print(f"queuegate admin: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _run(args: argparse.Namespace, socket_path: Path) -> int:
+    async with AdminClient(socket_path) as client:
+        if args.action == "status":
+            status = await client.status()
+            print(msgspec.json.encode(status).decode() if args.json else render_status(status))
+            return 0
+        message = Preload(model=args.model) if args.action == "preload" else Evict(model=args.model)
+        reply = await client.request(message)
+        assert isinstance(reply, Ok)
+        print(msgspec.json.encode(reply).decode() if args.json else reply.message)
+        return 0
+
+
+def render_status(status: DaemonStatus) -> str:
+    """A plain-text status for a terminal: models with their fleet state and queues, then devices."""
+    fleet = {m.name: m for m in status.fleet.models}
+    lines = [
+        f"QueueGate at {status.listen}, up {status.uptime_s:.0f} s: "
+        f"{status.scheduler.in_service} in service, {status.scheduler.waiting} waiting",
+        f"{'MODEL':<24}{'STATE':<10}{'DEVICE':<12}{'IN FLIGHT':>10}{'WAITING':>9}{'OLDEST':>9}  REASON",
+    ]
+    for model in status.scheduler.models:
+        planned = fleet.get(model.name)
+        state = planned.state if planned else "?"
+        device = (planned.device if planned else None) or "-"
+        reason = planned.reason if planned and planned.managed else "; ".join(u.reason for u in model.upstreams)
+        lines.append(
+            f"{model.name:<24}{state:<10}{device:<12}{model.in_service:>10}{model.waiting:>9}"
+            f"{model.oldest_wait_s:>8.1f}s  {reason}"
+        )
+    for device in status.fleet.devices:
+        kind = "exclusive" if device.exclusive else f"{device.used_gb:g}/{device.memory_gb:g} GB"
+        line = f"device {device.name} ({kind}): {', '.join(device.models) or 'empty'}"
+        if device.swap is not None:
+            eta = f", about {device.swap.eta_s:g} s left" if device.swap.eta_s is not None else ""
+            line += f"; swapping to {device.swap.target}: {device.swap.phase} for {device.swap.elapsed_s:.1f} s{eta}"
+        lines.append(line)
+    return "\n".join(lines)

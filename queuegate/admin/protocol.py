@@ -1,0 +1,80 @@
+"""The admin protocol: newline-delimited JSON over a local Unix socket, one msgspec type per message.
+
+Shared by the daemon, `queuegate admin` and `queuegate top`. The daemon greets every connection with `Hello`
+(carrying the protocol version); each request carries an `id` that its reply repeats. `Subscribe` answers with a
+snapshot, then sends `Snapshot` updates (id 0) at most every `interval_ms` while something changed, and at least
+every second (durations tick). A malformed or unknown message gets an `Error`; the connection stays usable.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from queuegate.fleet.planner import FleetStatistics
+from queuegate.scheduler import SchedulerStatistics
+
+PROTOCOL_VERSION = 1
+MAX_LINE_BYTES = 64 * 1024
+
+
+class _Message(msgspec.Struct, tag_field="op", kw_only=True, forbid_unknown_fields=True):
+    id: int = 0
+
+
+class Status(_Message, tag="status"):
+    """One snapshot of the daemon."""
+
+
+class Subscribe(_Message, tag="subscribe"):
+    """A snapshot now, then updates while attached."""
+
+    interval_ms: Annotated[int, msgspec.Meta(ge=100)] = 250
+
+
+class Preload(_Message, tag="preload"):
+    model: str
+
+
+class Evict(_Message, tag="evict"):
+    model: str
+
+
+Request = Status | Subscribe | Preload | Evict
+
+
+class DaemonStatus(msgspec.Struct, frozen=True):
+    at: float  # Unix time of the snapshot
+    uptime_s: float
+    listen: str  # the OpenAI base URL
+    scheduler: SchedulerStatistics
+    fleet: FleetStatistics
+
+
+class Hello(_Message, tag="hello"):
+    version: int
+    pid: int
+
+
+class Ok(_Message, tag="ok"):
+    message: str
+
+
+class Error(_Message, tag="error"):
+    message: str
+
+
+class Snapshot(_Message, tag="snapshot"):
+    status: DaemonStatus
+
+
+Reply = Hello | Ok | Error | Snapshot
+
+request_decoder = msgspec.json.Decoder(Request)
+reply_decoder = msgspec.json.Decoder(Reply)
+encoder = msgspec.json.Encoder()
+
+
+def encode_line(message: Request | Reply) -> bytes:
+    return encoder.encode(message) + b"\n"

@@ -1,0 +1,171 @@
+"""The daemon's side of the admin socket.
+
+The socket lives in a directory only the owner may enter, with mode 0600. A socket file left by a crashed daemon is
+replaced; one a live daemon answers on is refused (`SocketInUse`). Each connection has its own task: a slow or broken
+client never holds up another one or the request path, and subscribers share one snapshot per moment.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import trio
+
+from queuegate.admin._stream import LineStream, LineTooLong
+from queuegate.admin.protocol import (
+    PROTOCOL_VERSION,
+    DaemonStatus,
+    Error,
+    Evict,
+    Hello,
+    Ok,
+    Preload,
+    Reply,
+    Request,
+    Snapshot,
+    Status,
+    Subscribe,
+    encode_line,
+    request_decoder,
+)
+from queuegate.fleet.manager import Fleet
+
+log = logging.getLogger("queuegate.admin")
+
+_HEARTBEAT_S = 1.0  # subscribers get a snapshot at least this often (elapsed times move)
+
+
+class SocketInUse(Exception):
+    """Another daemon is serving on this admin socket."""
+
+
+class AdminServer:
+    def __init__(self, path: Path, status: Callable[[], DaemonStatus], fleet: Fleet) -> None:
+        self.path = path
+        self._status = status
+        self._fleet = fleet
+        self._version = 0  # bumped on every change worth showing
+        self._changed = trio.Event()
+        self._cached: tuple[int, float, DaemonStatus] | None = None
+
+    def note_change(self) -> None:
+        """Something subscribers should see changed (called by the scheduler on every queue change)."""
+        self._version += 1
+        self._changed.set()  # wakes the subscribers waiting now; later ones wait for the next change
+        self._changed = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = await self._listen()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(trio.serve_listeners, self._serve, [listener])
+                task_status.started(self.path)
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+            self.path.unlink(missing_ok=True)
+
+    async def _listen(self) -> trio.SocketListener:
+        directory = self.path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        if stat.S_IMODE(directory.stat().st_mode) & 0o077:
+            directory.chmod(0o700)
+        if self.path.exists() or self.path.is_symlink():
+            await self._replace_stale()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket file is created 0600: no window where others may connect
+        try:
+            await sock.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(64)
+        return trio.SocketListener(sock)
+
+    async def _replace_stale(self) -> None:
+        try:
+            stream = await trio.open_unix_socket(str(self.path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+                raise
+            log.info("replacing a stale admin socket", extra={"fields": {"path": str(self.path)}})
+            self.path.unlink()
+            return
+        await stream.aclose()
+        raise SocketInUse(f"another QueueGate is running with the admin socket {self.path}")
+
+    # -- connections ----------------------------------------------------------------------------------------------
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        lines = LineStream(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                await lines.send(encode_line(Hello(version=PROTOCOL_VERSION, pid=os.getpid())))
+                while True:
+                    try:
+                        line = await lines.receive_line()
+                    except LineTooLong as exc:
+                        await lines.send(encode_line(Error(message=str(exc))))
+                        continue
+                    if line is None:
+                        break
+                    if not line.strip():
+                        continue
+                    await self._answer(line, lines, nursery)
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        finally:
+            await stream.aclose()
+
+    async def _answer(self, line: bytes, lines: LineStream, nursery: trio.Nursery) -> None:
+        try:
+            request = request_decoder.decode(line)
+        except msgspec.DecodeError as exc:
+            await lines.send(encode_line(Error(message=f"bad message: {exc}")))
+            return
+        reply = self._handle(request)
+        await lines.send(encode_line(reply))
+        if isinstance(request, Subscribe):
+            nursery.start_soon(self._push_updates, lines, request.interval_ms / 1000)
+
+    def _handle(self, request: Request) -> Reply:
+        try:
+            if isinstance(request, Status | Subscribe):
+                return Snapshot(id=request.id, status=self.snapshot())
+            if isinstance(request, Preload):
+                self._fleet.preload(request.model)
+                return Ok(id=request.id, message=f"preloading {request.model}")
+            if isinstance(request, Evict):
+                self._fleet.evict(request.model)
+                return Ok(id=request.id, message=f"evicting {request.model}")
+        except (KeyError, ValueError) as exc:
+            return Error(id=request.id, message=exc.args[0] if exc.args else str(exc))
+        return Error(id=request.id, message=f"unsupported request {type(request).__name__}")
+
+    async def _push_updates(self, lines: LineStream, interval_s: float) -> None:
+        sent_version, sent_at = self._version, time.monotonic()
+        while True:
+            await trio.sleep(interval_s)
+            if self._version == sent_version:
+                with trio.move_on_after(max(0.0, sent_at + _HEARTBEAT_S - time.monotonic())):
+                    await self._changed.wait()
+            sent_version, sent_at = self._version, time.monotonic()
+            await lines.send(encode_line(Snapshot(status=self.snapshot())))
+
+    def snapshot(self) -> DaemonStatus:
+        """The status now; subscribers asking at the same moment and version share one."""
+        now = time.monotonic()
+        cached = self._cached
+        if cached is not None and cached[0] == self._version and now - cached[1] < 0.05:
+            return cached[2]
+        status = self._status()
+        self._cached = (self._version, now, status)
+        return status
