@@ -15,6 +15,7 @@ from queuegate.admin import SocketInUse
 from queuegate.admin import command as admin_command
 from queuegate.config import Config, ConfigError, admin_socket_path, build_config, load_config
 from queuegate.daemon import Daemon
+from queuegate.errors import leaf_exceptions
 from queuegate.logs import configure_logging
 from queuegate.starter import render_starter
 
@@ -130,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         trio.run(_serve, config, args.listen)
     except* SocketInUse as group:
-        in_use.append(str(group.exceptions[0]))
+        in_use.append(str(leaf_exceptions(group)[0]))
     if in_use:
         print(f"queuegate: {in_use[0]}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ def starter_tables() -> list[Table]:
                 {
                     "listen": "host:port to listen on. Loopback by default; 0.0.0.0:8080 exposes it to the network.",
                     "state_dir": "Folder for state (usage DB, admin socket), relative to this file.",
-                    "admin_socket": 'Unix socket for `queuegate admin` and `queuegate top` (mode 0600, in a folder\n'
+                    "admin_socket": "Unix socket for `queuegate admin` and `queuegate top` (mode 0600, in a folder\n"
                     'only you may enter); "" = <state_dir>/admin.sock.',
                     "owned_by": "`owned_by` reported for every model in GET /v1/models.",
                     "max_body_mb": "Largest request body accepted; larger ones get 413.",

@@ -24,6 +24,8 @@ class LineStream:
             if end >= 0:
                 line = bytes(self._buffer[:end])
                 del self._buffer[: end + 1]
+                if len(line) > MAX_LINE_BYTES:
+                    raise LineTooLong(f"a message may be at most {MAX_LINE_BYTES} bytes")
                 return line
             if len(self._buffer) > MAX_LINE_BYTES:
                 self._buffer.clear()

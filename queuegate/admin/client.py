@@ -64,7 +64,10 @@ class AdminClient:
         """Send one request and return its reply; AdminError if the daemon refused it."""
         message = msgspec.structs.replace(message, id=next(self._ids))
         assert self._lines is not None
-        await self._lines.send(encode_line(message))
+        try:
+            await self._lines.send(encode_line(message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise AdminUnavailable(f"lost the daemon at {self.path}: {exc}") from None
         while True:
             reply = await self._receive()
             if reply.id == message.id:

@@ -120,8 +120,10 @@ class AdminServer:
                         continue
                     await self._answer(line, lines, nursery)
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
+        except* Exception as group:  # one client's trouble never takes the daemon down
+            log.error("admin connection failed", exc_info=group)
         finally:
             await stream.aclose()
 

@@ -1,0 +1,190 @@
+"""The admin socket against a live daemon: every command, bad input, many subscribers, stale and live sockets.
+
+The fleet is QueueGate-launched simulated servers (real child processes), as in test_fleet.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+
+import msgspec
+import pytest
+import trio
+
+from queuegate.admin import AdminClient, AdminUnavailable, SocketInUse
+from queuegate.admin._stream import LineStream
+from queuegate.admin.client import AdminError
+from queuegate.admin.protocol import PROTOCOL_VERSION, Evict, Ok, Preload
+from queuegate.config import admin_socket_path, build_config
+from queuegate.daemon import Daemon
+from queuegate.errors import leaf_exceptions
+from tests.conftest import in_thread
+from tests.test_fleet import EXCLUSIVE, ask, sim_model
+
+
+async def fleet_gateway(start_gateway):
+    gw = await start_gateway({"a": sim_model(), "b": sim_model()}, devices=EXCLUSIVE)
+    return gw, admin_socket_path(gw.daemon.config)
+
+
+def model_state(status, name: str) -> str:
+    return next(m.state for m in status.fleet.models if m.name == name)
+
+
+async def raw_connection(path) -> tuple[LineStream, dict]:
+    """A bare connection speaking the protocol by hand (newline framing only); returns it and the greeting."""
+    lines = LineStream(await trio.open_unix_socket(str(path)))
+    return lines, await read_line(lines)
+
+
+async def read_line(lines: LineStream) -> dict:
+    with trio.fail_after(5):
+        line = await lines.receive_line()
+    assert line is not None
+    return json.loads(line)
+
+
+async def test_the_socket_is_private(start_gateway):
+    _, path = await fleet_gateway(start_gateway)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_ISSOCK(path.stat().st_mode)
+
+
+async def test_status_preload_evict_and_a_subscription_that_sees_the_swap(start_gateway):
+    gw, path = await fleet_gateway(start_gateway)
+    async with AdminClient(path) as client, AdminClient(path) as watcher:
+        status = await client.status()
+        assert status.listen == gw.api
+        assert {m.name: m.state for m in status.fleet.models} == {"a": "stopped", "b": "stopped"}
+        assert [d.name for d in status.fleet.devices] == ["gpu"]
+        seen: list[tuple[str, str]] = []
+        updates = watcher.subscribe(interval_ms=100)
+        first = await updates.__anext__()
+        assert model_state(first, "a") == "stopped"
+        reply = await client.request(Preload(model="a"))
+        assert isinstance(reply, Ok) and reply.message == "preloading a"
+        with trio.fail_after(10):
+            async for update in updates:
+                seen.append((model_state(update, "a"), model_state(update, "b")))
+                if seen[-1][0] == "ready":
+                    break
+        assert ("starting", "stopped") in seen
+        await client.request(Preload(model="b"))  # the device is exclusive: a goes, b comes
+        with trio.fail_after(10):
+            async for update in updates:
+                swap = update.fleet.devices[0].swap
+                if swap is not None:
+                    assert swap.target == "b" and swap.phase
+                if model_state(update, "b") == "ready":
+                    break
+        await client.request(Evict(model="b"))
+        with trio.fail_after(10):
+            async for update in updates:
+                if model_state(update, "b") == "stopped":
+                    break
+        with pytest.raises(AdminError, match="no model 'nope'"):
+            await client.request(Preload(model="nope"))
+
+
+async def test_bad_messages_get_errors_and_break_nothing(start_gateway):
+    gw, path = await fleet_gateway(start_gateway)
+    stream, hello = await raw_connection(path)
+    assert hello == {"op": "hello", "id": 0, "version": PROTOCOL_VERSION, "pid": os.getpid()}
+    async with AdminClient(path) as bystander:
+        for bad in [b"not json", b'{"op": "launch_missiles", "id": 7}', b'{"op": "preload", "id": 8}', b"[1, 2]"]:
+            await stream.send(bad + b"\n")
+            reply = await read_line(stream)
+            assert reply["op"] == "error" and reply["message"]
+        await stream.send(b"x" * (70 * 1024) + b"\n")  # over the line limit
+        assert "at most" in (await read_line(stream))["message"]
+        await stream.send(b'{"op": "status", "id": 9}\n')  # the same connection still works
+        reply = await read_line(stream)
+        assert reply["op"] == "snapshot" and reply["id"] == 9
+        assert (await bystander.status()).listen == gw.api  # and so does everyone else's
+    await stream.stream.aclose()
+    assert (await in_thread(lambda: ask(gw, "a"))).choices
+
+
+async def test_many_subscribers_at_once(start_gateway):
+    gw, path = await fleet_gateway(start_gateway)
+    received = [0] * 20
+
+    async def watch(i: int) -> None:
+        async with AdminClient(path) as client:
+            async for _ in client.subscribe(interval_ms=100):
+                received[i] += 1
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(watch, i)
+        answer = await in_thread(lambda: ask(gw, "a"))  # a load, a request: changes to publish
+        assert answer.choices
+        await trio.sleep(1.2)
+        nursery.cancel_scope.cancel()
+    assert all(n >= 2 for n in received), received  # the first snapshot and at least one update each
+
+
+async def test_a_stale_socket_is_replaced_and_a_live_one_refused(start_gateway, tmp_path, nursery):
+    _, path = await fleet_gateway(start_gateway)
+    second = Daemon(build_config({"server": {"listen": "127.0.0.1:0", "admin_socket": str(path)}}))
+    refused = []
+    try:
+        async with trio.open_nursery() as inner:
+            await inner.start(second.run)
+    except* SocketInUse as group:
+        refused.append(str(leaf_exceptions(group)[0]))
+    assert refused and "another QueueGate is running" in refused[0]
+    async with AdminClient(path) as client:
+        assert client.daemon_pid == os.getpid()  # the first daemon still serves
+
+    stale = tmp_path / "stale" / "admin.sock"
+    stale.parent.mkdir(mode=0o700)
+    leftover = trio.socket.socket(trio.socket.AF_UNIX)
+    await leftover.bind(str(stale))  # bound, never listening, then closed: what a killed daemon leaves
+    leftover.close()
+    assert stale.exists()
+    third = Daemon(build_config({"server": {"listen": "127.0.0.1:0", "admin_socket": str(stale)}}))
+    await nursery.start(third.run)
+    async with AdminClient(stale) as client:
+        assert (await client.status()).scheduler.waiting == 0
+    third.request_shutdown()
+
+
+async def test_clients_see_a_daemon_that_went_away(start_gateway):
+    gw, path = await fleet_gateway(start_gateway)
+    async with AdminClient(path) as client:
+        await client.status()
+        gw.daemon.request_shutdown()
+        with trio.fail_after(10), pytest.raises(AdminUnavailable):
+            while True:
+                await client.status()
+                await trio.sleep(0.05)
+    with pytest.raises(AdminUnavailable, match="no QueueGate daemon"):
+        async with AdminClient(path):
+            pass
+
+
+async def test_the_admin_cli(start_gateway):
+    _, path = await fleet_gateway(start_gateway)
+    cli = [sys.executable, "-m", "queuegate.cli", "admin"]
+
+    async def admin(*args: str) -> trio.CompletedProcess:
+        return await trio.run_process([*cli, *args, "--socket", str(path)], capture_stdout=True, capture_stderr=True,
+                                      check=False)  # fmt: skip
+
+    status = await admin("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert {m["name"] for m in msgspec.json.decode(status.stdout)["fleet"]["models"]} == {"a", "b"}
+    human = await admin("status")
+    assert b"MODEL" in human.stdout and b"device gpu (exclusive)" in human.stdout
+    preload = await admin("preload", "a")
+    assert preload.returncode == 0 and preload.stdout.strip() == b"preloading a"
+    unknown = await admin("evict", "zzz")
+    assert unknown.returncode == 1 and b"no model 'zzz'" in unknown.stderr
+    gone = await trio.run_process([*cli, "status", "--socket", str(path) + ".missing"], capture_stderr=True,
+                                  check=False)  # fmt: skip
+    assert gone.returncode == 3 and b"no QueueGate daemon" in gone.stderr
