@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     admin = admin_command.add_parser(commands)
     _config_option(admin)
 
+    top = commands.add_parser("top", help="live view of a running daemon: queues, models, swaps (keys: p e ? q)")
+    _config_option(top)
+    top.add_argument("--socket", help="admin socket path (default: from the config's [server] section)")
+
     init = commands.add_parser("init", help="write a commented starter config")
     init.add_argument("path", nargs="?", default=DEFAULT_CONFIG)
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check(load_config(args.config))
         if args.command == "admin":
             return admin_command.run(args, _admin_socket(args))
+        if args.command == "top":
+            return _top(_admin_socket(args))
         return _run(args)
     except ConfigError as exc:
         print(f"queuegate: config error: {exc}", file=sys.stderr)
@@ -63,6 +69,14 @@ def _admin_socket(args: argparse.Namespace) -> Path:
     if Path(args.config).exists():
         return admin_socket_path(load_config(args.config))
     return admin_socket_path(build_config({}))
+
+
+def _top(socket_path: Path) -> int:
+    from queuegate.tui.app import TopApp
+    from queuegate.tui.source import SocketSource
+
+    TopApp(SocketSource(socket_path)).run()
+    return 0
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:

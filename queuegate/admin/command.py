@@ -60,10 +60,10 @@ def render_status(status: DaemonStatus) -> str:
     for model in status.scheduler.models:
         planned = fleet.get(model.name)
         state = planned.state if planned else "?"
-        device = (planned.device if planned else None) or "-"
+        device_name = (planned.device if planned else None) or "-"
         reason = planned.reason if planned and planned.managed else "; ".join(u.reason for u in model.upstreams)
         lines.append(
-            f"{model.name:<24}{state:<10}{device:<12}{model.in_service:>10}{model.waiting:>9}"
+            f"{model.name:<24}{state:<10}{device_name:<12}{model.in_service:>10}{model.waiting:>9}"
             f"{model.oldest_wait_s:>8.1f}s  {reason}"
         )
     for device in status.fleet.devices:

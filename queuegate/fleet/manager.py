@@ -148,7 +148,8 @@ class Fleet:
             if model.launch is None:
                 continue
             state = _UPSTREAM_STATE.get(transition.state, UpstreamState.LOADING)
-            reason = f"{transition.state.value}: {transition.reason}"
+            name = transition.state.value
+            reason = name if transition.reason == name else f"{name}: {transition.reason}"
             for upstream in model.upstreams:
                 self._admission.set_upstream_state(upstream.id, state, reason)
             level = logging.WARNING if transition.state is ModelState.FAILED else logging.INFO

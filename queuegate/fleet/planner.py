@@ -148,7 +148,7 @@ class FleetModelStatistics(msgspec.Struct, frozen=True):
     device: str | None
     memory_gb: float
     in_state_s: float
-    idle_s: float | None  # None while requests wait or run
+    idle_s: float | None  # None while requests wait or run, and for external models
     load_s: float | None  # learned load time
     progress: SwapProgress | None  # while it loads (also outside a swap)
 
@@ -473,7 +473,7 @@ class FleetPlanner:
                     device=m.spec.device,
                     memory_gb=m.spec.memory_gb,
                     in_state_s=round(now - m.since, 3),
-                    idle_s=None if m.idle_since is None else round(now - m.idle_since, 3),
+                    idle_s=None if m.idle_since is None or not m.spec.managed else round(now - m.idle_since, 3),
                     load_s=None if m.load_s is None else round(m.load_s, 3),
                     progress=self._load_progress(m, now) if m.state is ModelState.STARTING else None,
                 )

@@ -1,0 +1,149 @@
+"""The `queuegate top` application: panels fed by a subscription, keys that act on the selected row.
+
+A worker follows the daemon's updates and reconnects by itself (with a short backoff) when the daemon restarts; the
+banner says plainly when it is disconnected. Keys: p preload, e evict (asks first), ? help, q quit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Header, Label, Static
+
+from queuegate.admin.client import AdminError, AdminUnavailable
+from queuegate.tui.messages import Disconnected, StatusUpdated
+from queuegate.tui.source import StatusSource
+from queuegate.tui.widgets import DevicesPanel, ModelsTable, QueuesTable, UpstreamsTable
+
+_RECONNECT_S = (0.2, 0.5, 1.0, 2.0)  # backoff steps; the last one repeats
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self.question)
+            yield Label("[b]y[/b] yes   [b]n[/b] no")
+
+    def action_answer(self, answer: bool) -> None:
+        self.dismiss(answer)
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(
+                "[b]queuegate top[/b]\n\n"
+                "p  preload the selected model (draining what is in its way)\n"
+                "e  evict the selected model (a busy one is drained first)\n"
+                "?  this help      q  quit\n\n"
+                "Arrow keys move the selection in the models table."
+            )
+
+
+class TopApp(App[None]):
+    TITLE = "QueueGate"
+    CSS_PATH = "app.tcss"
+    BINDINGS = [
+        Binding("p", "preload", "Preload"),
+        Binding("e", "evict", "Evict"),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, source: StatusSource) -> None:
+        super().__init__()
+        self.source = source
+        self.connected = False
+        self.disconnections = 0  # times the daemon went away while attached
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("connecting…", id="banner")
+        yield Static("Models", classes="title")
+        yield ModelsTable(id="models")
+        yield Static("Devices", classes="title")
+        yield DevicesPanel(id="devices")
+        yield Static("Queues", classes="title")
+        yield QueuesTable(id="queues")
+        yield Static("Upstreams", classes="title")
+        yield UpstreamsTable(id="upstreams")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(ModelsTable).focus()
+        self.follow()
+
+    @work(exclusive=True)
+    async def follow(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async for status in self.source.updates():
+                    attempt = 0
+                    self.post_message(StatusUpdated(status))
+            except AdminUnavailable as exc:
+                self.post_message(Disconnected(str(exc)))
+            await asyncio.sleep(_RECONNECT_S[min(attempt, len(_RECONNECT_S) - 1)])
+            attempt += 1
+
+    def on_status_updated(self, message: StatusUpdated) -> None:
+        status = message.status
+        self.connected = True
+        banner = self.query_one("#banner", Static)
+        banner.remove_class("disconnected")
+        scheduler = status.scheduler
+        banner.update(
+            f"{status.listen}   up {status.uptime_s:.0f} s   "
+            f"{scheduler.in_service} in service   {scheduler.waiting} waiting (max {scheduler.max_queue})"
+        )
+        self.query_one(ModelsTable).show(status)
+        self.query_one(DevicesPanel).show(status)
+        self.query_one(QueuesTable).show(status)
+        self.query_one(UpstreamsTable).show(status)
+
+    def on_disconnected(self, message: Disconnected) -> None:
+        if self.connected:
+            self.disconnections += 1
+        self.connected = False
+        banner = self.query_one("#banner", Static)
+        banner.add_class("disconnected")
+        banner.update(f"DISCONNECTED: {message.reason} (retrying)")
+
+    async def action_preload(self) -> None:
+        model = self.query_one(ModelsTable).selected_key
+        if model is not None:
+            await self._command(self.source.preload(model))
+
+    def action_evict(self) -> None:
+        model = self.query_one(ModelsTable).selected_key
+        if model is None:
+            return
+
+        async def confirmed(answer: bool | None) -> None:
+            if answer:
+                await self._command(self.source.evict(model))
+
+        self.push_screen(ConfirmScreen(f"Evict {model}? Requests in flight finish first."), confirmed)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    async def _command(self, call: Awaitable[str]) -> None:
+        try:
+            self.notify(await call)
+        except (AdminError, AdminUnavailable) as exc:
+            self.notify(str(exc), severity="error")

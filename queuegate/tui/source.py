@@ -1,0 +1,101 @@
+"""Where the TUI's data comes from: the admin socket, behind a small interface so tests can drive the app.
+
+Textual runs on asyncio, so this is the asyncio twin of `queuegate.admin.client` (same protocol module, same types).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+from queuegate.admin.client import AdminError, AdminUnavailable
+from queuegate.admin.protocol import (
+    MAX_LINE_BYTES,
+    PROTOCOL_VERSION,
+    DaemonStatus,
+    Error,
+    Evict,
+    Hello,
+    Ok,
+    Preload,
+    Reply,
+    Request,
+    Snapshot,
+    Subscribe,
+    encode_line,
+    reply_decoder,
+)
+
+
+class StatusSource(Protocol):
+    """What the app needs from the daemon."""
+
+    def updates(self) -> AsyncIterator[DaemonStatus]:
+        """Snapshots as they come; raises AdminUnavailable when the daemon is not (or no longer) there."""
+        ...
+
+    async def preload(self, model: str) -> str: ...
+
+    async def evict(self, model: str) -> str: ...
+
+
+class SocketSource:
+    def __init__(self, path: Path, interval_ms: int = 250) -> None:
+        self.path = path
+        self.interval_ms = interval_ms
+        self._ids = itertools.count(1)
+
+    async def updates(self) -> AsyncIterator[DaemonStatus]:
+        reader, writer = await self._connect()
+        try:
+            writer.write(encode_line(Subscribe(id=next(self._ids), interval_ms=self.interval_ms)))
+            while True:
+                reply = await self._receive(reader)
+                if isinstance(reply, Snapshot):
+                    yield reply.status
+        finally:
+            writer.close()
+
+    async def preload(self, model: str) -> str:
+        return await self._command(Preload(id=next(self._ids), model=model))
+
+    async def evict(self, model: str) -> str:
+        return await self._command(Evict(id=next(self._ids), model=model))
+
+    async def _command(self, request: Request) -> str:
+        reader, writer = await self._connect()
+        try:
+            writer.write(encode_line(request))
+            while True:
+                reply = await self._receive(reader)
+                if reply.id == request.id:
+                    break
+        finally:
+            writer.close()
+        if isinstance(reply, Error):
+            raise AdminError(reply.message)
+        assert isinstance(reply, Ok)
+        return reply.message
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(self.path), limit=MAX_LINE_BYTES * 64)
+        except OSError as exc:
+            raise AdminUnavailable(f"no QueueGate daemon at {self.path}: {exc.strerror or exc}") from None
+        hello = await self._receive(reader)
+        if not isinstance(hello, Hello) or hello.version != PROTOCOL_VERSION:
+            writer.close()
+            raise AdminUnavailable(f"the daemon at {self.path} speaks another admin protocol")
+        return reader, writer
+
+    async def _receive(self, reader: asyncio.StreamReader) -> Reply:
+        try:
+            line = await reader.readline()
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            raise AdminUnavailable(f"lost the daemon at {self.path}: {exc}") from None
+        if not line:
+            raise AdminUnavailable(f"the daemon at {self.path} closed the connection")
+        return reply_decoder.decode(line)

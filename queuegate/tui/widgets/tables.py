@@ -1,0 +1,86 @@
+"""The tables of `queuegate top`. Rows are keyed (model, class, upstream), so the cursor stays put on updates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from textual.widgets import DataTable
+
+from queuegate.admin.protocol import DaemonStatus
+from queuegate.tui.widgets.progress import progress_text
+
+
+class _KeyedTable(DataTable[str]):
+    """A DataTable refreshed from rows of (key, cells): cells change in place, rows come and go by key."""
+
+    COLUMNS: Sequence[str] = ()
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        for column in self.COLUMNS:
+            self.add_column(column, key=column)
+
+    def replace_rows(self, rows: Iterable[tuple[str, Sequence[str]]]) -> None:
+        wanted = dict(rows)
+        for gone in [k for k in self.rows if k.value not in wanted]:
+            self.remove_row(gone)
+        for key, cells in wanted.items():
+            if key in self.rows:
+                for column, value in zip(self.COLUMNS, cells, strict=True):
+                    self.update_cell(key, column, value)
+            else:
+                self.add_row(*cells, key=key)
+
+    @property
+    def selected_key(self) -> str | None:
+        if not self.row_count:
+            return None
+        return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+
+
+class ModelsTable(_KeyedTable):
+    COLUMNS = ("MODEL", "STATE", "DEVICE", "GB", "IN FLIGHT", "WAITING", "IDLE", "LOAD / SWAP")
+
+    def show(self, status: DaemonStatus) -> None:
+        fleet = {m.name: m for m in status.fleet.models}
+        rows = []
+        for model in status.scheduler.models:
+            planned = fleet[model.name]
+            idle = "-" if planned.idle_s is None else f"{planned.idle_s:.0f} s"
+            progress = (
+                progress_text(planned.progress) if planned.progress else (planned.reason if planned.managed else "")
+            )
+            cells = (model.name, planned.state, planned.device or "-", f"{planned.memory_gb:g}",
+                     str(model.in_service), str(model.waiting), idle, progress)  # fmt: skip
+            rows.append((model.name, cells))
+        self.replace_rows(rows)
+
+
+class QueuesTable(_KeyedTable):
+    """Per model and class: only the ones with work, so thousands of waiting requests stay a few rows."""
+
+    COLUMNS = ("MODEL", "CLASS", "WAITING", "OLDEST", "IN SERVICE")
+
+    def show(self, status: DaemonStatus) -> None:
+        rows = [
+            (
+                f"{model.name}/{c.name}",
+                (model.name, c.name, str(c.waiting), f"{c.oldest_wait_s:.1f} s", str(c.in_service)),
+            )
+            for model in status.scheduler.models
+            for c in model.classes
+            if c.waiting or c.in_service
+        ]
+        self.replace_rows(rows)
+
+
+class UpstreamsTable(_KeyedTable):
+    COLUMNS = ("UPSTREAM", "STATE", "IN FLIGHT", "REASON")
+
+    def show(self, status: DaemonStatus) -> None:
+        rows = [
+            (u.id, (u.id, u.state, f"{u.in_flight}/{u.capacity}", u.reason))
+            for model in status.scheduler.models
+            for u in model.upstreams
+        ]
+        self.replace_rows(rows)

@@ -1,0 +1,95 @@
+"""`queuegate top` driven by Textual's Pilot against a live daemon with a real fleet (QueueGate-launched simulated
+servers). The daemon runs in the test's trio loop; the app runs in a worker thread with its own asyncio loop, as it
+would in its own process, and reaches the daemon only through the admin socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import trio
+
+from queuegate.config import admin_socket_path, build_config
+from queuegate.daemon import Daemon
+from queuegate.tui.app import ConfirmScreen, HelpScreen, TopApp
+from queuegate.tui.source import SocketSource
+from queuegate.tui.widgets import DevicesPanel, ModelsTable
+from tests.test_fleet import EXCLUSIVE, sim_model
+
+
+async def until(pilot, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the screen"
+        await pilot.pause(0.05)
+
+
+def cell(app: TopApp, model: str, column: str) -> str:
+    return str(app.query_one(ModelsTable).get_cell(model, column))
+
+
+async def test_keys_preload_and_evict_and_the_row_shows_the_load(start_gateway):
+    gw = await start_gateway({"a": sim_model(1.0), "b": sim_model(1.0)}, devices=EXCLUSIVE)
+    path = admin_socket_path(gw.daemon.config)
+    seen_progress: list[str] = []
+
+    async def scenario() -> None:
+        app = TopApp(SocketSource(path, interval_ms=100))
+        async with app.run_test(size=(150, 45)) as pilot:
+            table = app.query_one(ModelsTable)
+            await until(pilot, lambda: table.row_count == 2)
+            assert table.selected_key == "a" and cell(app, "a", "STATE") == "stopped"
+            await pilot.press("p")
+
+            def loaded() -> bool:
+                seen_progress.append(cell(app, "a", "LOAD / SWAP"))
+                return cell(app, "a", "STATE") == "ready"
+
+            await until(pilot, loaded)
+            await pilot.press("down", "p")  # b: the exclusive device swaps a out
+            await until(pilot, lambda: "→ b" in str(app.query_one(DevicesPanel).render()))
+            await until(pilot, lambda: cell(app, "b", "STATE") == "ready")
+            assert cell(app, "a", "STATE") == "stopped"
+            await pilot.press("e")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("n")  # not confirmed: nothing happens
+            assert cell(app, "b", "STATE") == "ready"
+            await pilot.press("e", "y")
+            await until(pilot, lambda: cell(app, "b", "STATE") == "stopped")
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("escape", "q")
+
+    await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))
+    assert any("waiting for health of a" in text for text in seen_progress), seen_progress
+
+
+async def test_it_says_when_disconnected_and_reconnects_to_a_restarted_daemon(start_gateway, nursery):
+    gw = await start_gateway({"a": sim_model()}, devices=EXCLUSIVE)
+    path = admin_socket_path(gw.daemon.config)
+    token = trio.lowlevel.current_trio_token()
+
+    async def restart() -> None:
+        gw.daemon.request_shutdown()
+        with trio.fail_after(10):
+            while path.exists():
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)  # the app notices while nothing listens
+        raw = {"server": {"listen": "127.0.0.1:0", "admin_socket": str(path)}, "devices": EXCLUSIVE}
+        await nursery.start(Daemon(build_config({**raw, "models": {"a": sim_model()}})).run)
+
+    async def scenario() -> None:
+        app = TopApp(SocketSource(path, interval_ms=100))
+        async with app.run_test(size=(150, 45)) as pilot:
+            banner = app.query_one("#banner")
+            await until(pilot, lambda: app.connected)
+            first_url = str(banner.render())
+            await asyncio.get_running_loop().run_in_executor(None, lambda: trio.from_thread.run(restart, trio_token=token))
+            await until(pilot, lambda: app.connected and str(banner.render()) != first_url)  # the new daemon's URL
+            assert app.disconnections >= 1
+            assert "DISCONNECTED" not in str(banner.render())
+            await pilot.press("q")
+
+    await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))
