@@ -86,7 +86,8 @@ async def test_it_says_when_disconnected_and_reconnects_to_a_restarted_daemon(st
             banner = app.query_one("#banner")
             await until(pilot, lambda: app.connected)
             first_url = str(banner.render())
-            await asyncio.get_running_loop().run_in_executor(None, lambda: trio.from_thread.run(restart, trio_token=token))
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, lambda: trio.from_thread.run(restart, trio_token=token))
             await until(pilot, lambda: app.connected and str(banner.render()) != first_url)  # the new daemon's URL
             assert app.disconnections >= 1
             assert "DISCONNECTED" not in str(banner.render())
