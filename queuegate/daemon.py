@@ -127,7 +127,7 @@ class Daemon:
                     fleet=fleet.statistics(),
                 )
 
-            admin = AdminServer(admin_socket_path(cfg), status, fleet)
+            admin = AdminServer(admin_socket_path(cfg), status, fleet, self.admission)
             self.admission.add_listener(admin.note_change)
             await nursery.start(admin.run)
             fields = {"url": base_url, "models": len(self.catalog.models), "admin": str(admin.path)}

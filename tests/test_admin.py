@@ -17,7 +17,7 @@ import trio
 from queuegate.admin import AdminClient, AdminUnavailable, SocketInUse
 from queuegate.admin._stream import LineStream
 from queuegate.admin.client import AdminError
-from queuegate.admin.protocol import PROTOCOL_VERSION, Evict, Ok, Preload
+from queuegate.admin.protocol import PROTOCOL_VERSION, Drain, Evict, Ok, Pause, Preload, Resume, Undrain
 from queuegate.config import admin_socket_path, build_config
 from queuegate.daemon import Daemon
 from queuegate.errors import leaf_exceptions
@@ -188,3 +188,45 @@ async def test_the_admin_cli(start_gateway):
     gone = await trio.run_process([*cli, "status", "--socket", str(path) + ".missing"], capture_stderr=True,
                                   check=False)  # fmt: skip
     assert gone.returncode == 3 and b"no QueueGate daemon" in gone.stderr
+
+
+def different_chat(chat: dict, i: int) -> dict:
+    """Another conversation each time, so sticky chats do not pin them all to one upstream."""
+    return {**chat, "messages": [{"role": "user", "content": f"chat {i}"}]}
+
+
+async def test_drain_and_pause_through_the_socket(start_sim, start_gateway):
+    first, first_url = await start_sim(tokens_per_s=0)
+    second, second_url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [first_url, second_url]}})
+    path = admin_socket_path(gw.daemon.config)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    async with AdminClient(path) as client:
+        assert (await client.request(Drain(upstream="m#0"))).message == "drained m#0"
+        for i in range(4):
+            await in_thread(lambda i=i: gw.client().chat.completions.create(**different_chat(chat, i)))
+        assert first.stats.requests == 0 and second.stats.requests == 4
+        upstreams = (await client.status()).scheduler.models[0].upstreams
+        assert [u.drained for u in upstreams] == [True, False]
+        await client.request(Undrain(upstream="m#0"))
+        for i in range(4, 8):  # new chats (the first four stick to m#1 now)
+            await in_thread(lambda i=i: gw.client().chat.completions.create(**different_chat(chat, i)))
+        assert first.stats.requests > 0
+
+        await client.request(Pause(klass="agent"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(in_thread, lambda: gw.client().post("/agent/chat/completions", cast_to=dict, body=chat))
+            with trio.fail_after(5):
+                while gw.stats().waiting != 1:
+                    await trio.sleep(0.01)
+            await in_thread(lambda: gw.client().chat.completions.create(**chat))  # users still go
+            assert gw.stats().waiting == 1  # the agent's request is held
+            classes = {c.name: c.paused for c in (await client.status()).scheduler.models[0].classes}
+            assert classes == {"user": False, "agent": True, "batch": False}
+            await client.request(Resume(klass="agent"))
+        assert gw.stats().waiting == 0
+
+        with pytest.raises(AdminError, match="no upstream 'nope#0'"):
+            await client.request(Drain(upstream="nope#0"))
+        with pytest.raises(AdminError, match="unknown class 'vip'"):
+            await client.request(Pause(klass="vip"))

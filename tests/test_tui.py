@@ -15,7 +15,7 @@ from queuegate.config import admin_socket_path, build_config
 from queuegate.daemon import Daemon
 from queuegate.tui.app import ConfirmScreen, HelpScreen, TopApp
 from queuegate.tui.source import SocketSource
-from queuegate.tui.widgets import DevicesPanel, ModelsTable
+from queuegate.tui.widgets import DevicesPanel, ModelsTable, UpstreamsTable
 from tests.test_fleet import EXCLUSIVE, sim_model
 
 
@@ -58,6 +58,12 @@ async def test_keys_preload_and_evict_and_the_row_shows_the_load(start_gateway):
             assert cell(app, "b", "STATE") == "ready"
             await pilot.press("e", "y")
             await until(pilot, lambda: cell(app, "b", "STATE") == "stopped")
+            upstreams = app.query_one(UpstreamsTable)
+            app.set_focus(upstreams)  # d acts on the selected upstream: a#0
+            await pilot.press("d")
+            await until(pilot, lambda: str(upstreams.get_cell("a#0", "STATE")).endswith("(drained)"))
+            await pilot.press("d")
+            await until(pilot, lambda: not str(upstreams.get_cell("a#0", "STATE")).endswith("(drained)"))
             await pilot.press("question_mark")
             assert isinstance(app.screen, HelpScreen)
             await pilot.press("escape", "q")

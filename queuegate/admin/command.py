@@ -1,30 +1,44 @@
-"""`queuegate admin status | preload MODEL | evict MODEL [--json]`: the admin socket from scripts and shells."""
+"""`queuegate admin ACTION [TARGET] [--json]`: the admin socket from scripts and shells.
+
+status | preload MODEL | evict MODEL | drain UPSTREAM | undrain UPSTREAM | pause CLASS | resume CLASS
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import trio
 
 from queuegate.admin.client import AdminClient, AdminError, AdminUnavailable
-from queuegate.admin.protocol import DaemonStatus, Evict, Ok, Preload
+from queuegate.admin.protocol import DaemonStatus, Drain, Evict, Ok, Pause, Preload, Request, Resume, Undrain
+
+# action -> (request for a target, what the target is)
+_COMMANDS: dict[str, tuple[Callable[[str], Request], str]] = {
+    "preload": (lambda target: Preload(model=target), "model"),
+    "evict": (lambda target: Evict(model=target), "model"),
+    "drain": (lambda target: Drain(upstream=target), "upstream (model#index)"),
+    "undrain": (lambda target: Undrain(upstream=target), "upstream (model#index)"),
+    "pause": (lambda target: Pause(klass=target), "class"),
+    "resume": (lambda target: Resume(klass=target), "class"),
+}
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     admin = commands.add_parser("admin", help="talk to a running daemon over its admin socket")
-    admin.add_argument("action", choices=["status", "preload", "evict"])
-    admin.add_argument("model", nargs="?", help="for preload and evict")
+    admin.add_argument("action", choices=["status", *_COMMANDS])
+    admin.add_argument("target", nargs="?", help="the model, upstream (model#index) or class to act on")
     admin.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
     admin.add_argument("--socket", help="admin socket path (default: from the config's [server] section)")
     return admin
 
 
 def run(args: argparse.Namespace, socket_path: Path) -> int:
-    if args.action in ("preload", "evict") and not args.model:
-        print(f"queuegate admin {args.action}: name the model", file=sys.stderr)
+    if args.action != "status" and not args.target:
+        print(f"queuegate admin {args.action}: name the {_COMMANDS[args.action][1]}", file=sys.stderr)
         return 2
     try:
         return trio.run(_run, args, socket_path)
@@ -42,8 +56,8 @@ async def _run(args: argparse.Namespace, socket_path: Path) -> int:
             status = await client.status()
             print(msgspec.json.encode(status).decode() if args.json else render_status(status))
             return 0
-        message = Preload(model=args.model) if args.action == "preload" else Evict(model=args.model)
-        reply = await client.request(message)
+        make, _ = _COMMANDS[args.action]
+        reply = await client.request(make(args.target))
         assert isinstance(reply, Ok)
         print(msgspec.json.encode(reply).decode() if args.json else reply.message)
         return 0
@@ -62,10 +76,16 @@ def render_status(status: DaemonStatus) -> str:
         state = planned.state if planned else "?"
         device_name = (planned.device if planned else None) or "-"
         reason = planned.reason if planned and planned.managed else "; ".join(u.reason for u in model.upstreams)
+        drained = [u.id for u in model.upstreams if u.drained]
+        if drained:
+            reason += f" (drained: {', '.join(drained)})"
         lines.append(
             f"{model.name:<24}{state:<10}{device_name:<12}{model.in_service:>10}{model.waiting:>9}"
             f"{model.oldest_wait_s:>8.1f}s  {reason}"
         )
+    paused = sorted({c.name for m in status.scheduler.models for c in m.classes if c.paused})
+    if paused:
+        lines.append(f"paused classes: {', '.join(paused)}")
     for device in status.fleet.devices:
         kind = "exclusive" if device.exclusive else f"{device.used_gb:g}/{device.memory_gb:g} GB"
         line = f"device {device.name} ({kind}): {', '.join(device.models) or 'empty'}"

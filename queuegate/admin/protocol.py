@@ -41,7 +41,27 @@ class Evict(_Message, tag="evict"):
     model: str
 
 
-Request = Status | Subscribe | Preload | Evict
+class Drain(_Message, tag="drain"):
+    """Take an upstream out: no new requests, those in flight finish."""
+
+    upstream: str
+
+
+class Undrain(_Message, tag="undrain"):
+    upstream: str
+
+
+class Pause(_Message, tag="pause"):
+    """Hold a class's requests in the queue."""
+
+    klass: str = msgspec.field(name="class")
+
+
+class Resume(_Message, tag="resume"):
+    klass: str = msgspec.field(name="class")
+
+
+Request = Status | Subscribe | Preload | Evict | Drain | Undrain | Pause | Resume
 
 
 class DaemonStatus(msgspec.Struct, frozen=True):

@@ -23,20 +23,25 @@ from queuegate.admin._stream import LineStream, LineTooLong
 from queuegate.admin.protocol import (
     PROTOCOL_VERSION,
     DaemonStatus,
+    Drain,
     Error,
     Evict,
     Hello,
     Ok,
+    Pause,
     Preload,
     Reply,
     Request,
+    Resume,
     Snapshot,
     Status,
     Subscribe,
+    Undrain,
     encode_line,
     request_decoder,
 )
 from queuegate.fleet.manager import Fleet
+from queuegate.scheduler import Admission
 
 log = logging.getLogger("queuegate.admin")
 
@@ -48,10 +53,11 @@ class SocketInUse(Exception):
 
 
 class AdminServer:
-    def __init__(self, path: Path, status: Callable[[], DaemonStatus], fleet: Fleet) -> None:
+    def __init__(self, path: Path, status: Callable[[], DaemonStatus], fleet: Fleet, admission: Admission) -> None:
         self.path = path
         self._status = status
         self._fleet = fleet
+        self._admission = admission
         self._version = 0  # bumped on every change worth showing
         self._changed = trio.Event()
         self._cached: tuple[int, float, DaemonStatus] | None = None
@@ -148,6 +154,14 @@ class AdminServer:
             if isinstance(request, Evict):
                 self._fleet.evict(request.model)
                 return Ok(id=request.id, message=f"evicting {request.model}")
+            if isinstance(request, Drain | Undrain):
+                drain = isinstance(request, Drain)
+                self._admission.set_drained(request.upstream, drain)
+                return Ok(id=request.id, message=f"{'drained' if drain else 'undrained'} {request.upstream}")
+            if isinstance(request, Pause | Resume):
+                pause = isinstance(request, Pause)
+                self._admission.set_paused(request.klass, pause)
+                return Ok(id=request.id, message=f"{'paused' if pause else 'resumed'} class {request.klass}")
         except (KeyError, ValueError) as exc:
             return Error(id=request.id, message=exc.args[0] if exc.args else str(exc))
         return Error(id=request.id, message=f"unsupported request {type(request).__name__}")

@@ -106,6 +106,14 @@ class Admission:
     def set_upstream_state(self, upstream_id: str, state: UpstreamState, reason: str) -> None:
         self._wake(self._core.set_upstream_state(upstream_id, state, reason, trio.current_time()))
 
+    def set_drained(self, upstream_id: str, drained: bool) -> None:
+        """KeyError: no such upstream."""
+        self._wake(self._core.set_drained(upstream_id, drained, trio.current_time()))
+
+    def set_paused(self, klass: str, paused: bool) -> None:
+        """ValueError: no such class."""
+        self._wake(self._core.set_paused(klass, paused, trio.current_time()))
+
     def is_servable(self, model: str) -> bool:
         return self._core.is_servable(model)
 

@@ -13,6 +13,8 @@ Policy, per model, whenever a slot is free:
 4. A request of a sticky chat prefers the upstream its chat last used (while the mapping is younger than the
    affinity TTL). If that upstream is busy it waits for it at most `affinity_wait_s`, letting others go first,
    then takes any free upstream.
+5. Operators may drain an upstream (it takes no new requests; those in flight finish) or pause a class (its
+   requests stay queued) through the admin socket.
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ class _Upstream:
     state: UpstreamState = UpstreamState.LOADING
     reason: str = "not checked yet"
     in_flight: int = 0
+    drained: bool = False  # an operator took it out: no new requests, those in flight finish
+
+    @property
+    def takes_requests(self) -> bool:
+        return self.state is UpstreamState.READY and not self.drained and self.in_flight < self.capacity
 
 
 @dataclass(slots=True)
@@ -125,6 +132,7 @@ class UpstreamStatistics(msgspec.Struct, frozen=True):
     reason: str
     in_flight: int
     capacity: int
+    drained: bool
 
 
 class ClassStatistics(msgspec.Struct, frozen=True):
@@ -132,6 +140,7 @@ class ClassStatistics(msgspec.Struct, frozen=True):
     waiting: int
     oldest_wait_s: float
     in_service: int
+    paused: bool
 
 
 class FlowStatistics(msgspec.Struct, frozen=True):
@@ -182,6 +191,7 @@ class SchedulerCore:
         # Sticky chats: (model, key) -> (upstream id, last used), least recently used first.
         self._affinity: dict[tuple[str, str], tuple[str, float]] = {}
         self._holds: dict[Ticket, float] = {}  # tickets waiting for their sticky upstream -> until when
+        self._paused: set[str] = set()  # classes an operator paused: their requests wait
 
     # -- events -------------------------------------------------------------------------------------------------
 
@@ -251,6 +261,27 @@ class SchedulerCore:
                     decided.append(ticket)
         return decided + self._dispatch(model, now)
 
+    def set_drained(self, upstream_id: str, drained: bool, now: float) -> list[Ticket]:
+        """An operator takes an upstream out (requests in flight finish; none new) or puts it back."""
+        slot = self._upstreams.get(upstream_id)
+        if slot is None:
+            raise KeyError(f"no upstream {upstream_id!r}; upstreams are named <model>#<index>, e.g. coder#0")
+        slot.drained = drained
+        return self._dispatch(self._models[slot.model], now)
+
+    def set_paused(self, klass: str, paused: bool, now: float) -> list[Ticket]:
+        """An operator holds a class's waiting requests (they stay queued; max wait still applies) or lets them go."""
+        if klass not in self._rank:
+            raise ValueError(f"unknown class {klass!r}; the classes are {', '.join(self.policy.classes)}")
+        if paused:
+            self._paused.add(klass)
+            return []
+        self._paused.discard(klass)
+        decided = []
+        for model in self._models.values():
+            decided += self._dispatch(model, now)
+        return decided
+
     def tick(self, now: float) -> list[Ticket]:
         """Time passed: requests whose wait for their sticky upstream ran out may now take any free one."""
         expired = {t.model for t, until in self._holds.items() if until <= now}
@@ -271,7 +302,7 @@ class SchedulerCore:
             del self._holds[ticket]  # decided afresh below
         decided = []
         while model.waiting and self._has_free_slot(model):
-            placed = False
+            placed = False  # stays False when only paused classes or held sticky chats wait
             for ticket in self._candidates(model, now):
                 slot = self._choose(model, ticket, now)
                 if slot is not None:
@@ -285,7 +316,7 @@ class SchedulerCore:
 
     def _candidates(self, model: _Model, now: float) -> Iterator[Ticket]:
         """Waiting tickets in the order the policy serves them (each flow's head only: FIFO inside a flow)."""
-        queues = [q for q in model.classes if q.arrivals]
+        queues = [q for q in model.classes if q.arrivals and q.name not in self._paused]
         if not queues:
             return
         top = queues[0]
@@ -308,11 +339,7 @@ class SchedulerCore:
 
     def _choose(self, model: _Model, ticket: Ticket, now: float) -> _Upstream | None:
         """The upstream for this ticket now, or None (nothing free it may use, or it holds for its sticky one)."""
-        free = [
-            s
-            for s in model.upstreams
-            if s.state is UpstreamState.READY and s.in_flight < s.capacity and s.id not in ticket.exclude
-        ]
+        free = [s for s in model.upstreams if s.takes_requests and s.id not in ticket.exclude]
         if not free:
             return None
         if ticket.affinity is not None and len(model.upstreams) > 1:
@@ -362,7 +389,7 @@ class SchedulerCore:
         self._waiting -= 1
 
     def _has_free_slot(self, model: _Model) -> bool:
-        return any(s.state is UpstreamState.READY and s.in_flight < s.capacity for s in model.upstreams)
+        return any(s.takes_requests for s in model.upstreams)
 
     def _usable(self, model: _Model, ticket: Ticket) -> bool:
         """Whether some upstream this ticket may use is up or coming up."""
@@ -445,6 +472,7 @@ class SchedulerCore:
                     len(q.arrivals),
                     round(now - next(iter(q.arrivals)).enqueued_at, 3) if q.arrivals else 0.0,
                     model.in_service_by_class[q.name],
+                    q.name in self._paused,
                 )
                 for q in model.classes
             ]
@@ -469,7 +497,7 @@ class SchedulerCore:
                     classes=classes,
                     flows=flows[:FLOW_STATISTICS_LIMIT],
                     upstreams=[
-                        UpstreamStatistics(s.id, s.state.value, s.reason, s.in_flight, s.capacity)
+                        UpstreamStatistics(s.id, s.state.value, s.reason, s.in_flight, s.capacity, s.drained)
                         for s in model.upstreams
                     ],
                 )

@@ -1,13 +1,14 @@
 """The `queuegate top` application: panels fed by a subscription, keys that act on the selected row.
 
 A worker follows the daemon's updates and reconnects by itself (with a short backoff) when the daemon restarts; the
-banner says plainly when it is disconnected. Keys: p preload, e evict (asks first), ? help, q quit.
+banner says plainly when it is disconnected. Keys: p preload and e evict (asks first) the model selected in the
+models table; d drains or undrains the upstream selected in the upstreams table (tab moves between tables);
+? help, q quit.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 
 from textual import work
 from textual.app import App, ComposeResult
@@ -17,6 +18,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, Label, Static
 
 from queuegate.admin.client import AdminError, AdminUnavailable
+from queuegate.admin.protocol import Drain, Evict, Preload, Request, Undrain
 from queuegate.tui.messages import Disconnected, StatusUpdated
 from queuegate.tui.source import StatusSource
 from queuegate.tui.widgets import DevicesPanel, ModelsTable, QueuesTable, UpstreamsTable
@@ -49,8 +51,9 @@ class HelpScreen(ModalScreen[None]):
                 "[b]queuegate top[/b]\n\n"
                 "p  preload the selected model (draining what is in its way)\n"
                 "e  evict the selected model (a busy one is drained first)\n"
+                "d  drain the selected upstream (none new; those in flight finish), or undrain it\n"
                 "?  this help      q  quit\n\n"
-                "Arrow keys move the selection in the models table."
+                "Tab moves between tables; arrow keys move the selection."
             )
 
 
@@ -60,6 +63,7 @@ class TopApp(App[None]):
     BINDINGS = [
         Binding("p", "preload", "Preload"),
         Binding("e", "evict", "Evict"),
+        Binding("d", "drain", "Drain/undrain"),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
     ]
@@ -126,7 +130,7 @@ class TopApp(App[None]):
     async def action_preload(self) -> None:
         model = self.query_one(ModelsTable).selected_key
         if model is not None:
-            await self._command(self.source.preload(model))
+            await self._command(Preload(model=model))
 
     def action_evict(self) -> None:
         model = self.query_one(ModelsTable).selected_key
@@ -135,15 +139,23 @@ class TopApp(App[None]):
 
         async def confirmed(answer: bool | None) -> None:
             if answer:
-                await self._command(self.source.evict(model))
+                await self._command(Evict(model=model))
 
         self.push_screen(ConfirmScreen(f"Evict {model}? Requests in flight finish first."), confirmed)
+
+    async def action_drain(self) -> None:
+        """Drain the upstream selected in the upstreams table, or put a drained one back."""
+        table = self.query_one(UpstreamsTable)
+        upstream = table.selected_key
+        if upstream is not None:
+            request = Undrain(upstream=upstream) if table.is_drained(upstream) else Drain(upstream=upstream)
+            await self._command(request)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
-    async def _command(self, call: Awaitable[str]) -> None:
+    async def _command(self, request: Request) -> None:
         try:
-            self.notify(await call)
+            self.notify(await self.source.command(request))
         except (AdminError, AdminUnavailable) as exc:
             self.notify(str(exc), severity="error")

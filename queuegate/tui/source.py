@@ -11,16 +11,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
+import msgspec
+
 from queuegate.admin.client import AdminError, AdminUnavailable
 from queuegate.admin.protocol import (
     MAX_LINE_BYTES,
     PROTOCOL_VERSION,
     DaemonStatus,
     Error,
-    Evict,
     Hello,
     Ok,
-    Preload,
     Reply,
     Request,
     Snapshot,
@@ -37,9 +37,9 @@ class StatusSource(Protocol):
         """Snapshots as they come; raises AdminUnavailable when the daemon is not (or no longer) there."""
         ...
 
-    async def preload(self, model: str) -> str: ...
-
-    async def evict(self, model: str) -> str: ...
+    async def command(self, request: Request) -> str:
+        """Send one request (preload, evict, drain, ...); its reply's message, or AdminError with the reason."""
+        ...
 
 
 class SocketSource:
@@ -59,13 +59,8 @@ class SocketSource:
         finally:
             writer.close()
 
-    async def preload(self, model: str) -> str:
-        return await self._command(Preload(id=next(self._ids), model=model))
-
-    async def evict(self, model: str) -> str:
-        return await self._command(Evict(id=next(self._ids), model=model))
-
-    async def _command(self, request: Request) -> str:
+    async def command(self, request: Request) -> str:
+        request = msgspec.structs.replace(request, id=next(self._ids))
         reader, writer = await self._connect()
         try:
             writer.write(encode_line(request))

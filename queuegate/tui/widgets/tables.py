@@ -76,11 +76,16 @@ class QueuesTable(_KeyedTable):
 
 class UpstreamsTable(_KeyedTable):
     COLUMNS = ("UPSTREAM", "STATE", "IN FLIGHT", "REASON")
+    _drained: frozenset[str] = frozenset()  # as of the last status shown
 
     def show(self, status: DaemonStatus) -> None:
+        upstreams = [u for model in status.scheduler.models for u in model.upstreams]
+        self._drained = frozenset(u.id for u in upstreams if u.drained)
         rows = [
-            (u.id, (u.id, u.state, f"{u.in_flight}/{u.capacity}", u.reason))
-            for model in status.scheduler.models
-            for u in model.upstreams
+            (u.id, (u.id, f"{u.state} (drained)" if u.drained else u.state, f"{u.in_flight}/{u.capacity}", u.reason))
+            for u in upstreams
         ]
         self.replace_rows(rows)
+
+    def is_drained(self, upstream: str) -> bool:
+        return upstream in self._drained
