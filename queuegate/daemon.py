@@ -25,7 +25,7 @@ from queuegate.fleet.containers import DockerEngine, DockerLauncher
 from queuegate.fleet.manager import Fleet, Launcher
 from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
 from queuegate.fleet.process import ChildProcess
-from queuegate.proxy import Forwarder, NoticePolicy, Proxy, Timeouts, UpstreamConnections
+from queuegate.proxy import ActiveRequests, Forwarder, NoticePolicy, Proxy, Timeouts, UpstreamConnections
 from queuegate.scheduler import Admission, Policy, SchedulerCore
 
 log = logging.getLogger("queuegate.daemon")
@@ -108,7 +108,10 @@ class Daemon:
 
             forwarder = Forwarder(pool, timeouts)
             proxy = Proxy(self.catalog, self.admission, forwarder, report_unreachable, notices, cfg.affinity.header)
-            app = create_app(cfg.server, self.catalog, self.admission, fleet, proxy, self._in_flight, cfg.queue.classes)
+            active = ActiveRequests()
+            app = create_app(
+                cfg.server, self.catalog, self.admission, fleet, proxy, active, self._in_flight, cfg.queue.classes
+            )
             await nursery.start(self.admission.run)
             await nursery.start(health.run)
             if self.launchers:
@@ -125,9 +128,11 @@ class Daemon:
                     listen=base_url + "/v1",
                     scheduler=self.admission.statistics(),
                     fleet=fleet.statistics(),
+                    requests=active.statistics(trio.current_time()),
+                    requests_total=len(active),
                 )
 
-            admin = AdminServer(admin_socket_path(cfg), status, fleet, self.admission)
+            admin = AdminServer(admin_socket_path(cfg), status, fleet, self.admission, active)
             self.admission.add_listener(admin.note_change)
             await nursery.start(admin.run)
             fields = {"url": base_url, "models": len(self.catalog.models), "admin": str(admin.path)}

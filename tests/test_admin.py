@@ -11,13 +11,14 @@ import stat
 import sys
 
 import msgspec
+import openai
 import pytest
 import trio
 
 from queuegate.admin import AdminClient, AdminUnavailable, SocketInUse
 from queuegate.admin._stream import LineStream
 from queuegate.admin.client import AdminError
-from queuegate.admin.protocol import PROTOCOL_VERSION, Drain, Evict, Ok, Pause, Preload, Resume, Undrain
+from queuegate.admin.protocol import PROTOCOL_VERSION, Cancel, Drain, Evict, Ok, Pause, Preload, Resume, Undrain
 from queuegate.config import admin_socket_path, build_config
 from queuegate.daemon import Daemon
 from queuegate.errors import leaf_exceptions
@@ -230,3 +231,59 @@ async def test_drain_and_pause_through_the_socket(start_sim, start_gateway):
             await client.request(Drain(upstream="nope#0"))
         with pytest.raises(AdminError, match="unknown class 'vip'"):
             await client.request(Pause(klass="vip"))
+
+
+async def test_requests_are_listed_and_an_operator_can_cancel_them(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=20)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}})
+    path = admin_socket_path(gw.daemon.config)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+    outcomes: dict[str, object] = {}
+
+    def streamed() -> None:
+        try:
+            for _ in gw.client().chat.completions.create(**chat, stream=True, extra_headers={"x-request-id": "s1"}):
+                pass
+            outcomes["s1"] = "finished"
+        except openai.APIError as exc:
+            outcomes["s1"] = exc
+
+    def queued() -> None:
+        try:
+            gw.client().chat.completions.create(**chat, extra_headers={"x-request-id": "q1"})
+        except openai.APIStatusError as exc:
+            outcomes["q1"] = exc
+
+    async with AdminClient(path) as client, trio.open_nursery() as nursery:
+        nursery.start_soon(in_thread, streamed)
+        with trio.fail_after(5):
+            while gw.stats().in_service != 1:
+                await trio.sleep(0.01)
+        nursery.start_soon(in_thread, queued)
+        with trio.fail_after(5):
+            while gw.stats().waiting != 1:
+                await trio.sleep(0.01)
+        await trio.sleep(0.3)  # a few tokens of the stream
+        status = await client.status()
+        listed = {r.id: r for r in status.requests}
+        assert status.requests_total == 2 and set(listed) == {"s1", "q1"}
+        assert listed["s1"].upstream == "m#0" and listed["s1"].chunks > 0
+        assert listed["q1"].upstream is None and listed["q1"].klass == "user"
+
+        assert (await client.request(Cancel(request_id="q1"))).message == "cancelled q1"
+        with trio.fail_after(5):
+            while "q1" not in outcomes:
+                await trio.sleep(0.01)
+        assert gw.stats().waiting == 0
+        assert (await client.request(Cancel(request_id="s1"))).message == "cancelled s1"
+    cancelled = outcomes["q1"]
+    assert isinstance(cancelled, openai.APIStatusError) and cancelled.status_code == 503
+    assert cancelled.body["code"] == "cancelled"
+    assert isinstance(outcomes["s1"], openai.APIError)  # the stream was cut, not finished
+    with trio.fail_after(5):
+        while sim.stats.disconnects < 1:  # and the upstream was closed
+            await trio.sleep(0.01)
+    async with AdminClient(path) as client:
+        assert (await client.status()).requests_total == 0
+        with pytest.raises(AdminError, match="no request 'q1' in progress"):
+            await client.request(Cancel(request_id="q1"))

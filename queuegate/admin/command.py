@@ -14,7 +14,7 @@ import msgspec
 import trio
 
 from queuegate.admin.client import AdminClient, AdminError, AdminUnavailable
-from queuegate.admin.protocol import DaemonStatus, Drain, Evict, Ok, Pause, Preload, Request, Resume, Undrain
+from queuegate.admin.protocol import Cancel, DaemonStatus, Drain, Evict, Ok, Pause, Preload, Request, Resume, Undrain
 
 # action -> (request for a target, what the target is)
 _COMMANDS: dict[str, tuple[Callable[[str], Request], str]] = {
@@ -22,6 +22,7 @@ _COMMANDS: dict[str, tuple[Callable[[str], Request], str]] = {
     "evict": (lambda target: Evict(model=target), "model"),
     "drain": (lambda target: Drain(upstream=target), "upstream (model#index)"),
     "undrain": (lambda target: Undrain(upstream=target), "upstream (model#index)"),
+    "cancel": (lambda target: Cancel(request_id=target), "request id"),
     "pause": (lambda target: Pause(klass=target), "class"),
     "resume": (lambda target: Resume(klass=target), "class"),
 }

@@ -13,6 +13,7 @@ from typing import Annotated
 import msgspec
 
 from queuegate.fleet.planner import FleetStatistics
+from queuegate.proxy import RequestStatistics
 from queuegate.scheduler import SchedulerStatistics
 
 PROTOCOL_VERSION = 1
@@ -51,6 +52,12 @@ class Undrain(_Message, tag="undrain"):
     upstream: str
 
 
+class Cancel(_Message, tag="cancel"):
+    """End a request: a queued one gets an error, a streaming one is cut."""
+
+    request_id: str
+
+
 class Pause(_Message, tag="pause"):
     """Hold a class's requests in the queue."""
 
@@ -61,7 +68,7 @@ class Resume(_Message, tag="resume"):
     klass: str = msgspec.field(name="class")
 
 
-Request = Status | Subscribe | Preload | Evict | Drain | Undrain | Pause | Resume
+Request = Status | Subscribe | Preload | Evict | Drain | Undrain | Pause | Resume | Cancel
 
 
 class DaemonStatus(msgspec.Struct, frozen=True):
@@ -70,6 +77,8 @@ class DaemonStatus(msgspec.Struct, frozen=True):
     listen: str  # the OpenAI base URL
     scheduler: SchedulerStatistics
     fleet: FleetStatistics
+    requests: list[RequestStatistics]  # in progress, oldest first, at most REQUEST_LIST_LIMIT
+    requests_total: int
 
 
 class Hello(_Message, tag="hello"):

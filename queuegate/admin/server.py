@@ -22,6 +22,7 @@ import trio
 from queuegate.admin._stream import LineStream, LineTooLong
 from queuegate.admin.protocol import (
     PROTOCOL_VERSION,
+    Cancel,
     DaemonStatus,
     Drain,
     Error,
@@ -41,6 +42,7 @@ from queuegate.admin.protocol import (
     request_decoder,
 )
 from queuegate.fleet.manager import Fleet
+from queuegate.proxy import ActiveRequests
 from queuegate.scheduler import Admission
 
 log = logging.getLogger("queuegate.admin")
@@ -53,11 +55,19 @@ class SocketInUse(Exception):
 
 
 class AdminServer:
-    def __init__(self, path: Path, status: Callable[[], DaemonStatus], fleet: Fleet, admission: Admission) -> None:
+    def __init__(
+        self,
+        path: Path,
+        status: Callable[[], DaemonStatus],
+        fleet: Fleet,
+        admission: Admission,
+        active: ActiveRequests,
+    ) -> None:
         self.path = path
         self._status = status
         self._fleet = fleet
         self._admission = admission
+        self._active = active
         self._version = 0  # bumped on every change worth showing
         self._changed = trio.Event()
         self._cached: tuple[int, float, DaemonStatus] | None = None
@@ -158,6 +168,11 @@ class AdminServer:
                 drain = isinstance(request, Drain)
                 self._admission.set_drained(request.upstream, drain)
                 return Ok(id=request.id, message=f"{'drained' if drain else 'undrained'} {request.upstream}")
+            if isinstance(request, Cancel):
+                count = self._active.cancel(request.request_id)
+                return Ok(
+                    id=request.id, message=f"cancelled {request.request_id}" + (f" ({count})" if count > 1 else "")
+                )
             if isinstance(request, Pause | Resume):
                 pause = isinstance(request, Pause)
                 self._admission.set_paused(request.klass, pause)

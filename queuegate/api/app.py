@@ -28,11 +28,21 @@ from queuegate.errors import (
 )
 from queuegate.fleet.catalog import Catalog
 from queuegate.fleet.manager import Fleet
-from queuegate.proxy import CLIENT_CLOSED, Proxy, Reply, RequestRecord, request_class, request_flow
+from queuegate.proxy import (
+    CLIENT_CLOSED,
+    ActiveRequests,
+    Proxy,
+    Reply,
+    RequestCancelled,
+    RequestRecord,
+    request_class,
+    request_flow,
+)
 from queuegate.scheduler import Admission
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLEANUP_KEY = "queuegate.cleanup"
+REQUEST_SCOPE_KEY = "queuegate.request_scope"
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -65,6 +75,7 @@ def create_app(
     admission: Admission,
     fleet: Fleet,
     proxy: Proxy,
+    active: ActiveRequests,
     in_flight: InFlight,
     classes: Sequence[str],
 ) -> ASGIApp:
@@ -82,20 +93,33 @@ def create_app(
         request_id = _request_id(request.headers.get("x-request-id"))
         client = request.remote_addr or ""
         record = RequestRecord(request_id, endpoint, client=client)
-        try:
-            record.klass = request_class(route_class, request.headers.get("x-priority"), classes)
-            record.flow = request_flow(key_name=None, session=request.headers.get("x-session-id"), client=client)
-            reply = await proxy.handle(record, await _read_body(), request.headers)
-        except GatewayError as exc:
-            record.finish(exc.status, error=exc.message)
-            return _error_response(exc, request_id)
-        except BaseException:
-            record.finish(CLIENT_CLOSED, error="client disconnected")
-            raise
+        entry = active.add(record, trio.CancelScope())  # an operator's cancel ends the queueing and forwarding
+
+        async def forget() -> None:
+            active.remove(entry)
+
+        request.scope[CLEANUP_KEY].append(forget)
+        with entry.scope:
+            try:
+                record.klass = request_class(route_class, request.headers.get("x-priority"), classes)
+                record.flow = request_flow(key_name=None, session=request.headers.get("x-session-id"), client=client)
+                reply = await proxy.handle(record, await _read_body(), request.headers)
+            except GatewayError as exc:
+                record.finish(exc.status, error=exc.message)
+                return _error_response(exc, request_id)
+            except BaseException:
+                if not entry.cancelled:
+                    record.finish(CLIENT_CLOSED, error="client disconnected")
+                raise
+        if entry.cancelled:
+            cancelled = RequestCancelled("the request was cancelled by the operator")
+            record.finish(cancelled.status, error=cancelled.message)
+            return _error_response(cancelled, request_id)
         if isinstance(reply.body, bytes):
             record.finish(reply.status)
         else:
             request.scope[CLEANUP_KEY].append(reply.body.aclose)
+            entry.scope = request.scope[REQUEST_SCOPE_KEY]  # from now on a cancel ends the stream
         return _response(reply, request_id)
 
     @app.post("/v1/chat/completions")
@@ -238,9 +262,11 @@ def _with_request_lifetime(app: ASGIApp, in_flight: InFlight) -> ASGIApp:
             return
         cleanups: list[Callable[[], Awaitable[None]]] = []
         scope[CLEANUP_KEY] = cleanups
+        request_scope = scope[REQUEST_SCOPE_KEY] = trio.CancelScope()
         in_flight.enter()
         try:
-            await app(scope, receive, send)
+            with request_scope:
+                await app(scope, receive, send)
         finally:
             if cleanups:
                 with trio.CancelScope(shield=True):

@@ -1,5 +1,6 @@
 """Forwarding to upstreams: retries before the first byte, real streaming, usage extraction."""
 
+from queuegate.proxy._active import ActiveRequest, ActiveRequests, RequestCancelled, RequestStatistics
 from queuegate.proxy._forwarder import Forwarder, Timeouts, UpstreamConnections
 from queuegate.proxy._notices import QueuedStream
 from queuegate.proxy._pipeline import NoticePolicy, Proxy, Reply
@@ -9,13 +10,17 @@ from queuegate.proxy._routing import chat_key, request_class, request_flow
 
 __all__ = [
     "CLIENT_CLOSED",
+    "ActiveRequest",
+    "ActiveRequests",
     "Forwarder",
     "NoticePolicy",
     "Proxy",
     "QueuedStream",
     "RelayStream",
     "Reply",
+    "RequestCancelled",
     "RequestRecord",
+    "RequestStatistics",
     "Timeouts",
     "UpstreamConnections",
     "Usage",

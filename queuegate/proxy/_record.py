@@ -34,6 +34,7 @@ class RequestRecord:
     queue_s: float = 0.0  # all time spent queued, retries included
     queued_before_s: float = 0.0  # queue time of earlier attempts (before a retry)
     retries: int = 0
+    chunks: int = 0  # stream events relayed to the client
     usage: Usage | None = None
     error: str | None = None
     finished: bool = False

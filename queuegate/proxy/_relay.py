@@ -114,6 +114,7 @@ class RelayStream:
             raise StopAsyncIteration
         # Keep the last few events: the usage chunk may come in the block before `data: [DONE]`.
         self._tail = (self._tail + block)[-TAIL_BYTES:]
+        self._record.chunks += block.count(b"data: ")
         return block
 
     async def aclose(self) -> None:
