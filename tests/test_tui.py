@@ -9,13 +9,15 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import openai
 import trio
 
 from queuegate.config import admin_socket_path, build_config
 from queuegate.daemon import Daemon
 from queuegate.tui.app import ConfirmScreen, HelpScreen, TopApp
 from queuegate.tui.source import SocketSource
-from queuegate.tui.widgets import DevicesPanel, ModelsTable, UpstreamsTable
+from queuegate.tui.widgets import DevicesPanel, ModelsTable, RequestsTable, UpstreamsTable
+from tests.conftest import in_thread
 from tests.test_fleet import EXCLUSIVE, sim_model
 
 
@@ -100,3 +102,37 @@ async def test_it_says_when_disconnected_and_reconnects_to_a_restarted_daemon(st
             await pilot.press("q")
 
     await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))
+
+
+async def test_the_requests_panel_lists_requests_and_c_cancels_the_selected_one(start_sim, start_gateway, nursery):
+    sim, url = await start_sim(tokens_per_s=20)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}})
+    path = admin_socket_path(gw.daemon.config)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400}
+    failures: list[Exception] = []
+
+    def streamed() -> None:
+        try:
+            for _ in gw.client().chat.completions.create(**chat, stream=True, extra_headers={"x-request-id": "long"}):
+                pass
+        except openai.APIError as exc:
+            failures.append(exc)
+
+    nursery.start_soon(in_thread, streamed)
+
+    async def scenario() -> None:
+        app = TopApp(SocketSource(path, interval_ms=100))
+        async with app.run_test(size=(150, 45)) as pilot:
+            requests = app.query_one(RequestsTable)
+            await until(pilot, lambda: requests.row_count == 1 and int(str(requests.get_cell("long", "CHUNKS"))) > 0)
+            assert str(requests.get_cell("long", "UPSTREAM")) == "m#0"
+            assert "Requests: 1" in str(app.query_one("#requests-title").render())
+            app.set_focus(requests)
+            await pilot.press("c")
+            await until(pilot, lambda: requests.row_count == 0)
+            await pilot.press("q")
+
+    await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))
+    with trio.fail_after(5):
+        while not failures or sim.stats.disconnects < 1:
+            await trio.sleep(0.01)

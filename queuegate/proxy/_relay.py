@@ -98,8 +98,8 @@ class RelayStream:
 
     async def __anext__(self) -> bytes:
         if self._next is not None:
-            block, self._next = self._next, None
-            return block
+            first, self._next = self._next, None
+            return first
         if self._ended:
             raise StopAsyncIteration
         try:

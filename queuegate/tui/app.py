@@ -2,7 +2,8 @@
 
 A worker follows the daemon's updates and reconnects by itself (with a short backoff) when the daemon restarts; the
 banner says plainly when it is disconnected. Keys: p preload and e evict (asks first) the model selected in the
-models table; d drains or undrains the upstream selected in the upstreams table (tab moves between tables);
+models table; c cancels the request selected in the requests table; d drains or undrains the upstream selected
+in the upstreams table (tab moves between tables);
 ? help, q quit.
 """
 
@@ -18,10 +19,10 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, Label, Static
 
 from queuegate.admin.client import AdminError, AdminUnavailable
-from queuegate.admin.protocol import Drain, Evict, Preload, Request, Undrain
+from queuegate.admin.protocol import Cancel, Drain, Evict, Preload, Request, Undrain
 from queuegate.tui.messages import Disconnected, StatusUpdated
 from queuegate.tui.source import StatusSource
-from queuegate.tui.widgets import DevicesPanel, ModelsTable, QueuesTable, UpstreamsTable
+from queuegate.tui.widgets import DevicesPanel, ModelsTable, QueuesTable, RequestsTable, UpstreamsTable
 
 _RECONNECT_S = (0.2, 0.5, 1.0, 2.0)  # backoff steps; the last one repeats
 
@@ -51,6 +52,7 @@ class HelpScreen(ModalScreen[None]):
                 "[b]queuegate top[/b]\n\n"
                 "p  preload the selected model (draining what is in its way)\n"
                 "e  evict the selected model (a busy one is drained first)\n"
+                "c  cancel the selected request (a queued one gets an error, a stream is cut)\n"
                 "d  drain the selected upstream (none new; those in flight finish), or undrain it\n"
                 "?  this help      q  quit\n\n"
                 "Tab moves between tables; arrow keys move the selection."
@@ -63,6 +65,7 @@ class TopApp(App[None]):
     BINDINGS = [
         Binding("p", "preload", "Preload"),
         Binding("e", "evict", "Evict"),
+        Binding("c", "cancel", "Cancel request"),
         Binding("d", "drain", "Drain/undrain"),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
@@ -83,6 +86,8 @@ class TopApp(App[None]):
         yield DevicesPanel(id="devices")
         yield Static("Queues", classes="title")
         yield QueuesTable(id="queues")
+        yield Static("Requests", classes="title", id="requests-title")
+        yield RequestsTable(id="requests")
         yield Static("Upstreams", classes="title")
         yield UpstreamsTable(id="upstreams")
         yield Footer()
@@ -118,6 +123,10 @@ class TopApp(App[None]):
         self.query_one(DevicesPanel).show(status)
         self.query_one(QueuesTable).show(status)
         self.query_one(UpstreamsTable).show(status)
+        self.query_one(RequestsTable).show(status)
+        shown = len(status.requests)
+        more = f" (oldest {shown} of {status.requests_total})" if status.requests_total > shown else ""
+        self.query_one("#requests-title", Static).update(f"Requests: {status.requests_total}{more}")
 
     def on_disconnected(self, message: Disconnected) -> None:
         if self.connected:
@@ -142,6 +151,12 @@ class TopApp(App[None]):
                 await self._command(Evict(model=model))
 
         self.push_screen(ConfirmScreen(f"Evict {model}? Requests in flight finish first."), confirmed)
+
+    async def action_cancel(self) -> None:
+        """Cancel the request selected in the requests table."""
+        request_id = self.query_one(RequestsTable).selected_key
+        if request_id is not None:
+            await self._command(Cancel(request_id=request_id))
 
     async def action_drain(self) -> None:
         """Drain the upstream selected in the upstreams table, or put a drained one back."""

@@ -1,6 +1,6 @@
 """The panels of `queuegate top`; each renders one part of a `DaemonStatus`."""
 
 from queuegate.tui.widgets.devices import DevicesPanel
-from queuegate.tui.widgets.tables import ModelsTable, QueuesTable, UpstreamsTable
+from queuegate.tui.widgets.tables import ModelsTable, QueuesTable, RequestsTable, UpstreamsTable
 
-__all__ = ["DevicesPanel", "ModelsTable", "QueuesTable", "UpstreamsTable"]
+__all__ = ["DevicesPanel", "ModelsTable", "QueuesTable", "RequestsTable", "UpstreamsTable"]

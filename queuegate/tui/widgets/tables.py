@@ -89,3 +89,19 @@ class UpstreamsTable(_KeyedTable):
 
     def is_drained(self, upstream: str) -> bool:
         return upstream in self._drained
+
+
+class RequestsTable(_KeyedTable):
+    """Requests in progress, oldest first (the daemon caps the list; the title shows the total)."""
+
+    COLUMNS = ("REQUEST", "MODEL", "CLASS", "FLOW", "UPSTREAM", "ELAPSED", "CHUNKS")
+
+    def show(self, status: DaemonStatus) -> None:
+        rows = [
+            (
+                r.id,
+                (r.id, r.model or "-", r.klass, r.flow, r.upstream or "queued", f"{r.elapsed_s:.1f} s", str(r.chunks)),
+            )
+            for r in status.requests
+        ]
+        self.replace_rows(rows)
