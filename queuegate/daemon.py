@@ -130,6 +130,8 @@ class Daemon:
                     fleet=fleet.statistics(),
                     requests=active.statistics(trio.current_time()),
                     requests_total=len(active),
+                    finished_total=active.finished,
+                    tokens_total=active.tokens,
                 )
 
             admin = AdminServer(admin_socket_path(cfg), status, fleet, self.admission, active)

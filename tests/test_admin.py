@@ -284,6 +284,8 @@ async def test_requests_are_listed_and_an_operator_can_cancel_them(start_sim, st
         while sim.stats.disconnects < 1:  # and the upstream was closed
             await trio.sleep(0.01)
     async with AdminClient(path) as client:
-        assert (await client.status()).requests_total == 0
+        status = await client.status()
+        assert status.requests_total == 0
+        assert status.finished_total == 2 and status.tokens_total > 0  # the stream's relayed tokens
         with pytest.raises(AdminError, match="no request 'q1' in progress"):
             await client.request(Cancel(request_id="q1"))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import openai
 import trio
+from textual.widgets import Sparkline
 
 from queuegate.config import admin_socket_path, build_config
 from queuegate.daemon import Daemon
@@ -130,6 +131,8 @@ async def test_the_requests_panel_lists_requests_and_c_cancels_the_selected_one(
             app.set_focus(requests)
             await pilot.press("c")
             await until(pilot, lambda: requests.row_count == 0)
+            tokens = app.query_one("#tps", Sparkline)  # the cancelled stream's tokens count too
+            await until(pilot, lambda: any(rate > 0 for rate in tokens.data or []))
             await pilot.press("q")
 
     await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))

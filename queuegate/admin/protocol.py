@@ -79,6 +79,8 @@ class DaemonStatus(msgspec.Struct, frozen=True):
     fleet: FleetStatistics
     requests: list[RequestStatistics]  # in progress, oldest first, at most REQUEST_LIST_LIMIT
     requests_total: int
+    finished_total: int  # requests that ended since start (rates come from two snapshots)
+    tokens_total: int  # completion tokens they produced
 
 
 class Hello(_Message, tag="hello"):

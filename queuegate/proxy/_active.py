@@ -42,6 +42,8 @@ class ActiveRequest:
 class ActiveRequests:
     def __init__(self) -> None:
         self._requests: dict[int, ActiveRequest] = {}
+        self.finished = 0  # requests that ended, however they ended
+        self.tokens = 0  # completion tokens they produced (usage when known, else relayed chunks)
 
     def add(self, record: RequestRecord, scope: trio.CancelScope) -> ActiveRequest:
         entry = ActiveRequest(record, scope)
@@ -49,7 +51,12 @@ class ActiveRequests:
         return entry
 
     def remove(self, entry: ActiveRequest) -> None:
-        self._requests.pop(id(entry), None)
+        """The request ended: forget it, and count it and its tokens (for throughput)."""
+        if self._requests.pop(id(entry), None) is None:
+            return
+        self.finished += 1
+        usage = entry.record.usage
+        self.tokens += usage.completion_tokens if usage is not None else entry.record.chunks
 
     def cancel(self, request_id: str) -> int:
         """Cancel every request with this id (clients may reuse ids); how many. KeyError when there is none."""

@@ -22,7 +22,7 @@ from queuegate.admin.client import AdminError, AdminUnavailable
 from queuegate.admin.protocol import Cancel, Drain, Evict, Preload, Request, Undrain
 from queuegate.tui.messages import Disconnected, StatusUpdated
 from queuegate.tui.source import StatusSource
-from queuegate.tui.widgets import DevicesPanel, ModelsTable, QueuesTable, RequestsTable, UpstreamsTable
+from queuegate.tui.widgets import DevicesPanel, ModelsTable, QueuesTable, RequestsTable, ThroughputPanel, UpstreamsTable
 
 _RECONNECT_S = (0.2, 0.5, 1.0, 2.0)  # backoff steps; the last one repeats
 
@@ -80,6 +80,7 @@ class TopApp(App[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("connecting…", id="banner")
+        yield ThroughputPanel(id="throughput")
         yield Static("Models", classes="title")
         yield ModelsTable(id="models")
         yield Static("Devices", classes="title")
@@ -124,6 +125,7 @@ class TopApp(App[None]):
         self.query_one(QueuesTable).show(status)
         self.query_one(UpstreamsTable).show(status)
         self.query_one(RequestsTable).show(status)
+        self.query_one(ThroughputPanel).show(status)
         shown = len(status.requests)
         more = f" (oldest {shown} of {status.requests_total})" if status.requests_total > shown else ""
         self.query_one("#requests-title", Static).update(f"Requests: {status.requests_total}{more}")

@@ -2,5 +2,6 @@
 
 from queuegate.tui.widgets.devices import DevicesPanel
 from queuegate.tui.widgets.tables import ModelsTable, QueuesTable, RequestsTable, UpstreamsTable
+from queuegate.tui.widgets.throughput import ThroughputPanel
 
-__all__ = ["DevicesPanel", "ModelsTable", "QueuesTable", "RequestsTable", "UpstreamsTable"]
+__all__ = ["DevicesPanel", "ModelsTable", "QueuesTable", "RequestsTable", "ThroughputPanel", "UpstreamsTable"]
