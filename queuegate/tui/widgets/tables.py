@@ -27,7 +27,7 @@ class _KeyedTable(DataTable[str]):
         for key, cells in wanted.items():
             if key in self.rows:
                 for column, value in zip(self.COLUMNS, cells, strict=True):
-                    self.update_cell(key, column, value)
+                    self.update_cell(key, column, value, update_width=True)
             else:
                 self.add_row(*cells, key=key)
 
