@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(config.server.log_format if config else "text", level)
     in_use: list[str] = []
     try:
-        trio.run(_serve, config, args.listen)
+        trio.run(_serve, config, args.listen, None if args.demo else Path(args.config))
     except* SocketInUse as group:
         in_use.append(str(leaf_exceptions(group)[0]))
     if in_use:
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(config: Config | None, listen: str | None) -> None:
+async def _serve(config: Config | None, listen: str | None, config_path: Path | None) -> None:
     """Run the daemon (and the demo fleet) until SIGINT/SIGTERM; a second signal cancels at once."""
     async with trio.open_nursery() as nursery:
         if config is None:
@@ -163,7 +163,7 @@ async def _serve(config: Config | None, listen: str | None) -> None:
             import msgspec
 
             config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, listen=listen))
-        daemon = Daemon(config)
+        daemon = Daemon(config, config_path)
         nursery.start_soon(_on_signals, daemon, nursery.cancel_scope)
         started = await nursery.start(_run_then_stop_all, daemon, nursery.cancel_scope)
         print(f"QueueGate listening on {started.base_url}  (OpenAI base URL: {started.base_url}/v1)", flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import trio
@@ -18,7 +19,7 @@ from hypercorn.trio import serve
 from queuegate.admin import AdminServer
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.api import InFlight, create_app
-from queuegate.config import Config, admin_socket_path, parse_listen
+from queuegate.config import Config, admin_socket_path, load_config, parse_listen
 from queuegate.fleet import Catalog, HealthMonitor
 from queuegate.fleet.catalog import Upstream
 from queuegate.fleet.containers import DockerEngine, DockerLauncher
@@ -26,6 +27,7 @@ from queuegate.fleet.manager import Fleet, Launcher
 from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
 from queuegate.fleet.process import ChildProcess
 from queuegate.proxy import ActiveRequests, Forwarder, NoticePolicy, Proxy, Timeouts, UpstreamConnections
+from queuegate.reload import plan_reload
 from queuegate.scheduler import Admission, Policy, SchedulerCore
 
 log = logging.getLogger("queuegate.daemon")
@@ -39,22 +41,16 @@ class Started:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        """`config_path`: the file `reload` reads again (None: started from a built config, as the demo)."""
         self.config = config
         self.catalog = Catalog.from_config(config)
-        queue, affinity = config.queue, config.affinity
-        policy = Policy(
-            classes=tuple(queue.classes),
-            aging_s=queue.aging_s,
-            max_queue=queue.max_size,
-            model_max_queue={name: m.max_queue for name, m in config.models.items() if m.max_queue is not None},
-            affinity_ttl_s=affinity.ttl_s,
-            affinity_wait_s=affinity.max_wait_ms / 1000,
-        )
+        self.config_path = config_path
         self.admission = Admission(
-            SchedulerCore([(u.id, u.model, u.capacity) for u in self.catalog.upstreams.values()], policy),
-            max_wait_s=queue.max_wait_s,
+            SchedulerCore([(u.id, u.model, u.capacity) for u in self.catalog.upstreams.values()], _policy(config)),
+            max_wait_s=config.queue.max_wait_s,
         )
+        self.proxy: Proxy | None = None  # built in `run`, with the fleet
         self.launchers = _launchers(config, self.catalog)
         self.fleet: Fleet | None = None  # built in `run`: it needs the health client
         self._shutdown = trio.Event()
@@ -86,11 +82,6 @@ class Daemon:
                 interval_s=up.health_interval_s,
                 timeout_s=up.health_timeout_s,
             )
-            notices = NoticePolicy(
-                mode=cfg.queue.notify,
-                min_wait_s=cfg.queue.notify_min_ms / 1000,
-                keepalive_s=cfg.queue.keepalive_s,
-            )
             fleet = self.fleet = Fleet(
                 self.catalog,
                 _planner(cfg, trio.current_time()),
@@ -107,7 +98,9 @@ class Daemon:
                 (fleet if model.launch is not None else health).report_failure(upstream, reason)
 
             forwarder = Forwarder(pool, timeouts)
-            proxy = Proxy(self.catalog, self.admission, forwarder, report_unreachable, notices, cfg.affinity.header)
+            proxy = self.proxy = Proxy(
+                self.catalog, self.admission, forwarder, report_unreachable, _notice_policy(cfg), cfg.affinity.header
+            )
             active = ActiveRequests()
             app = create_app(
                 cfg.server, self.catalog, self.admission, fleet, proxy, active, self._in_flight, cfg.queue.classes
@@ -134,12 +127,31 @@ class Daemon:
                     tokens_total=active.tokens,
                 )
 
-            admin = AdminServer(admin_socket_path(cfg), status, fleet, self.admission, active)
+            admin = AdminServer(admin_socket_path(cfg), status, fleet, self.admission, active, self.reload)
             self.admission.add_listener(admin.note_change)
             await nursery.start(admin.run)
             fields = {"url": base_url, "models": len(self.catalog.models), "admin": str(admin.path)}
             log.info("listening", extra={"fields": fields})
             task_status.started(Started(base_url))
+
+    def reload(self) -> str:
+        """Read the config file again and apply what can change live (see `queuegate.reload`); says what it did.
+
+        ConfigError (the running config stays) or ValueError (no file to read).
+        """
+        if self.config_path is None:
+            raise ValueError("this daemon was started without a config file (--demo): there is nothing to reload")
+        plan = plan_reload(self.config, load_config(self.config_path))
+        if plan.applied:
+            live = self.config = plan.live
+            self.admission.set_policy(_policy(live), max_wait_s=live.queue.max_wait_s)
+            if self.proxy is not None:
+                self.proxy.notices = _notice_policy(live)
+            if self.fleet is not None:
+                self.fleet.set_policy(_planner_policy(live))
+            logging.getLogger("queuegate").setLevel(live.server.log_level.upper())
+        log.info("config reloaded", extra={"fields": {"applied": plan.applied, "needs_restart": plan.needs_restart}})
+        return plan.summary()
 
     async def _serve(
         self,
@@ -175,22 +187,43 @@ class Daemon:
         server_scope.cancel()
 
 
-def _planner(config: Config, now: float) -> FleetPlanner:
+def _policy(config: Config) -> Policy:
+    queue, affinity = config.queue, config.affinity
+    return Policy(
+        classes=tuple(queue.classes),
+        aging_s=queue.aging_s,
+        max_queue=queue.max_size,
+        model_max_queue={name: m.max_queue for name, m in config.models.items() if m.max_queue is not None},
+        affinity_ttl_s=affinity.ttl_s,
+        affinity_wait_s=affinity.max_wait_ms / 1000,
+    )
+
+
+def _notice_policy(config: Config) -> NoticePolicy:
+    queue = config.queue
+    return NoticePolicy(mode=queue.notify, min_wait_s=queue.notify_min_ms / 1000, keepalive_s=queue.keepalive_s)
+
+
+def _planner_policy(config: Config) -> PlannerPolicy:
     fleet = config.fleet
+    return PlannerPolicy(
+        swap_after_s=fleet.swap_after_ms / 1000,
+        idle_grace_s=fleet.idle_grace_ms / 1000,
+        restart_attempts=fleet.restart_attempts,
+        restart_backoff_s=fleet.restart_backoff_s,
+        failure_hold_s=fleet.failure_hold_s,
+        abort_abandoned=fleet.abandoned_load == "abort",
+    )
+
+
+def _planner(config: Config, now: float) -> FleetPlanner:
     return FleetPlanner(
         [DeviceSpec(name, d.memory_gb, d.exclusive) for name, d in config.devices.items()],
         [
             PlannedModel(name, m.device, m.memory_gb, m.ttl_s, m.preload, managed=m.launcher != "external")
             for name, m in config.models.items()
         ],
-        PlannerPolicy(
-            swap_after_s=fleet.swap_after_ms / 1000,
-            idle_grace_s=fleet.idle_grace_ms / 1000,
-            restart_attempts=fleet.restart_attempts,
-            restart_backoff_s=fleet.restart_backoff_s,
-            failure_hold_s=fleet.failure_hold_s,
-            abort_abandoned=fleet.abandoned_load == "abort",
-        ),
+        _planner_policy(config),
         now=now,
     )
 

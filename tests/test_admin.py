@@ -10,6 +10,7 @@ import os
 import stat
 import sys
 
+import httpx
 import msgspec
 import openai
 import pytest
@@ -18,8 +19,8 @@ import trio
 from queuegate.admin import AdminClient, AdminUnavailable, SocketInUse
 from queuegate.admin._stream import LineStream
 from queuegate.admin.client import AdminError
-from queuegate.admin.protocol import PROTOCOL_VERSION, Cancel, Drain, Evict, Ok, Pause, Preload, Resume, Undrain
-from queuegate.config import admin_socket_path, build_config
+from queuegate.admin.protocol import PROTOCOL_VERSION, Cancel, Drain, Evict, Ok, Pause, Preload, Reload, Resume, Undrain
+from queuegate.config import admin_socket_path, build_config, load_config
 from queuegate.daemon import Daemon
 from queuegate.errors import leaf_exceptions
 from tests.conftest import in_thread
@@ -289,3 +290,57 @@ async def test_requests_are_listed_and_an_operator_can_cancel_them(start_sim, st
         assert status.finished_total == 2 and status.tokens_total > 0  # the stream's relayed tokens
         with pytest.raises(AdminError, match="no request 'q1' in progress"):
             await client.request(Cancel(request_id="q1"))
+
+
+async def test_reload_applies_live_keys_names_the_rest_and_keeps_the_old_config_when_invalid(
+    start_sim, nursery, tmp_path
+):
+    _, url = await start_sim(tokens_per_s=10)
+    config_file = tmp_path / "queuegate.toml"
+
+    def write(max_size: object, max_concurrency: int = 1) -> None:
+        config_file.write_text(
+            f'[server]\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n[queue]\nmax_size = {max_size}\n'
+            f'[models.m]\nupstreams = ["{url}"]\nmax_concurrency = {max_concurrency}\n'
+        )
+
+    write(256)
+    daemon = Daemon(load_config(config_file), config_file)
+    started = await nursery.start(daemon.run)
+    path = tmp_path / "state" / "admin.sock"
+    async with AdminClient(path) as client:
+        assert (await client.request(Reload())).message == "reloaded: no changes"
+        write(1, max_concurrency=3)
+        reply = await client.request(Reload())
+        assert reply.message == (
+            "reloaded: applied queue.max_size; not applied, needs a restart: models.m.max_concurrency"
+        )
+        write('"lots"')
+        with pytest.raises(AdminError, match=r"at `queue.max_size`: Expected `int`"):
+            await client.request(Reload())
+
+    # max_size 1 is in force (and max_concurrency still 1): one in service, one waiting, the next is refused.
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    statuses: list[int] = []
+
+    async def post() -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            statuses.append((await http.post(started.base_url + "/v1/chat/completions", json=chat)).status_code)
+
+    async with trio.open_nursery() as requests:
+        for expected in ((1, 0), (1, 1)):
+            requests.start_soon(post)
+            with trio.fail_after(5):
+                while (daemon.admission.statistics().in_service, daemon.admission.statistics().waiting) != expected:
+                    await trio.sleep(0.01)
+        await post()
+        assert statuses == [429]
+    assert sorted(statuses) == [200, 200, 429]
+    daemon.request_shutdown()
+
+
+async def test_reload_needs_a_config_file(start_gateway):
+    gw = await start_gateway({"m": {"upstreams": ["http://127.0.0.1:9/v1"]}})
+    async with AdminClient(admin_socket_path(gw.daemon.config)) as client:
+        with pytest.raises(AdminError, match="started without a config file"):
+            await client.request(Reload())

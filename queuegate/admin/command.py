@@ -14,7 +14,19 @@ import msgspec
 import trio
 
 from queuegate.admin.client import AdminClient, AdminError, AdminUnavailable
-from queuegate.admin.protocol import Cancel, DaemonStatus, Drain, Evict, Ok, Pause, Preload, Request, Resume, Undrain
+from queuegate.admin.protocol import (
+    Cancel,
+    DaemonStatus,
+    Drain,
+    Evict,
+    Ok,
+    Pause,
+    Preload,
+    Reload,
+    Request,
+    Resume,
+    Undrain,
+)
 
 # action -> (request for a target, what the target is)
 _COMMANDS: dict[str, tuple[Callable[[str], Request], str]] = {
@@ -30,7 +42,7 @@ _COMMANDS: dict[str, tuple[Callable[[str], Request], str]] = {
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     admin = commands.add_parser("admin", help="talk to a running daemon over its admin socket")
-    admin.add_argument("action", choices=["status", *_COMMANDS])
+    admin.add_argument("action", choices=["status", "reload", *_COMMANDS])
     admin.add_argument("target", nargs="?", help="the model, upstream (model#index) or class to act on")
     admin.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
     admin.add_argument("--socket", help="admin socket path (default: from the config's [server] section)")
@@ -38,7 +50,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, socket_path: Path) -> int:
-    if args.action != "status" and not args.target:
+    if args.action not in ("status", "reload") and not args.target:
         print(f"queuegate admin {args.action}: name the {_COMMANDS[args.action][1]}", file=sys.stderr)
         return 2
     try:
@@ -57,8 +69,7 @@ async def _run(args: argparse.Namespace, socket_path: Path) -> int:
             status = await client.status()
             print(msgspec.json.encode(status).decode() if args.json else render_status(status))
             return 0
-        make, _ = _COMMANDS[args.action]
-        reply = await client.request(make(args.target))
+        reply = await client.request(Reload() if args.action == "reload" else _COMMANDS[args.action][0](args.target))
         assert isinstance(reply, Ok)
         print(msgspec.json.encode(reply).decode() if args.json else reply.message)
         return 0

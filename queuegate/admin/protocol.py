@@ -68,7 +68,11 @@ class Resume(_Message, tag="resume"):
     klass: str = msgspec.field(name="class")
 
 
-Request = Status | Subscribe | Preload | Evict | Drain | Undrain | Pause | Resume | Cancel
+class Reload(_Message, tag="reload"):
+    """Read the config file again; the reply says what was applied and what needs a restart."""
+
+
+Request = Status | Subscribe | Preload | Evict | Drain | Undrain | Pause | Resume | Cancel | Reload
 
 
 class DaemonStatus(msgspec.Struct, frozen=True):

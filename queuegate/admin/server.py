@@ -31,6 +31,7 @@ from queuegate.admin.protocol import (
     Ok,
     Pause,
     Preload,
+    Reload,
     Reply,
     Request,
     Resume,
@@ -41,6 +42,7 @@ from queuegate.admin.protocol import (
     encode_line,
     request_decoder,
 )
+from queuegate.config import ConfigError
 from queuegate.fleet.manager import Fleet
 from queuegate.proxy import ActiveRequests
 from queuegate.scheduler import Admission
@@ -62,12 +64,14 @@ class AdminServer:
         fleet: Fleet,
         admission: Admission,
         active: ActiveRequests,
+        reload: Callable[[], str],
     ) -> None:
         self.path = path
         self._status = status
         self._fleet = fleet
         self._admission = admission
         self._active = active
+        self._reload = reload
         self._version = 0  # bumped on every change worth showing
         self._changed = trio.Event()
         self._cached: tuple[int, float, DaemonStatus] | None = None
@@ -173,11 +177,13 @@ class AdminServer:
                 return Ok(
                     id=request.id, message=f"cancelled {request.request_id}" + (f" ({count})" if count > 1 else "")
                 )
+            if isinstance(request, Reload):
+                return Ok(id=request.id, message=self._reload())
             if isinstance(request, Pause | Resume):
                 pause = isinstance(request, Pause)
                 self._admission.set_paused(request.klass, pause)
                 return Ok(id=request.id, message=f"{'paused' if pause else 'resumed'} class {request.klass}")
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, ConfigError) as exc:
             return Error(id=request.id, message=exc.args[0] if exc.args else str(exc))
         return Error(id=request.id, message=f"unsupported request {type(request).__name__}")
 

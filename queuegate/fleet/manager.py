@@ -21,7 +21,15 @@ import trio
 
 from queuegate.fleet.catalog import Catalog, Upstream
 from queuegate.fleet.health import probe_health
-from queuegate.fleet.planner import FleetPlanner, FleetStatistics, Halt, Launch, ModelState, Transition
+from queuegate.fleet.planner import (
+    FleetPlanner,
+    FleetStatistics,
+    Halt,
+    Launch,
+    ModelState,
+    PlannerPolicy,
+    Transition,
+)
 from queuegate.fleet.process import LaunchFailed
 from queuegate.scheduler import Admission, UpstreamState
 
@@ -102,6 +110,11 @@ class Fleet:
     def evict(self, model: str) -> None:
         """Unload `model`; a busy one is drained first. KeyError: unknown; ValueError: not managed."""
         self._planner.evict(self._name(model), trio.current_time())
+        self.notify()
+
+    def set_policy(self, policy: PlannerPolicy) -> None:
+        """New swap and restart knobs from a config reload; they count from the next decision."""
+        self._planner.policy = policy
         self.notify()
 
     def report_failure(self, upstream: Upstream, reason: str) -> None:

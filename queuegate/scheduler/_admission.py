@@ -15,6 +15,7 @@ import trio
 from queuegate.errors import ServiceUnavailable
 from queuegate.scheduler._core import (
     Demand,
+    Policy,
     QueuePosition,
     SchedulerCore,
     SchedulerStatistics,
@@ -105,6 +106,11 @@ class Admission:
 
     def set_upstream_state(self, upstream_id: str, state: UpstreamState, reason: str) -> None:
         self._wake(self._core.set_upstream_state(upstream_id, state, reason, trio.current_time()))
+
+    def set_policy(self, policy: Policy, *, max_wait_s: float) -> None:
+        """New policy knobs from a config reload; requests already waiting keep the max wait they started with."""
+        self._max_wait_s = max_wait_s
+        self._wake(self._core.set_policy(policy, trio.current_time()))
 
     def set_drained(self, upstream_id: str, drained: bool) -> None:
         """KeyError: no such upstream."""

@@ -261,6 +261,16 @@ class SchedulerCore:
                     decided.append(ticket)
         return decided + self._dispatch(model, now)
 
+    def set_policy(self, policy: Policy, now: float) -> list[Ticket]:
+        """Take new policy knobs (a config reload). The classes and per-model bounds must stay as they are."""
+        if tuple(policy.classes) != tuple(self.policy.classes) or policy.model_max_queue != self.policy.model_max_queue:
+            raise ValueError("classes and per-model queue bounds change only with a restart")
+        self.policy, self.max_queue = policy, policy.max_queue
+        decided = []
+        for model in self._models.values():
+            decided += self._dispatch(model, now)  # a shorter sticky wait or aging may let someone go now
+        return decided
+
     def set_drained(self, upstream_id: str, drained: bool, now: float) -> list[Ticket]:
         """An operator takes an upstream out (requests in flight finish; none new) or puts it back."""
         slot = self._upstreams.get(upstream_id)

@@ -1,0 +1,77 @@
+"""`reload`: which config changes a running daemon can take, and which need a restart.
+
+Queue, sticky-chat and fleet policy knobs and the log level apply at once. Anything that changes what exists (models,
+upstreams, devices, classes, the listen address, timeouts baked into connections) needs a restart; a reload says which
+keys those are rather than half-applying them. An invalid file changes nothing: the error says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from queuegate.config import Config
+
+# Dotted keys a running daemon applies at once.
+LIVE_KEYS = frozenset(
+    {
+        "queue.max_size",
+        "queue.max_wait_s",
+        "queue.aging_s",
+        "queue.notify",
+        "queue.notify_min_ms",
+        "queue.keepalive_s",
+        "affinity.ttl_s",
+        "affinity.max_wait_ms",
+        "fleet.swap_after_ms",
+        "fleet.idle_grace_ms",
+        "fleet.restart_attempts",
+        "fleet.restart_backoff_s",
+        "fleet.failure_hold_s",
+        "fleet.abandoned_load",
+        "server.log_level",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    live: Config  # the running config with every live change applied (and nothing else)
+    applied: list[str]
+    needs_restart: list[str]
+
+    def summary(self) -> str:
+        if not self.applied and not self.needs_restart:
+            return "reloaded: no changes"
+        parts = []
+        if self.applied:
+            parts.append("applied " + ", ".join(self.applied))
+        if self.needs_restart:
+            parts.append("not applied, needs a restart: " + ", ".join(self.needs_restart))
+        return "reloaded: " + "; ".join(parts)
+
+
+def plan_reload(running: Config, new: Config) -> ReloadPlan:
+    old_data, new_data = msgspec.to_builtins(running), msgspec.to_builtins(new)
+    changed = sorted(_changed_keys(old_data, new_data, ""))
+    applied = [key for key in changed if key in LIVE_KEYS]
+    for key in applied:
+        section, name = key.split(".")
+        old_data[section][name] = new_data[section][name]
+    live = msgspec.convert(old_data, Config)
+    return ReloadPlan(live, applied, [key for key in changed if key not in LIVE_KEYS])
+
+
+def _changed_keys(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = []
+        for name in old.keys() | new.keys():
+            path = f"{prefix}.{name}" if prefix else name
+            if name not in old or name not in new:
+                keys.append(path)
+            else:
+                keys += _changed_keys(old[name], new[name], path)
+        return keys
+    return [] if old == new else [prefix]
