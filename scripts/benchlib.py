@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -39,3 +41,126 @@ def serve_app(app: Any, *, backlog: int = 100) -> None:
             print(APP_READY, binds[0], flush=True)
 
     trio.run(main)
+
+
+@dataclass
+class Result:
+    requests: int = 0
+    errors: int = 0
+    chunks: int = 0
+    latencies: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.elapsed if self.elapsed else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that reads content-length and chunked responses."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.stream: trio.SocketStream | None = None
+        self.buffer = bytearray()
+
+    async def request(self, raw: bytes) -> tuple[int, int]:
+        """Send one request; return (status, number of body chunks)."""
+        if self.stream is None:
+            self.stream = await trio.open_tcp_stream(self.host, self.port)
+            self.buffer.clear()
+        await self.stream.send_all(raw)
+        head = await self._read_until(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip().lower()
+        if headers.get(b"transfer-encoding") == b"chunked":
+            chunks = 0
+            while True:
+                size = int((await self._read_until(b"\r\n")).split(b";")[0], 16)
+                await self._read_exactly(size + 2)
+                if size == 0:
+                    break
+                chunks += 1
+        else:
+            await self._read_exactly(int(headers.get(b"content-length", b"0")))
+            chunks = 1
+        if headers.get(b"connection") == b"close":
+            await self.close()
+        return status, chunks
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+            self.stream = None
+
+    async def _fill(self) -> None:
+        assert self.stream is not None
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        self.buffer += data
+
+    async def _read_until(self, marker: bytes) -> bytes:
+        while (end := self.buffer.find(marker)) < 0:
+            await self._fill()
+        data = bytes(self.buffer[:end])
+        del self.buffer[: end + len(marker)]
+        return data
+
+    async def _read_exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            await self._fill()
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+
+def post(host: str, port: int, path: str, body: bytes) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def drive(url: str, path: str, body: bytes, concurrency: int, seconds: float) -> Result:
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    raw = post(host, int(port), path, body)
+    result = Result()
+    start = time.perf_counter()
+    stop_at = start + seconds
+
+    async def worker() -> None:
+        conn = Connection(host, int(port))
+        try:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    status, chunks = await conn.request(raw)
+                except (OSError, ConnectionError, ValueError, IndexError):
+                    result.errors += 1
+                    await conn.close()
+                    continue
+                result.latencies.append(time.perf_counter() - t0)
+                if status == 200:
+                    result.requests += 1
+                    result.chunks += chunks
+                else:
+                    result.errors += 1
+        finally:
+            await conn.close()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    result.elapsed = time.perf_counter() - start
+    return result
