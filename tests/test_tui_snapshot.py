@@ -17,6 +17,7 @@ import trio
 
 from queuegate.admin.protocol import DaemonStatus, Request
 from queuegate.tui.app import TopApp
+from queuegate.tui.widgets import ModelsTable, QueuesTable, RequestsTable, UpstreamsTable
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "top_main.txt"
 
@@ -144,8 +145,13 @@ def screen_text(svg: str) -> str:
 async def test_main_screen_snapshot():
     async def render() -> str:
         app = TopApp(FixedSource())
-        async with app.run_test(size=(110, 40)) as pilot:
-            await pilot.pause(0.3)
+        async with app.run_test(size=(150, 44)) as pilot:
+            tables = [app.query_one(t) for t in (ModelsTable, QueuesTable, RequestsTable, UpstreamsTable)]
+            for _ in range(200):  # status shown, tables filled, footer keys drawn (slow on a loaded machine)
+                if app.connected and all(t.row_count for t in tables) and app.query("FooterKey"):
+                    break
+                await pilot.pause(0.02)
+            await pilot.pause(0.1)  # one more refresh for the layout to settle
             return screen_text(app.export_screenshot())
 
     text = await trio.to_thread.run_sync(lambda: asyncio.run(render()))
