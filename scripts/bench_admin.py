@@ -2,7 +2,7 @@
 
 A simulated upstream (no token delay) and QueueGate (`queuegate run`) run as separate processes. A lean HTTP/1.1
 client drives non-streamed chats at concurrency 16 for a fixed time, alternating rounds with 0 and with N attached
-`subscribe` clients (interval 100 ms, what a busy `queuegate top` asks; each reads every update), so background noise
+`subscribe` clients (interval 200 ms, the fastest the daemon allows; each reads every update), so background noise
 hits both alike. Then, in process, the cost of one status snapshot with thousands of requests waiting.
 
 Printed: requests/s with and without subscribers (median of rounds), their ratio, updates received, and the
@@ -39,7 +39,7 @@ async def round_with(url: str, socket: Path, subscribers: int, seconds: float) -
     async def follow() -> None:
         nonlocal updates
         async with AdminClient(socket) as client:
-            async for _ in client.subscribe(interval_ms=100):
+            async for _ in client.subscribe(interval_ms=200):
                 updates += 1
 
     async with trio.open_nursery() as nursery:

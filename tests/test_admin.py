@@ -64,7 +64,7 @@ async def test_status_preload_evict_and_a_subscription_that_sees_the_swap(start_
         assert {m.name: m.state for m in status.fleet.models} == {"a": "stopped", "b": "stopped"}
         assert [d.name for d in status.fleet.devices] == ["gpu"]
         seen: list[tuple[str, str]] = []
-        updates = watcher.subscribe(interval_ms=100)
+        updates = watcher.subscribe(interval_ms=200)
         first = await updates.__anext__()
         assert model_state(first, "a") == "stopped"
         reply = await client.request(Preload(model="a"))
@@ -97,7 +97,13 @@ async def test_bad_messages_get_errors_and_break_nothing(start_gateway):
     stream, hello = await raw_connection(path)
     assert hello == {"op": "hello", "id": 0, "version": PROTOCOL_VERSION, "pid": os.getpid()}
     async with AdminClient(path) as bystander:
-        for bad in [b"not json", b'{"op": "launch_missiles", "id": 7}', b'{"op": "preload", "id": 8}', b"[1, 2]"]:
+        for bad in [
+            b"not json",
+            b'{"op": "launch_missiles", "id": 7}',
+            b'{"op": "preload", "id": 8}',
+            b"[1, 2]",
+            b'{"op": "subscribe", "interval_ms": 10}',
+        ]:
             await stream.send(bad + b"\n")
             reply = await read_line(stream)
             assert reply["op"] == "error" and reply["message"]
@@ -117,7 +123,7 @@ async def test_many_subscribers_at_once(start_gateway):
 
     async def watch(i: int) -> None:
         async with AdminClient(path) as client:
-            async for _ in client.subscribe(interval_ms=100):
+            async for _ in client.subscribe(interval_ms=200):
                 received[i] += 1
 
     async with trio.open_nursery() as nursery:

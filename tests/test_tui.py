@@ -39,7 +39,7 @@ async def test_keys_preload_and_evict_and_the_row_shows_the_load(start_gateway):
     seen_progress: list[str] = []
 
     async def scenario() -> None:
-        app = TopApp(SocketSource(path, interval_ms=100))
+        app = TopApp(SocketSource(path, interval_ms=200))
         async with app.run_test(size=(150, 45)) as pilot:
             table = app.query_one(ModelsTable)
             await until(pilot, lambda: table.row_count == 2)
@@ -90,7 +90,7 @@ async def test_it_says_when_disconnected_and_reconnects_to_a_restarted_daemon(st
         await nursery.start(Daemon(build_config({**raw, "models": {"a": sim_model()}})).run)
 
     async def scenario() -> None:
-        app = TopApp(SocketSource(path, interval_ms=100))
+        app = TopApp(SocketSource(path, interval_ms=200))
         async with app.run_test(size=(150, 45)) as pilot:
             banner = app.query_one("#banner")
             await until(pilot, lambda: app.connected)
@@ -122,7 +122,7 @@ async def test_the_requests_panel_lists_requests_and_c_cancels_the_selected_one(
     nursery.start_soon(in_thread, streamed)
 
     async def scenario() -> None:
-        app = TopApp(SocketSource(path, interval_ms=100))
+        app = TopApp(SocketSource(path, interval_ms=200))
         async with app.run_test(size=(150, 45)) as pilot:
             requests = app.query_one(RequestsTable)
             await until(pilot, lambda: requests.row_count == 1 and int(str(requests.get_cell("long", "CHUNKS"))) > 0)

@@ -2,8 +2,8 @@
 
 Shared by the daemon, `queuegate admin` and `queuegate top`. The daemon greets every connection with `Hello`
 (carrying the protocol version); each request carries an `id` that its reply repeats. `Subscribe` answers with a
-snapshot, then sends `Snapshot` updates (id 0) at most every `interval_ms` while something changed, and at least
-every second (durations tick). A malformed or unknown message gets an `Error`; the connection stays usable.
+snapshot, then sends `Snapshot` updates (id 0) at most every `interval_ms` (200 ms or more) while something changed,
+and at least every second (durations tick). A malformed or unknown message gets an `Error`; the connection stays usable.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Status(_Message, tag="status"):
 class Subscribe(_Message, tag="subscribe"):
     """A snapshot now, then updates while attached."""
 
-    interval_ms: Annotated[int, msgspec.Meta(ge=100)] = 250
+    interval_ms: Annotated[int, msgspec.Meta(ge=200)] = 250  # at most five updates a second
 
 
 class Preload(_Message, tag="preload"):
