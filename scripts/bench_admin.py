@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import msgspec
 import trio
-from benchlib import drive, start_server
+from benchlib import drive, instant_sim_behind_gateway
 
 from queuegate.admin import AdminClient
 from queuegate.scheduler import Policy, SchedulerCore, Ticket
@@ -71,31 +68,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    py = sys.executable
-    sim, sim_url = start_server([py, "-m", "queuegate.sim", "--port", "0", "--tokens-per-s", "0"])
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            config = os.path.join(tmp, "queuegate.toml")
-            with open(config, "w") as f:
-                f.write(
-                    '[server]\nlisten = "127.0.0.1:0"\nlog_level = "warning"\n[queue]\nmax_size = 4096\n'
-                    f'[models.bench]\nupstreams = ["{sim_url}/v1"]\nkind = "llamacpp"\nmax_concurrency = 64\n'
-                )
-            gateway, url = start_server([py, "-m", "queuegate.cli", "run", "--config", config])
-            try:
-                socket = Path(tmp) / ".queuegate" / "admin.sock"
-                alone, watched, updates = [], [], 0
-                for _ in range(args.rounds):
-                    alone.append(trio.run(round_with, url, socket, 0, args.seconds)[0])
-                    rps, got = trio.run(round_with, url, socket, args.subscribers, args.seconds)
-                    watched.append(rps)
-                    updates += got
-            finally:
-                gateway.terminate()
-                gateway.wait(10)
-    finally:
-        sim.terminate()
-        sim.wait(10)
+    with instant_sim_behind_gateway(max_concurrency=64, log_level="warning") as (_, url, folder):
+        socket = folder / ".queuegate" / "admin.sock"
+        alone, watched, updates = [], [], 0
+        for _ in range(args.rounds):
+            alone.append(trio.run(round_with, url, socket, 0, args.seconds)[0])
+            rps, got = trio.run(round_with, url, socket, args.subscribers, args.seconds)
+            watched.append(rps)
+            updates += got
     base, with_subscribers = statistics.median(alone), statistics.median(watched)
     print(f"requests/s, no subscribers:          {base:8.0f}   (rounds: {', '.join(f'{r:.0f}' for r in alone)})")
     print(f"requests/s, {args.subscribers} subscribers attached: {with_subscribers:8.0f}   "

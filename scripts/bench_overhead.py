@@ -16,14 +16,12 @@ no errors at concurrency 128.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import trio
-from benchlib import Result, drive, serve_app, start_server
+from benchlib import Result, drive, instant_sim_behind_gateway, serve_app, start_server
 
 
 def serve_noop() -> None:
@@ -51,28 +49,13 @@ def main() -> None:
         serve_noop()
         return
 
-    py = sys.executable
-    servers = []
+    noop, noop_url = start_server([sys.executable, __file__, "--serve-noop"])
     try:
-        sim, sim_url = start_server([py, "-m", "queuegate.sim", "--port", "0", "--tokens-per-s", "0"])
-        servers.append(sim)
-        noop, noop_url = start_server([py, __file__, "--serve-noop"])
-        servers.append(noop)
-        with tempfile.TemporaryDirectory() as tmp:
-            config = os.path.join(tmp, "queuegate.toml")
-            with open(config, "w") as f:
-                f.write(
-                    '[server]\nlisten = "127.0.0.1:0"\n[queue]\nmax_size = 4096\n'
-                    f'[models.bench]\nupstreams = ["{sim_url}/v1"]\nkind = "llamacpp"\nmax_concurrency = 512\n'
-                )
-            gateway, gateway_url = start_server([py, "-m", "queuegate.cli", "run", "--config", config])
-            servers.append(gateway)
+        with instant_sim_behind_gateway(max_concurrency=512) as (sim_url, gateway_url, _):
             trio.run(report, sim_url, gateway_url, noop_url, args.seconds, args.rounds)
     finally:
-        for server in servers:
-            server.terminate()
-        for server in servers:
-            server.wait(10)
+        noop.terminate()
+        noop.wait(10)
 
 
 def body(stream: bool, tokens: int) -> bytes:

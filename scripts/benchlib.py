@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -23,6 +28,32 @@ def start_server(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
             if line.startswith(prefix):
                 return process, line[len(prefix) :].split()[0].removesuffix("/v1")
     raise RuntimeError(f"{argv} exited before it was ready")
+
+
+@contextlib.contextmanager
+def instant_sim_behind_gateway(*, max_concurrency: int, log_level: str = "info") -> Iterator[tuple[str, str, Path]]:
+    """A simulated upstream that answers at once, and `queuegate run` in front of it (model `bench`), each its own
+    process, stopped on exit. Yields (sim base URL, gateway base URL, the gateway's folder: its state is there)."""
+    py = sys.executable
+    servers: list[subprocess.Popen[str]] = []
+    try:
+        sim, sim_url = start_server([py, "-m", "queuegate.sim", "--port", "0", "--tokens-per-s", "0"])
+        servers.append(sim)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "queuegate.toml"
+            config.write_text(
+                f'[server]\nlisten = "127.0.0.1:0"\nlog_level = "{log_level}"\n[queue]\nmax_size = 4096\n'
+                f'[models.bench]\nupstreams = ["{sim_url}/v1"]\nkind = "llamacpp"\n'
+                f"max_concurrency = {max_concurrency}\n"
+            )
+            gateway, gateway_url = start_server([py, "-m", "queuegate.cli", "run", "--config", str(config)])
+            servers.append(gateway)
+            yield sim_url, gateway_url, Path(tmp)
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(10)
 
 
 def serve_app(app: Any, *, backlog: int = 100) -> None:
