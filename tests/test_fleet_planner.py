@@ -75,6 +75,12 @@ class FakeFleet:
             assert sum(self.specs[m].memory_gb for m in on) <= device.memory_gb + 1e-9, f"{name} overcommitted: {on}"
 
 
+def load(fleet: FakeFleet, model: str) -> None:
+    """A request for `model` arrives (it is launched) and its server turns healthy; the request still waits."""
+    fleet.set(model, waiting=1)
+    fleet.ready(model)
+
+
 def exclusive_pair(**policy):
     return FakeFleet(
         [DeviceSpec("gpu", 24, exclusive=True)],
@@ -94,8 +100,7 @@ def test_requests_for_a_stopped_model_launch_it_once():
 
 def test_busy_model_keeps_the_device_until_the_swap_bound_then_drains():
     fleet = exclusive_pair()
-    fleet.set("a", waiting=1)
-    fleet.ready("a")
+    load(fleet, "a")
     fleet.set("a", waiting=3, in_flight=1)
     fleet.now = 2.0
     assert fleet.set("b", waiting=1) == []  # a still has work queued: b waits
@@ -110,8 +115,7 @@ def test_busy_model_keeps_the_device_until_the_swap_bound_then_drains():
 def test_a_client_sending_requests_one_after_another_keeps_its_model():
     """Between two requests of a sequential client its model is idle for a moment; that does not start a swap."""
     fleet = exclusive_pair(idle_grace_s=0.5)
-    fleet.set("a", waiting=1)
-    fleet.ready("a")
+    load(fleet, "a")
     fleet.set("a", in_flight=1)
     assert fleet.set("b", waiting=1) == []  # a has only a request in flight: still busy
     fleet.now = 1.0
@@ -172,8 +176,7 @@ def test_memory_device_evicts_the_least_recently_used_idle_model():
 
 def test_idle_models_unload_after_their_ttl():
     fleet = FakeFleet([], [PlannedModel("a", None, ttl_s=60)])
-    fleet.set("a", waiting=1)
-    fleet.ready("a")
+    load(fleet, "a")
     fleet.set("a", in_flight=1)
     fleet.now = 5.0
     fleet.set("a")  # the last request ends at 5
@@ -210,8 +213,7 @@ def test_crashes_restart_with_backoff_then_fail_for_the_hold_time():
 
 def test_a_crash_while_serving_restarts_it_for_the_waiting_requests():
     fleet = exclusive_pair(restart_backoff_s=0.5)
-    fleet.set("a", waiting=1)
-    fleet.ready("a")
+    load(fleet, "a")
     fleet.set("a", waiting=2, in_flight=1)
     fleet.set("a", waiting=2, in_flight=0)
     assert fleet.crash("a") == []
@@ -231,8 +233,7 @@ def test_startup_preload_fills_free_room_only():
 
 def test_operator_preload_and_evict():
     fleet = exclusive_pair()
-    fleet.set("a", waiting=1)
-    fleet.ready("a")
+    load(fleet, "a")
     fleet.set("a", waiting=3, in_flight=1)
     fleet.planner.preload("b", fleet.now)
     assert fleet.plan() == []
@@ -251,8 +252,7 @@ def test_operator_preload_and_evict():
 
 def test_a_swap_nobody_needs_any_more_is_cancelled():
     fleet = exclusive_pair()
-    fleet.set("a", waiting=1)
-    fleet.ready("a")
+    load(fleet, "a")
     fleet.set("a", in_flight=1)
     fleet.set("b", waiting=1)
     fleet.plan(10.0)
@@ -267,8 +267,7 @@ def test_external_models_hold_their_memory_and_never_move():
         [PlannedModel("embed", "gpu", 6, managed=False), PlannedModel("a", "gpu", 8), PlannedModel("b", "gpu", 8)],
     )
     fleet.running.add("embed")
-    fleet.set("a", waiting=1)
-    fleet.ready("a")
+    load(fleet, "a")
     fleet.set("a")
     fleet.now = 1.0
     assert fleet.set("b", waiting=1) == [Halt("a")]  # 6 + 8 + 8 > 16: a goes, embed stays
