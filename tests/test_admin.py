@@ -161,6 +161,19 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_refused(start_gateway, 
         assert (await client.status()).scheduler.waiting == 0
     third.request_shutdown()
 
+    not_a_socket = tmp_path / "precious.txt"
+    not_a_socket.write_text("keep me")
+    refused.clear()
+    try:
+        async with trio.open_nursery() as inner:
+            await inner.start(
+                Daemon(build_config({"server": {"listen": "127.0.0.1:0", "admin_socket": str(not_a_socket)}})).run
+            )
+    except* SocketInUse as group:
+        refused.append(str(leaf_exceptions(group)[0]))
+    assert refused and "is not a socket" in refused[0]
+    assert not_a_socket.read_text() == "keep me"
+
 
 async def test_clients_see_a_daemon_that_went_away(start_gateway):
     gw, path = await fleet_gateway(start_gateway)

@@ -53,7 +53,7 @@ _HEARTBEAT_S = 1.0  # subscribers get a snapshot at least this often (elapsed ti
 
 
 class SocketInUse(Exception):
-    """Another daemon is serving on this admin socket."""
+    """Another daemon is serving on this admin socket (or the path is something else than a socket)."""
 
 
 class AdminServer:
@@ -110,10 +110,12 @@ class AdminServer:
         return trio.SocketListener(sock)
 
     async def _replace_stale(self) -> None:
+        if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+            raise SocketInUse(f"{self.path} exists and is not a socket; QueueGate will not replace it")
         try:
             stream = await trio.open_unix_socket(str(self.path))
         except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
                 raise
             log.info("replacing a stale admin socket", extra={"fields": {"path": str(self.path)}})
             self.path.unlink()
@@ -174,9 +176,8 @@ class AdminServer:
                 return Ok(id=request.id, message=f"{'drained' if drain else 'undrained'} {request.upstream}")
             if isinstance(request, Cancel):
                 count = self._active.cancel(request.request_id)
-                return Ok(
-                    id=request.id, message=f"cancelled {request.request_id}" + (f" ({count})" if count > 1 else "")
-                )
+                times = f" ({count} requests had this id)" if count > 1 else ""
+                return Ok(id=request.id, message=f"cancelled {request.request_id}{times}")
             if isinstance(request, Reload):
                 return Ok(id=request.id, message=self._reload())
             if isinstance(request, Pause | Resume):
