@@ -253,7 +253,8 @@ async def test_drain_and_pause_through_the_socket(start_sim, start_gateway):
             await client.request(Pause(klass="vip"))
 
 
-async def test_requests_are_listed_and_an_operator_can_cancel_them(start_sim, start_gateway):
+async def test_requests_are_listed_and_an_operator_can_cancel_them(start_sim, start_gateway, caplog):
+    caplog.set_level("INFO", logger="queuegate")
     sim, url = await start_sim(tokens_per_s=20)
     gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}})
     path = admin_socket_path(gw.daemon.config)
@@ -303,6 +304,8 @@ async def test_requests_are_listed_and_an_operator_can_cancel_them(start_sim, st
     with trio.fail_after(5):
         while sim.stats.disconnects < 1:  # and the upstream was closed
             await trio.sleep(0.01)
+    logged = {r.fields["rid"]: r.fields for r in caplog.records if r.getMessage() == "request"}
+    assert logged["q1"]["error"] == logged["s1"]["error"] == "cancelled by the operator"
     async with AdminClient(path) as client:
         status = await client.status()
         assert status.requests_total == 0

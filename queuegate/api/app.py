@@ -99,7 +99,8 @@ def create_app(
             active.remove(entry)
 
         request.scope[CLEANUP_KEY].append(forget)
-        with entry.scope:
+        handling = entry.scope
+        with handling:
             try:
                 record.klass = request_class(route_class, request.headers.get("x-priority"), classes)
                 record.flow = request_flow(key_name=None, session=request.headers.get("x-session-id"), client=client)
@@ -108,10 +109,10 @@ def create_app(
                 record.finish(exc.status, error=exc.message)
                 return _error_response(exc, request_id)
             except BaseException:
-                if not entry.cancelled:
+                if not record.cancelled:
                     record.finish(CLIENT_CLOSED, error="client disconnected")
                 raise
-        if entry.cancelled:
+        if handling.cancelled_caught:
             cancelled = RequestCancelled("the request was cancelled by the operator")
             record.finish(cancelled.status, error=cancelled.message)
             return _error_response(cancelled, request_id)

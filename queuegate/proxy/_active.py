@@ -36,7 +36,6 @@ class RequestStatistics(msgspec.Struct, frozen=True):
 class ActiveRequest:
     record: RequestRecord
     scope: trio.CancelScope
-    cancelled: bool = False
 
 
 class ActiveRequests:
@@ -64,7 +63,7 @@ class ActiveRequests:
         if not found:
             raise KeyError(f"no request {request_id!r} in progress")
         for entry in found:
-            entry.cancelled = True
+            entry.record.cancelled = True
             entry.scope.cancel()
         return len(found)
 

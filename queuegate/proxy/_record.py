@@ -37,6 +37,7 @@ class RequestRecord:
     chunks: int = 0  # stream events relayed to the client
     usage: Usage | None = None
     error: str | None = None
+    cancelled: bool = False  # by an operator (admin socket), whatever the exit path then says
     finished: bool = False
 
     def finish(self, status: int, *, error: str | None = None) -> None:
@@ -44,6 +45,8 @@ class RequestRecord:
         if self.finished:
             return
         self.finished = True
+        if self.cancelled:
+            error = "cancelled by the operator"
         if error is not None:
             self.error = error
         usage = self.usage
