@@ -127,6 +127,11 @@ def _check(config: Config) -> int:
             print(f"    {place}, {ttl}{', preloaded' if mc.preload else ''}")
     for name, device in config.devices.items():
         print(f"  device {name}: {device.memory_gb:g} GB{', exclusive' if device.exclusive else ''}")
+    for name, key in config.keys.items():
+        source = f"from ${key.key_env}" if key.key_env else "inline secret"
+        print(f"  key {name}: class {key.klass}, models {', '.join(key.models) or 'all'} ({source})")
+    if not config.keys:
+        print("  no [keys]: the API is open to whoever can reach the listen address")
     return 0
 
 

@@ -130,6 +130,18 @@ class ModelConfig(_Section):
     defaults: dict[str, Any] = {}
 
 
+class KeyConfig(_Section):
+    """A client API key: its secret (inline or, better, from the environment), its class and the models it may use."""
+
+    key: str | None = msgspec.field(default=None)
+    key_env: str | None = None
+    klass: str = msgspec.field(default="user", name="class")
+    models: list[str] = []  # names or aliases; empty = every model
+
+    def __repr__(self) -> str:  # the secret never reaches a log or an error
+        return f"KeyConfig(class={self.klass!r}, models={self.models!r})"
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     upstream: UpstreamDefaults = msgspec.field(default_factory=UpstreamDefaults)
@@ -137,6 +149,7 @@ class Config(_Section):
     affinity: AffinityConfig = msgspec.field(default_factory=AffinityConfig)
     fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
     devices: dict[str, DeviceConfig] = {}
+    keys: dict[str, KeyConfig] = {}
     models: dict[str, ModelConfig] = {}
     # Where the config came from; relative paths (state_dir) resolve against its folder.
     base_dir: str = "."
@@ -184,8 +197,9 @@ def build_config(
     # Named tables (one per model or device) are converted one by one, so an error names the table, not `[...]`.
     models = _convert_named(data.pop("models", {}), ModelConfig, source, "models")
     devices = _convert_named(data.pop("devices", {}), DeviceConfig, source, "devices")
+    keys = _convert_named(data.pop("keys", {}), KeyConfig, source, "keys")
     config = _convert({**data, "base_dir": base_dir}, Config, source, "")
-    config = msgspec.structs.replace(config, models=models, devices=devices)
+    config = msgspec.structs.replace(config, models=models, devices=devices, keys=keys)
     _check(config, source, env)
     return config
 
@@ -280,6 +294,29 @@ def _check(config: Config, source: str, env: Any) -> None:
         for key in ("model", "stream"):
             if key in model.defaults:
                 fail(f"models.{name}.defaults.{key}", f"`{key}` cannot have a default; the client sets it")
+    _check_keys(config, owners, env, fail)
+
+
+def _check_keys(config: Config, model_names: Any, env: Any, fail: Any) -> None:
+    """Each key has one secret source that resolves, a known class, known models, and a secret of its own."""
+    owners: dict[str, str] = {}
+    for name, key in config.keys.items():
+        where = f"keys.{name}"
+        if (key.key is None) == (key.key_env is None):
+            fail(where, "set exactly one of `key` (the secret) or `key_env` (the environment variable holding it)")
+        if key.key_env is not None and not env.get(key.key_env):
+            fail(f"{where}.key_env", f"environment variable {key.key_env} is not set")
+        secret = key.key if key.key is not None else env.get(key.key_env, "")
+        if len(secret) < 8:
+            fail(where, "the secret must be at least 8 characters")
+        if secret in owners:
+            fail(where, f"the same secret as key {owners[secret]!r}: each key needs its own")
+        owners[secret] = name
+        if key.klass not in config.queue.classes:
+            fail(f"{where}.class", f"expected one of the classes {config.queue.classes}, got {key.klass!r}")
+        for i, model in enumerate(key.models):
+            if model not in model_names:
+                fail(f"{where}.models[{i}]", f"no model or alias {model!r}")
 
 
 def _check_launch(name: str, model: ModelConfig, config: Config, fail: Any) -> None:

@@ -6,6 +6,7 @@ Shutdown: `request_shutdown()` stops accepting, lets in-flight requests finish f
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from hypercorn.trio import serve
 from queuegate.admin import AdminServer
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.api import InFlight, create_app
+from queuegate.auth import KeyRing
 from queuegate.config import Config, admin_socket_path, load_config, parse_listen
 from queuegate.fleet import Catalog, HealthMonitor
 from queuegate.fleet.catalog import Upstream
@@ -102,8 +104,18 @@ class Daemon:
                 self.catalog, self.admission, forwarder, report_unreachable, _notice_policy(cfg), cfg.affinity.header
             )
             active = ActiveRequests()
+            canonical = {name: self.catalog.canonical(name) for name in self.catalog.public_names()}
+            keyring = KeyRing.from_config(cfg, canonical)
             app = create_app(
-                cfg.server, self.catalog, self.admission, fleet, proxy, active, self._in_flight, cfg.queue.classes
+                cfg.server,
+                self.catalog,
+                self.admission,
+                fleet,
+                proxy,
+                active,
+                keyring,
+                self._in_flight,
+                cfg.queue.classes,
             )
             await nursery.start(self.admission.run)
             await nursery.start(health.run)
@@ -132,6 +144,11 @@ class Daemon:
             await nursery.start(admin.run)
             fields = {"url": base_url, "models": len(self.catalog.models), "admin": str(admin.path)}
             log.info("listening", extra={"fields": fields})
+            if keyring.open and not _is_loopback(parse_listen(cfg.server.listen)[0]):
+                log.warning(
+                    "no [keys] configured and listening beyond loopback: anyone who can reach it may use it",
+                    extra={"fields": {"listen": cfg.server.listen}},
+                )
             task_status.started(Started(base_url))
 
     def reload(self) -> str:
@@ -242,3 +259,10 @@ def _launchers(config: Config, catalog: Catalog) -> dict[str, Launcher]:
             engine = engine or DockerEngine(config.fleet.docker_url, config.fleet.docker_timeout_s)
             launchers[name] = DockerLauncher(name, launch, engine)
     return launchers
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

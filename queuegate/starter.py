@@ -27,6 +27,7 @@ class Table:
     name: str
     doc: str
     keys: list[Key]
+    optional: bool = False  # written commented out, header included
 
 
 def _defaults(struct: Any, docs: dict[str, str]) -> list[Key]:
@@ -144,6 +145,17 @@ def starter_tables() -> list[Table]:
             ],
         ),
         Table(
+            "keys.alice",
+            "Client API keys. With none the gateway is open (keep it on loopback); with any, every API request\n"
+            "needs one (`Authorization: Bearer <key>` or `X-Api-Key`): 401 without, 403 for a model it may not use.",
+            [
+                Key("key_env", "ALICE_KEY", 'Environment variable holding the secret (or `key = "..."` inline).'),
+                Key("class", "user", "Its requests' class at most (a route or X-Priority may only lower it)."),
+                Key("models", ["qwen3-coder", "coder"], "Models (or aliases) it may use; empty or absent: all."),
+            ],
+            optional=True,
+        ),
+        Table(
             "fleet",
             "Models QueueGate starts itself (launcher = process or docker): loading, swapping, unloading.",
             _defaults(
@@ -253,11 +265,12 @@ HEADER = """\
 def render_starter() -> str:
     parts = [HEADER]
     for table in starter_tables():
-        parts.append("\n" + _comment(table.doc) + f"[{table.name}]\n")
+        parts.append("\n" + _comment(table.doc) + ("# " if table.optional else "") + f"[{table.name}]\n")
         for key in table.keys:
             if key.doc:
                 parts.append(_comment(key.doc))
-            parts.append(("# " if key.optional else "") + _render_key(key.name, key.value) + "\n")
+            commented = key.optional or table.optional
+            parts.append(("# " if commented else "") + _render_key(key.name, key.value) + "\n")
     return "".join(parts)
 
 

@@ -69,6 +69,14 @@ def test_defaults_are_safe():
         ),
         ("[devices.gpu]\nexclusive = true", "at `devices.gpu`: Object missing required field `memory_gb`"),
         ('[fleet]\nabandoned_load = "keep"', "at `fleet.abandoned_load`: Invalid enum value 'keep'"),
+        ('[keys.a]\nkey = "sk-0123456789"\nkey_env = "X"', "at `keys.a`: set exactly one of `key`"),
+        ('[keys.a]\nkey = "sk-0123456789"\nclass = "vip"', "at `keys.a.class`: expected one of the classes"),
+        ('[keys.a]\nkey = "sk-0123456789"\nmodels = ["nope"]', "at `keys.a.models[0]`: no model or alias 'nope'"),
+        ('[keys.a]\nkey = "short"', "at `keys.a`: the secret must be at least 8 characters"),
+        (
+            '[keys.a]\nkey = "sk-0123456789"\n[keys.b]\nkey = "sk-0123456789"',
+            "at `keys.b`: the same secret as key 'a'",
+        ),
     ],
 )
 def test_errors_name_the_key(toml, expected):
@@ -95,6 +103,14 @@ def test_env_interpolation_and_secrets_stay_out_of_errors_and_reprs():
         parse_config('[models.m]\nupstreams = ["http://${NOPE}/v1"]', environ={})
     with pytest.raises(ConfigError, match=r"at `models\.m\.api_key_env`: environment variable BACKEND_KEY is not set"):
         parse_config('[models.m]\nupstreams = ["http://h/v1"]\napi_key_env = "BACKEND_KEY"', environ={})
+
+
+def test_key_secrets_stay_out_of_reprs_and_errors():
+    config = parse_config('[keys.a]\nkey = "sk-verysecret-1"\nmodels = []', source="q.toml")
+    assert "sk-verysecret" not in repr(config.keys["a"]) and "sk-verysecret" not in repr(config)
+    with pytest.raises(ConfigError) as info:
+        parse_config('[keys.a]\nkey = "sk-verysecret-1"\n[keys.b]\nkey = "sk-verysecret-1"', source="q.toml")
+    assert "sk-verysecret" not in str(info.value)
 
 
 def test_kind_profiles_set_health_and_endpoints():

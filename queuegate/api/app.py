@@ -18,6 +18,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from queuegate.auth import KeyRing
 from queuegate.config import ServerConfig
 from queuegate.errors import (
     GatewayError,
@@ -76,6 +77,7 @@ def create_app(
     fleet: Fleet,
     proxy: Proxy,
     active: ActiveRequests,
+    keyring: KeyRing,
     in_flight: InFlight,
     classes: Sequence[str],
 ) -> ASGIApp:
@@ -102,8 +104,12 @@ def create_app(
         handling = entry.scope
         with handling:
             try:
-                record.klass = request_class(route_class, request.headers.get("x-priority"), classes)
-                record.flow = request_flow(key_name=None, session=request.headers.get("x-session-id"), client=client)
+                key = record.key = keyring.authenticate(request.headers)
+                key_class = key.klass if key else None
+                record.klass = request_class(route_class, request.headers.get("x-priority"), classes, key_class)
+                record.flow = request_flow(
+                    key_name=key.name if key else None, session=request.headers.get("x-session-id"), client=client
+                )
                 reply = await proxy.handle(record, await _read_body(), request.headers)
             except GatewayError as exc:
                 record.finish(exc.status, error=exc.message)
@@ -161,11 +167,17 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models() -> Response:
+        try:
+            key = keyring.authenticate(request.headers)
+        except GatewayError as exc:
+            return _error_response(exc, _request_id(request.headers.get("x-request-id")))
         states = model_states()
         data = []
         for name in catalog.public_names():
             spec = catalog.resolve(name)
             assert spec is not None
+            if key is not None and not key.may_use(spec.name):
+                continue
             state = states[spec.name][0]
             entry: dict[str, Any] = {
                 "id": name,

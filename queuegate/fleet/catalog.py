@@ -87,6 +87,13 @@ class Catalog:
     def resolve(self, name: str) -> ModelSpec | None:
         return self._by_name.get(name)
 
+    def canonical(self, name: str) -> str:
+        """The model's own name for a model name or alias (KeyError if neither)."""
+        spec = self._by_name.get(name)
+        if spec is None:
+            raise KeyError(name)
+        return spec.name
+
     def public_names(self) -> list[str]:
         """Every name a client may use: models first, then aliases, in config order."""
         names = list(self.models)

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 import trio
 
+from queuegate.auth import KeyRing
 from queuegate.errors import BadRequest, GatewayError, ModelNotFound, NotSupported, UpstreamError
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
 from queuegate.proxy._forwarder import ChunkReader, Forwarder, RetryableFailure, UpstreamResponse, close_response
@@ -77,6 +78,7 @@ class Proxy:
         """Serve one OpenAI request. Raises GatewayError for anything the client should see as an error."""
         body = parse_body(raw_body, record.endpoint)
         spec = self._resolve(body["model"], record.endpoint)
+        KeyRing.check_model(record.key, spec.name)
         record.model = spec.name
         record.stream = body.get("stream") is True
         payload = msgspec.json.encode({**spec.defaults, **body, "model": spec.upstream_model})

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import msgspec
 import trio
 
+from queuegate.auth import ApiKey
+
 log = logging.getLogger("queuegate.request")
 
 # nginx's convention for "the client closed the connection before we answered".
@@ -25,6 +27,7 @@ class RequestRecord:
     request_id: str
     endpoint: str
     client: str = ""
+    key: ApiKey | None = None  # the caller's API key (its name is logged, never its secret)
     klass: str = "user"  # priority class
     flow: str = ""  # whose turn inside the class (key, session or client)
     started_at: float = field(default_factory=trio.current_time)
@@ -55,6 +58,7 @@ class RequestRecord:
             extra={
                 "fields": {
                     "rid": self.request_id,
+                    "key": self.key.name if self.key else None,
                     "endpoint": self.endpoint,
                     "model": self.model,
                     "class": self.klass,

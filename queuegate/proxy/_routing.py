@@ -12,14 +12,18 @@ OPEN_WEBUI_CHAT_HEADER = "x-openwebui-chat-id"
 _BODY_CHAT_FIELDS = ("chat_id", "conversation_id")
 
 
-def request_class(route_class: str, priority: str | None, classes: Sequence[str]) -> str:
-    """The route's class, lowered by an `X-Priority: <class>` header; a header can never raise it."""
+def request_class(route_class: str, priority: str | None, classes: Sequence[str], key_class: str | None = None) -> str:
+    """The lower of the route's class and the API key's class, lowered further by an `X-Priority: <class>` header;
+    neither a header nor a key can raise it."""
+    base = route_class
+    if key_class is not None and classes.index(key_class) > classes.index(base):
+        base = key_class
     if priority is None or not priority.strip():
-        return route_class
+        return base
     wanted = priority.strip().lower()
     if wanted not in classes:
         raise BadRequest(f"X-Priority must be one of {', '.join(classes)}; got {priority!r}", param="X-Priority")
-    return wanted if classes.index(wanted) > classes.index(route_class) else route_class
+    return wanted if classes.index(wanted) > classes.index(base) else base
 
 
 def request_flow(*, key_name: str | None, session: str | None, client: str) -> str:

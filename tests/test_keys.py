@@ -1,0 +1,78 @@
+"""Client API keys through the real daemon and the `openai` client (the upstream is a simulated server)."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import in_thread
+
+SECRETS = {"ALICE_KEY": "sk-alice-0123456789", "BATCH_KEY": "sk-batch-9876543210"}
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+
+
+async def keyed_gateway(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    models = {"chat": {"upstreams": [url], "aliases": ["assistant"]}, "coder": {"upstreams": [url]}}
+    keys = {
+        "alice": {"key_env": "ALICE_KEY"},
+        "nightly": {"key_env": "BATCH_KEY", "class": "batch", "models": ["assistant"]},
+    }
+    return await start_gateway(models, keys=keys)
+
+
+def ask(gw, api_key: str, model: str = "chat", **headers: str):
+    client = gw.client(api_key=api_key, default_headers=headers or None)
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+
+
+async def test_a_key_is_required_and_checked(start_sim, start_gateway, key_env, caplog):
+    caplog.set_level("INFO", logger="queuegate")
+    gw = await keyed_gateway(start_sim, start_gateway)
+    assert (await in_thread(lambda: ask(gw, SECRETS["ALICE_KEY"]))).choices
+    for wrong in ("sk-not-a-key-at-all", "Bearer"):
+        with pytest.raises(openai.AuthenticationError) as info:
+            await in_thread(lambda wrong=wrong: ask(gw, wrong))
+        assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+    async with httpx.AsyncClient() as http:  # X-Api-Key works too; no key at all is 401
+        chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        ok = await http.post(gw.api + "/chat/completions", json=chat, headers={"x-api-key": SECRETS["ALICE_KEY"]})
+        missing = await http.post(gw.api + "/chat/completions", json=chat)
+        assert (await http.get(gw.base_url + "/healthz")).status_code == 200  # health stays open for probes
+    assert ok.status_code == 200
+    assert missing.status_code == 401 and "Authorization: Bearer" in missing.json()["error"]["message"]
+    logged = [r.fields for r in caplog.records if r.getMessage() == "request"]
+    assert [f["key"] for f in logged if f["status"] == 200] == ["alice", "alice"]
+    for secret in SECRETS.values():
+        assert secret not in caplog.text
+
+
+async def test_a_key_sees_and_uses_only_its_models_in_its_class(start_sim, start_gateway, key_env):
+    gw = await keyed_gateway(start_sim, start_gateway)
+    nightly = gw.client(api_key=SECRETS["BATCH_KEY"])
+    listed = {m.id for m in await in_thread(lambda: list(nightly.models.list()))}
+    assert listed == {"chat", "assistant"}
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        await in_thread(lambda: ask(gw, SECRETS["BATCH_KEY"], "coder"))
+    assert info.value.status_code == 403 and "may not use model 'coder'" in info.value.body["message"]
+    answer = await in_thread(lambda: ask(gw, SECRETS["BATCH_KEY"], "assistant"))
+    assert answer.choices
+    alice = gw.client(api_key=SECRETS["ALICE_KEY"])
+    assert {m.id for m in await in_thread(lambda: list(alice.models.list()))} == {"chat", "assistant", "coder"}
+
+
+async def test_the_key_sets_the_flow_and_can_only_lower_the_class(start_sim, start_gateway, key_env, caplog):
+    caplog.set_level("INFO", logger="queuegate")
+    gw = await keyed_gateway(start_sim, start_gateway)
+    await in_thread(lambda: ask(gw, SECRETS["BATCH_KEY"]))  # a batch key on the user route: batch
+    await in_thread(lambda: ask(gw, SECRETS["ALICE_KEY"], **{"x-priority": "agent"}))  # the header may lower
+    logged = [
+        (r.fields["key"], r.fields["class"], r.fields["flow"]) for r in caplog.records if r.getMessage() == "request"
+    ]
+    assert logged == [("nightly", "batch", "key:nightly"), ("alice", "agent", "key:alice")]
