@@ -28,6 +28,7 @@ from queuegate.fleet.containers import DockerEngine, DockerLauncher
 from queuegate.fleet.manager import Fleet, Launcher
 from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
 from queuegate.fleet.process import ChildProcess
+from queuegate.metrics import Metrics
 from queuegate.proxy import ActiveRequests, Forwarder, NoticePolicy, Proxy, Timeouts, UpstreamConnections
 from queuegate.reload import plan_reload
 from queuegate.scheduler import Admission, Policy, SchedulerCore
@@ -114,6 +115,7 @@ class Daemon:
                 proxy,
                 active,
                 keyring,
+                Metrics(self.admission.statistics, fleet.statistics),
                 self._in_flight,
                 cfg.queue.classes,
             )

@@ -1,4 +1,4 @@
-"""HTTP routes: the OpenAI-compatible `/v1/*` API, `/healthz` and `/readyz`.
+"""HTTP routes: the OpenAI-compatible `/v1/*` API, `/healthz`, `/readyz` and `/metrics` (Prometheus).
 
 Routes only translate between HTTP and the proxy; every error leaves as OpenAI's envelope. Quart's own 60 s
 response timeout is disabled (it would cut long streams); QueueGate's upstream timeouts apply instead.
@@ -29,6 +29,8 @@ from queuegate.errors import (
 )
 from queuegate.fleet.catalog import Catalog
 from queuegate.fleet.manager import Fleet
+from queuegate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from queuegate.metrics import Metrics
 from queuegate.proxy import (
     CLIENT_CLOSED,
     ActiveRequests,
@@ -78,6 +80,7 @@ def create_app(
     proxy: Proxy,
     active: ActiveRequests,
     keyring: KeyRing,
+    metrics: Metrics,
     in_flight: InFlight,
     classes: Sequence[str],
 ) -> ASGIApp:
@@ -94,7 +97,7 @@ def create_app(
     async def relay(endpoint: str, route_class: str = "user") -> Response:
         request_id = _request_id(request.headers.get("x-request-id"))
         client = request.remote_addr or ""
-        record = RequestRecord(request_id, endpoint, client=client)
+        record = RequestRecord(request_id, endpoint, client=client, on_finish=metrics.observe)
         entry = active.add(record, trio.CancelScope())  # an operator's cancel ends the queueing and forwarding
 
         async def forget() -> None:
@@ -191,6 +194,10 @@ def create_app(
                 entry["alias_for"] = spec.name
             data.append(entry)
         return _json({"object": "list", "data": data})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), headers={"content-type": METRICS_CONTENT_TYPE})
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -149,6 +149,7 @@ class Proxy:
         try:
             deadline = self._forwarder.timeouts.deadline()
             path = UPSTREAM_PATHS[record.endpoint]
+            record.upstream_started_at = trio.current_time()
             response = await self._forwarder.send(upstream, path, payload, record.request_id, deadline)
             content_type = response.header(b"content-type") or "application/json"
             reader = ChunkReader(response, self._forwarder.timeouts.idle_s, deadline)
@@ -165,10 +166,12 @@ class Proxy:
                     raise RetryableFailure(exc.message, unreachable=False) from None
                 if first is None or not looks_like_sse(first):
                     raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream", unreachable=False)
+                record.first_token_at = trio.current_time()
                 relay = RelayStream(first, events, response, record, lambda: self._admission.release(ticket))
                 handed_over = True
                 return Reply(200, {**SSE_HEADERS, "content-type": content_type}, relay)
             body = await self._forwarder.read_body(response, deadline)
+            record.first_token_at = trio.current_time()
             if response.status == 200:
                 try:
                     record.usage = msgspec.json.decode(body, type=_UsageCarrier).usage

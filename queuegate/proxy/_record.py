@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -35,6 +36,8 @@ class RequestRecord:
     upstream: str | None = None
     stream: bool = False
     queue_s: float = 0.0  # all time spent queued, retries included
+    upstream_started_at: float | None = None  # when the (last) attempt was sent upstream
+    first_token_at: float | None = None  # when its first event (stream) or its whole body arrived
     queued_before_s: float = 0.0  # queue time of earlier attempts (before a retry)
     retries: int = 0
     chunks: int = 0  # stream events relayed to the client
@@ -42,6 +45,7 @@ class RequestRecord:
     error: str | None = None
     cancelled: bool = False  # by an operator (admin socket), whatever the exit path then says
     finished: bool = False
+    on_finish: Callable[[RequestRecord, int], None] | None = field(default=None, repr=False)  # metrics
 
     def finish(self, status: int, *, error: str | None = None) -> None:
         """Log the request's line; later calls do nothing, so every exit path may call it."""
@@ -76,3 +80,5 @@ class RequestRecord:
                 }
             },
         )
+        if self.on_finish is not None:
+            self.on_finish(self, status)

@@ -1,0 +1,113 @@
+"""Prometheus metrics for `GET /metrics`, in a registry of the daemon's own (no module-level state).
+
+Per request (observed once, when its log line is written): requests by model, class and status; queue wait by class;
+time to first token and generation speed by model; tokens; and QueueGate's own overhead, the time a request spent
+in the gateway outside the queue and the upstream. Read at scrape time from the live components: queue length and
+oldest wait by class, requests in flight by model, upstream health, model states, loads and swaps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from queuegate.fleet.planner import FleetStatistics
+from queuegate.proxy import RequestRecord
+from queuegate.scheduler import SchedulerStatistics
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_WAIT_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+_RATE_BUCKETS = (1, 5, 10, 20, 40, 80, 160, 320, 640)
+
+
+class Metrics:
+    def __init__(self, scheduler: Callable[[], SchedulerStatistics], fleet: Callable[[], FleetStatistics]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._requests = Counter(
+            "queuegate_requests", "Requests answered, by model, class and HTTP status.", ["model", "class", "status"],
+            registry=r,
+        )  # fmt: skip
+        self._queue_wait = Histogram(
+            "queuegate_queue_wait_seconds", "Time requests waited in the queue.", ["class"], buckets=_WAIT_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self._first_token = Histogram(
+            "queuegate_time_to_first_token_seconds",
+            "From arrival to the first streamed event (or the whole body when not streamed).",
+            ["model"], buckets=_WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._rate = Histogram(
+            "queuegate_tokens_per_second", "Completion tokens per second of generation, per streamed request.",
+            ["model"], buckets=_RATE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._tokens = Counter("queuegate_tokens", "Tokens, by model and kind.", ["model", "kind"], registry=r)
+        self._overhead = Histogram(
+            "queuegate_gateway_overhead_seconds",
+            "Time a request spent in QueueGate outside the queue and the upstream: what the gateway costs.",
+            buckets=_OVERHEAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        r.register(_LiveState(scheduler, fleet))
+
+    def observe(self, record: RequestRecord, status: int) -> None:
+        """One finished request (RequestRecord's `on_finish`)."""
+        model = record.model or "-"
+        self._requests.labels(model, record.klass, str(status)).inc()
+        if record.model is None:
+            return  # refused before it had a model: nothing else to say
+        self._queue_wait.labels(record.klass).observe(record.queue_s)
+        now = trio.current_time()
+        if record.first_token_at is not None:
+            self._first_token.labels(model).observe(record.first_token_at - record.started_at)
+            usage = record.usage
+            completion = usage.completion_tokens if usage else record.chunks
+            if record.stream and completion and now > record.first_token_at:
+                self._rate.labels(model).observe(completion / (now - record.first_token_at))
+        if record.usage is not None:
+            self._tokens.labels(model, "prompt").inc(record.usage.prompt_tokens)
+            self._tokens.labels(model, "completion").inc(record.usage.completion_tokens)
+        if record.upstream_started_at is not None:
+            in_upstream = now - record.upstream_started_at
+            self._overhead.observe(max(0.0, (now - record.started_at) - record.queue_s - in_upstream))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveState(Collector):
+    """Gauges read from the scheduler and the fleet at scrape time, so nothing is counted twice."""
+
+    def __init__(self, scheduler: Callable[[], SchedulerStatistics], fleet: Callable[[], FleetStatistics]) -> None:
+        self._scheduler = scheduler
+        self._fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        stats, fleet = self._scheduler(), self._fleet()
+        waiting = GaugeMetricFamily("queuegate_queue_length", "Requests waiting, by model and class.",
+                                    labels=["model", "class"])  # fmt: skip
+        oldest = GaugeMetricFamily("queuegate_queue_oldest_wait_seconds", "Wait of the oldest waiting request.",
+                                   labels=["model", "class"])  # fmt: skip
+        in_flight = GaugeMetricFamily("queuegate_in_flight", "Requests being served, by model.", labels=["model"])
+        healthy = GaugeMetricFamily("queuegate_upstream_up", "1 when the upstream takes requests.", labels=["upstream"])
+        for model in stats.models:
+            in_flight.add_metric([model.name], model.in_service)
+            for c in model.classes:
+                waiting.add_metric([model.name, c.name], c.waiting)
+                oldest.add_metric([model.name, c.name], c.oldest_wait_s)
+            for u in model.upstreams:
+                healthy.add_metric([u.id], 1.0 if u.state == "ready" and not u.drained else 0.0)
+        state = GaugeMetricFamily("queuegate_model_state", "1 for each model's current state.",
+                                  labels=["model", "state"])  # fmt: skip
+        load = GaugeMetricFamily("queuegate_model_load_seconds", "Learned load time of a model.", labels=["model"])
+        for m in fleet.models:
+            state.add_metric([m.name, m.state], 1.0)
+            if m.load_s is not None:
+                load.add_metric([m.name], m.load_s)
+        yield from (waiting, oldest, in_flight, healthy, state, load)
+        yield CounterMetricFamily("queuegate_model_loads", "Models loaded (turned healthy) since start.", fleet.loads)
+        yield CounterMetricFamily("queuegate_swaps", "Models stopped to make room for another.", fleet.swaps)

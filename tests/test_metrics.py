@@ -1,0 +1,49 @@
+"""`GET /metrics` after real traffic through the daemon (the upstream is a simulated server)."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import in_thread
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+async def test_metrics_after_traffic(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=200)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    client = gw.client()
+    messages = [{"role": "user", "content": "hi"}]
+    await in_thread(lambda: client.chat.completions.create(model="m", messages=messages, max_tokens=8))
+    await in_thread(
+        lambda: list(client.chat.completions.create(model="m", messages=messages, max_tokens=8, stream=True))
+    )
+    with pytest.raises(openai.NotFoundError):
+        await in_thread(lambda: client.chat.completions.create(model="nope", messages=messages))
+    async with httpx.AsyncClient() as http:
+        response = await http.get(gw.base_url + "/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    found = samples(response.text)
+    assert found["queuegate_requests_total", (("class", "user"), ("model", "m"), ("status", "200"))] == 2
+    assert found["queuegate_requests_total", (("class", "user"), ("model", "-"), ("status", "404"))] == 1
+    assert found["queuegate_queue_wait_seconds_count", (("class", "user"),)] == 2
+    assert found["queuegate_time_to_first_token_seconds_count", (("model", "m"),)] == 2
+    assert found["queuegate_tokens_per_second_count", (("model", "m"),)] == 1  # the streamed one
+    assert found["queuegate_tokens_total", (("kind", "completion"), ("model", "m"))] >= 8  # the non-streamed usage
+    overhead_count = found["queuegate_gateway_overhead_seconds_count", ()]
+    assert overhead_count == 2
+    assert 0 < found["queuegate_gateway_overhead_seconds_sum", ()] < 1.0
+    assert found["queuegate_queue_length", (("class", "user"), ("model", "m"))] == 0
+    assert found["queuegate_in_flight", (("model", "m"),)] == 0
+    assert found["queuegate_upstream_up", (("upstream", "m#0"),)] == 1
+    assert found["queuegate_model_state", (("model", "m"), ("state", "ready"))] == 1
+    assert found["queuegate_swaps_total", ()] == 0
