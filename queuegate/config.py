@@ -137,6 +137,7 @@ class KeyConfig(_Section):
     key_env: str | None = None
     klass: str = msgspec.field(default="user", name="class")
     models: list[str] = []  # names or aliases; empty = every model
+    rpm: PositiveInt | None = None  # requests per minute; over it, requests wait for the window
 
     def __repr__(self) -> str:  # the secret never reaches a log or an error
         return f"KeyConfig(class={self.klass!r}, models={self.models!r})"

@@ -215,6 +215,8 @@ def _policy(config: Config) -> Policy:
         model_max_queue={name: m.max_queue for name, m in config.models.items() if m.max_queue is not None},
         affinity_ttl_s=affinity.ttl_s,
         affinity_wait_s=affinity.max_wait_ms / 1000,
+        key_rpm={name: key.rpm for name, key in config.keys.items() if key.rpm is not None},
+        max_wait_s=queue.max_wait_s,
     )
 
 

@@ -152,6 +152,12 @@ def starter_tables() -> list[Table]:
                 Key("key_env", "ALICE_KEY", 'Environment variable holding the secret (or `key = "..."` inline).'),
                 Key("class", "user", "Its requests' class at most (a route or X-Priority may only lower it)."),
                 Key("models", ["qwen3-coder", "coder"], "Models (or aliases) it may use; empty or absent: all."),
+                Key(
+                    "rpm",
+                    30,
+                    "Requests per minute. Over it, requests wait in the queue for the window (cancellable) instead\n"
+                    "of failing; only a wait longer than [queue].max_wait_s is refused: 429 with Retry-After.",
+                ),
             ],
             optional=True,
         ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+import trio
 
 from tests.conftest import in_thread
 
@@ -76,3 +77,30 @@ async def test_the_key_sets_the_flow_and_can_only_lower_the_class(start_sim, sta
         (r.fields["key"], r.fields["class"], r.fields["flow"]) for r in caplog.records if r.getMessage() == "request"
     ]
     assert logged == [("nightly", "batch", "key:nightly"), ("alice", "agent", "key:alice")]
+
+
+async def test_a_key_over_its_rpm_waits_instead_of_failing(start_sim, start_gateway, monkeypatch):
+    """rpm = 6 and 12 requests at once: all 12 answered, six at once and six after the minute's window, no 429.
+    (This test takes a real minute: the window is the rpm's.)"""
+    monkeypatch.setenv("LIMITED_KEY", "sk-limited-0123456789")
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}}, keys={"bot": {"key_env": "LIMITED_KEY", "rpm": 6}})
+    client = gw.client(api_key="sk-limited-0123456789", timeout=120)
+    started = trio.current_time()
+    answered: list[float] = []
+
+    async def one(i: int) -> None:
+        messages = [{"role": "user", "content": f"task {i}"}]
+        await in_thread(lambda: client.chat.completions.create(model="m", messages=messages, max_tokens=1))
+        answered.append(trio.current_time() - started)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(12):
+            nursery.start_soon(one, i)
+        with trio.fail_after(10):
+            while len(answered) < 6:
+                await trio.sleep(0.05)
+        assert gw.stats().waiting == 6  # the rest wait in the queue, not in a 429
+    answered.sort()
+    assert len(answered) == 12
+    assert answered[5] < 10 and answered[6] >= 59.5

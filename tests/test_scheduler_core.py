@@ -7,7 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from queuegate.errors import QueueFull
-from queuegate.scheduler import ModelUnavailable, NoUpstreamLeft, Policy, SchedulerCore, Ticket, UpstreamState
+from queuegate.scheduler import (
+    ModelUnavailable,
+    NoUpstreamLeft,
+    Policy,
+    RateLimited,
+    SchedulerCore,
+    Ticket,
+    UpstreamState,
+)
 
 READY, LOADING, DOWN = UpstreamState.READY, UpstreamState.LOADING, UpstreamState.DOWN
 
@@ -303,3 +311,28 @@ def test_invariants_hold_for_any_event_sequence(sequence):
             assert sum(c.waiting for c in model.classes) == model.waiting
         assert stats.waiting == len(waiting) <= 5
         assert stats.in_service == sum(granted.values())
+
+
+def test_a_key_over_its_rpm_waits_for_its_window_while_others_go():
+    core = core_with(("m#0", "m", 10), key_rpm={"k": 2}, max_wait_s=600)
+    keyed = [Ticket("m", 0.0, flow="key:k", key="k") for _ in range(4)]
+    decided = [t for ticket in keyed for t in core.submit(ticket, 0.0)]
+    assert decided == keyed[:2]  # two within the limit go at once
+    assert core.next_wakeup() == pytest.approx(60.0)  # the others wait for the window
+    other = Ticket("m", 1.0, flow="client:x")
+    assert core.submit(other, 1.0) == [other]  # another flow is not held up
+    assert core.tick(59.0) == []
+    assert core.tick(60.0) == keyed[2:]
+
+
+def test_a_key_whose_limit_would_outlast_the_max_wait_is_refused_with_retry_after():
+    core = core_with(("m#0", "m", 10), key_rpm={"k": 1}, max_wait_s=30)
+    first = Ticket("m", 0.0, flow="key:k", key="k")
+    assert core.submit(first, 0.0) == [first]
+    with pytest.raises(RateLimited) as info:
+        core.submit(Ticket("m", 10.0, flow="key:k", key="k"), 10.0)  # its slot opens at 60: 50 s away
+    assert info.value.status == 429 and info.value.retry_after_s == 50
+    late = Ticket("m", 40.0, flow="key:k", key="k")
+    assert core.submit(late, 40.0) == []  # 20 s away: it waits
+    core.withdraw(late, 41.0)  # and a withdrawn one frees its place in the key's line
+    assert core.submit(Ticket("m", 42.0, flow="key:k", key="k"), 42.0) == []

@@ -83,7 +83,8 @@ class Proxy:
         record.stream = body.get("stream") is True
         payload = msgspec.json.encode({**spec.defaults, **body, "model": spec.upstream_model})
         sticky = chat_key(headers, self._chat_header, body) if len(spec.upstreams) > 1 else None
-        ticket = self._admission.enqueue(spec.name, klass=record.klass, flow=record.flow, affinity=sticky)
+        key = record.key.name if record.key else None
+        ticket = self._admission.enqueue(spec.name, klass=record.klass, flow=record.flow, affinity=sticky, key=key)
         if self.notices.applies(record):
             deadline = ticket.enqueued_at + self.notices.min_wait_s
             if not await self.wait_for_slot(ticket, record, until=deadline):

@@ -55,9 +55,11 @@ class Admission:
         flow: str,
         affinity: str | None = None,
         exclude: frozenset[str] = frozenset(),
+        key: str | None = None,
     ) -> Ticket:
-        """Submit a request; it may be decided at once. Raises QueueFull when there is no room."""
-        ticket = Ticket(model, trio.current_time(), klass, flow, affinity, exclude)
+        """Submit a request; it may be decided at once. Raises QueueFull when there is no room, RateLimited when
+        its key's requests-per-minute limit would hold it longer than the max wait."""
+        ticket = Ticket(model, trio.current_time(), klass, flow, affinity, exclude, key)
         self._wake(self._core.submit(ticket, ticket.enqueued_at))
         return ticket
 

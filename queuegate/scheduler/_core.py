@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from queuegate.errors import GatewayError, QueueFull, ServiceUnavailable, UpstreamError
+from queuegate.scheduler._limits import RateWindows
 
 DEFAULT_CLASSES = ("user", "agent", "batch")
 
@@ -39,6 +40,10 @@ class UpstreamState(enum.Enum):
 
 class ModelUnavailable(ServiceUnavailable):
     code = "model_unavailable"
+
+
+class RateLimited(QueueFull):
+    code = "rate_limit_exceeded"
 
 
 class NoUpstreamLeft(UpstreamError):
@@ -55,6 +60,7 @@ class Ticket:
     flow: str = ""
     affinity: str | None = None  # sticky-chat key
     exclude: frozenset[str] = frozenset()  # upstreams already tried by this request
+    key: str | None = None  # the API key's name, for its requests-per-minute limit
     upstream_id: str | None = None  # set when granted
     rejection: GatewayError | None = None  # set when rejected
     granted_at: float = 0.0
@@ -84,6 +90,8 @@ class Policy:
     affinity_ttl_s: float = 600.0
     affinity_wait_s: float = 0.5
     affinity_max_entries: int = 10_000
+    key_rpm: dict[str, int] = field(default_factory=dict)  # requests per minute per API key (absent: no limit)
+    max_wait_s: float = 600.0  # a request its key's limit would hold longer than this is refused (429)
 
 
 @dataclass(slots=True, eq=False)
@@ -192,6 +200,8 @@ class SchedulerCore:
         self._affinity: dict[tuple[str, str], tuple[str, float]] = {}
         self._holds: dict[Ticket, float] = {}  # tickets waiting for their sticky upstream -> until when
         self._paused: set[str] = set()  # classes an operator paused: their requests wait
+        self._limits = RateWindows(self.policy.key_rpm)
+        self._waiting_by_key: Counter[str] = Counter()  # waiting requests per rate-limited key
 
     # -- events -------------------------------------------------------------------------------------------------
 
@@ -208,6 +218,15 @@ class SchedulerCore:
         if (self._waiting >= self.max_queue or model_full) and (model.waiting or not self._has_free_slot(model)):
             limit = model.max_queue if model_full else self.max_queue
             raise QueueFull(f"the queue is full ({limit} requests waiting); retry later", retry_after_s=1)
+        if self._limits.limited(ticket.key):
+            assert ticket.key is not None
+            slot_at = self._limits.slot_at(ticket.key, self._waiting_by_key[ticket.key], now)
+            if slot_at - now > self.policy.max_wait_s:
+                raise RateLimited(
+                    f"key {ticket.key!r} is over its requests-per-minute limit for longer than the queue's max wait",
+                    retry_after_s=max(1, round(self._limits.allowed_at(ticket.key, now) - now)),
+                )
+            self._waiting_by_key[ticket.key] += 1
         queue = model.classes[self._rank[ticket.klass]]
         queue.flows.setdefault(ticket.flow, {})[ticket] = None
         queue.arrivals[ticket] = None
@@ -263,8 +282,9 @@ class SchedulerCore:
 
     def set_policy(self, policy: Policy, now: float) -> list[Ticket]:
         """Take new policy knobs (a config reload). The classes and per-model bounds must stay as they are."""
-        if tuple(policy.classes) != tuple(self.policy.classes) or policy.model_max_queue != self.policy.model_max_queue:
-            raise ValueError("classes and per-model queue bounds change only with a restart")
+        fixed = ("classes", "model_max_queue", "key_rpm")
+        if any(getattr(policy, name) != getattr(self.policy, name) for name in fixed):
+            raise ValueError("classes, per-model queue bounds and key limits change only with a restart")
         self.policy, self.max_queue = policy, policy.max_queue
         decided = []
         for model in self._models.values():
@@ -314,6 +334,12 @@ class SchedulerCore:
         while model.waiting and self._has_free_slot(model):
             placed = False  # stays False when only paused classes or held sticky chats wait
             for ticket in self._candidates(model, now):
+                if self._limits.limited(ticket.key):
+                    assert ticket.key is not None
+                    allowed_at = self._limits.allowed_at(ticket.key, now)
+                    if allowed_at > now:
+                        self._holds[ticket] = allowed_at  # its key's window: others go first
+                        continue
                 slot = self._choose(model, ticket, now)
                 if slot is not None:
                     self._grant(model, ticket, slot, now)
@@ -373,6 +399,9 @@ class SchedulerCore:
 
     def _grant(self, model: _Model, ticket: Ticket, slot: _Upstream, now: float) -> None:
         self._unqueue(model, ticket, rotate=True)
+        if self._limits.limited(ticket.key):
+            assert ticket.key is not None
+            self._limits.record(ticket.key, now)
         model.next_turn = (model.upstreams.index(slot) + 1) % len(model.upstreams)
         slot.in_flight += 1
         self._in_service += 1
@@ -397,6 +426,9 @@ class SchedulerCore:
         self._holds.pop(ticket, None)
         model.waiting -= 1
         self._waiting -= 1
+        if self._limits.limited(ticket.key):
+            assert ticket.key is not None
+            _decrement(self._waiting_by_key, ticket.key)
 
     def _has_free_slot(self, model: _Model) -> bool:
         return any(s.takes_requests for s in model.upstreams)
