@@ -359,3 +359,26 @@ async def test_reused_connection_closed_by_upstream_is_retried_on_a_fresh_one(st
         await in_thread(lambda: chat(gw.client(), max_tokens=1))
     assert len(answered) == 3 and len(dropped) == 2
     assert gw.stats().models[0].upstreams[0].state == "ready"
+
+
+async def test_stream_usage_is_counted_and_hidden_from_clients_that_did_not_ask(start_sim, start_gateway, caplog):
+    caplog.set_level("INFO", logger="queuegate")
+    sim, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url], "kind": "llamacpp"}})
+    client = gw.client()
+    messages = [{"role": "user", "content": "hi"}]
+    plain = await in_thread(
+        lambda: list(client.chat.completions.create(model="m", messages=messages, max_tokens=5, stream=True))
+    )
+    assert sim.stats.received[-1].body["stream_options"] == {"include_usage": True}  # asked upstream...
+    assert plain and all(c.choices and c.usage is None for c in plain)  # ...and kept from this client
+    asked = await in_thread(
+        lambda: list(
+            client.chat.completions.create(
+                model="m", messages=messages, max_tokens=5, stream=True, stream_options={"include_usage": True}
+            )
+        )
+    )
+    assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 5  # a client that asked gets it
+    logged = [r.fields for r in caplog.records if r.getMessage() == "request"]
+    assert [f["completion_tokens"] for f in logged] == [5, 5]  # both counted

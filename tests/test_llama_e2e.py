@@ -71,6 +71,11 @@ async def test_chat_stream_and_non_stream_via_openai_client(llama_gateway):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text and len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    # Without stream_options the client gets no usage chunk (QueueGate asks llama-server for it and keeps it).
+    plain = await in_thread(
+        lambda: list(client.chat.completions.create(model="gemma", messages=messages, max_tokens=6, stream=True))
+    )
+    assert plain and all(c.choices and c.usage is None for c in plain)
 
     completion = await in_thread(lambda: client.completions.create(model="gemma", prompt="The sky is", max_tokens=4))
     assert completion.choices[0].text

@@ -16,19 +16,20 @@ class KindProfile:
     health_path: str  # relative to the server root (the base URL without its trailing /v1); "" = no health check
     endpoints: frozenset[str]
     loading_statuses: frozenset[int]  # health statuses that mean "up, still loading the model"
+    stream_usage: bool = False  # honours stream_options.include_usage (QueueGate asks for usage on every stream)
 
 
 PROFILES: dict[str, KindProfile] = {
     p.name: p
     for p in (
-        KindProfile("llamacpp", "/health", ALL_ENDPOINTS, frozenset({503})),
-        KindProfile("vllm", "/health", ALL_ENDPOINTS, frozenset()),
-        KindProfile("sglang", "/health", ALL_ENDPOINTS, frozenset()),
+        KindProfile("llamacpp", "/health", ALL_ENDPOINTS, frozenset({503}), stream_usage=True),
+        KindProfile("vllm", "/health", ALL_ENDPOINTS, frozenset(), stream_usage=True),
+        KindProfile("sglang", "/health", ALL_ENDPOINTS, frozenset(), stream_usage=True),
         KindProfile("ollama", "/api/version", ALL_ENDPOINTS, frozenset()),
         # Text Generation Inference serves chat and completions through its Messages API; no embeddings.
         KindProfile("tgi", "/health", frozenset({"chat", "completions"}), frozenset({503})),
         KindProfile("localai", "/readyz", ALL_ENDPOINTS, frozenset({503})),
         KindProfile("lmstudio", "/v1/models", ALL_ENDPOINTS, frozenset()),
-        KindProfile("openai", "/v1/models", ALL_ENDPOINTS, frozenset()),
+        KindProfile("openai", "/v1/models", ALL_ENDPOINTS, frozenset(), stream_usage=True),
     )
 }

@@ -81,7 +81,13 @@ class Proxy:
         KeyRing.check_model(record.key, spec.name)
         record.model = spec.name
         record.stream = body.get("stream") is True
-        payload = msgspec.json.encode({**spec.defaults, **body, "model": spec.upstream_model})
+        upstream_body = {**spec.defaults, **body, "model": spec.upstream_model}
+        if record.stream and spec.kind.stream_usage and record.endpoint != "embeddings" and not _asks_usage(body):
+            # Count the tokens of every stream: ask for the usage chunk, and keep it from the client who did not.
+            options = body.get("stream_options")
+            upstream_body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            record.usage_injected = True
+        payload = msgspec.json.encode(upstream_body)
         sticky = chat_key(headers, self._chat_header, body) if len(spec.upstreams) > 1 else None
         key = record.key.name if record.key else None
         ticket = self._admission.enqueue(spec.name, klass=record.klass, flow=record.flow, affinity=sticky, key=key)
@@ -168,7 +174,14 @@ class Proxy:
                 if first is None or not looks_like_sse(first):
                     raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream", unreachable=False)
                 record.first_token_at = trio.current_time()
-                relay = RelayStream(first, events, response, record, lambda: self._admission.release(ticket))
+                relay = RelayStream(
+                    first,
+                    events,
+                    response,
+                    record,
+                    lambda: self._admission.release(ticket),
+                    strip_usage=record.usage_injected,
+                )
                 handed_over = True
                 return Reply(200, {**SSE_HEADERS, "content-type": content_type}, relay)
             body = await self._forwarder.read_body(response, deadline)
@@ -185,6 +198,11 @@ class Proxy:
                 if response is not None:
                     await close_response(response)
                 self._admission.release(ticket)
+
+
+def _asks_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:

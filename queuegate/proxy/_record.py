@@ -35,6 +35,7 @@ class RequestRecord:
     model: str | None = None
     upstream: str | None = None
     stream: bool = False
+    usage_injected: bool = False  # QueueGate asked the upstream for the stream's usage chunk (and hides it)
     queue_s: float = 0.0  # all time spent queued, retries included
     upstream_started_at: float | None = None  # when the (last) attempt was sent upstream
     first_token_at: float | None = None  # when its first event (stream) or its whole body arrived

@@ -8,7 +8,9 @@ until `aclose()`, which is idempotent and safe inside a cancelled scope.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -24,6 +26,14 @@ TAIL_BYTES = 8192
 
 class _UsageCarrier(msgspec.Struct):
     usage: Usage | None = None
+
+
+class _UsageChunk(msgspec.Struct):
+    choices: list[Any] | None = None
+    usage: Usage | None = None
+
+
+_EVENT_SPLIT = re.compile(rb"(\r?\n\r?\n)")
 
 
 def split_complete_events(buffer: bytes) -> tuple[bytes, bytes]:
@@ -49,6 +59,26 @@ def usage_from_events(block: bytes) -> Usage | None:
         if usage is not None:
             return usage
     return None
+
+
+def without_usage_chunk(block: bytes) -> bytes:
+    """`block` without the stream's usage-only event (`"choices": []` with `usage`): the one QueueGate asked the
+    upstream for on the client's behalf (`stream_options.include_usage`) when the client did not."""
+    if b'"usage"' not in block:
+        return block
+    parts = _EVENT_SPLIT.split(block)  # event, separator, event, separator, ..., rest
+    kept = []
+    for i in range(0, len(parts), 2):
+        event, separator = parts[i], parts[i + 1] if i + 1 < len(parts) else b""
+        if b'"usage"' in event:
+            try:
+                chunk = msgspec.json.decode(event.strip().removeprefix(b"data:").strip(), type=_UsageChunk)
+            except msgspec.DecodeError:
+                chunk = None
+            if chunk is not None and chunk.choices == [] and chunk.usage is not None:
+                continue
+        kept.append(event + separator)
+    return b"".join(kept)
 
 
 class EventReader:
@@ -83,8 +113,11 @@ class RelayStream:
         response: UpstreamResponse,
         record: RequestRecord,
         release: Callable[[], None],
+        *,
+        strip_usage: bool = False,
     ) -> None:
-        self._next: bytes | None = first
+        self._strip_usage = strip_usage  # QueueGate asked for the usage chunk; the client did not
+        self._next: bytes | None = without_usage_chunk(first) if strip_usage else first
         self._events = events
         self._response = response
         self._record = record
@@ -99,23 +132,27 @@ class RelayStream:
     async def __anext__(self) -> bytes:
         if self._next is not None:
             first, self._next = self._next, None
-            return first
-        if self._ended:
-            raise StopAsyncIteration
-        try:
-            block = await self._events.next_events()
-        except GatewayError as exc:
-            # Bytes already reached the client, so the status is sent: end with an error event instead.
-            self._ended = True
-            self._record.error = exc.message
-            return b"data: " + exc.body() + b"\n\n"
-        if block is None:
-            self._ended = True
-            raise StopAsyncIteration
-        # Keep the last few events: the usage chunk may come in the block before `data: [DONE]`.
-        self._tail = (self._tail + block)[-TAIL_BYTES:]
-        self._record.chunks += block.count(b"data: ")
-        return block
+            if first:
+                return first
+        while not self._ended:
+            try:
+                block = await self._events.next_events()
+            except GatewayError as exc:
+                # Bytes already reached the client, so the status is sent: end with an error event instead.
+                self._ended = True
+                self._record.error = exc.message
+                return b"data: " + exc.body() + b"\n\n"
+            if block is None:
+                self._ended = True
+                break
+            # Keep the last few events: the usage chunk may come in the block before `data: [DONE]`.
+            self._tail = (self._tail + block)[-TAIL_BYTES:]
+            if self._strip_usage:
+                block = without_usage_chunk(block)
+            self._record.chunks += block.count(b"data: ")
+            if block:  # (a block that was only the usage chunk is not sent at all)
+                return block
+        raise StopAsyncIteration
 
     async def aclose(self) -> None:
         """Close the upstream, give back the slot, log the request. Called on every exit, cancelled or not."""
