@@ -382,3 +382,26 @@ async def test_stream_usage_is_counted_and_hidden_from_clients_that_did_not_ask(
     assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 5  # a client that asked gets it
     logged = [r.fields for r in caplog.records if r.getMessage() == "request"]
     assert [f["completion_tokens"] for f in logged] == [5, 5]  # both counted
+
+
+async def test_an_upstream_429_is_waited_out_before_the_client_sees_anything(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=0)  # simulated: a cloud API's own rate limit, Retry-After: 1
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    sim.set_fault("status_429")
+
+    async def lift_the_limit() -> None:
+        await trio.sleep(1.5)
+        sim.set_fault(None)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lift_the_limit)
+        started = trio.current_time()
+        answer = await in_thread(lambda: chat(gw.client(), content="patient", max_tokens=1))
+    assert answer.choices and trio.current_time() - started >= 1.5
+    assert sim.stats.requests == 3  # 429, 429 (each waited 1 s), then served
+
+    sim.set_fault("status_429")  # a limit that does not lift: after three waits the client gets the 429
+    with pytest.raises(openai.RateLimitError) as info:
+        await in_thread(lambda: chat(gw.client(), content="gives up", max_tokens=1))
+    assert info.value.response.headers["retry-after"] == "1"
+    assert sim.stats.requests == 3 + 4

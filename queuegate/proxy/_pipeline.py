@@ -28,6 +28,19 @@ from queuegate.scheduler import Admission, NoUpstreamLeft, QueuePosition, Ticket
 REQUIRED_FIELDS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 UPSTREAM_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 ERROR_BODY_LIMIT = 64 * 1024
+# An upstream's own rate limit (429) is waited out, before any byte reached the client: at most this many times,
+# and only when its Retry-After is this short; otherwise its 429 goes to the client.
+UPSTREAM_BUSY_RETRIES = 3
+UPSTREAM_BUSY_MAX_WAIT_S = 30.0
+
+
+class UpstreamBusy(Exception):
+    """The upstream answered 429: try again after `delay_s`, or give the client `reply`."""
+
+    def __init__(self, delay_s: float | None, reply: Reply) -> None:
+        super().__init__(f"upstream rate limit, retry after {delay_s} s")
+        self.delay_s = delay_s
+        self.reply = reply
 
 
 class _UsageCarrier(msgspec.Struct):
@@ -128,6 +141,7 @@ class Proxy:
         """Wait for the ticket's slot and send; on a failure before any byte, queue again for another upstream."""
         tried: set[str] = set()
         last_failure: GatewayError | None = None
+        busy_retries = 0
         while True:
             try:
                 await self.wait_for_slot(ticket, record)
@@ -138,6 +152,16 @@ class Proxy:
             record.upstream = upstream.id
             try:
                 return await self._attempt(upstream, ticket, record, payload)
+            except UpstreamBusy as busy:
+                if busy.delay_s is None or busy_retries >= UPSTREAM_BUSY_RETRIES:
+                    return busy.reply
+                busy_retries += 1
+                record.retries += 1
+                await trio.sleep(busy.delay_s)  # the slot is free meanwhile; a client leaving cancels this
+                record.queued_before_s = record.queue_s
+                ticket = self._admission.enqueue(
+                    spec.name, klass=record.klass, flow=record.flow, affinity=ticket.affinity, exclude=frozenset(tried)
+                )
             except RetryableFailure as failure:
                 if failure.unreachable:
                     self._on_unreachable(upstream, failure.message)
@@ -192,6 +216,8 @@ class Proxy:
                 except msgspec.DecodeError:
                     raise RetryableFailure(f"upstream {upstream.id} sent invalid JSON", unreachable=False) from None
                 return Reply(200, {"content-type": content_type}, body)
+            if response.status == 429:
+                raise UpstreamBusy(_retry_after_s(response), _client_error_reply(response, body, content_type))
             return _client_error_reply(response, body, content_type)
         finally:
             if not handed_over:
@@ -239,6 +265,16 @@ async def _error_detail(reader: ChunkReader) -> str:
     except (msgspec.DecodeError, KeyError, TypeError):
         pass
     return data[:200].decode("utf-8", "replace") or "(empty body)"
+
+
+def _retry_after_s(response: UpstreamResponse) -> float | None:
+    """The upstream's Retry-After in seconds (1 s when it gives none), or None when it is too long to wait out."""
+    raw = response.header(b"retry-after")
+    try:
+        delay = 1.0 if raw is None else float(raw)
+    except ValueError:
+        return None  # an HTTP date: a long wait, left to the client
+    return delay if 0 <= delay <= UPSTREAM_BUSY_MAX_WAIT_S else None
 
 
 def _client_error_reply(response: UpstreamResponse, body: bytes, content_type: str) -> Reply:
