@@ -304,6 +304,7 @@ async def test_requests_are_listed_and_an_operator_can_cancel_them(start_sim, st
     with trio.fail_after(5):
         while sim.stats.disconnects < 1:  # and the upstream was closed
             await trio.sleep(0.01)
+
     def logged() -> dict:
         return {r.fields["rid"]: r.fields for r in caplog.records if r.getMessage() == "request"}
 

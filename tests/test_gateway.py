@@ -380,6 +380,7 @@ async def test_stream_usage_is_counted_and_hidden_from_clients_that_did_not_ask(
         )
     )
     assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 5  # a client that asked gets it
+
     def counted() -> list[int]:  # a stream's line is written as the gateway closes it, just after the last byte
         return [r.fields["completion_tokens"] for r in caplog.records if r.getMessage() == "request"]
 
