@@ -409,3 +409,18 @@ async def test_an_upstream_429_is_waited_out_before_the_client_sees_anything(sta
         await in_thread(lambda: chat(gw.client(), content="gives up", max_tokens=1))
     assert info.value.response.headers["retry-after"] == "1"
     assert sim.stats.requests == 3 + 4
+
+
+async def test_the_session_route_names_the_flow(start_sim, start_gateway, caplog):
+    caplog.set_level("INFO", logger="queuegate")
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    session_client = openai.OpenAI(base_url=gw.api + "/session/research-42", api_key="unused", max_retries=0)
+    answer = await in_thread(lambda: chat(session_client, content="hi", max_tokens=1))
+    assert answer.choices
+    await in_thread(lambda: chat(gw.client(default_headers={"X-Session-Id": "sess-7"}), content="hi", max_tokens=1))
+    async with httpx.AsyncClient() as http:
+        bad = await http.post(gw.api + "/session/no spaces!/chat/completions", json={"model": "m"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "session_id"
+    flows = [r.fields["flow"] for r in caplog.records if r.getMessage() == "request"]
+    assert flows == ["session:research-42", "session:sess-7"]

@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 from queuegate.auth import KeyRing
 from queuegate.config import ServerConfig
 from queuegate.errors import (
+    BadRequest,
     GatewayError,
     MethodNotAllowed,
     NotFound,
@@ -44,6 +45,7 @@ from queuegate.proxy import (
 from queuegate.scheduler import Admission
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CLEANUP_KEY = "queuegate.cleanup"
 REQUEST_SCOPE_KEY = "queuegate.request_scope"
 
@@ -94,7 +96,7 @@ def create_app(
     )
     created = int(time.time())
 
-    async def relay(endpoint: str, route_class: str = "user") -> Response:
+    async def relay(endpoint: str, route_class: str = "user", session: str | None = None) -> Response:
         request_id = _request_id(request.headers.get("x-request-id"))
         client = request.remote_addr or ""
         record = RequestRecord(request_id, endpoint, client=client, on_finish=metrics.observe)
@@ -111,7 +113,9 @@ def create_app(
                 key_class = key.klass if key else None
                 record.klass = request_class(route_class, request.headers.get("x-priority"), classes, key_class)
                 record.flow = request_flow(
-                    key_name=key.name if key else None, session=request.headers.get("x-session-id"), client=client
+                    key_name=key.name if key else None,
+                    session=session or _session_id(request.headers.get("x-session-id")),
+                    client=client,
                 )
                 reply = await proxy.handle(record, await _read_body(), request.headers)
             except GatewayError as exc:
@@ -144,6 +148,14 @@ def create_app(
     @app.post("/v1/agent/chat/completions")
     async def agent_chat_completions() -> Response:
         return await relay("chat", "agent")
+
+    @app.post("/v1/session/<session_id>/chat/completions")
+    async def session_chat_completions(session_id: str) -> Response:
+        # The session named in the path (as `X-Session-Id` on the other routes) is the request's flow.
+        if not _SESSION_ID.match(session_id):
+            error = BadRequest("a session id may use letters, digits and . _ : - (at most 128)", param="session_id")
+            return _error_response(error, _request_id(request.headers.get("x-request-id")))
+        return await relay("chat", session=session_id)
 
     @app.post("/v1/completions")
     async def completions() -> Response:
@@ -244,6 +256,11 @@ def _from_http_exception(exc: HTTPException) -> GatewayError:
     if code == 408:
         return RequestTimeout("the request body did not arrive in time")
     return GatewayError(exc.description or exc.name, status=code)
+
+
+def _session_id(supplied: str | None) -> str | None:
+    """The client's X-Session-Id when it is a sane token (else none: the flow falls back to the client address)."""
+    return supplied if supplied and _SESSION_ID.match(supplied) else None
 
 
 def _request_id(supplied: str | None) -> str:
