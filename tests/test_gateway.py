@@ -424,3 +424,21 @@ async def test_the_session_route_names_the_flow(start_sim, start_gateway, caplog
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "session_id"
     flows = [r.fields["flow"] for r in caplog.records if r.getMessage() == "request"]
     assert flows == ["session:research-42", "session:sess-7"]
+
+
+async def test_streams_from_a_backend_without_usage_are_counted_approximately(start_sim, start_gateway, caplog):
+    caplog.set_level("INFO", logger="queuegate")
+    sim, url = await start_sim(tokens_per_s=0)  # as kind "tgi": QueueGate does not ask it for a usage chunk
+    gw = await start_gateway({"m": {"upstreams": [url], "kind": "tgi"}})
+    messages = [{"role": "user", "content": "x" * 40}]
+    await in_thread(
+        lambda: list(gw.client().chat.completions.create(model="m", messages=messages, max_tokens=5, stream=True))
+    )
+    assert "stream_options" not in sim.stats.received[-1].body
+
+    def logged() -> list[dict]:
+        return [r.fields for r in caplog.records if r.getMessage() == "request"]
+
+    await wait_until(lambda: len(logged()) == 1)
+    line = logged()[0]
+    assert (line["prompt_tokens"], line["completion_tokens"], line["tokens_estimated"]) == (10, 5, True)

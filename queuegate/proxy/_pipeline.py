@@ -94,6 +94,7 @@ class Proxy:
         KeyRing.check_model(record.key, spec.name)
         record.model = spec.name
         record.stream = body.get("stream") is True
+        record.prompt_chars = prompt_chars(body)
         upstream_body = {**spec.defaults, **body, "model": spec.upstream_model}
         if record.stream and spec.kind.stream_usage and record.endpoint != "embeddings" and not _asks_usage(body):
             # Count the tokens of every stream: ask for the usage chunk, and keep it from the client who did not.
@@ -224,6 +225,21 @@ class Proxy:
                 if response is not None:
                     await close_response(response)
                 self._admission.release(ticket)
+
+
+def prompt_chars(body: dict[str, Any]) -> int:
+    """Characters of prompt text in a chat or completion request (for a token estimate)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return len(prompt)
+    total = 0
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+    return total
 
 
 def _asks_usage(body: dict[str, Any]) -> bool:

@@ -21,6 +21,7 @@ class Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    estimated: bool = False  # counted by QueueGate: the backend reported none
 
 
 @dataclass(slots=True)
@@ -41,7 +42,8 @@ class RequestRecord:
     first_token_at: float | None = None  # when its first event (stream) or its whole body arrived
     queued_before_s: float = 0.0  # queue time of earlier attempts (before a retry)
     retries: int = 0
-    chunks: int = 0  # stream events relayed to the client
+    prompt_chars: int = 0  # length of the prompt's text, for an estimate when the backend reports no usage
+    chunks: int = 0  # stream events relayed to the client (not counting `data: [DONE]`)
     usage: Usage | None = None
     error: str | None = None
     cancelled: bool = False  # by an operator (admin socket), whatever the exit path then says
@@ -76,6 +78,7 @@ class RequestRecord:
                     "retries": self.retries or None,
                     "prompt_tokens": usage.prompt_tokens if usage else None,
                     "completion_tokens": usage.completion_tokens if usage else None,
+                    "tokens_estimated": True if usage and usage.estimated else None,
                     "client": self.client or None,
                     "error": self.error,
                 }

@@ -81,6 +81,10 @@ def without_usage_chunk(block: bytes) -> bytes:
     return b"".join(kept)
 
 
+def _count_events(block: bytes) -> int:
+    return block.count(b"data: ") - block.count(b"data: [DONE]")
+
+
 class EventReader:
     """Reads whole SSE events from an upstream body."""
 
@@ -118,6 +122,7 @@ class RelayStream:
     ) -> None:
         self._strip_usage = strip_usage  # QueueGate asked for the usage chunk; the client did not
         self._next: bytes | None = without_usage_chunk(first) if strip_usage else first
+        record.chunks += _count_events(self._next)
         self._events = events
         self._response = response
         self._record = record
@@ -149,10 +154,16 @@ class RelayStream:
             self._tail = (self._tail + block)[-TAIL_BYTES:]
             if self._strip_usage:
                 block = without_usage_chunk(block)
-            self._record.chunks += block.count(b"data: ")
+            self._record.chunks += _count_events(block)
             if block:  # (a block that was only the usage chunk is not sent at all)
                 return block
         raise StopAsyncIteration
+
+    def _estimated_usage(self) -> Usage:
+        """The backend reported no usage: about one token per content event, and four characters per prompt token."""
+        prompt = -(-self._record.prompt_chars // 4)
+        completion = max(0, self._record.chunks - 1)  # the last event carries the finish reason, not a token
+        return Usage(prompt, completion, prompt + completion, estimated=True)
 
     async def aclose(self) -> None:
         """Close the upstream, give back the slot, log the request. Called on every exit, cancelled or not."""
@@ -167,5 +178,5 @@ class RelayStream:
                 self._record.finish(CLIENT_CLOSED, error="client closed the stream")
             else:
                 if self._record.error is None:
-                    self._record.usage = usage_from_events(self._tail)
+                    self._record.usage = usage_from_events(self._tail) or self._estimated_usage()
                 self._record.finish(200)
