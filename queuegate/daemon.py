@@ -50,8 +50,7 @@ class Daemon:
         self.catalog = Catalog.from_config(config)
         self.config_path = config_path
         self.admission = Admission(
-            SchedulerCore([(u.id, u.model, u.capacity) for u in self.catalog.upstreams.values()], _policy(config)),
-            max_wait_s=config.queue.max_wait_s,
+            SchedulerCore([(u.id, u.model, u.capacity) for u in self.catalog.upstreams.values()], _policy(config))
         )
         self.proxy: Proxy | None = None  # built in `run`, with the fleet
         self.launchers = _launchers(config, self.catalog)
@@ -163,7 +162,7 @@ class Daemon:
         plan = plan_reload(self.config, load_config(self.config_path))
         if plan.applied:
             live = self.config = plan.live
-            self.admission.set_policy(_policy(live), max_wait_s=live.queue.max_wait_s)
+            self.admission.set_policy(_policy(live))
             if self.proxy is not None:
                 self.proxy.notices = _notice_policy(live)
             if self.fleet is not None:

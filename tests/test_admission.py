@@ -17,9 +17,9 @@ async def acquire(admission: Admission, **identity) -> Ticket:
 
 
 def one_slot_admission(**policy) -> Admission:
-    core = SchedulerCore([("m#0", "m", 1)], Policy(**policy))
+    core = SchedulerCore([("m#0", "m", 1)], Policy(**{"max_wait_s": 60, **policy}))
     core.set_upstream_state("m#0", UpstreamState.READY, "test", 0.0)
-    return Admission(core, max_wait_s=60)
+    return Admission(core)
 
 
 @pytest.mark.parametrize("cancel_first", [True, False])
@@ -63,10 +63,10 @@ async def test_max_wait_withdraws_and_raises_503(autojump_clock):
 
 
 async def test_sticky_wait_expiry_is_ticked_by_the_run_task(autojump_clock):
-    core = SchedulerCore([("m#0", "m", 1), ("m#1", "m", 1)], Policy(affinity_wait_s=0.5))
+    core = SchedulerCore([("m#0", "m", 1), ("m#1", "m", 1)], Policy(affinity_wait_s=0.5, max_wait_s=60))
     for uid in ("m#0", "m#1"):
         core.set_upstream_state(uid, UpstreamState.READY, "test", 0.0)
-    admission = Admission(core, max_wait_s=60)
+    admission = Admission(core)
     async with trio.open_nursery() as nursery:
         await nursery.start(admission.run)
         first = await acquire(admission, klass="user", flow="a", affinity="chat")

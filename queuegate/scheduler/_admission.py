@@ -29,9 +29,9 @@ class QueueTimeout(ServiceUnavailable):
 
 
 class Admission:
-    def __init__(self, core: SchedulerCore, *, max_wait_s: float) -> None:
+    def __init__(self, core: SchedulerCore) -> None:
+        """The longest a request may wait is the core's `policy.max_wait_s`."""
         self._core = core
-        self._max_wait_s = max_wait_s
         self._wakeups: dict[Ticket, trio.Event] = {}
         self._timer_changed = trio.Event()
         self._armed_at: float | None = None  # the wake-up time `run` sleeps until
@@ -68,7 +68,8 @@ class Admission:
 
         Raises the ticket's rejection, or QueueTimeout. Cancellation (client gone) withdraws the ticket.
         """
-        deadline = ticket.enqueued_at + self._max_wait_s
+        max_wait_s = self._core.policy.max_wait_s
+        deadline = ticket.enqueued_at + max_wait_s
         if not ticket.decided:
             wakeup = self._wakeups[ticket] = trio.Event()
             try:
@@ -86,7 +87,7 @@ class Admission:
         if trio.current_time() < deadline:
             return False
         self.withdraw(ticket)
-        raise QueueTimeout(f"waited {self._max_wait_s:g} s in the queue for model {ticket.model!r}", retry_after_s=5)
+        raise QueueTimeout(f"waited {max_wait_s:g} s in the queue for model {ticket.model!r}", retry_after_s=5)
 
     def withdraw(self, ticket: Ticket) -> None:
         """Forget a waiting ticket or give back its slot (idempotent)."""
@@ -109,9 +110,8 @@ class Admission:
     def set_upstream_state(self, upstream_id: str, state: UpstreamState, reason: str) -> None:
         self._wake(self._core.set_upstream_state(upstream_id, state, reason, trio.current_time()))
 
-    def set_policy(self, policy: Policy, *, max_wait_s: float) -> None:
+    def set_policy(self, policy: Policy) -> None:
         """New policy knobs from a config reload; requests already waiting keep the max wait they started with."""
-        self._max_wait_s = max_wait_s
         self._wake(self._core.set_policy(policy, trio.current_time()))
 
     def set_drained(self, upstream_id: str, drained: bool) -> None:
@@ -121,9 +121,6 @@ class Admission:
     def set_paused(self, klass: str, paused: bool) -> None:
         """ValueError: no such class."""
         self._wake(self._core.set_paused(klass, paused, trio.current_time()))
-
-    def is_servable(self, model: str) -> bool:
-        return self._core.is_servable(model)
 
     def statistics(self) -> SchedulerStatistics:
         return self._core.statistics(trio.current_time())

@@ -91,7 +91,7 @@ class Policy:
     affinity_wait_s: float = 0.5
     affinity_max_entries: int = 10_000
     key_rpm: dict[str, int] = field(default_factory=dict)  # requests per minute per API key (absent: no limit)
-    max_wait_s: float = 600.0  # a request its key's limit would hold longer than this is refused (429)
+    max_wait_s: float = 600.0  # the longest a request waits (503), or its key's limit may hold it (else 429)
 
 
 @dataclass(slots=True, eq=False)
@@ -476,9 +476,6 @@ class SchedulerCore:
             rank = self._rank[heads[0].klass]
             result[name] = Demand(model.waiting, in_flight, rank, min(t.enqueued_at for t in heads), serving)
         return result
-
-    def is_servable(self, model: str) -> bool:
-        return any(slot.state is UpstreamState.READY for slot in self._models[model].upstreams)
 
     def position(self, ticket: Ticket) -> QueuePosition | None:
         """Where a waiting ticket stands (approximately, under the round-robin) and when it may be served."""
