@@ -42,7 +42,7 @@ from queuegate.proxy import (
     request_class,
     request_flow,
 )
-from queuegate.scheduler import Admission
+from queuegate.scheduler import Admission, SchedulerStatistics
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -165,12 +165,12 @@ def create_app(
     async def embeddings() -> Response:
         return await relay("embeddings")
 
-    def model_states() -> dict[str, tuple[str, bool]]:
+    def model_states(stats: SchedulerStatistics) -> dict[str, tuple[str, bool]]:
         """Each model's state ("ready", "stopped", "starting", ... or for external ones their upstreams' best) and
         whether it can take requests (now, or after loading on demand)."""
         planned = {m.name: m.state for m in fleet.statistics().models}
         states = {}
-        for model in admission.statistics().models:
+        for model in stats.models:
             upstreams = {u.state for u in model.upstreams}
             if catalog.models[model.name].launch is not None:
                 state = planned[model.name]
@@ -186,7 +186,7 @@ def create_app(
             key = keyring.authenticate(request.headers)
         except GatewayError as exc:
             return _error_response(exc, _request_id(request.headers.get("x-request-id")))
-        states = model_states()
+        states = model_states(admission.statistics())
         data = []
         for name in catalog.public_names():
             spec = catalog.resolve(name)
@@ -218,12 +218,13 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> Response:
         """Ready when some model can take requests: loaded, or managed and loadable on demand."""
-        states = model_states()
+        stats = admission.statistics()
+        states = model_states(stats)
         models = []
-        for model in admission.statistics().models:
+        for model in stats.models:
             state, available = states[model.name]
             entry: dict[str, Any] = {"name": model.name, "ready": available, "loaded": state == "ready"}
-            if not available or state != "ready":
+            if state != "ready":
                 entry["reason"] = "; ".join(f"{u.id}: {u.state} ({u.reason})" for u in model.upstreams)
             models.append(entry)
         ok = any(m["ready"] for m in models)

@@ -81,10 +81,6 @@ class Fleet:
         self._recheck: dict[str, trio.Event] = {}
         self._subscribers: set[trio.MemorySendChannel[Transition]] = set()
 
-    @property
-    def managed(self) -> list[str]:
-        return list(self._launchers)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Publish every model's initial state, launch the preloads, then follow the queue until cancelled."""
         async with trio.open_nursery() as nursery:
@@ -157,9 +153,7 @@ class Fleet:
 
     def _publish(self) -> None:
         for transition in self._planner.take_transitions():
-            model = self._catalog.models[transition.model]
-            if model.launch is None:
-                continue
+            model = self._catalog.models[transition.model]  # always a managed one: external models never move
             state = _UPSTREAM_STATE.get(transition.state, UpstreamState.LOADING)
             name = transition.state.value
             reason = name if transition.reason == name else f"{name}: {transition.reason}"
