@@ -34,6 +34,27 @@ class AdminError(Exception):
     """The daemon refused the request; the message says why."""
 
 
+def parse_reply(line: bytes | None, path: Path) -> Reply:
+    """A line read from the daemon (None or empty: the connection ended) as a reply."""
+    if not line:
+        raise AdminUnavailable(f"the daemon at {path} closed the connection")
+    return reply_decoder.decode(line)
+
+
+def check_hello(reply: Reply, path: Path) -> Hello:
+    """The daemon's greeting, if it speaks this protocol version."""
+    if not isinstance(reply, Hello) or reply.version != PROTOCOL_VERSION:
+        raise AdminUnavailable(f"the daemon at {path} speaks another admin protocol ({reply!r})")
+    return reply
+
+
+def result(reply: Reply) -> Reply:
+    """A request's reply, or AdminError with the reason the daemon gave."""
+    if isinstance(reply, Error):
+        raise AdminError(reply.message)
+    return reply
+
+
 class AdminClient:
     """One connection. Use as `async with AdminClient(path) as client:`; requests go one at a time."""
 
@@ -49,11 +70,11 @@ class AdminClient:
         except OSError as exc:
             raise AdminUnavailable(f"no QueueGate daemon at {self.path}: {exc.strerror or exc}") from None
         self._lines = LineStream(stream)
-        hello = await self._receive()
-        if not isinstance(hello, Hello) or hello.version != PROTOCOL_VERSION:
+        try:
+            self.daemon_pid = check_hello(await self._receive(), self.path).pid
+        except AdminUnavailable:
             await stream.aclose()
-            raise AdminUnavailable(f"the daemon at {self.path} speaks another admin protocol ({hello!r})")
-        self.daemon_pid = hello.pid
+            raise
         return self
 
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
@@ -71,10 +92,7 @@ class AdminClient:
         while True:
             reply = await self._receive()
             if reply.id == message.id:
-                break
-        if isinstance(reply, Error):
-            raise AdminError(reply.message)
-        return reply
+                return result(reply)
 
     async def status(self) -> DaemonStatus:
         reply = await self.request(Status())
@@ -97,6 +115,4 @@ class AdminClient:
             line = await self._lines.receive_line()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise AdminUnavailable(f"lost the daemon at {self.path}: {exc}") from None
-        if line is None:
-            raise AdminUnavailable(f"the daemon at {self.path} closed the connection")
-        return reply_decoder.decode(line)
+        return parse_reply(line, self.path)

@@ -13,20 +13,16 @@ from typing import Protocol
 
 import msgspec
 
-from queuegate.admin.client import AdminError, AdminUnavailable
+from queuegate.admin.client import AdminUnavailable, check_hello, parse_reply, result
 from queuegate.admin.protocol import (
     MAX_LINE_BYTES,
-    PROTOCOL_VERSION,
     DaemonStatus,
-    Error,
-    Hello,
     Ok,
     Reply,
     Request,
     Snapshot,
     Subscribe,
     encode_line,
-    reply_decoder,
 )
 
 
@@ -70,20 +66,20 @@ class SocketSource:
                     break
         finally:
             writer.close()
-        if isinstance(reply, Error):
-            raise AdminError(reply.message)
-        assert isinstance(reply, Ok)
-        return reply.message
+        done = result(reply)
+        assert isinstance(done, Ok)
+        return done.message
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
             reader, writer = await asyncio.open_unix_connection(str(self.path), limit=MAX_LINE_BYTES * 64)
         except OSError as exc:
             raise AdminUnavailable(f"no QueueGate daemon at {self.path}: {exc.strerror or exc}") from None
-        hello = await self._receive(reader)
-        if not isinstance(hello, Hello) or hello.version != PROTOCOL_VERSION:
+        try:
+            check_hello(await self._receive(reader), self.path)
+        except AdminUnavailable:
             writer.close()
-            raise AdminUnavailable(f"the daemon at {self.path} speaks another admin protocol")
+            raise
         return reader, writer
 
     async def _receive(self, reader: asyncio.StreamReader) -> Reply:
@@ -91,6 +87,4 @@ class SocketSource:
             line = await reader.readline()
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             raise AdminUnavailable(f"lost the daemon at {self.path}: {exc}") from None
-        if not line:
-            raise AdminUnavailable(f"the daemon at {self.path} closed the connection")
-        return reply_decoder.decode(line)
+        return parse_reply(line, self.path)
