@@ -124,6 +124,8 @@ class ModelConfig(_Section):
     api_key_env: str | None = None
     max_concurrency: PositiveInt = 4
     max_queue: PositiveInt | None = None
+    rpm: PositiveInt | None = None  # each upstream's own requests-per-minute limit (cloud APIs); requests wait
+    tpm: PositiveInt | None = None  # each upstream's own tokens-per-minute limit
     health_path: str | None = None
     endpoints: list[Endpoint] | None = None
     aliases: list[str] = []
@@ -138,6 +140,7 @@ class KeyConfig(_Section):
     klass: str = msgspec.field(default="user", name="class")
     models: list[str] = []  # names or aliases; empty = every model
     rpm: PositiveInt | None = None  # requests per minute; over it, requests wait for the window
+    tpm: PositiveInt | None = None  # tokens (prompt + completion) per minute; the same
 
     def __repr__(self) -> str:  # the secret never reaches a log or an error
         return f"KeyConfig(class={self.klass!r}, models={self.models!r})"

@@ -31,7 +31,7 @@ from queuegate.fleet.process import ChildProcess
 from queuegate.metrics import Metrics
 from queuegate.proxy import ActiveRequests, Forwarder, NoticePolicy, Proxy, Timeouts, UpstreamConnections
 from queuegate.reload import plan_reload
-from queuegate.scheduler import Admission, Policy, SchedulerCore
+from queuegate.scheduler import Admission, Policy, RateLimit, SchedulerCore
 
 log = logging.getLogger("queuegate.daemon")
 
@@ -50,7 +50,9 @@ class Daemon:
         self.catalog = Catalog.from_config(config)
         self.config_path = config_path
         self.admission = Admission(
-            SchedulerCore([(u.id, u.model, u.capacity) for u in self.catalog.upstreams.values()], _policy(config))
+            SchedulerCore(
+                [(u.id, u.model, u.capacity) for u in self.catalog.upstreams.values()], _policy(config, self.catalog)
+            )
         )
         self.proxy: Proxy | None = None  # built in `run`, with the fleet
         self.launchers = _launchers(config, self.catalog)
@@ -162,7 +164,7 @@ class Daemon:
         plan = plan_reload(self.config, load_config(self.config_path))
         if plan.applied:
             live = self.config = plan.live
-            self.admission.set_policy(_policy(live))
+            self.admission.set_policy(_policy(live, self.catalog))
             if self.proxy is not None:
                 self.proxy.notices = _notice_policy(live)
             if self.fleet is not None:
@@ -205,7 +207,7 @@ class Daemon:
         server_scope.cancel()
 
 
-def _policy(config: Config) -> Policy:
+def _policy(config: Config, catalog: Catalog) -> Policy:
     queue, affinity = config.queue, config.affinity
     return Policy(
         classes=tuple(queue.classes),
@@ -214,7 +216,11 @@ def _policy(config: Config) -> Policy:
         model_max_queue={name: m.max_queue for name, m in config.models.items() if m.max_queue is not None},
         affinity_ttl_s=affinity.ttl_s,
         affinity_wait_s=affinity.max_wait_ms / 1000,
-        key_rpm={name: key.rpm for name, key in config.keys.items() if key.rpm is not None},
+        key_limits={name: RateLimit(key.rpm, key.tpm) for name, key in config.keys.items()},
+        upstream_limits={
+            upstream.id: RateLimit(config.models[upstream.model].rpm, config.models[upstream.model].tpm)
+            for upstream in catalog.upstreams.values()
+        },
         max_wait_s=queue.max_wait_s,
     )
 

@@ -11,6 +11,7 @@ from queuegate.scheduler import (
     ModelUnavailable,
     NoUpstreamLeft,
     Policy,
+    RateLimit,
     RateLimited,
     SchedulerCore,
     Ticket,
@@ -314,7 +315,7 @@ def test_invariants_hold_for_any_event_sequence(sequence):
 
 
 def test_a_key_over_its_rpm_waits_for_its_window_while_others_go():
-    core = core_with(("m#0", "m", 10), key_rpm={"k": 2}, max_wait_s=600)
+    core = core_with(("m#0", "m", 10), key_limits={"k": RateLimit(rpm=2)}, max_wait_s=600)
     keyed = [Ticket("m", 0.0, flow="key:k", key="k") for _ in range(4)]
     decided = [t for ticket in keyed for t in core.submit(ticket, 0.0)]
     assert decided == keyed[:2]  # two within the limit go at once
@@ -326,7 +327,7 @@ def test_a_key_over_its_rpm_waits_for_its_window_while_others_go():
 
 
 def test_a_key_whose_limit_would_outlast_the_max_wait_is_refused_with_retry_after():
-    core = core_with(("m#0", "m", 10), key_rpm={"k": 1}, max_wait_s=30)
+    core = core_with(("m#0", "m", 10), key_limits={"k": RateLimit(rpm=1)}, max_wait_s=30)
     first = Ticket("m", 0.0, flow="key:k", key="k")
     assert core.submit(first, 0.0) == [first]
     with pytest.raises(RateLimited) as info:
@@ -336,3 +337,101 @@ def test_a_key_whose_limit_would_outlast_the_max_wait_is_refused_with_retry_afte
     assert core.submit(late, 40.0) == []  # 20 s away: it waits
     core.withdraw(late, 41.0)  # and a withdrawn one frees its place in the key's line
     assert core.submit(Ticket("m", 42.0, flow="key:k", key="k"), 42.0) == []
+
+
+def test_a_key_over_its_tpm_waits_and_its_charge_is_corrected_to_the_real_usage():
+    core = core_with(("m#0", "m", 10), key_limits={"k": RateLimit(tpm=1000)}, max_wait_s=600)
+    big = Ticket("m", 0.0, flow="key:k", key="k", tokens=600)
+    assert core.submit(big, 0.0) == [big]
+    second = Ticket("m", 1.0, flow="key:k", key="k", tokens=600)
+    assert core.submit(second, 1.0) == []  # 600 + 600 > 1000: it waits for the first charge to leave
+    assert core.next_wakeup() == pytest.approx(60.0)
+    # The first request really used 300 tokens: its charge shrinks, and 300 + 600 fits now.
+    assert core.release(big, 2.0, tokens=300) == [second]
+    core.release(second, 3.0, tokens=900)
+    small = Ticket("m", 4.0, flow="key:k", key="k", tokens=50)
+    assert core.submit(small, 4.0) == []  # 300 + 900 used: it waits until the 300 leave at 60
+    assert core.tick(60.0) == [small]
+
+
+def test_a_request_larger_than_the_whole_tpm_goes_once_the_window_is_empty():
+    core = core_with(("m#0", "m", 10), key_limits={"k": RateLimit(tpm=100)}, max_wait_s=600)
+    first = Ticket("m", 0.0, flow="key:k", key="k", tokens=10)
+    assert core.submit(first, 0.0) == [first]
+    huge = Ticket("m", 1.0, flow="key:k", key="k", tokens=5000)
+    assert core.submit(huge, 1.0) == []
+    assert core.tick(60.0) == [huge]  # alone in the window: it never waits forever
+
+
+def test_an_upstream_at_its_own_rate_limit_takes_nothing_until_its_window_has_room():
+    core = core_with(("m#0", "m", 10), upstream_limits={"m#0": RateLimit(rpm=2)}, max_wait_s=600)
+    tickets = [ticket(float(i), flow=f"f{i}") for i in range(3)]
+    decided = [t for t in tickets for t in core.submit(t, t.enqueued_at)]
+    assert decided == tickets[:2]
+    assert core.next_wakeup() == pytest.approx(60.0)  # the model is woken when the first grant leaves the window
+    assert core.tick(59.9) == []
+    assert core.tick(60.0) == [tickets[2]]
+    assert core.next_wakeup() is None
+
+
+def test_requests_spill_to_an_unlimited_upstream_while_the_limited_one_is_at_its_limit():
+    core = core_with(("m#0", "m", 10), ("m#1", "m", 10), upstream_limits={"m#0": RateLimit(rpm=1)}, max_wait_s=600)
+    tickets = [ticket(0.0, flow=f"f{i}") for i in range(4)]
+    for t in tickets:
+        core.submit(t, 0.0)
+    assert [t.upstream_id for t in tickets].count("m#0") == 1
+    assert all(t.upstream_id is not None for t in tickets)
+
+
+def test_upstream_limits_that_would_outlast_the_max_wait_refuse_with_retry_after():
+    core = core_with(("m#0", "m", 10), upstream_limits={"m#0": RateLimit(rpm=1)}, max_wait_s=90)
+    first, second = ticket(0.0, flow="a"), ticket(0.0, flow="b")
+    assert core.submit(first, 0.0) == [first]
+    assert core.submit(second, 0.0) == []  # goes at 60
+    with pytest.raises(RateLimited) as info:
+        core.submit(ticket(0.0, flow="c"), 0.0)  # would go at 120, beyond the 90 s max wait
+    assert info.value.status == 429 and info.value.retry_after_s == 120
+    assert "model 'm'" in info.value.message
+
+
+limit_events = st.lists(
+    st.tuples(st.sampled_from(["submit", "release", "tick"]), st.sampled_from(["a", "b", None]), st.floats(0, 30)),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(limit_events, st.integers(1, 4), st.integers(1, 4))
+def test_no_key_or_upstream_is_ever_granted_more_than_its_rpm_in_any_minute(sequence, key_rpm, upstream_rpm):
+    core = core_with(
+        ("m#0", "m", 3),
+        ("m#1", "m", 3),
+        key_limits={"a": RateLimit(rpm=key_rpm)},
+        upstream_limits={"m#0": RateLimit(rpm=upstream_rpm), "m#1": RateLimit(rpm=upstream_rpm)},
+        max_queue=1000,
+        max_wait_s=10_000,
+    )
+    now = 0.0
+    grants: list[tuple[float, str | None, str]] = []  # (when, key, upstream) of every grant
+    granted: list[Ticket] = []
+
+    def note(decided: list[Ticket]) -> None:
+        for t in decided:
+            if t.upstream_id is not None:
+                grants.append((now, t.key, t.upstream_id))
+                granted.append(t)
+
+    for action, key, step in sequence:
+        now += step
+        if action == "submit":
+            note(core.submit(Ticket("m", now, flow=f"key:{key}", key=key), now))
+        elif action == "release" and granted:
+            note(core.release(granted.pop(0), now))
+        wake = core.next_wakeup()
+        if wake is not None and wake <= now:
+            note(core.tick(now))
+    for start, _, _ in grants:
+        in_window = [(key, upstream) for at, key, upstream in grants if start <= at < start + 60]
+        assert sum(1 for key, _ in in_window if key == "a") <= key_rpm
+        for upstream in ("m#0", "m#1"):
+            assert sum(1 for _, u in in_window if u == upstream) <= upstream_rpm

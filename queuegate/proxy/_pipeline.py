@@ -19,7 +19,7 @@ from queuegate.errors import BadRequest, GatewayError, ModelNotFound, NotSupport
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
 from queuegate.proxy._forwarder import ChunkReader, Forwarder, RetryableFailure, UpstreamResponse, close_response
 from queuegate.proxy._notices import SSE_HEADERS, QueuedStream
-from queuegate.proxy._record import RequestRecord, Usage
+from queuegate.proxy._record import RequestRecord, Usage, tokens_in
 from queuegate.proxy._relay import EventReader, RelayStream, looks_like_sse
 from queuegate.proxy._routing import chat_key
 from queuegate.scheduler import Admission, NoUpstreamLeft, QueuePosition, Ticket
@@ -43,8 +43,11 @@ class UpstreamBusy(Exception):
         self.reply = reply
 
 
-class _UsageCarrier(msgspec.Struct):
+class _Answer(msgspec.Struct):
+    """The parts of a non-streamed answer QueueGate reads: its usage, else its text for an estimate."""
+
     usage: Usage | None = None
+    choices: Any = None
 
 
 @dataclass(slots=True)
@@ -95,6 +98,7 @@ class Proxy:
         record.model = spec.name
         record.stream = body.get("stream") is True
         record.prompt_chars = prompt_chars(body)
+        tokens = request_tokens(body, record.prompt_chars)
         upstream_body = {**spec.defaults, **body, "model": spec.upstream_model}
         if record.stream and spec.kind.stream_usage and record.endpoint != "embeddings" and not _asks_usage(body):
             # Count the tokens of every stream: ask for the usage chunk, and keep it from the client who did not.
@@ -104,7 +108,9 @@ class Proxy:
         payload = msgspec.json.encode(upstream_body)
         sticky = chat_key(headers, self._chat_header, body) if len(spec.upstreams) > 1 else None
         key = record.key.name if record.key else None
-        ticket = self._admission.enqueue(spec.name, klass=record.klass, flow=record.flow, affinity=sticky, key=key)
+        ticket = self._admission.enqueue(
+            spec.name, klass=record.klass, flow=record.flow, affinity=sticky, key=key, tokens=tokens
+        )
         if self.notices.applies(record):
             deadline = ticket.enqueued_at + self.notices.min_wait_s
             if not await self.wait_for_slot(ticket, record, until=deadline):
@@ -157,22 +163,23 @@ class Proxy:
                 if busy.delay_s is None or busy_retries >= UPSTREAM_BUSY_RETRIES:
                     return busy.reply
                 busy_retries += 1
-                record.retries += 1
                 await trio.sleep(busy.delay_s)  # the slot is free meanwhile; a client leaving cancels this
-                record.queued_before_s = record.queue_s
-                ticket = self._admission.enqueue(
-                    spec.name, klass=record.klass, flow=record.flow, affinity=ticket.affinity, exclude=frozenset(tried)
-                )
             except RetryableFailure as failure:
                 if failure.unreachable:
                     self._on_unreachable(upstream, failure.message)
                 tried.add(upstream.id)
                 last_failure = failure
-                record.retries += 1
-                record.queued_before_s = record.queue_s
-                ticket = self._admission.enqueue(
-                    spec.name, klass=record.klass, flow=record.flow, affinity=ticket.affinity, exclude=frozenset(tried)
-                )
+            # Queue again (the key's limits were charged once, for the client's request; the upstream's are not).
+            record.retries += 1
+            record.queued_before_s = record.queue_s
+            ticket = self._admission.enqueue(
+                spec.name,
+                klass=record.klass,
+                flow=record.flow,
+                affinity=ticket.affinity,
+                exclude=frozenset(tried),
+                tokens=ticket.tokens,
+            )
 
     async def _attempt(self, upstream: Upstream, ticket: Ticket, record: RequestRecord, payload: bytes) -> Reply:
         """Send to one upstream. Owns the slot and the response until it hands both to a RelayStream."""
@@ -204,7 +211,7 @@ class Proxy:
                     events,
                     response,
                     record,
-                    lambda: self._admission.release(ticket),
+                    lambda: self._admission.release(ticket, record.total_tokens),
                     strip_usage=record.usage_injected,
                 )
                 handed_over = True
@@ -213,9 +220,10 @@ class Proxy:
             record.first_token_at = trio.current_time()
             if response.status == 200:
                 try:
-                    record.usage = msgspec.json.decode(body, type=_UsageCarrier).usage
+                    answer = msgspec.json.decode(body, type=_Answer)
                 except msgspec.DecodeError:
                     raise RetryableFailure(f"upstream {upstream.id} sent invalid JSON", unreachable=False) from None
+                record.usage = answer.usage or Usage.estimate(record.prompt_chars, tokens_in(_answer_chars(answer)))
                 return Reply(200, {"content-type": content_type}, body)
             if response.status == 429:
                 raise UpstreamBusy(_retry_after_s(response), _client_error_reply(response, body, content_type))
@@ -224,14 +232,16 @@ class Proxy:
             if not handed_over:
                 if response is not None:
                     await close_response(response)
-                self._admission.release(ticket)
+                self._admission.release(ticket, record.total_tokens)
 
 
 def prompt_chars(body: dict[str, Any]) -> int:
-    """Characters of prompt text in a chat or completion request (for a token estimate)."""
-    prompt = body.get("prompt")
+    """Characters of prompt text in a chat, completion or embeddings request (for a token estimate)."""
+    prompt = body.get("prompt", body.get("input"))
     if isinstance(prompt, str):
         return len(prompt)
+    if isinstance(prompt, list):
+        return sum(len(p) for p in prompt if isinstance(p, str))
     total = 0
     for message in body.get("messages") or []:
         content = message.get("content") if isinstance(message, dict) else None
@@ -239,6 +249,28 @@ def prompt_chars(body: dict[str, Any]) -> int:
             total += len(content)
         elif isinstance(content, list):
             total += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+    return total
+
+
+def request_tokens(body: dict[str, Any], chars: int) -> int:
+    """A request's likely size for tokens-per-minute limits: its prompt's estimate plus the completion it allows
+    (`max_completion_tokens` or `max_tokens`; nothing when it sets neither). Corrected by its usage when it ends."""
+    allowed = body.get("max_completion_tokens", body.get("max_tokens"))
+    completion = allowed if isinstance(allowed, int) and allowed > 0 else 0
+    return tokens_in(chars) + completion
+
+
+def _answer_chars(answer: _Answer) -> int:
+    """Characters of generated text in a non-streamed answer (chat `message.content` or completion `text`)."""
+    if not isinstance(answer.choices, list):
+        return 0
+    total = 0
+    for choice in answer.choices:
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else choice.get("text")
+        total += len(text) if isinstance(text, str) else 0
     return total
 
 

@@ -17,11 +17,25 @@ log = logging.getLogger("queuegate.request")
 CLIENT_CLOSED = 499
 
 
+# A rough rule for English text with common tokenizers; used only where the backend reports no usage.
+CHARS_PER_TOKEN = 4
+
+
+def tokens_in(chars: int) -> int:
+    """About how many tokens `chars` characters of text are (rounded up)."""
+    return -(-chars // CHARS_PER_TOKEN)
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     estimated: bool = False  # counted by QueueGate: the backend reported none
+
+    @classmethod
+    def estimate(cls, prompt_chars: int, completion_tokens: int) -> Usage:
+        prompt = tokens_in(prompt_chars)
+        return cls(prompt, completion_tokens, prompt + completion_tokens, estimated=True)
 
 
 @dataclass(slots=True)
@@ -32,6 +46,7 @@ class RequestRecord:
     key: ApiKey | None = None  # the caller's API key (its name is logged, never its secret)
     klass: str = "user"  # priority class
     flow: str = ""  # whose turn inside the class (key, session or client)
+    session: str | None = None  # the session it belongs to (`X-Session-Id` or /v1/session/{id}/...), for usage
     started_at: float = field(default_factory=trio.current_time)
     model: str | None = None
     upstream: str | None = None
@@ -49,6 +64,10 @@ class RequestRecord:
     cancelled: bool = False  # by an operator (admin socket), whatever the exit path then says
     finished: bool = False
     on_finish: Callable[[RequestRecord, int], None] | None = field(default=None, repr=False)  # metrics
+
+    @property
+    def total_tokens(self) -> int | None:
+        return self.usage.total_tokens if self.usage is not None else None
 
     def finish(self, status: int, *, error: str | None = None) -> None:
         """Log the request's line; later calls do nothing, so every exit path may call it."""

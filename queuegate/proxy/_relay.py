@@ -24,10 +24,6 @@ MAX_PENDING_EVENT = 1 << 20  # an "event" larger than this without an end is gar
 TAIL_BYTES = 8192
 
 
-class _UsageCarrier(msgspec.Struct):
-    usage: Usage | None = None
-
-
 class _UsageChunk(msgspec.Struct):
     choices: list[Any] | None = None
     usage: Usage | None = None
@@ -53,7 +49,7 @@ def usage_from_events(block: bytes) -> Usage | None:
             continue
         payload = event.strip().removeprefix(b"data:").strip()
         try:
-            usage = msgspec.json.decode(payload, type=_UsageCarrier).usage
+            usage = msgspec.json.decode(payload, type=_UsageChunk).usage
         except msgspec.DecodeError:
             continue
         if usage is not None:
@@ -160,16 +156,17 @@ class RelayStream:
         raise StopAsyncIteration
 
     def _estimated_usage(self) -> Usage:
-        """The backend reported no usage: about one token per content event, and four characters per prompt token."""
-        prompt = -(-self._record.prompt_chars // 4)
-        completion = max(0, self._record.chunks - 1)  # the last event carries the finish reason, not a token
-        return Usage(prompt, completion, prompt + completion, estimated=True)
+        """The backend reported no usage (or the stream was cut): about one token per content event."""
+        return Usage.estimate(self._record.prompt_chars, max(0, self._record.chunks - 1))  # last: finish reason
 
     async def aclose(self) -> None:
-        """Close the upstream, give back the slot, log the request. Called on every exit, cancelled or not."""
+        """Close the upstream, give back the slot (with the tokens used), log the request. Called on every exit,
+        cancelled or not."""
         if self._closed:
             return
         self._closed = True
+        complete = self._ended and self._record.error is None
+        self._record.usage = (usage_from_events(self._tail) if complete else None) or self._estimated_usage()
         try:
             await close_response(self._response)
         finally:
@@ -177,6 +174,4 @@ class RelayStream:
             if not self._ended:
                 self._record.finish(CLIENT_CLOSED, error="client closed the stream")
             else:
-                if self._record.error is None:
-                    self._record.usage = usage_from_events(self._tail) or self._estimated_usage()
                 self._record.finish(200)

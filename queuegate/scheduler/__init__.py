@@ -17,6 +17,7 @@ from queuegate.scheduler._core import (
     UpstreamState,
     UpstreamStatistics,
 )
+from queuegate.scheduler._limits import RateLimit
 
 __all__ = [
     "Admission",
@@ -29,6 +30,7 @@ __all__ = [
     "Policy",
     "QueuePosition",
     "QueueTimeout",
+    "RateLimit",
     "RateLimited",
     "SchedulerCore",
     "SchedulerStatistics",

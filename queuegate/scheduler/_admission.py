@@ -56,10 +56,12 @@ class Admission:
         affinity: str | None = None,
         exclude: frozenset[str] = frozenset(),
         key: str | None = None,
+        tokens: int = 0,
     ) -> Ticket:
         """Submit a request; it may be decided at once. Raises QueueFull when there is no room, RateLimited when
-        its key's requests-per-minute limit would hold it longer than the max wait."""
-        ticket = Ticket(model, trio.current_time(), klass, flow, affinity, exclude, key)
+        its key's or its upstreams' rate limits would hold it longer than the max wait. `tokens`: its estimated
+        size, for tokens-per-minute limits."""
+        ticket = Ticket(model, trio.current_time(), klass, flow, affinity, exclude, key, tokens)
         self._wake(self._core.submit(ticket, ticket.enqueued_at))
         return ticket
 
@@ -93,9 +95,10 @@ class Admission:
         """Forget a waiting ticket or give back its slot (idempotent)."""
         self._wake(self._core.withdraw(ticket, trio.current_time()))
 
-    def release(self, ticket: Ticket) -> None:
-        """Give the slot back (idempotent); the next waiting request may get it at once."""
-        self._wake(self._core.release(ticket, trio.current_time()))
+    def release(self, ticket: Ticket, tokens: int | None = None) -> None:
+        """Give the slot back (idempotent); the next waiting request may get it at once. `tokens`: its real
+        usage, when known."""
+        self._wake(self._core.release(ticket, trio.current_time(), tokens))
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call `listener()` after every change to the queue (it must only take note: no awaits, no re-entry)."""

@@ -15,6 +15,8 @@ Policy, per model, whenever a slot is free:
    then takes any free upstream.
 5. Operators may drain an upstream (it takes no new requests; those in flight finish) or pause a class (its
    requests stay queued) through the admin socket.
+6. Rate limits (`_limits.py`) hold requests rather than fail them: a key over its rpm/tpm lets the next flow go;
+   an upstream over its own rpm/tpm takes nothing until its window has room, and the model is woken then.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import enum
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgspec
 
 from queuegate.errors import GatewayError, QueueFull, ServiceUnavailable, UpstreamError
-from queuegate.scheduler._limits import RateWindows
+from queuegate.scheduler._limits import Charge, RateLimit, RateLimiter
+
+_K = TypeVar("_K")
 
 DEFAULT_CLASSES = ("user", "agent", "batch")
 
@@ -60,10 +65,12 @@ class Ticket:
     flow: str = ""
     affinity: str | None = None  # sticky-chat key
     exclude: frozenset[str] = frozenset()  # upstreams already tried by this request
-    key: str | None = None  # the API key's name, for its requests-per-minute limit
+    key: str | None = None  # the API key's name, for its rate limits
+    tokens: int = 0  # estimated tokens (prompt + max_tokens), for tokens-per-minute limits
     upstream_id: str | None = None  # set when granted
     rejection: GatewayError | None = None  # set when rejected
     granted_at: float = 0.0
+    charges: list[Charge] = field(default_factory=list)  # its token charges, corrected to its usage on release
 
     @property
     def decided(self) -> bool:
@@ -90,7 +97,8 @@ class Policy:
     affinity_ttl_s: float = 600.0
     affinity_wait_s: float = 0.5
     affinity_max_entries: int = 10_000
-    key_rpm: dict[str, int] = field(default_factory=dict)  # requests per minute per API key (absent: no limit)
+    key_limits: dict[str, RateLimit] = field(default_factory=dict)  # per API key name (absent: no limit)
+    upstream_limits: dict[str, RateLimit] = field(default_factory=dict)  # per upstream id (cloud APIs' own limits)
     max_wait_s: float = 600.0  # the longest a request waits (503), or its key's limit may hold it (else 429)
 
 
@@ -198,10 +206,14 @@ class SchedulerCore:
         self._in_service = 0
         # Sticky chats: (model, key) -> (upstream id, last used), least recently used first.
         self._affinity: dict[tuple[str, str], tuple[str, float]] = {}
-        self._holds: dict[Ticket, float] = {}  # tickets waiting for their sticky upstream -> until when
+        self._holds: dict[Ticket, float] = {}  # tickets waiting for their sticky upstream or key limit -> until when
+        self._model_wakeups: dict[str, float] = {}  # models whose upstreams are all at their rate limit -> until when
         self._paused: set[str] = set()  # classes an operator paused: their requests wait
-        self._limits = RateWindows(self.policy.key_rpm)
-        self._waiting_by_key: Counter[str] = Counter()  # waiting requests per rate-limited key
+        self._key_limits: dict[str | None, RateLimiter] = {
+            name: RateLimiter(limit) for name, limit in self.policy.key_limits.items() if limit
+        }
+        self._upstream_limits = {uid: RateLimiter(lim) for uid, lim in self.policy.upstream_limits.items() if lim}
+        self._waiting_by_key: Counter[str | None] = Counter()  # waiting requests per rate-limited key
 
     # -- events -------------------------------------------------------------------------------------------------
 
@@ -218,14 +230,8 @@ class SchedulerCore:
         if (self._waiting >= self.max_queue or model_full) and (model.waiting or not self._has_free_slot(model)):
             limit = model.max_queue if model_full else self.max_queue
             raise QueueFull(f"the queue is full ({limit} requests waiting); retry later", retry_after_s=1)
-        if self._limits.limited(ticket.key):
-            assert ticket.key is not None
-            slot_at = self._limits.slot_at(ticket.key, self._waiting_by_key[ticket.key], now)
-            if slot_at - now > self.policy.max_wait_s:
-                raise RateLimited(
-                    f"key {ticket.key!r} is over its requests-per-minute limit for longer than the queue's max wait",
-                    retry_after_s=max(1, round(self._limits.allowed_at(ticket.key, now) - now)),
-                )
+        self._refuse_long_rate_wait(model, ticket, now)
+        if ticket.key in self._key_limits:
             self._waiting_by_key[ticket.key] += 1
         queue = model.classes[self._rank[ticket.klass]]
         queue.flows.setdefault(ticket.flow, {})[ticket] = None
@@ -244,8 +250,12 @@ class SchedulerCore:
             return self._dispatch(model, now)  # if it held its flow for a sticky upstream, the next one may go
         return []
 
-    def release(self, ticket: Ticket, now: float) -> list[Ticket]:
-        """A granted request finished with its upstream slot (idempotent)."""
+    def release(self, ticket: Ticket, now: float, tokens: int | None = None) -> list[Ticket]:
+        """A granted request finished with its upstream slot (idempotent). `tokens`: what it really used, which
+        replaces the estimate its tokens-per-minute limits were charged."""
+        if tokens is not None:
+            for charge in ticket.charges:
+                charge.amount = tokens
         uid = ticket.upstream_id
         if uid is None:
             return []
@@ -282,9 +292,9 @@ class SchedulerCore:
 
     def set_policy(self, policy: Policy, now: float) -> list[Ticket]:
         """Take new policy knobs (a config reload). The classes and per-model bounds must stay as they are."""
-        fixed = ("classes", "model_max_queue", "key_rpm")
+        fixed = ("classes", "model_max_queue", "key_limits", "upstream_limits")
         if any(getattr(policy, name) != getattr(self.policy, name) for name in fixed):
-            raise ValueError("classes, per-model queue bounds and key limits change only with a restart")
+            raise ValueError("classes, per-model queue bounds and rate limits change only with a restart")
         self.policy, self.max_queue = policy, policy.max_queue
         decided = []
         for model in self._models.values():
@@ -313,16 +323,17 @@ class SchedulerCore:
         return decided
 
     def tick(self, now: float) -> list[Ticket]:
-        """Time passed: requests whose wait for their sticky upstream ran out may now take any free one."""
+        """Time passed: requests whose wait for their sticky upstream or a rate limit ran out may now go."""
         expired = {t.model for t, until in self._holds.items() if until <= now}
+        expired |= {name for name, until in self._model_wakeups.items() if until <= now}
         decided = []
         for name in expired:
             decided += self._dispatch(self._models[name], now)
         return decided
 
     def next_wakeup(self) -> float | None:
-        """When `tick` may next decide something (the earliest sticky-wait expiry), or None."""
-        return min(self._holds.values(), default=None)
+        """When `tick` may next decide something (the earliest sticky or rate-limit wait expiry), or None."""
+        return min((*self._holds.values(), *self._model_wakeups.values()), default=None)
 
     # -- decisions ----------------------------------------------------------------------------------------------
 
@@ -330,13 +341,14 @@ class SchedulerCore:
         """Fill free slots with waiting requests in policy order."""
         for ticket in [t for t in self._holds if t.model == model.name]:
             del self._holds[ticket]  # decided afresh below
+        self._model_wakeups.pop(model.name, None)
         decided = []
         while model.waiting and self._has_free_slot(model):
             placed = False  # stays False when only paused classes or held sticky chats wait
             for ticket in self._candidates(model, now):
-                if self._limits.limited(ticket.key):
-                    assert ticket.key is not None
-                    allowed_at = self._limits.allowed_at(ticket.key, now)
+                limiter = self._key_limits.get(ticket.key)
+                if limiter is not None:
+                    allowed_at = limiter.wait_until(ticket.tokens, now)
                     if allowed_at > now:
                         self._holds[ticket] = allowed_at  # its key's window: others go first
                         continue
@@ -376,6 +388,7 @@ class SchedulerCore:
     def _choose(self, model: _Model, ticket: Ticket, now: float) -> _Upstream | None:
         """The upstream for this ticket now, or None (nothing free it may use, or it holds for its sticky one)."""
         free = [s for s in model.upstreams if s.takes_requests and s.id not in ticket.exclude]
+        free = [s for s in free if self._within_upstream_limit(model, s, ticket, now)]
         if not free:
             return None
         if ticket.affinity is not None and len(model.upstreams) > 1:
@@ -399,9 +412,10 @@ class SchedulerCore:
 
     def _grant(self, model: _Model, ticket: Ticket, slot: _Upstream, now: float) -> None:
         self._unqueue(model, ticket, rotate=True)
-        if self._limits.limited(ticket.key):
-            assert ticket.key is not None
-            self._limits.record(ticket.key, now)
+        for limiter in (self._key_limits.get(ticket.key), self._upstream_limits.get(slot.id)):
+            charge = limiter.charge(ticket.tokens, now) if limiter is not None else None
+            if charge is not None:
+                ticket.charges.append(charge)
         model.next_turn = (model.upstreams.index(slot) + 1) % len(model.upstreams)
         slot.in_flight += 1
         self._in_service += 1
@@ -426,9 +440,40 @@ class SchedulerCore:
         self._holds.pop(ticket, None)
         model.waiting -= 1
         self._waiting -= 1
-        if self._limits.limited(ticket.key):
-            assert ticket.key is not None
+        if ticket.key in self._key_limits:
             _decrement(self._waiting_by_key, ticket.key)
+
+    def _within_upstream_limit(self, model: _Model, slot: _Upstream, ticket: Ticket, now: float) -> bool:
+        """Whether the upstream's own rate limit lets this ticket go now; if not, wake the model when it will."""
+        limiter = self._upstream_limits.get(slot.id)
+        if limiter is None:
+            return True
+        allowed_at = limiter.wait_until(ticket.tokens, now)
+        if allowed_at <= now:
+            return True
+        self._model_wakeups[model.name] = min(allowed_at, self._model_wakeups.get(model.name, allowed_at))
+        return False
+
+    def _refuse_long_rate_wait(self, model: _Model, ticket: Ticket, now: float) -> None:
+        """RateLimited (429) when the key's or the model's upstreams' limits would hold this ticket, behind those
+        already waiting, longer than the max wait."""
+        waits = []
+        key_limiter = self._key_limits.get(ticket.key)
+        if key_limiter is not None:
+            ahead = self._waiting_by_key[ticket.key]
+            waits.append((key_limiter.wait_until(ticket.tokens, now, ahead), f"key {ticket.key!r}"))
+        limiters = [self._upstream_limits.get(s.id) for s in model.upstreams if s.id not in ticket.exclude]
+        if limiters and None not in limiters:  # every upstream it may use is limited
+            ahead = model.waiting // len(limiters)
+            at = min(lim.wait_until(ticket.tokens, now, ahead) for lim in limiters if lim is not None)
+            waits.append((at, f"model {model.name!r}'s upstreams"))
+        for at, whose in waits:
+            if at - now > self.policy.max_wait_s:
+                raise RateLimited(
+                    f"{whose} rate limit (requests or tokens per minute) would hold this request longer than the "
+                    f"queue's max wait of {self.policy.max_wait_s:g} s",
+                    retry_after_s=max(1, round(at - now)),
+                )
 
     def _has_free_slot(self, model: _Model) -> bool:
         return any(s.takes_requests for s in model.upstreams)
@@ -544,7 +589,7 @@ class SchedulerCore:
         return SchedulerStatistics(self._waiting, self._in_service, self.max_queue, models)
 
 
-def _decrement(counter: Counter[str], key: str) -> None:
+def _decrement(counter: Counter[_K], key: _K) -> None:
     counter[key] -= 1
     if counter[key] <= 0:
         del counter[key]

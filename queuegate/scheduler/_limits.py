@@ -1,50 +1,88 @@
-"""Requests-per-minute limits that make requests wait instead of failing. Pure: time is an argument.
+"""Requests- and tokens-per-minute limits that make requests wait instead of failing. Pure: time is an argument.
 
-Each limited key has a sliding 60 s window of the times its requests were granted a slot. A request whose key has
-used its limit in the window waits (in the queue, cancellable, letting other flows go) until the oldest grant leaves
-the window. Only when it would have to wait longer than the queue's max wait is it refused up front (429).
+A limit belongs to an API key (`[keys.x] rpm/tpm`) or to an upstream (`[models.x] rpm/tpm`, for cloud APIs with
+their own limits). Each is a sliding 60 s window of charges: one per granted request for rpm, its tokens for tpm.
+A request whose limit has no room waits in the queue (cancellable; other flows go first) until enough of the window's
+charges have left it. Only when it would wait longer than the queue's max wait is it refused up front (429).
+
+Tokens are charged when a request is granted, by estimate (prompt characters / 4 plus its `max_tokens`), and the
+charge is corrected to the request's real usage when it ends. A request larger than the whole limit goes when the
+window is empty, so nothing waits forever.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 WINDOW_S = 60.0
 
 
-class RateWindows:
-    def __init__(self, rpm: Mapping[str, int]) -> None:
-        self._rpm = dict(rpm)
-        self._grants: dict[str, collections.deque[float]] = {key: collections.deque() for key in rpm}
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    rpm: int | None = None  # requests per minute
+    tpm: int | None = None  # tokens (prompt + completion) per minute
 
-    def limited(self, key: str | None) -> bool:
-        return key is not None and key in self._rpm
+    def __bool__(self) -> bool:
+        return self.rpm is not None or self.tpm is not None
 
-    def allowed_at(self, key: str, now: float) -> float:
-        """When `key` may next be granted a slot (`now` or earlier: at once)."""
-        grants = self._trimmed(key, now)
-        if len(grants) < self._rpm[key]:
-            return now
-        return grants[len(grants) - self._rpm[key]] + WINDOW_S
 
-    def slot_at(self, key: str, ahead: int, now: float) -> float:
-        """About when a request with `ahead` requests of the same key before it could be granted."""
-        grants = self._trimmed(key, now)
-        limit = self._rpm[key]
-        free_now = limit - len(grants)
-        if ahead < free_now:
-            return now
-        j = ahead - free_now  # how many grants must leave the window first
-        if j < len(grants):
-            return grants[j] + WINDOW_S
-        return now + WINDOW_S * (j // limit + 1)  # beyond the grants we know of: whole windows more
+@dataclass(slots=True, eq=False)
+class Charge:
+    """What one granted request costs a window; a token charge is corrected when its usage is known."""
 
-    def record(self, key: str, now: float) -> None:
-        self._trimmed(key, now).append(now)
+    at: float
+    amount: int
 
-    def _trimmed(self, key: str, now: float) -> collections.deque[float]:
-        grants = self._grants[key]
-        while grants and grants[0] <= now - WINDOW_S:
-            grants.popleft()
-        return grants
+
+class _Window:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._charges: collections.deque[Charge] = collections.deque()
+
+    def wait_until(self, cost: int, ahead: int, now: float) -> float:
+        """When a request costing `cost` may be charged, behind `ahead` queued requests of this limit that are
+        assumed to cost the same (0: it is next). Simulates the window: each goes when enough charges left it."""
+        need = min(cost, self.limit)
+        charges = collections.deque((c.at, c.amount) for c in self._charges)
+        used = sum(amount for _, amount in charges)
+        at = now
+        for _ in range(ahead + 1):
+            while charges and (charges[0][0] + WINDOW_S <= at or used + need > self.limit):
+                left_at, amount = charges.popleft()
+                used -= amount
+                at = max(at, left_at + WINDOW_S)
+            charges.append((at, need))
+            used += need
+        return at
+
+    def charge(self, cost: int, now: float) -> Charge:
+        while self._charges and self._charges[0].at + WINDOW_S <= now:
+            self._charges.popleft()
+        charge = Charge(now, cost)
+        self._charges.append(charge)
+        return charge
+
+
+class RateLimiter:
+    """One key's or one upstream's windows (rpm, tpm or both)."""
+
+    def __init__(self, limit: RateLimit) -> None:
+        self.limit = limit
+        self._requests = _Window(limit.rpm) if limit.rpm is not None else None
+        self._tokens = _Window(limit.tpm) if limit.tpm is not None else None
+
+    def wait_until(self, tokens: int, now: float, ahead: int = 0) -> float:
+        """When a request of about `tokens` tokens may go (`now`: at once); see `_Window.wait_until`."""
+        at = now
+        if self._requests is not None:
+            at = max(at, self._requests.wait_until(1, ahead, now))
+        if self._tokens is not None:
+            at = max(at, self._tokens.wait_until(tokens, ahead, now))
+        return at
+
+    def charge(self, tokens: int, now: float) -> Charge | None:
+        """Count a granted request; returns its token charge (to correct later), if tokens are limited."""
+        if self._requests is not None:
+            self._requests.charge(1, now)
+        return self._tokens.charge(tokens, now) if self._tokens is not None else None
