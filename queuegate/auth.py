@@ -24,6 +24,7 @@ class ApiKey:
     klass: str
     models: frozenset[str] | None  # canonical model names; None = every model
     digest: bytes = field(repr=False)
+    usage_admin: bool = False  # may read every key's usage
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -41,7 +42,7 @@ class KeyRing:
         for name, kc in config.keys.items():
             secret = kc.key if kc.key is not None else env[kc.key_env or ""]
             models = frozenset(canonical[m] for m in kc.models) if kc.models else None
-            keys.append(ApiKey(name, kc.klass, models, _digest(secret)))
+            keys.append(ApiKey(name, kc.klass, models, _digest(secret), kc.usage_admin))
         return cls(keys)
 
     @property

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import trio
 
+from queuegate.accounting import UsageStoreError
 from queuegate.admin import SocketInUse
 from queuegate.admin import command as admin_command
 from queuegate.config import Config, ConfigError, admin_socket_path, build_config, load_config
@@ -146,13 +147,13 @@ def _run(args: argparse.Namespace) -> int:
     config = None if args.demo else load_config(args.config)
     level = config.server.log_level if config else "info"
     configure_logging(config.server.log_format if config else "text", level)
-    in_use: list[str] = []
+    cannot_start: list[str] = []
     try:
         trio.run(_serve, config, args.listen, None if args.demo else Path(args.config))
-    except* SocketInUse as group:
-        in_use.append(str(leaf_exceptions(group)[0]))
-    if in_use:
-        print(f"queuegate: {in_use[0]}", file=sys.stderr)
+    except* (SocketInUse, UsageStoreError) as group:
+        cannot_start.append(str(leaf_exceptions(group)[0]))
+    if cannot_start:
+        print(f"queuegate: {cannot_start[0]}", file=sys.stderr)
         return 2
     return 0
 

@@ -132,6 +132,15 @@ class ModelConfig(_Section):
     defaults: dict[str, Any] = {}
 
 
+class UsageConfig(_Section):
+    """Token accounting: one row per request in SQLite, written in batches."""
+
+    enabled: bool = True
+    path: str = ""  # "" = <state_dir>/usage.sqlite3; relative paths resolve against the config file's folder
+    flush_ms: PositiveFloat = 1000.0  # how often recorded rows are committed (the most a crash can lose)
+    retention_days: NonNegativeFloat = 0.0  # rows older than this are deleted; 0 = keep forever
+
+
 class KeyConfig(_Section):
     """A client API key: its secret (inline or, better, from the environment), its class and the models it may use."""
 
@@ -141,6 +150,7 @@ class KeyConfig(_Section):
     models: list[str] = []  # names or aliases; empty = every model
     rpm: PositiveInt | None = None  # requests per minute; over it, requests wait for the window
     tpm: PositiveInt | None = None  # tokens (prompt + completion) per minute; the same
+    usage_admin: bool = False  # may read every key's usage (GET /v1/usage, /sessions/status), not only its own
 
     def __repr__(self) -> str:  # the secret never reaches a log or an error
         return f"KeyConfig(class={self.klass!r}, models={self.models!r})"
@@ -152,6 +162,7 @@ class Config(_Section):
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     affinity: AffinityConfig = msgspec.field(default_factory=AffinityConfig)
     fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
+    usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     devices: dict[str, DeviceConfig] = {}
     keys: dict[str, KeyConfig] = {}
     models: dict[str, ModelConfig] = {}
@@ -368,6 +379,14 @@ def admin_socket_path(config: Config) -> Path:
     if config.server.admin_socket:
         return base / config.server.admin_socket
     return base / config.server.state_dir / "admin.sock"
+
+
+def usage_db_path(config: Config) -> Path:
+    """Where the usage database is: `[usage].path`, else <state_dir>/usage.sqlite3 (relative to the config file)."""
+    base = Path(config.base_dir)
+    if config.usage.path:
+        return base / config.usage.path
+    return base / config.server.state_dir / "usage.sqlite3"
 
 
 def parse_listen(listen: str, *, on_error: Any = None) -> tuple[str, int]:

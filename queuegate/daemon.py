@@ -1,7 +1,8 @@
 """The composition root: builds every component from the config, wires them, and runs them in one nursery.
 
-Nothing else constructs long-lived objects. Start order: health monitor (first check done) → HTTP server (bound).
-Shutdown: `request_shutdown()` stops accepting, lets in-flight requests finish for `shutdown_grace_s`, then cancels.
+Nothing else constructs long-lived objects. Start order: usage store (database open) → health monitor (first check
+done) → fleet → HTTP server (bound) → admin socket. Shutdown: `request_shutdown()` stops accepting, lets in-flight
+requests finish for `shutdown_grace_s`, then cancels; the usage store stops last, after committing every row.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from queuegate.accounting import UsageStore
 from queuegate.admin import AdminServer
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.api import InFlight, create_app
 from queuegate.auth import KeyRing
-from queuegate.config import Config, admin_socket_path, load_config, parse_listen
+from queuegate.config import Config, admin_socket_path, load_config, parse_listen, usage_db_path
 from queuegate.fleet import Catalog, HealthMonitor
 from queuegate.fleet.catalog import Upstream
 from queuegate.fleet.containers import DockerEngine, DockerLauncher
@@ -57,6 +59,12 @@ class Daemon:
         self.proxy: Proxy | None = None  # built in `run`, with the fleet
         self.launchers = _launchers(config, self.catalog)
         self.fleet: Fleet | None = None  # built in `run`: it needs the health client
+        usage = config.usage
+        self.usage = (
+            UsageStore(usage_db_path(config), flush_s=usage.flush_ms / 1000, retention_days=usage.retention_days)
+            if usage.enabled
+            else None
+        )
         self._shutdown = trio.Event()
         self._in_flight = InFlight()
 
@@ -69,6 +77,14 @@ class Daemon:
         self._shutdown.set()
 
     async def run(self, *, task_status: trio.TaskStatus[Started] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until shut down. The usage store outlives everything else, so the last requests are counted."""
+        async with trio.open_nursery() as outlived:
+            if self.usage is not None:
+                await outlived.start(self.usage.run)
+            await self._run_components(task_status=task_status)
+            outlived.cancel_scope.cancel()
+
+    async def _run_components(self, *, task_status: trio.TaskStatus[Started]) -> None:
         cfg = self.config
         up = cfg.upstream
         timeouts = Timeouts(up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s)
@@ -116,9 +132,10 @@ class Daemon:
                 proxy,
                 active,
                 keyring,
-                Metrics(self.admission.statistics, fleet.statistics),
+                Metrics(self.admission.statistics, fleet.statistics, self.usage.statistics if self.usage else None),
                 self._in_flight,
                 cfg.queue.classes,
+                self.usage,
             )
             await nursery.start(self.admission.run)
             await nursery.start(health.run)

@@ -3,7 +3,8 @@
 Per request (observed once, when its log line is written): requests by model, class and status; queue wait by class;
 time to first token and generation speed by model; tokens; and QueueGate's own overhead, the time a request spent
 in the gateway outside the queue and the upstream. Read at scrape time from the live components: queue length and
-oldest wait by class, requests in flight by model, upstream health, model states, loads and swaps.
+oldest wait by class, requests in flight by model, upstream health, model states, loads and swaps, and the usage
+store's rows (pending, written, dropped, write errors).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from queuegate.accounting import UsageStoreStatistics
 from queuegate.fleet.planner import FleetStatistics
 from queuegate.proxy import RequestRecord
 from queuegate.scheduler import SchedulerStatistics
@@ -25,8 +27,16 @@ _OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 _RATE_BUCKETS = (1, 5, 10, 20, 40, 80, 160, 320, 640)
 
 
+UsageSource = Callable[[], UsageStoreStatistics] | None
+
+
 class Metrics:
-    def __init__(self, scheduler: Callable[[], SchedulerStatistics], fleet: Callable[[], FleetStatistics]) -> None:
+    def __init__(
+        self,
+        scheduler: Callable[[], SchedulerStatistics],
+        fleet: Callable[[], FleetStatistics],
+        usage: UsageSource = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self._requests = Counter(
@@ -52,7 +62,7 @@ class Metrics:
             "Time a request spent in QueueGate outside the queue and the upstream: what the gateway costs.",
             buckets=_OVERHEAD_BUCKETS, registry=r,
         )  # fmt: skip
-        r.register(_LiveState(scheduler, fleet))
+        r.register(_LiveState(scheduler, fleet, usage))
 
     def observe(self, record: RequestRecord, status: int) -> None:
         """One finished request (RequestRecord's `on_finish`)."""
@@ -82,9 +92,12 @@ class Metrics:
 class _LiveState(Collector):
     """Gauges read from the scheduler and the fleet at scrape time, so nothing is counted twice."""
 
-    def __init__(self, scheduler: Callable[[], SchedulerStatistics], fleet: Callable[[], FleetStatistics]) -> None:
+    def __init__(
+        self, scheduler: Callable[[], SchedulerStatistics], fleet: Callable[[], FleetStatistics], usage: UsageSource
+    ) -> None:
         self._scheduler = scheduler
         self._fleet = fleet
+        self._usage = usage
 
     def collect(self) -> Iterator[Metric]:
         stats, fleet = self._scheduler(), self._fleet()
@@ -111,3 +124,11 @@ class _LiveState(Collector):
         yield from (waiting, oldest, in_flight, healthy, state, load)
         yield CounterMetricFamily("queuegate_model_loads", "Models loaded (turned healthy) since start.", fleet.loads)
         yield CounterMetricFamily("queuegate_swaps", "Models stopped to make room for another.", fleet.swaps)
+        if self._usage is not None:
+            usage = self._usage()
+            yield GaugeMetricFamily("queuegate_usage_rows_pending", "Usage rows not committed yet.", usage.pending)
+            yield CounterMetricFamily("queuegate_usage_rows_written", "Usage rows committed.", usage.committed)
+            yield CounterMetricFamily("queuegate_usage_rows_dropped", "Usage rows lost to a failing disk.",
+                                      usage.dropped)  # fmt: skip
+            yield CounterMetricFamily("queuegate_usage_write_errors", "Failed usage writes (retried).",
+                                      usage.write_errors)  # fmt: skip

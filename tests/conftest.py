@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,8 +31,8 @@ class Gateway:
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         """The official client, no retries (tests look at the first answer), short timeout."""
-        settings = {"api_key": "unused", "max_retries": 0, "timeout": 20, **kwargs}
-        return openai.OpenAI(base_url=self.api, **settings)
+        settings = {"base_url": self.api, "api_key": "unused", "max_retries": 0, "timeout": 20, **kwargs}
+        return openai.OpenAI(**settings)
 
     def stats(self):
         return self.daemon.admission.statistics()
@@ -78,3 +81,42 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0, interv
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(interval)
+
+
+LISTENING = "QueueGate listening on "
+
+
+class RunningDaemon:
+    """`python -m queuegate.cli run ...` with stdout/stderr collected; `url` once it listens."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.stdout = ""
+        self.stderr = ""
+        self.url = ""
+
+    async def collect(self, stream: trio.abc.ReceiveStream, name: str) -> None:
+        while data := await stream.receive_some():
+            setattr(self, name, getattr(self, name) + data.decode(errors="replace"))
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=20)
+
+
+async def start_daemon(nursery: trio.Nursery, *args: str, env: dict[str, str] | None = None) -> RunningDaemon:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "queuegate.cli", "run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    daemon = RunningDaemon(process)
+    nursery.start_soon(daemon.collect, process.stdout, "stdout")
+    nursery.start_soon(daemon.collect, process.stderr, "stderr")
+    with trio.fail_after(30):
+        while LISTENING not in daemon.stdout:
+            if process.returncode is not None:
+                raise AssertionError(f"daemon exited {process.returncode}:\n{daemon.stderr}")
+            await trio.sleep(0.02)
+    daemon.url = daemon.stdout.split(LISTENING, 1)[1].split()[0]
+    return daemon

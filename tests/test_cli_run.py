@@ -5,52 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
-import openai
 import trio
 
-from tests.conftest import in_thread
-
-LISTENING = "QueueGate listening on "
-
-
-class RunningDaemon:
-    """`python -m queuegate.cli run ...` with stdout/stderr collected; `url` once it listens."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.stdout = ""
-        self.stderr = ""
-        self.url = ""
-
-    async def collect(self, stream: trio.abc.ReceiveStream, name: str) -> None:
-        while data := await stream.receive_some():
-            setattr(self, name, getattr(self, name) + data.decode(errors="replace"))
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=20)
-
-
-async def start_daemon(nursery: trio.Nursery, *args: str, env: dict[str, str] | None = None) -> RunningDaemon:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "queuegate.cli", "run", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    daemon = RunningDaemon(process)
-    nursery.start_soon(daemon.collect, process.stdout, "stdout")
-    nursery.start_soon(daemon.collect, process.stderr, "stderr")
-    with trio.fail_after(30):
-        while LISTENING not in daemon.stdout:
-            if process.returncode is not None:
-                raise AssertionError(f"daemon exited {process.returncode}:\n{daemon.stderr}")
-            await trio.sleep(0.02)
-    daemon.url = daemon.stdout.split(LISTENING, 1)[1].split()[0]
-    return daemon
+from tests.conftest import in_thread, start_daemon
 
 
 def children(pid: int) -> list[str]:

@@ -104,3 +104,33 @@ async def test_a_key_over_its_rpm_waits_instead_of_failing(start_sim, start_gate
     answered.sort()
     assert len(answered) == 12
     assert answered[5] < 10 and answered[6] >= 59.5
+
+
+async def test_tokens_per_minute_and_upstream_limits_wait_and_refuse_only_beyond_the_max_wait(
+    start_sim, start_gateway, monkeypatch
+):
+    """A key's tpm and a model's own rpm (a cloud API's limit) hold requests; one that would wait longer than the
+    queue's max wait gets 429 with Retry-After at once. (Simulated upstream: the limits, not the model, are tested.)"""
+    monkeypatch.setenv("TPM_KEY", "sk-tokens-0123456789")
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway(
+        {"chat": {"upstreams": [url]}, "cloud": {"upstreams": [url], "rpm": 1}},
+        keys={"bot": {"key_env": "TPM_KEY", "tpm": 100}},
+        queue={"max_wait_s": 5},
+    )
+    client = gw.client(api_key="sk-tokens-0123456789", max_retries=0)
+
+    def ask(model: str, max_tokens: int):
+        messages = [{"role": "user", "content": "hi"}]
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens)
+
+    assert (await in_thread(lambda: ask("chat", 90))).choices  # about 91 tokens charged, then its real usage
+    with pytest.raises(openai.RateLimitError) as info:
+        await in_thread(lambda: ask("chat", 200))  # larger than the whole limit: it would wait for the window
+    assert info.value.status_code == 429 and "key 'bot'" in info.value.message
+    assert 1 <= int(info.value.response.headers["retry-after"]) <= 60
+    assert (await in_thread(lambda: ask("cloud", 1))).choices
+    with pytest.raises(openai.RateLimitError) as info:
+        await in_thread(lambda: ask("cloud", 1))  # the model's upstream allows one request a minute
+    assert "model 'cloud'" in info.value.message
+    assert gw.stats().waiting == 0

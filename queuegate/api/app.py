@@ -1,4 +1,5 @@
-"""HTTP routes: the OpenAI-compatible `/v1/*` API, `/healthz`, `/readyz` and `/metrics` (Prometheus).
+"""HTTP routes: the OpenAI-compatible `/v1/*` API, usage (`/v1/usage`, `/sessions/status`), `/healthz`, `/readyz`
+and `/metrics` (Prometheus).
 
 Routes only translate between HTTP and the proxy; every error leaves as OpenAI's envelope. Quart's own 60 s
 response timeout is disabled (it would cut long streams); QueueGate's upstream timeouts apply instead.
@@ -6,10 +7,13 @@ response timeout is disabled (it would cut long streams); QueueGate's upstream t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -18,15 +22,18 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from queuegate.accounting import UsageQuery, UsageStore, sessions_status, usage_report, usage_row
 from queuegate.auth import KeyRing
 from queuegate.config import ServerConfig
 from queuegate.errors import (
     BadRequest,
+    Forbidden,
     GatewayError,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
+    ServiceUnavailable,
 )
 from queuegate.fleet.catalog import Catalog
 from queuegate.fleet.manager import Fleet
@@ -47,6 +54,7 @@ from queuegate.scheduler import Admission, SchedulerStatistics
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CLEANUP_KEY = "queuegate.cleanup"
+USAGE_FLUSH_WAIT_S = 2.0  # a usage read first waits this long at most for rows not yet committed
 REQUEST_SCOPE_KEY = "queuegate.request_scope"
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -85,8 +93,10 @@ def create_app(
     metrics: Metrics,
     in_flight: InFlight,
     classes: Sequence[str],
+    usage: UsageStore | None,
 ) -> ASGIApp:
-    """Build the ASGI application for one daemon (no module-level app: each daemon gets its own)."""
+    """Build the ASGI application for one daemon (no module-level app: each daemon gets its own). `usage`: None
+    when accounting is off."""
     app = QuartTrio("queuegate")
     app.config.update(
         RESPONSE_TIMEOUT=None,
@@ -96,10 +106,15 @@ def create_app(
     )
     created = int(time.time())
 
+    def on_finish(record: RequestRecord, status: int) -> None:
+        metrics.observe(record, status)
+        if usage is not None and (row := usage_row(record, status)) is not None:
+            usage.record(row)
+
     async def relay(endpoint: str, route_class: str = "user", session: str | None = None) -> Response:
         request_id = _request_id(request.headers.get("x-request-id"))
         client = request.remote_addr or ""
-        record = RequestRecord(request_id, endpoint, client=client, on_finish=metrics.observe)
+        record = RequestRecord(request_id, endpoint, client=client, on_finish=on_finish)
         entry = active.add(record, trio.CancelScope())  # an operator's cancel ends the queueing and forwarding
 
         async def forget() -> None:
@@ -112,11 +127,8 @@ def create_app(
                 key = record.key = keyring.authenticate(request.headers)
                 key_class = key.klass if key else None
                 record.klass = request_class(route_class, request.headers.get("x-priority"), classes, key_class)
-                record.flow = request_flow(
-                    key_name=key.name if key else None,
-                    session=session or _session_id(request.headers.get("x-session-id")),
-                    client=client,
-                )
+                record.session = session or _session_id(request.headers.get("x-session-id"))
+                record.flow = request_flow(key_name=key.name if key else None, session=record.session, client=client)
                 reply = await proxy.handle(record, await _read_body(), request.headers)
             except GatewayError as exc:
                 record.finish(exc.status, error=exc.message)
@@ -206,6 +218,36 @@ def create_app(
                 entry["alias_for"] = spec.name
             data.append(entry)
         return _json({"object": "list", "data": data})
+
+    async def usage_view(report: Callable[[Path, UsageQuery], dict[str, Any]]) -> Response:
+        """Run a usage report for the caller: a key sees its own usage only, unless it is a usage admin."""
+        request_id = _request_id(request.headers.get("x-request-id"))
+        try:
+            key = keyring.authenticate(request.headers)
+            if usage is None:
+                raise NotFound("usage accounting is off in this gateway's config ([usage] enabled = false)")
+            query = UsageQuery.from_params(request.args)
+            if key is not None and not key.usage_admin:
+                if query.key not in (None, key.name):
+                    raise Forbidden(f"key {key.name!r} may only read its own usage", param="key")
+                query = dataclasses.replace(query, key=key.name)
+            with trio.move_on_after(USAGE_FLUSH_WAIT_S):
+                await usage.flush()  # requests that just ended are counted
+            try:
+                doc = await trio.to_thread.run_sync(report, usage.path, query)
+            except sqlite3.Error as exc:
+                raise ServiceUnavailable(f"the usage database cannot be read: {exc}") from None
+        except GatewayError as exc:
+            return _error_response(exc, request_id)
+        return _json(doc)
+
+    @app.get("/v1/usage")
+    async def usage_totals() -> Response:
+        return await usage_view(usage_report)
+
+    @app.get("/sessions/status")
+    async def usage_by_session() -> Response:
+        return await usage_view(sessions_status)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -32,6 +32,7 @@ class SimConfig(msgspec.Struct, kw_only=True):
     default_max_tokens: int = 16  # when the request sets neither max_tokens nor max_completion_tokens
     embedding_dim: int = 8
     first_token_delay_s: float = 0.0  # "prompt processing" before the first token
+    report_usage: bool = True  # False: answers and streams carry no `usage`, as some backends do
 
 
 @dataclass(frozen=True, slots=True)

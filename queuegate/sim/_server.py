@@ -232,6 +232,7 @@ class Simulator:
         if body.get("stream") is True:
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            include_usage = include_usage and self.config.report_usage
             await self._stream(exchange, completion, fault, first_delay, interval, include_usage)
             return
         await trio.sleep(first_delay + interval * len(completion.tokens))
@@ -242,7 +243,10 @@ class Simulator:
             raise _Drop
         if fault == "hang_after_first":
             await trio.sleep_forever()
-        await exchange.respond(200, msgspec.json.encode(completion.whole()))
+        whole = completion.whole()
+        if not self.config.report_usage:
+            del whole["usage"]
+        await exchange.respond(200, msgspec.json.encode(whole))
 
     async def _stream(
         self,

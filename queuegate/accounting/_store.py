@@ -1,0 +1,231 @@
+"""The usage store: one row per finished request in a SQLite file, written in batches off the request path.
+
+A request's end only appends its row to a list in memory (`record`, no I/O). The writer task (`run`) commits the
+list every `flush_ms` in one transaction, in a worker thread. A row counts as acknowledged once committed: reads go
+to the file, so whatever `GET /v1/usage` has shown survives a crash. SQLite in WAL mode with `synchronous = FULL`
+makes each commit atomic and durable; a daemon killed mid-write loses at most the rows of the last `flush_ms` that
+were not committed yet, never a committed one, and never leaves a broken file. On shutdown the writer commits what
+is left. If the disk fails, rows stay in memory (up to MAX_PENDING, then the oldest are dropped and counted) and the
+writer retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import trio
+
+from queuegate.proxy import CLIENT_CLOSED, RequestRecord
+
+log = logging.getLogger("queuegate.usage")
+
+SCHEMA_VERSION = 1
+MAX_PENDING = 100_000  # rows kept in memory while the disk cannot take them
+_PURGE_EVERY_S = 3600.0
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT NOT NULL,
+    at REAL NOT NULL,                  -- unix time it ended
+    day TEXT NOT NULL,                 -- its UTC date, YYYY-MM-DD
+    key TEXT,                          -- API key name (never the secret); NULL on an open gateway
+    session TEXT,
+    model TEXT,                        -- NULL when refused before a model was known
+    class TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    outcome TEXT NOT NULL,             -- ok | error | cancelled
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    estimated INTEGER NOT NULL         -- 1: the backend reported no usage; QueueGate counted approximately
+);
+CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
+CREATE INDEX IF NOT EXISTS requests_key_at ON requests (key, at);
+CREATE INDEX IF NOT EXISTS requests_session_at ON requests (session, at);
+"""
+_INSERT = "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+class UsageStoreError(Exception):
+    """The usage database cannot be opened (path, permissions, or a file from a newer QueueGate)."""
+
+
+class UsageRow(msgspec.Struct, array_like=True, frozen=True):
+    """One finished request, as stored (the field order is the table's column order)."""
+
+    request_id: str
+    at: float
+    day: str
+    key: str | None
+    session: str | None
+    model: str | None
+    klass: str
+    endpoint: str
+    status: int
+    outcome: str
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+
+
+class UsageStoreStatistics(msgspec.Struct, frozen=True):
+    pending: int  # recorded, not committed yet
+    committed: int  # rows committed since start
+    dropped: int  # rows lost because the disk failed for too long
+    write_errors: int
+
+
+def usage_row(record: RequestRecord, status: int) -> UsageRow | None:
+    """The row for a finished request; None for one refused before it had a key (401): not anyone's usage."""
+    if status == 401:
+        return None
+    if record.cancelled or status == CLIENT_CLOSED:
+        outcome = "cancelled"
+    elif status >= 400 or record.error is not None:
+        outcome = "error"
+    else:
+        outcome = "ok"
+    usage = record.usage
+    now = time.time()
+    return UsageRow(
+        request_id=record.request_id,
+        at=round(now, 3),
+        day=time.strftime("%Y-%m-%d", time.gmtime(now)),
+        key=record.key.name if record.key is not None else None,
+        session=record.session,
+        model=record.model,
+        klass=record.klass,
+        endpoint=record.endpoint,
+        status=status,
+        outcome=outcome,
+        prompt_tokens=usage.prompt_tokens if usage is not None else 0,
+        completion_tokens=usage.completion_tokens if usage is not None else 0,
+        estimated=usage is not None and usage.estimated,
+    )
+
+
+def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
+    """A connection to the usage database with the settings every user of it needs."""
+    uri = f"file:{path}?mode=ro" if read_only else f"file:{path}"
+    conn = sqlite3.connect(uri, uri=True, timeout=10.0, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+class UsageStore:
+    def __init__(self, path: Path, *, flush_s: float = 1.0, retention_days: float = 0.0) -> None:
+        self.path = path
+        self._flush_s = flush_s
+        self._retention_s = retention_days * 86400
+        self._pending: list[UsageRow] = []
+        self._recorded = 0  # rows ever recorded
+        self._settled = 0  # of those, rows committed or dropped (in order)
+        self._dropped = 0
+        self._write_errors = 0
+        self._wake = trio.Event()
+        self._committed_changed = trio.Event()
+        self._conn: sqlite3.Connection | None = None  # the writer's; used by one worker thread at a time
+        self._purged_at = 0.0
+
+    def record(self, row: UsageRow) -> None:
+        """Queue a row for the next batch (called on the request's way out: no I/O)."""
+        self._pending.append(row)
+        self._recorded += 1
+        if len(self._pending) > MAX_PENDING:
+            del self._pending[0]
+            self._dropped += 1
+            self._settled += 1  # it will never be written: nobody waits for it
+
+    async def flush(self) -> None:
+        """Return once every row recorded before the call is committed (a read after it sees them)."""
+        target = self._recorded
+        while self._settled < target:
+            self._wake.set()
+            await self._committed_changed.wait()
+
+    def statistics(self) -> UsageStoreStatistics:
+        written = self._settled - self._dropped
+        return UsageStoreStatistics(len(self._pending), written, self._dropped, self._write_errors)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the database (UsageStoreError if it cannot), then commit batches until cancelled, and the rest."""
+        await trio.to_thread.run_sync(self._open)
+        task_status.started()
+        try:
+            while True:
+                with trio.move_on_after(self._flush_s):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                await self._write_pending()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._write_pending()
+                await trio.to_thread.run_sync(self._close)
+
+    async def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            await trio.to_thread.run_sync(self._insert, batch)
+        except sqlite3.Error as exc:
+            self._pending[:0] = batch  # keep them, in order, for the next try
+            self._write_errors += 1
+            log.error("usage rows not written; retrying", extra={"fields": {"rows": len(batch), "error": str(exc)}})
+            return
+        self._settled += len(batch)
+        self._committed_changed.set()
+        self._committed_changed = trio.Event()
+
+    # -- in the worker thread ------------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = connect(self.path)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                conn.close()
+                raise UsageStoreError(
+                    f"{self.path}: usage database of a newer QueueGate (schema {version}, this one knows "
+                    f"{SCHEMA_VERSION})"
+                )
+            conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        except (OSError, sqlite3.Error) as exc:
+            raise UsageStoreError(f"{self.path}: cannot open the usage database: {exc}") from None
+        self._conn = conn
+
+    def _insert(self, batch: list[UsageRow]) -> None:
+        assert self._conn is not None
+        with _transaction(self._conn):
+            self._conn.executemany(_INSERT, (msgspec.structs.astuple(row) for row in batch))
+        now = time.time()
+        if self._retention_s and now - self._purged_at >= _PURGE_EVERY_S:
+            self._purged_at = now
+            with _transaction(self._conn):
+                self._conn.execute("DELETE FROM requests WHERE at < ?", (now - self._retention_s,))
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: one atomic batch. A writer in another process makes
+    it wait its turn (busy_timeout) rather than fail."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
