@@ -14,7 +14,7 @@ import trio
 from queuegate.accounting import UsageStoreError
 from queuegate.admin import SocketInUse
 from queuegate.admin import command as admin_command
-from queuegate.config import Config, ConfigError, admin_socket_path, build_config, load_config
+from queuegate.config import Config, ConfigError, admin_socket_path, build_config, load_config, usage_db_path
 from queuegate.daemon import Daemon
 from queuegate.errors import leaf_exceptions
 from queuegate.logs import configure_logging
@@ -118,6 +118,8 @@ def _check(config: Config) -> int:
         if spec.defaults:
             print(f"    defaults {dict(spec.defaults)}")
         launch, mc = spec.launch, config.models[spec.name]
+        if mc.rpm or mc.tpm:
+            print(f"    each upstream's own limit: {_limits(mc.rpm, mc.tpm)} (requests wait to stay under it)")
         if launch is not None:
             what = " ".join(launch.argv) if launch.launcher == "process" else f"container {launch.container}"
             print(f"    launcher {launch.launcher}: {what}")
@@ -130,10 +132,20 @@ def _check(config: Config) -> int:
         print(f"  device {name}: {device.memory_gb:g} GB{', exclusive' if device.exclusive else ''}")
     for name, key in config.keys.items():
         source = f"from ${key.key_env}" if key.key_env else "inline secret"
-        print(f"  key {name}: class {key.klass}, models {', '.join(key.models) or 'all'} ({source})")
+        limits = f", {_limits(key.rpm, key.tpm)}" if key.rpm or key.tpm else ""
+        admin = ", reads all usage" if key.usage_admin else ""
+        print(f"  key {name}: class {key.klass}, models {', '.join(key.models) or 'all'}{limits}{admin} ({source})")
     if not config.keys:
         print("  no [keys]: the API is open to whoever can reach the listen address")
+    if config.usage.enabled:
+        print(f"  usage: {usage_db_path(config)} (committed every {config.usage.flush_ms:g} ms)")
+    else:
+        print("  usage: not recorded ([usage] enabled = false)")
     return 0
+
+
+def _limits(rpm: int | None, tpm: int | None) -> str:
+    return ", ".join(f"{value} {unit}" for value, unit in ((rpm, "rpm"), (tpm, "tpm")) if value)
 
 
 def _run(args: argparse.Namespace) -> int:

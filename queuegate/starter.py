@@ -11,7 +11,7 @@ from typing import Any
 
 import tomli_w
 
-from queuegate.config import AffinityConfig, FleetConfig, QueueConfig, ServerConfig, UpstreamDefaults
+from queuegate.config import AffinityConfig, FleetConfig, QueueConfig, ServerConfig, UpstreamDefaults, UsageConfig
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,14 @@ def starter_tables() -> list[Table]:
                 ),
                 Key("max_concurrency", 2, "Requests in flight per upstream; more wait in the queue."),
                 Key("max_queue", 64, "Waiting requests for this model (then 429); [queue].max_size still holds.", True),
+                Key(
+                    "rpm",
+                    500,
+                    "The upstream's own requests-per-minute limit (a cloud API's), per upstream: QueueGate\n"
+                    "holds requests in the queue to stay under it instead of collecting 429s.",
+                    True,
+                ),
+                Key("tpm", 30000, "The same for tokens (prompt + completion) per minute.", True),
                 Key("aliases", ["coder"], "Other names for this model, e.g. roles such as planner or coder."),
                 Key(
                     "defaults",
@@ -158,8 +166,34 @@ def starter_tables() -> list[Table]:
                     "Requests per minute. Over it, requests wait in the queue for the window (cancellable) instead\n"
                     "of failing; only a wait longer than [queue].max_wait_s is refused: 429 with Retry-After.",
                 ),
+                Key(
+                    "tpm",
+                    200000,
+                    "Tokens (prompt + completion) per minute, the same way. A request is charged its prompt\n"
+                    "estimate plus its max_tokens when it starts, corrected to its real usage when it ends.",
+                ),
+                Key(
+                    "usage_admin",
+                    False,
+                    "true: it may read every key's usage (GET /v1/usage, /sessions/status), not only its own.",
+                ),
             ],
             optional=True,
+        ),
+        Table(
+            "usage",
+            "Token accounting: a row per request (key, session, model, tokens, outcome) in SQLite,\n"
+            "read with GET /v1/usage and GET /sessions/status.",
+            _defaults(
+                UsageConfig(),
+                {
+                    "enabled": "false: record nothing (the usage routes answer 404).",
+                    "path": '"" = <state_dir>/usage.sqlite3; relative to this file.',
+                    "flush_ms": "Rows are committed in a batch this often, off the request path: the most a\n"
+                    "crash or kill -9 can lose. A graceful stop commits everything.",
+                    "retention_days": "Rows older than this are deleted (hourly); 0 = keep forever.",
+                },
+            ),
         ),
         Table(
             "fleet",

@@ -255,7 +255,7 @@ class SchedulerCore:
         replaces the estimate its tokens-per-minute limits were charged."""
         if tokens is not None:
             for charge in ticket.charges:
-                charge.amount = tokens
+                charge.correct(tokens)
         uid = ticket.upstream_id
         if uid is None:
             return []

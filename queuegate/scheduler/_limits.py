@@ -33,20 +33,36 @@ class Charge:
 
     at: float
     amount: int
+    window: _Window | None  # None once it has left the window
+
+    def correct(self, amount: int) -> None:
+        if self.window is not None:
+            self.window.used += amount - self.amount
+        self.amount = amount
 
 
 class _Window:
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.used = 0  # sum of the charges in the window
         self._charges: collections.deque[Charge] = collections.deque()
 
     def wait_until(self, cost: int, ahead: int, now: float) -> float:
         """When a request costing `cost` may be charged, behind `ahead` queued requests of this limit that are
-        assumed to cost the same (0: it is next). Simulates the window: each goes when enough charges left it."""
+        assumed to cost the same (0: it is next)."""
+        self._trim(now)
         need = min(cost, self.limit)
+        if ahead == 0:  # the common case, on every dispatch: walk only as far as needed
+            freed = 0
+            for charge in self._charges:
+                if self.used - freed + need <= self.limit:
+                    break
+                freed += charge.amount
+                now = charge.at + WINDOW_S
+            return now
+        # Behind others: simulate the window, each going as soon as enough charges have left it.
         charges = collections.deque((c.at, c.amount) for c in self._charges)
-        used = sum(amount for _, amount in charges)
-        at = now
+        used, at = self.used, now
         for _ in range(ahead + 1):
             while charges and (charges[0][0] + WINDOW_S <= at or used + need > self.limit):
                 left_at, amount = charges.popleft()
@@ -57,11 +73,17 @@ class _Window:
         return at
 
     def charge(self, cost: int, now: float) -> Charge:
-        while self._charges and self._charges[0].at + WINDOW_S <= now:
-            self._charges.popleft()
-        charge = Charge(now, cost)
+        self._trim(now)
+        charge = Charge(now, cost, self)
         self._charges.append(charge)
+        self.used += cost
         return charge
+
+    def _trim(self, now: float) -> None:
+        while self._charges and self._charges[0].at + WINDOW_S <= now:
+            left = self._charges.popleft()
+            self.used -= left.amount
+            left.window = None
 
 
 class RateLimiter:
