@@ -31,9 +31,12 @@ def start_server(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
 
 
 @contextlib.contextmanager
-def instant_sim_behind_gateway(*, max_concurrency: int, log_level: str = "info") -> Iterator[tuple[str, str, Path]]:
+def instant_sim_behind_gateway(
+    *, max_concurrency: int, log_level: str = "info", extra_toml: str = ""
+) -> Iterator[tuple[str, str, Path]]:
     """A simulated upstream that answers at once, and `queuegate run` in front of it (model `bench`), each its own
-    process, stopped on exit. Yields (sim base URL, gateway base URL, the gateway's folder: its state is there)."""
+    process, stopped on exit. Yields (sim base URL, gateway base URL, the gateway's folder: its state is there).
+    `extra_toml`: more config tables (e.g. `[usage]` or `[keys.x]`)."""
     py = sys.executable
     servers: list[subprocess.Popen[str]] = []
     try:
@@ -44,7 +47,7 @@ def instant_sim_behind_gateway(*, max_concurrency: int, log_level: str = "info")
             config.write_text(
                 f'[server]\nlisten = "127.0.0.1:0"\nlog_level = "{log_level}"\n[queue]\nmax_size = 4096\n'
                 f'[models.bench]\nupstreams = ["{sim_url}/v1"]\nkind = "llamacpp"\n'
-                f"max_concurrency = {max_concurrency}\n"
+                f"max_concurrency = {max_concurrency}\n{extra_toml}"
             )
             gateway, gateway_url = start_server([py, "-m", "queuegate.cli", "run", "--config", str(config)])
             servers.append(gateway)
@@ -156,16 +159,19 @@ class Connection:
         return data
 
 
-def post(host: str, port: int, path: str, body: bytes) -> bytes:
+def post(host: str, port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     return (
-        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n{extra}"
         f"content-length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
-async def drive(url: str, path: str, body: bytes, concurrency: int, seconds: float) -> Result:
+async def drive(
+    url: str, path: str, body: bytes, concurrency: int, seconds: float, headers: dict[str, str] | None = None
+) -> Result:
     host, port = url.removeprefix("http://").split("/")[0].split(":")
-    raw = post(host, int(port), path, body)
+    raw = post(host, int(port), path, body, headers)
     result = Result()
     start = time.perf_counter()
     stop_at = start + seconds
