@@ -122,6 +122,10 @@ class Daemon:
                 self.catalog, self.admission, forwarder, report_unreachable, _notice_policy(cfg), cfg.affinity.header
             )
             active = ActiveRequests()
+            metrics = Metrics(
+                self.admission.statistics, fleet.statistics, self.usage.statistics if self.usage else None
+            )
+            fleet.add_listener(metrics.observe_transition)
             canonical = {name: self.catalog.canonical(name) for name in self.catalog.public_names()}
             keyring = KeyRing.from_config(cfg, canonical)
             app = create_app(
@@ -132,7 +136,7 @@ class Daemon:
                 proxy,
                 active,
                 keyring,
-                Metrics(self.admission.statistics, fleet.statistics, self.usage.statistics if self.usage else None),
+                metrics,
                 self._in_flight,
                 cfg.queue.classes,
                 self.usage,

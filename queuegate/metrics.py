@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from queuegate.accounting import UsageStoreStatistics
-from queuegate.fleet.planner import FleetStatistics
+from queuegate.fleet.planner import FleetStatistics, Transition
 from queuegate.proxy import RequestRecord
 from queuegate.scheduler import SchedulerStatistics
 
@@ -25,6 +25,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _WAIT_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _RATE_BUCKETS = (1, 5, 10, 20, 40, 80, 160, 320, 640)
+_LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 
 UsageSource = Callable[[], UsageStoreStatistics] | None
@@ -62,6 +63,10 @@ class Metrics:
             "Time a request spent in QueueGate outside the queue and the upstream: what the gateway costs.",
             buckets=_OVERHEAD_BUCKETS, registry=r,
         )  # fmt: skip
+        self._load = Histogram(
+            "queuegate_model_load_duration_seconds", "Model loads, from launch to healthy.", ["model"],
+            buckets=_LOAD_BUCKETS, registry=r,
+        )  # fmt: skip
         r.register(_LiveState(scheduler, fleet, usage))
 
     def observe(self, record: RequestRecord, status: int) -> None:
@@ -84,6 +89,11 @@ class Metrics:
         if record.upstream_started_at is not None:
             in_upstream = now - record.upstream_started_at
             self._overhead.observe(max(0.0, (now - record.started_at) - record.queue_s - in_upstream))
+
+    def observe_transition(self, transition: Transition) -> None:
+        """A model state change (the fleet's listener): a finished load is timed."""
+        if transition.load_s is not None:
+            self._load.labels(transition.model).observe(transition.load_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import in_thread
+from tests.conftest import in_thread, wait_until
+
+HI = [{"role": "user", "content": "hi"}]
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -47,3 +51,21 @@ async def test_metrics_after_traffic(start_sim, start_gateway):
     assert found["queuegate_upstream_up", (("upstream", "m#0"),)] == 1
     assert found["queuegate_model_state", (("model", "m"), ("state", "ready"))] == 1
     assert found["queuegate_swaps_total", ()] == 0
+
+
+async def test_metrics_time_model_loads_and_count_usage_rows(start_gateway):
+    """A QueueGate-launched model (a simulated server in a real child process) loads on demand: its load is timed;
+    the request's usage row shows up as written."""
+    sim = [sys.executable, "-m", "queuegate.sim", "--port", "${PORT}", "--tokens-per-s", "0", "--load-time", "0.3"]
+    gw = await start_gateway({"m": {"launcher": "process", "kind": "llamacpp", "cmd": sim}}, usage={"flush_ms": 50})
+    client = gw.client()
+    await in_thread(lambda: client.chat.completions.create(model="m", messages=HI, max_tokens=2))
+    async with httpx.AsyncClient() as http:
+        await wait_until(lambda: gw.daemon.usage.statistics().committed == 1)
+        found = samples((await http.get(gw.base_url + "/metrics")).text)
+    assert found["queuegate_model_load_duration_seconds_count", (("model", "m"),)] == 1
+    assert 0.3 <= found["queuegate_model_load_duration_seconds_sum", (("model", "m"),)] < 10
+    assert found["queuegate_model_loads_total", ()] == 1
+    assert found["queuegate_usage_rows_written_total", ()] == 1
+    assert found["queuegate_usage_rows_pending", ()] == 0
+    assert found["queuegate_usage_write_errors_total", ()] == 0

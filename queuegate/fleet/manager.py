@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -80,6 +80,7 @@ class Fleet:
         self._scopes: dict[str, trio.CancelScope] = {}  # the task of each model with a server (maybe) running
         self._recheck: dict[str, trio.Event] = {}
         self._subscribers: set[trio.MemorySendChannel[Transition]] = set()
+        self._listeners: list[Callable[[Transition], None]] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Publish every model's initial state, launch the preloads, then follow the queue until cancelled."""
@@ -126,6 +127,10 @@ class Fleet:
         """The launcher's own timeline for `model`: ("spawning" | "exited", trio time)."""
         return list(self._launchers[model].history)
 
+    def add_listener(self, listener: Callable[[Transition], None]) -> None:
+        """Call `listener(transition)` on every model state change (it must only take note: no awaits)."""
+        self._listeners.append(listener)
+
     @asynccontextmanager
     async def events(self) -> AsyncIterator[trio.MemoryReceiveChannel[Transition]]:
         """Every model state change from now on. A subscriber that falls behind loses the oldest events."""
@@ -162,6 +167,8 @@ class Fleet:
             level = logging.WARNING if transition.state is ModelState.FAILED else logging.INFO
             fields = {"model": transition.model, "state": transition.state.value, "reason": transition.reason}
             log.log(level, "model state", extra={"fields": fields})
+            for listener in self._listeners:
+                listener(transition)
             for subscriber in list(self._subscribers):
                 try:
                     subscriber.send_nowait(transition)

@@ -70,6 +70,7 @@ class Transition:
     model: str
     state: ModelState
     reason: str
+    load_s: float | None = None  # on turning ready: how long this load took (launch -> healthy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,12 +234,13 @@ class FleetPlanner:
         model = self._models[name]
         if model.state is not ModelState.STARTING:
             return
-        model.load_s = _average(model.load_s, now - model.since_launch)
+        took = now - model.since_launch
+        model.load_s = _average(model.load_s, took)
         model.ready_at = now
         model.failures = 0
         model.want = None
         self.loads += 1
-        self._set(model, ModelState.READY, "healthy", now)
+        self._set(model, ModelState.READY, "healthy", now, load_s=took)
 
     def stopped(self, name: str, now: float) -> None:
         """The model's server stopped after a `Halt`."""
@@ -414,11 +416,11 @@ class FleetPlanner:
         model.evict = False
         effects.append(Halt(model.spec.name))
 
-    def _set(self, model: _Model, state: ModelState, reason: str, now: float) -> None:
+    def _set(self, model: _Model, state: ModelState, reason: str, now: float, load_s: float | None = None) -> None:
         if state is not model.state:
             model.since = now
         model.state, model.reason = state, reason
-        self._transitions.append(Transition(now, model.spec.name, state, reason))
+        self._transitions.append(Transition(now, model.spec.name, state, reason, load_s))
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
