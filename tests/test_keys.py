@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import httpx
 import openai
 import pytest
@@ -134,3 +136,24 @@ async def test_tokens_per_minute_and_upstream_limits_wait_and_refuse_only_beyond
         await in_thread(lambda: ask("cloud", 1))  # the model's upstream allows one request a minute
     assert "model 'cloud'" in info.value.message
     assert gw.stats().waiting == 0
+
+
+async def test_a_request_held_by_a_limit_is_still_cancellable(start_sim, start_gateway, monkeypatch):
+    """A client that gives up while its key's window holds it leaves the queue at once (nothing left behind)."""
+    monkeypatch.setenv("ONE_KEY", "sk-one-a-minute-0123")
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}}, keys={"slow": {"key_env": "ONE_KEY", "rpm": 1}})
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    headers = {"authorization": "Bearer sk-one-a-minute-0123"}
+    async with httpx.AsyncClient(timeout=20) as http:
+        assert (await http.post(gw.api + "/chat/completions", json=body, headers=headers)).status_code == 200
+        async with trio.open_nursery() as nursery:
+            # Held for the rest of the minute: once it waits in the queue, the client gives up.
+            nursery.start_soon(functools.partial(http.post, gw.api + "/chat/completions", json=body, headers=headers))
+            with trio.fail_after(3):
+                while gw.stats().waiting != 1:
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+    with trio.fail_after(3):
+        while gw.stats().waiting:
+            await trio.sleep(0.02)
