@@ -7,6 +7,7 @@ these tests are skipped with the reason; under CI a missing part is a failure, n
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 
 import httpx
@@ -79,6 +80,19 @@ async def test_chat_stream_and_non_stream_via_openai_client(llama_gateway):
 
     completion = await in_thread(lambda: client.completions.create(model="gemma", prompt="The sky is", max_tokens=4))
     assert completion.choices[0].text
+
+    # Usage accounting took llama-server's own counts, also of the stream whose usage chunk the client never saw.
+    usage = gw.daemon.usage
+    await usage.flush()
+    with sqlite3.connect(usage.path) as db:
+        rows = db.execute("SELECT prompt_tokens, completion_tokens, estimated FROM requests ORDER BY at").fetchall()
+    known = [answer.usage, chunks[-1].usage, None, completion.usage]
+    assert len(rows) == 4 and not any(estimated for _, _, estimated in rows)
+    for (prompt, completed, _), reported in zip(rows, known, strict=True):
+        if reported is None:
+            assert prompt == answer.usage.prompt_tokens and 0 < completed <= 6
+        else:
+            assert (prompt, completed) == (reported.prompt_tokens, reported.completion_tokens)
 
 
 async def test_client_disconnect_stops_llama_generation(llama_gateway):
