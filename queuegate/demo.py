@@ -8,16 +8,17 @@ and then the other shows a swap.
 
 from __future__ import annotations
 
+import logging
 import sys
-from functools import partial
 from typing import Any
 
 import trio
 
 from queuegate.config import Config, build_config
-from queuegate.fleet.process import ChildProcess
+from queuegate.fleet.process import ChildProcess, LaunchFailed
 
 READY_PREFIX = "QUEUEGATE_SIM_READY "
+log = logging.getLogger("queuegate.demo")
 
 
 def _launched_sim(*args: str) -> list[str]:
@@ -82,7 +83,7 @@ async def start_demo_fleet(nursery: trio.Nursery, *, listen: str, overrides: dic
             child = ChildProcess(
                 f"{name}#{i}", [sys.executable, "-m", "queuegate.sim", "--port", "0", "--model", name, *args]
             )
-            urls.append(await nursery.start(partial(child.run, ready_prefix=READY_PREFIX)))
+            urls.append(await nursery.start(_run_demo_upstream, child))
         models[name] = {"upstreams": urls, **settings} if urls else dict(settings)
     raw: dict[str, Any] = {
         "server": {"listen": listen},
@@ -93,3 +94,27 @@ async def start_demo_fleet(nursery: trio.Nursery, *, listen: str, overrides: dic
         **(overrides or {}),
     }
     return build_config(raw, source="<demo>")
+
+
+async def _run_demo_upstream(child: ChildProcess, *, task_status: trio.TaskStatus[str]) -> None:
+    """Run one demo simulator. If it dies after it started, the gateway goes on (its health check marks the
+    upstream down, as for any external server); only a simulator that cannot start stops the demo."""
+    status = _NotedStart(task_status)
+    try:
+        await child.run(ready_prefix=READY_PREFIX, task_status=status)  # type: ignore[arg-type]
+    except LaunchFailed as exc:
+        if not status.done:
+            raise
+        log.warning("demo upstream exited", extra={"fields": {"upstream": child.name, "why": str(exc).splitlines()[0]}})
+
+
+class _NotedStart:
+    """A task status that remembers whether `started` was called."""
+
+    def __init__(self, task_status: trio.TaskStatus[str]) -> None:
+        self._task_status = task_status
+        self.done = False
+
+    def started(self, value: str) -> None:
+        self.done = True
+        self._task_status.started(value)

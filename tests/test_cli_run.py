@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import trio
@@ -37,6 +38,13 @@ async def test_demo_fleet_serves_the_openai_client_and_stops_on_sigint(nursery):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     vectors = await in_thread(lambda: client.embeddings.create(model="embed", input="hi"))
     assert len(vectors.data[0].embedding) == 16
+    # A demo upstream that dies takes only itself down: the gateway goes on serving the others.
+    embedder = next(pid for pid in fleet if b"demo-embed" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    os.kill(int(embedder), signal.SIGTERM)
+    with trio.fail_after(10):
+        while "demo upstream exited" not in daemon.stderr:
+            await trio.sleep(0.05)
+    assert (await in_thread(lambda: client.chat.completions.create(model="chat", messages=messages))).choices
 
     daemon.process.send_signal(signal.SIGINT)
     with trio.fail_after(10):
