@@ -85,7 +85,7 @@ async def test_chat_stream_and_non_stream_via_openai_client(llama_gateway):
     usage = gw.daemon.usage
     await usage.flush()
     with sqlite3.connect(usage.path) as db:
-        rows = db.execute("SELECT prompt_tokens, completion_tokens, estimated FROM requests ORDER BY at").fetchall()
+        rows = db.execute("SELECT prompt_tokens, completion_tokens, estimated FROM requests ORDER BY rowid").fetchall()
     known = [answer.usage, chunks[-1].usage, None, completion.usage]
     assert len(rows) == 4 and not any(estimated for _, _, estimated in rows)
     for (prompt, completed, _), reported in zip(rows, known, strict=True):

@@ -110,7 +110,7 @@ async def test_usage_per_key_session_and_model_and_a_key_sees_only_its_own(start
     # The rows are in a real SQLite file in WAL mode under state_dir, with key names and never secrets.
     db = state / "usage.sqlite3"
     assert rows_in(db, "PRAGMA journal_mode") == [("wal",)]
-    stored = rows_in(db, "SELECT key, session, model, outcome FROM requests ORDER BY at")
+    stored = rows_in(db, "SELECT key, session, model, outcome FROM requests ORDER BY rowid")
     assert stored == [
         ("alice", "s1", "chat", "ok"),
         ("alice", "s1", "chat", "ok"),
