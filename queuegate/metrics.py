@@ -131,7 +131,19 @@ class _LiveState(Collector):
             state.add_metric([m.name, m.state], 1.0)
             if m.load_s is not None:
                 load.add_metric([m.name], m.load_s)
-        yield from (waiting, oldest, in_flight, healthy, state, load)
+        limit = GaugeMetricFamily("queuegate_rate_limit", "A key's or upstream's per-minute limit.",
+                                  labels=["limit", "unit"])  # fmt: skip
+        used = GaugeMetricFamily("queuegate_rate_limit_used", "What the last 60 s used of the limit.",
+                                 labels=["limit", "unit"])  # fmt: skip
+        for lim in stats.limits:
+            for unit, allowed, spent in (
+                ("requests", lim.rpm, lim.requests_used),
+                ("tokens", lim.tpm, lim.tokens_used),
+            ):
+                if allowed is not None:
+                    limit.add_metric([lim.name, unit], allowed)
+                    used.add_metric([lim.name, unit], spent)
+        yield from (waiting, oldest, in_flight, healthy, state, load, limit, used)
         yield CounterMetricFamily("queuegate_model_loads", "Models loaded (turned healthy) since start.", fleet.loads)
         yield CounterMetricFamily("queuegate_swaps", "Models stopped to make room for another.", fleet.swaps)
         if self._usage is not None:

@@ -9,6 +9,9 @@ import openai
 import pytest
 import trio
 
+from queuegate.admin import AdminClient
+from queuegate.admin.command import render_status
+from queuegate.config import admin_socket_path
 from tests.conftest import in_thread
 
 SECRETS = {"ALICE_KEY": "sk-alice-0123456789", "BATCH_KEY": "sk-batch-9876543210"}
@@ -126,16 +129,27 @@ async def test_tokens_per_minute_and_upstream_limits_wait_and_refuse_only_beyond
         messages = [{"role": "user", "content": "hi"}]
         return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens)
 
-    assert (await in_thread(lambda: ask("chat", 90))).choices  # about 91 tokens charged, then its real usage
+    first = await in_thread(lambda: ask("chat", 90))  # about 91 tokens charged, then its real usage
     with pytest.raises(openai.RateLimitError) as info:
         await in_thread(lambda: ask("chat", 200))  # larger than the whole limit: it would wait for the window
     assert info.value.status_code == 429 and "key 'bot'" in info.value.message
     assert 1 <= int(info.value.response.headers["retry-after"]) <= 60
-    assert (await in_thread(lambda: ask("cloud", 1))).choices
+    cloud = await in_thread(lambda: ask("cloud", 1))
     with pytest.raises(openai.RateLimitError) as info:
         await in_thread(lambda: ask("cloud", 1))  # the model's upstream allows one request a minute
     assert "model 'cloud'" in info.value.message
     assert gw.stats().waiting == 0
+    limits = {lim.name: lim for lim in gw.stats().limits}
+    assert limits["upstream:cloud#0"].requests_used == 1 and limits["upstream:cloud#0"].free_in_s > 50
+    assert limits["key:bot"].tokens_used == first.usage.total_tokens + cloud.usage.total_tokens  # real usage
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(gw.base_url + "/metrics")).text
+    assert 'queuegate_rate_limit{limit="key:bot",unit="tokens"} 100.0' in metrics
+    assert 'queuegate_rate_limit_used{limit="upstream:cloud#0",unit="requests"} 1.0' in metrics
+    async with AdminClient(admin_socket_path(gw.daemon.config)) as admin:  # what `queuegate admin status` prints
+        text = render_status(await admin.status())
+    assert "limit upstream:cloud#0: 1/1 rpm in the last minute; full for" in text
+    assert f"limit key:bot: {limits['key:bot'].tokens_used}/100 tpm in the last minute" in text
 
 
 async def test_a_request_held_by_a_limit_is_still_cancellable(start_sim, start_gateway, monkeypatch):

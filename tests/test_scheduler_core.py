@@ -323,6 +323,8 @@ def test_a_key_over_its_rpm_waits_for_its_window_while_others_go():
     other = Ticket("m", 1.0, flow="client:x")
     assert core.submit(other, 1.0) == [other]  # another flow is not held up
     assert core.tick(59.0) == []
+    (limit,) = core.statistics(59.0).limits
+    assert (limit.name, limit.rpm, limit.requests_used, limit.tpm, limit.free_in_s) == ("key:k", 2, 2, None, 1.0)
     assert core.tick(60.0) == keyed[2:]
 
 

@@ -76,7 +76,7 @@ async def _run(args: argparse.Namespace, socket_path: Path) -> int:
 
 
 def render_status(status: DaemonStatus) -> str:
-    """A plain-text status for a terminal: models with their fleet state and queues, then devices."""
+    """A plain-text status for a terminal: models with their fleet state and queues, then devices and limits."""
     fleet = {m.name: m for m in status.fleet.models}
     lines = [
         f"QueueGate at {status.listen}, up {status.uptime_s:.0f} s: "
@@ -105,4 +105,9 @@ def render_status(status: DaemonStatus) -> str:
             eta = f", about {device.swap.eta_s:g} s left" if device.swap.eta_s is not None else ""
             line += f"; swapping to {device.swap.target}: {device.swap.phase} for {device.swap.elapsed_s:.1f} s{eta}"
         lines.append(line)
+    for lim in status.scheduler.limits:
+        windows = (("rpm", lim.rpm, lim.requests_used), ("tpm", lim.tpm, lim.tokens_used))
+        used = [f"{spent}/{allowed} {unit}" for unit, allowed, spent in windows if allowed is not None]
+        wait = f"full for {lim.free_in_s:g} s more" if lim.free_in_s > 0 else "has room"
+        lines.append(f"limit {lim.name}: {', '.join(used)} in the last minute; {wait}")
     return "\n".join(lines)

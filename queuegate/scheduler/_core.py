@@ -30,7 +30,7 @@ from typing import TypeVar
 import msgspec
 
 from queuegate.errors import GatewayError, QueueFull, ServiceUnavailable, UpstreamError
-from queuegate.scheduler._limits import Charge, RateLimit, RateLimiter
+from queuegate.scheduler._limits import Charge, LimitStatistics, RateLimit, RateLimiter
 
 _K = TypeVar("_K")
 
@@ -181,6 +181,7 @@ class SchedulerStatistics(msgspec.Struct, frozen=True):
     in_service: int
     max_queue: int
     models: list[ModelStatistics]
+    limits: list[LimitStatistics] = []  # every rate-limited key and upstream
 
 
 FLOW_STATISTICS_LIMIT = 50
@@ -586,7 +587,9 @@ class SchedulerCore:
                     ],
                 )
             )
-        return SchedulerStatistics(self._waiting, self._in_service, self.max_queue, models)
+        limits = [lim.statistics(f"key:{name}", now) for name, lim in self._key_limits.items()]
+        limits += [lim.statistics(f"upstream:{uid}", now) for uid, lim in self._upstream_limits.items()]
+        return SchedulerStatistics(self._waiting, self._in_service, self.max_queue, models, limits)
 
 
 def _decrement(counter: Counter[_K], key: _K) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
+import msgspec
+
 WINDOW_S = 60.0
 
 
@@ -72,6 +74,14 @@ class _Window:
             used += need
         return at
 
+    def used_at(self, now: float) -> int:
+        self._trim(now)
+        return self.used
+
+    def typical(self) -> int:
+        """The average charge in the window (0 when empty)."""
+        return self.used // len(self._charges) if self._charges else 0
+
     def charge(self, cost: int, now: float) -> Charge:
         self._trim(now)
         charge = Charge(now, cost, self)
@@ -84,6 +94,17 @@ class _Window:
             left = self._charges.popleft()
             self.used -= left.amount
             left.window = None
+
+
+class LimitStatistics(msgspec.Struct, frozen=True):
+    """One key's or upstream's limits and what the last minute used of them."""
+
+    name: str  # "key:<name>" or "upstream:<id>"
+    rpm: int | None
+    requests_used: int  # in the last 60 s
+    tpm: int | None
+    tokens_used: int  # in the last 60 s (estimates of requests still running)
+    free_in_s: float  # until a request of average size may go (0: now)
 
 
 class RateLimiter:
@@ -102,6 +123,17 @@ class RateLimiter:
         if self._tokens is not None:
             at = max(at, self._tokens.wait_until(tokens, ahead, now))
         return at
+
+    def statistics(self, name: str, now: float) -> LimitStatistics:
+        requests, tokens = self._requests, self._tokens
+        return LimitStatistics(
+            name,
+            self.limit.rpm,
+            requests.used_at(now) if requests is not None else 0,
+            self.limit.tpm,
+            tokens.used_at(now) if tokens is not None else 0,
+            round(self.wait_until(tokens.typical() if tokens is not None else 0, now) - now, 1),
+        )
 
     def charge(self, tokens: int, now: float) -> Charge | None:
         """Count a granted request; returns its token charge (to correct later), if tokens are limited."""
