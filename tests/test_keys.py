@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import httpx
 import openai
@@ -168,6 +169,34 @@ async def test_a_request_held_by_a_limit_is_still_cancellable(start_sim, start_g
                 while gw.stats().waiting != 1:
                     await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
+    with trio.fail_after(3):
+        while gw.stats().waiting:
+            await trio.sleep(0.02)
+
+
+async def test_a_streamed_request_held_by_a_limit_is_told_why_and_about_how_long(start_sim, start_gateway, monkeypatch):
+    monkeypatch.setenv("ONE_KEY", "sk-one-a-minute-0123")
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url]}},
+        keys={"slow": {"key_env": "ONE_KEY", "rpm": 1}},
+        queue={"notify_min_ms": 100},
+    )
+    client = gw.client(api_key="sk-one-a-minute-0123")
+    messages = [{"role": "user", "content": "hi"}]
+    await in_thread(lambda: client.chat.completions.create(model="m", messages=messages, max_tokens=1))
+
+    def first_notice() -> str:
+        with client.chat.completions.create(model="m", messages=messages, max_tokens=1, stream=True) as stream:
+            for chunk in stream:  # the first event is the queue notice; then the client leaves
+                return chunk.choices[0].delta.model_extra["reasoning_content"]
+        raise AssertionError("no event")
+
+    notice = await in_thread(first_notice)
+    # About the rest of the minute (the notice comes 0.1 s after the first request was answered).
+    assert re.fullmatch(
+        r"Queued for m: position 1, about (59|60) s \(held by a requests- or tokens-per-minute limit\)\.\n", notice
+    )
     with trio.fail_after(3):
         while gw.stats().waiting:
             await trio.sleep(0.02)

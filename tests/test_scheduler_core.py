@@ -11,6 +11,7 @@ from queuegate.scheduler import (
     ModelUnavailable,
     NoUpstreamLeft,
     Policy,
+    QueuePosition,
     RateLimit,
     RateLimited,
     SchedulerCore,
@@ -212,12 +213,12 @@ def test_position_and_eta():
     agent = ticket(3, "agent", "z")
     for t in (a1, a2, b1, agent):
         core.submit(t, t.enqueued_at)
-    assert core.position(a1).position == 1
-    assert core.position(b1).position == 2  # a1 goes first, then b1 (flows alternate)
-    assert core.position(a2).position == 3
-    assert core.position(agent).position == 4
-    assert core.position(b1).eta_s == 4.0
-    assert core.position(holder) is None  # granted, not waiting
+    assert core.position(a1, 5.0).position == 1
+    assert core.position(b1, 5.0).position == 2  # a1 goes first, then b1 (flows alternate)
+    assert core.position(a2, 5.0).position == 3
+    assert core.position(agent, 5.0).position == 4
+    assert core.position(b1, 5.0).eta_s == 4.0
+    assert core.position(holder, 5.0) is None  # granted, not waiting
 
 
 def test_statistics_snapshot_per_class_and_flow():
@@ -320,6 +321,7 @@ def test_a_key_over_its_rpm_waits_for_its_window_while_others_go():
     decided = [t for ticket in keyed for t in core.submit(ticket, 0.0)]
     assert decided == keyed[:2]  # two within the limit go at once
     assert core.next_wakeup() == pytest.approx(60.0)  # the others wait for the window
+    assert core.position(keyed[3], 1.0) == QueuePosition(2, 59.0, rate_limited=True)
     other = Ticket("m", 1.0, flow="client:x")
     assert core.submit(other, 1.0) == [other]  # another flow is not held up
     assert core.tick(59.0) == []

@@ -91,6 +91,8 @@ class QueuedStream:
         text = f"Queued for {self._spec.name}: position {where.position}"
         if where.eta_s is not None:
             text += f", about {max(1, round(where.eta_s))} s"
+        if where.rate_limited:
+            text += " (held by a requests- or tokens-per-minute limit)"
         return text + ".\n"
 
     def _notice_event(self, text: str) -> bytes:

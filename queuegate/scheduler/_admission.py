@@ -108,7 +108,7 @@ class Admission:
         return self._core.demand()
 
     def position(self, ticket: Ticket) -> QueuePosition | None:
-        return self._core.position(ticket)
+        return self._core.position(ticket, trio.current_time())
 
     def set_upstream_state(self, upstream_id: str, state: UpstreamState, reason: str) -> None:
         self._wake(self._core.set_upstream_state(upstream_id, state, reason, trio.current_time()))

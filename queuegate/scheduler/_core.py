@@ -139,7 +139,8 @@ class _Model:
 
 class QueuePosition(msgspec.Struct, frozen=True):
     position: int  # 1 = next to be served
-    eta_s: float | None  # None until the model has served a request
+    eta_s: float | None  # None until the model has served a request (and no rate limit holds it)
+    rate_limited: bool = False  # its key's or its upstreams' rate limit holds it (eta_s says until about when)
 
 
 class UpstreamStatistics(msgspec.Struct, frozen=True):
@@ -523,7 +524,7 @@ class SchedulerCore:
             result[name] = Demand(model.waiting, in_flight, rank, min(t.enqueued_at for t in heads), serving)
         return result
 
-    def position(self, ticket: Ticket) -> QueuePosition | None:
+    def position(self, ticket: Ticket, now: float) -> QueuePosition | None:
         """Where a waiting ticket stands (approximately, under the round-robin) and when it may be served."""
         model = self._models[ticket.model]
         rank = self._rank[ticket.klass]
@@ -546,6 +547,12 @@ class SchedulerCore:
             ahead += min(len(other_flow), ahead_in_flow + before_own)
         capacity = sum(s.capacity for s in model.upstreams if s.state is not UpstreamState.DOWN) or 1
         eta = None if model.service_s is None else round((ahead + 1) * model.service_s / capacity, 1)
+        limited_until = self._model_wakeups.get(model.name, now)
+        key_limiter = self._key_limits.get(ticket.key)
+        if key_limiter is not None:
+            limited_until = max(limited_until, key_limiter.wait_until(ticket.tokens, now, ahead_in_flow))
+        if limited_until > now:
+            return QueuePosition(ahead + 1, round(max(eta or 0.0, limited_until - now), 1), rate_limited=True)
         return QueuePosition(ahead + 1, eta)
 
     def statistics(self, now: float) -> SchedulerStatistics:
