@@ -17,9 +17,11 @@ from queuegate.config import admin_socket_path, build_config
 from queuegate.daemon import Daemon
 from queuegate.tui.app import ConfirmScreen, HelpScreen, TopApp
 from queuegate.tui.source import SocketSource
-from queuegate.tui.widgets import DevicesPanel, ModelsTable, RequestsTable, UpstreamsTable
+from queuegate.tui.widgets import DevicesPanel, LimitsTable, ModelsTable, RequestsTable, UpstreamsTable
 from tests.conftest import in_thread
 from tests.test_fleet import EXCLUSIVE, sim_model
+
+HI = [{"role": "user", "content": "hi"}]
 
 
 async def until(pilot, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -139,3 +141,29 @@ async def test_the_requests_panel_lists_requests_and_c_cancels_the_selected_one(
     with trio.fail_after(5):
         while not failures or sim.stats.disconnects < 1:
             await trio.sleep(0.01)
+
+
+async def test_the_limits_panel_shows_only_when_limits_exist_and_what_the_minute_used(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    limited = await start_gateway({"cloud": {"upstreams": [url], "rpm": 5, "tpm": 1000}})
+    unlimited = await start_gateway({"m": {"upstreams": [url]}})
+    client = limited.client()
+    await in_thread(lambda: client.chat.completions.create(model="cloud", messages=HI, max_tokens=3))
+
+    async def scenario() -> None:
+        app = TopApp(SocketSource(admin_socket_path(limited.daemon.config), interval_ms=200))
+        async with app.run_test(size=(150, 45)) as pilot:
+            limits = app.query_one(LimitsTable)
+            await until(pilot, lambda: limits.row_count == 1)
+            assert limits.display
+            assert str(limits.get_cell("upstream:cloud#0", "REQUESTS / MIN")) == "1/5"
+            assert str(limits.get_cell("upstream:cloud#0", "TOKENS / MIN")).endswith("/1000")
+            assert str(limits.get_cell("upstream:cloud#0", "ROOM IN")) == "now"
+            await pilot.press("q")
+        app = TopApp(SocketSource(admin_socket_path(unlimited.daemon.config), interval_ms=200))
+        async with app.run_test(size=(150, 45)) as pilot:
+            await until(pilot, lambda: app.connected)
+            assert not app.query_one(LimitsTable).display  # no limits configured: no empty panel
+            await pilot.press("q")
+
+    await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))

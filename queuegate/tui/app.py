@@ -22,7 +22,15 @@ from queuegate.admin.client import AdminError, AdminUnavailable
 from queuegate.admin.protocol import Cancel, Drain, Evict, Preload, Request, Undrain
 from queuegate.tui.messages import Disconnected, StatusUpdated
 from queuegate.tui.source import StatusSource
-from queuegate.tui.widgets import DevicesPanel, ModelsTable, QueuesTable, RequestsTable, ThroughputPanel, UpstreamsTable
+from queuegate.tui.widgets import (
+    DevicesPanel,
+    LimitsTable,
+    ModelsTable,
+    QueuesTable,
+    RequestsTable,
+    ThroughputPanel,
+    UpstreamsTable,
+)
 
 _RECONNECT_S = (0.2, 0.5, 1.0, 2.0)  # backoff steps; the last one repeats
 
@@ -91,6 +99,8 @@ class TopApp(App[None]):
         yield RequestsTable(id="requests")
         yield Static("Upstreams", classes="title")
         yield UpstreamsTable(id="upstreams")
+        yield Static("Rate limits", classes="title limits")
+        yield LimitsTable(id="limits", classes="limits")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -125,6 +135,8 @@ class TopApp(App[None]):
         self.query_one(QueuesTable).show(status)
         self.query_one(UpstreamsTable).show(status)
         self.query_one(RequestsTable).show(status)
+        self.query_one(LimitsTable).show(status)
+        self.query(".limits").set(display=bool(status.scheduler.limits))  # only when some are configured
         self.query_one(ThroughputPanel).show(status)
         shown = len(status.requests)
         more = f" (oldest {shown} of {status.requests_total})" if status.requests_total > shown else ""

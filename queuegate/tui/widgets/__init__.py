@@ -1,7 +1,15 @@
 """The panels of `queuegate top`; each renders one part of a `DaemonStatus`."""
 
 from queuegate.tui.widgets.devices import DevicesPanel
-from queuegate.tui.widgets.tables import ModelsTable, QueuesTable, RequestsTable, UpstreamsTable
+from queuegate.tui.widgets.tables import LimitsTable, ModelsTable, QueuesTable, RequestsTable, UpstreamsTable
 from queuegate.tui.widgets.throughput import ThroughputPanel
 
-__all__ = ["DevicesPanel", "ModelsTable", "QueuesTable", "RequestsTable", "ThroughputPanel", "UpstreamsTable"]
+__all__ = [
+    "DevicesPanel",
+    "LimitsTable",
+    "ModelsTable",
+    "QueuesTable",
+    "RequestsTable",
+    "ThroughputPanel",
+    "UpstreamsTable",
+]

@@ -91,6 +91,22 @@ class UpstreamsTable(_KeyedTable):
         return upstream in self._drained
 
 
+class LimitsTable(_KeyedTable):
+    """Each key's and upstream's rate limits: what the last minute used, and how long until there is room."""
+
+    COLUMNS = ("LIMIT", "REQUESTS / MIN", "TOKENS / MIN", "ROOM IN")
+
+    def show(self, status: DaemonStatus) -> None:
+        def used(spent: int, allowed: int | None) -> str:
+            return "-" if allowed is None else f"{spent}/{allowed}"
+
+        rows = []
+        for lim in status.scheduler.limits:
+            room = f"{lim.free_in_s:.0f} s" if lim.free_in_s > 0 else "now"
+            rows.append((lim.name, (lim.name, used(lim.requests_used, lim.rpm), used(lim.tokens_used, lim.tpm), room)))
+        self.replace_rows(rows)
+
+
 class RequestsTable(_KeyedTable):
     """Requests in progress, oldest first (the daemon caps the list; the title shows the total)."""
 
