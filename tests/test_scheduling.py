@@ -85,18 +85,17 @@ async def test_a_flooding_flow_delays_another_flow_by_at_most_one_slot(start_sim
     gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"max_size": 100})
     results: dict[str, httpx.Response] = {}
     async with trio.open_nursery() as nursery:
-        # The holder hangs at the upstream until we hang up on it, so the queue fills at our pace.
-        sim.set_fault("hang")
+        # The holder hangs at the upstream (its own fault, so no race with the requests after it) until we hang
+        # up on it, so the queue fills at our pace.
         holder = trio.CancelScope()
 
         async def hold() -> None:
             with holder:
                 async with httpx.AsyncClient(timeout=30) as http:
-                    await http.post(gw.api + "/chat/completions", json=body("holder"))
+                    await http.post(gw.api + "/chat/completions", json=body("holder", sim_fault="hang"))
 
         nursery.start_soon(hold)
         await wait_until(lambda: gw.stats().in_service == 1)
-        sim.set_fault(None)
         flood = [("/chat/completions", body(f"flood-{i}"), {"X-Session-Id": "agent"}) for i in range(30)]
         await post_all(gw, nursery, flood, results)
         await post_all(gw, nursery, [("/chat/completions", body("alice"), {"X-Session-Id": "alice"})], results)
@@ -153,17 +152,17 @@ async def test_sticky_chat_returns_to_its_upstream_and_does_not_stall_when_it_is
 
     # Busy sticky upstream: the request waits ~max_wait_ms, then takes the free one.
     home = next(i for i in range(2) if any("way0" in json.dumps(r.body) for r in sims[i][0].stats.received))
-    sims[home][0].set_fault("hang")
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as http:
         hog = trio.CancelScope()
 
         async def occupy() -> None:
             with hog:
-                await http.post(gw.api + "/chat/completions", json=body("hog"), headers={"X-Chat-Id": "c1"})
+                await http.post(
+                    gw.api + "/chat/completions", json=body("hog", sim_fault="hang"), headers={"X-Chat-Id": "c1"}
+                )
 
         nursery.start_soon(occupy)
         await wait_until(lambda: gw.stats().in_service == 1)
-        sims[home][0].set_fault(None)
         started = time.monotonic()
         answer = await http.post(gw.api + "/chat/completions", json=body("moved"), headers={"X-Chat-Id": "c1"})
         assert answer.status_code == 200 and 0.25 <= time.monotonic() - started < 2
