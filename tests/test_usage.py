@@ -281,3 +281,32 @@ async def test_an_unusable_usage_path_stops_the_start_with_a_clear_error(tmp_pat
     )
     assert done.returncode == 2
     assert b"cannot open the usage database" in done.stderr and b"not-a-dir" in done.stderr
+
+
+async def test_a_failing_write_keeps_the_rows_and_retries(tmp_path, monkeypatch, caplog):
+    """Fault injection (the disk's failure is simulated: a real full disk cannot be made on demand here): the first
+    commit fails, the rows stay in memory, the next commit writes them all, and the failure is counted and logged."""
+    store = UsageStore(tmp_path / "usage.sqlite3", flush_s=0.01)
+    real_insert = store._insert
+    failures = []
+
+    def failing_once(batch):
+        if not failures:
+            failures.append(len(batch))
+            raise sqlite3.OperationalError("disk I/O error")
+        real_insert(batch)
+
+    monkeypatch.setattr(store, "_insert", failing_once)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        for i in range(10):
+            store.record(row(f"r{i}"))
+        with trio.fail_after(5):
+            await store.flush()
+        nursery.cancel_scope.cancel()
+    assert failures == [10]
+    stats = store.statistics()
+    assert (stats.committed, stats.pending, stats.write_errors, stats.dropped) == (10, 0, 1, 0)
+    assert rows_in(tmp_path / "usage.sqlite3", "SELECT COUNT(*) FROM requests") == [(10,)]
+    (logged,) = [r for r in caplog.records if r.getMessage() == "usage rows not written; retrying"]
+    assert logged.fields == {"rows": 10, "error": "disk I/O error"}
