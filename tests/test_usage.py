@@ -310,3 +310,15 @@ async def test_a_failing_write_keeps_the_rows_and_retries(tmp_path, monkeypatch,
     assert rows_in(tmp_path / "usage.sqlite3", "SELECT COUNT(*) FROM requests") == [(10,)]
     (logged,) = [r for r in caplog.records if r.getMessage() == "usage rows not written; retrying"]
     assert logged.fields == {"rows": 10, "error": "disk I/O error"}
+
+
+def test_rows_beyond_the_backlog_bound_are_dropped_counted_and_warned_once(tmp_path, monkeypatch, caplog):
+    """While the database cannot be written, memory stays bounded: the oldest rows go first."""
+    monkeypatch.setattr("queuegate.accounting._store.MAX_PENDING", 3)
+    store = UsageStore(tmp_path / "usage.sqlite3")  # its writer is not running: nothing is committed
+    for i in range(5):
+        store.record(row(f"r{i}"))
+    stats = store.statistics()
+    assert (stats.pending, stats.dropped, stats.committed) == (3, 2, 0)
+    warnings = [r for r in caplog.records if r.getMessage().startswith("usage rows dropped")]
+    assert len(warnings) == 1

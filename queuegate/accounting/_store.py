@@ -127,6 +127,7 @@ class UsageStore:
         self._settled = 0  # of those, rows committed or dropped (in order)
         self._dropped = 0
         self._write_errors = 0
+        self._dropping = False  # since the last successful write (to warn once per outage)
         self._wake = trio.Event()
         self._committed_changed = trio.Event()
         self._conn: sqlite3.Connection | None = None  # the writer's; used by one worker thread at a time
@@ -138,6 +139,11 @@ class UsageStore:
         self._recorded += 1
         if len(self._pending) > MAX_PENDING:
             del self._pending[0]
+            if not self._dropping:
+                self._dropping = True
+                log.warning(
+                    "usage rows dropped: the database has failed too long", extra={"fields": {"kept": MAX_PENDING}}
+                )
             self._dropped += 1
             self._settled += 1  # it will never be written: nobody waits for it
 
@@ -179,6 +185,7 @@ class UsageStore:
             log.error("usage rows not written; retrying", extra={"fields": {"rows": len(batch), "error": str(exc)}})
             return
         self._settled += len(batch)
+        self._dropping = False
         self._committed_changed.set()
         self._committed_changed = trio.Event()
 
