@@ -138,7 +138,8 @@ def _check(config: Config) -> int:
     if not config.keys:
         print("  no [keys]: the API is open to whoever can reach the listen address")
     if config.usage.enabled:
-        print(f"  usage: {usage_db_path(config)} (committed every {config.usage.flush_ms:g} ms)")
+        usage = config.usage
+        print(f"  usage: {usage_db_path(config)} (committed every {usage.flush_ms:g} ms, days in {usage.timezone})")
     else:
         print("  usage: not recorded ([usage] enabled = false)")
     return 0

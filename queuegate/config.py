@@ -6,9 +6,11 @@ A bad config fails at start with the key path (`models.coder.max_concurrency`) a
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import tomllib
+import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -139,6 +141,7 @@ class UsageConfig(_Section):
     path: str = ""  # "" = <state_dir>/usage.sqlite3; relative paths resolve against the config file's folder
     flush_ms: PositiveFloat = 1000.0  # how often recorded rows are committed (the most a crash can lose)
     retention_days: NonNegativeFloat = 0.0  # rows older than this are deleted; 0 = keep forever
+    timezone: str = "UTC"  # where a day starts and ends, an IANA name such as "Europe/Berlin"
 
 
 class KeyConfig(_Section):
@@ -310,6 +313,10 @@ def _check(config: Config, source: str, env: Any) -> None:
             if key in model.defaults:
                 fail(f"models.{name}.defaults.{key}", f"`{key}` cannot have a default; the client sets it")
     _check_keys(config, owners, env, fail)
+    try:
+        usage_timezone(config)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        fail("usage.timezone", f"no time zone {config.usage.timezone!r}; use an IANA name such as Europe/Berlin")
 
 
 def _check_keys(config: Config, model_names: Any, env: Any, fail: Any) -> None:
@@ -379,6 +386,12 @@ def admin_socket_path(config: Config) -> Path:
     if config.server.admin_socket:
         return base / config.server.admin_socket
     return base / config.server.state_dir / "admin.sock"
+
+
+def usage_timezone(config: Config) -> datetime.tzinfo:
+    """The time zone usage days are counted in (`[usage].timezone`)."""
+    name = config.usage.timezone
+    return datetime.UTC if name == "UTC" else zoneinfo.ZoneInfo(name)
 
 
 def usage_db_path(config: Config) -> Path:

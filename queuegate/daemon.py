@@ -23,7 +23,14 @@ from queuegate.admin import AdminServer
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.api import InFlight, create_app
 from queuegate.auth import KeyRing
-from queuegate.config import Config, admin_socket_path, load_config, parse_listen, usage_db_path
+from queuegate.config import (
+    Config,
+    admin_socket_path,
+    load_config,
+    parse_listen,
+    usage_db_path,
+    usage_timezone,
+)
 from queuegate.fleet import Catalog, HealthMonitor
 from queuegate.fleet.catalog import Upstream
 from queuegate.fleet.containers import DockerEngine, DockerLauncher
@@ -61,7 +68,12 @@ class Daemon:
         self.fleet: Fleet | None = None  # built in `run`: it needs the health client
         usage = config.usage
         self.usage = (
-            UsageStore(usage_db_path(config), flush_s=usage.flush_ms / 1000, retention_days=usage.retention_days)
+            UsageStore(
+                usage_db_path(config),
+                flush_s=usage.flush_ms / 1000,
+                retention_days=usage.retention_days,
+                timezone=usage_timezone(config),
+            )
             if usage.enabled
             else None
         )

@@ -192,6 +192,8 @@ def starter_tables() -> list[Table]:
                     "flush_ms": "Rows are committed in a batch this often, off the request path: the most a\n"
                     "crash or kill -9 can lose. A graceful stop commits everything.",
                     "retention_days": "Rows older than this are deleted (hourly); 0 = keep forever.",
+                    "timezone": 'Where usage days start and end: "UTC" or an IANA name such as "Europe/Berlin"\n'
+                    "(also for dates in GET /v1/usage?since=...).",
                 },
             ),
         ),

@@ -4,17 +4,21 @@ down so a stream can be cut or a burst kept going while the daemon is killed."""
 
 from __future__ import annotations
 
+import datetime
 import signal
 import sqlite3
 import sys
 import time
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 import trio
 
-from queuegate.accounting import UsageRow, UsageStore
+from queuegate.accounting import UsageQuery, UsageRow, UsageStore, usage_row
+from queuegate.config import ConfigError, build_config
+from queuegate.proxy import RequestRecord
 from tests.conftest import in_thread, start_daemon
 
 SECRETS = {"QG_ALICE": "sk-alice-0123456789", "QG_BOB": "sk-bob-0123456789", "QG_OPS": "sk-ops-0123456789"}
@@ -322,3 +326,16 @@ def test_rows_beyond_the_backlog_bound_are_dropped_counted_and_warned_once(tmp_p
     assert (stats.pending, stats.dropped, stats.committed) == (3, 2, 0)
     warnings = [r for r in caplog.records if r.getMessage().startswith("usage rows dropped")]
     assert len(warnings) == 1
+
+
+async def test_usage_days_and_dates_follow_the_configured_time_zone():
+    record = RequestRecord("r1", "chat", model="m")
+    east, west = ZoneInfo("Pacific/Kiritimati"), ZoneInfo("Etc/GMT+12")  # UTC+14 and UTC-12: always two dates
+    days = [usage_row(record, 200, tz).day for tz in (east, west)]
+    assert days == [datetime.datetime.now(tz).strftime("%Y-%m-%d") for tz in (east, west)]
+    assert days[0] != days[1]
+    berlin = UsageQuery.from_params({"since": "2026-11-23", "until": "2026-11-23T12:00:00Z"}, ZoneInfo("Europe/Berlin"))
+    assert berlin.since == datetime.datetime(2026, 11, 22, 23, tzinfo=datetime.UTC).timestamp()  # Berlin's midnight
+    assert berlin.until == datetime.datetime(2026, 11, 23, 12, tzinfo=datetime.UTC).timestamp()  # an offset wins
+    with pytest.raises(ConfigError, match=r"at `usage\.timezone`: no time zone 'Mars/Olympus'"):
+        build_config({"usage": {"timezone": "Mars/Olympus"}})

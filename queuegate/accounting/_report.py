@@ -36,8 +36,9 @@ class UsageQuery:
     limit: int = DEFAULT_LIMIT
 
     @classmethod
-    def from_params(cls, params: Mapping[str, str]) -> UsageQuery:
-        """From URL query parameters; BadRequest names the parameter that is wrong."""
+    def from_params(cls, params: Mapping[str, str], timezone: datetime.tzinfo = datetime.UTC) -> UsageQuery:
+        """From URL query parameters (dates and times without an offset are in `timezone`); BadRequest names the
+        parameter that is wrong."""
         group_by = tuple(g.strip() for g in params.get("group_by", ",".join(GROUPS)).split(",") if g.strip())
         unknown = [g for g in group_by if g not in GROUPS]
         if unknown or len(set(group_by)) != len(group_by):
@@ -46,8 +47,8 @@ class UsageQuery:
             key=params.get("key") or None,
             session=params.get("session") or None,
             model=params.get("model") or None,
-            since=_time_param(params, "since"),
-            until=_time_param(params, "until"),
+            since=_time_param(params, "since", timezone),
+            until=_time_param(params, "until", timezone),
             group_by=group_by,
             limit=_limit_param(params),
         )
@@ -141,8 +142,8 @@ def _reader(path: Path) -> Iterator[sqlite3.Connection | None]:
         conn.close()
 
 
-def _time_param(params: Mapping[str, str], name: str) -> float | None:
-    """Unix seconds, a date (2026-11-23, UTC midnight) or an ISO 8601 time (2026-11-23T10:00:00Z)."""
+def _time_param(params: Mapping[str, str], name: str, timezone: datetime.tzinfo) -> float | None:
+    """Unix seconds, a date (2026-11-23: midnight in `timezone`) or an ISO 8601 time (2026-11-23T10:00:00Z)."""
     raw = params.get(name)
     if not raw:
         return None
@@ -158,7 +159,7 @@ def _time_param(params: Mapping[str, str], name: str) -> float | None:
             param=name,
         ) from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.UTC)
+        parsed = parsed.replace(tzinfo=timezone)
     return parsed.timestamp()
 
 

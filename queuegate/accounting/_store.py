@@ -12,6 +12,7 @@ writer retries.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import sqlite3
 import time
@@ -80,8 +81,9 @@ class UsageStoreStatistics(msgspec.Struct, frozen=True):
     write_errors: int
 
 
-def usage_row(record: RequestRecord, status: int) -> UsageRow | None:
-    """The row for a finished request; None for one refused before it had a key (401): not anyone's usage."""
+def usage_row(record: RequestRecord, status: int, timezone: datetime.tzinfo = datetime.UTC) -> UsageRow | None:
+    """The row for a finished request, its day counted in `timezone`; None for one refused before it had a key
+    (401): not anyone's usage."""
     if status == 401:
         return None
     if record.cancelled or status == CLIENT_CLOSED:
@@ -95,7 +97,7 @@ def usage_row(record: RequestRecord, status: int) -> UsageRow | None:
     return UsageRow(
         request_id=record.request_id,
         at=round(now, 3),
-        day=time.strftime("%Y-%m-%d", time.gmtime(now)),
+        day=datetime.datetime.fromtimestamp(now, timezone).strftime("%Y-%m-%d"),
         key=record.key.name if record.key is not None else None,
         session=record.session,
         model=record.model,
@@ -118,8 +120,16 @@ def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
 
 
 class UsageStore:
-    def __init__(self, path: Path, *, flush_s: float = 1.0, retention_days: float = 0.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        flush_s: float = 1.0,
+        retention_days: float = 0.0,
+        timezone: datetime.tzinfo = datetime.UTC,
+    ) -> None:
         self.path = path
+        self.timezone = timezone  # usage days start at its midnight
         self._flush_s = flush_s
         self._retention_s = retention_days * 86400
         self._pending: list[UsageRow] = []

@@ -108,7 +108,7 @@ def create_app(
 
     def on_finish(record: RequestRecord, status: int) -> None:
         metrics.observe(record, status)
-        if usage is not None and (row := usage_row(record, status)) is not None:
+        if usage is not None and (row := usage_row(record, status, usage.timezone)) is not None:
             usage.record(row)
 
     async def relay(endpoint: str, route_class: str = "user", session: str | None = None) -> Response:
@@ -226,7 +226,7 @@ def create_app(
             key = keyring.authenticate(request.headers)
             if usage is None:
                 raise NotFound("usage accounting is off in this gateway's config ([usage] enabled = false)")
-            query = UsageQuery.from_params(request.args)
+            query = UsageQuery.from_params(request.args, usage.timezone)
             if key is not None and not key.usage_admin:
                 if query.key not in (None, key.name):
                     raise Forbidden(f"key {key.name!r} may only read its own usage", param="key")
