@@ -51,26 +51,20 @@ class _Window:
 
     def wait_until(self, cost: int, ahead: int, now: float) -> float:
         """When a request costing `cost` may be charged, behind `ahead` queued requests of this limit that are
-        assumed to cost the same (0: it is next)."""
+        assumed to cost the same (0: it is next). Each goes as soon as enough of the oldest charges (the window's,
+        then those of the requests ahead of it) have left; only as many charges are looked at as must leave."""
         self._trim(now)
         need = min(cost, self.limit)
-        if ahead == 0:  # the common case, on every dispatch: walk only as far as needed
-            freed = 0
-            for charge in self._charges:
-                if self.used - freed + need <= self.limit:
-                    break
-                freed += charge.amount
-                now = charge.at + WINDOW_S
-            return now
-        # Behind others: simulate the window, each going as soon as enough charges have left it.
-        charges = collections.deque((c.at, c.amount) for c in self._charges)
         used, at = self.used, now
+        older = iter(self._charges)
+        ahead_charges: collections.deque[tuple[float, int]] = collections.deque()
         for _ in range(ahead + 1):
-            while charges and (charges[0][0] + WINDOW_S <= at or used + need > self.limit):
-                left_at, amount = charges.popleft()
+            while used + need > self.limit:  # (with nothing left to leave, used is 0: the loop ends)
+                charge = next(older, None)
+                left_at, amount = (charge.at, charge.amount) if charge is not None else ahead_charges.popleft()
                 used -= amount
                 at = max(at, left_at + WINDOW_S)
-            charges.append((at, need))
+            ahead_charges.append((at, need))
             used += need
         return at
 
