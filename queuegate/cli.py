@@ -6,21 +6,26 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 
+import msgspec
 import trio
 
 from queuegate.accounting import UsageStoreError
 from queuegate.admin import SocketInUse
 from queuegate.admin import command as admin_command
+from queuegate.api.server import ListenError, bind_listener
 from queuegate.config import Config, ConfigError, admin_socket_path, build_config, load_config, usage_db_path
 from queuegate.daemon import Daemon
 from queuegate.errors import leaf_exceptions
+from queuegate.fleet.lifeline import Lifeline
 from queuegate.logs import configure_logging
 from queuegate.starter import render_starter
 
 DEFAULT_CONFIG = "queuegate.toml"
+DEMO_LISTEN = "127.0.0.1:8080"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +165,12 @@ def _run(args: argparse.Namespace) -> int:
     config = None if args.demo else load_config(args.config)
     level = config.server.log_level if config else "info"
     configure_logging(config.server.log_format if config else "text", level)
+    listen = args.listen or (config.server.listen if config else DEMO_LISTEN)
     cannot_start: list[str] = []
     try:
-        trio.run(_serve, config, args.listen, None if args.demo else Path(args.config))
-    except* (SocketInUse, UsageStoreError) as group:
+        listener = bind_listener(listen)  # first: a busy port is one line, before any child starts
+        trio.run(_serve, config, listen, listener, None if args.demo else Path(args.config))
+    except* (ListenError, SocketInUse, UsageStoreError) as group:
         cannot_start.append(str(leaf_exceptions(group)[0]))
     if cannot_start:
         print(f"queuegate: {cannot_start[0]}", file=sys.stderr)
@@ -171,21 +178,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(config: Config | None, listen: str | None, config_path: Path | None) -> None:
-    """Run the daemon (and the demo fleet) until SIGINT/SIGTERM; a second signal cancels at once."""
-    async with trio.open_nursery() as nursery:
-        if config is None:
-            from queuegate.demo import start_demo_fleet
+async def _serve(config: Config | None, listen: str, listener: socket.socket, config_path: Path | None) -> None:
+    """Run the daemon (and the demo fleet) until SIGINT/SIGTERM; a second signal cancels at once. The lifeline
+    starts first and stops last: every child it registers dies with this process, even by SIGKILL."""
+    async with trio.open_nursery() as outer:
+        lifeline = await outer.start(Lifeline().run)
+        async with trio.open_nursery() as nursery:
+            if config is None:
+                from queuegate.demo import start_demo_fleet
 
-            config = await start_demo_fleet(nursery, listen=listen or "127.0.0.1:8080")
-        elif listen:
-            import msgspec
-
-            config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, listen=listen))
-        daemon = Daemon(config, config_path)
-        nursery.start_soon(_on_signals, daemon, nursery.cancel_scope)
-        started = await nursery.start(_run_then_stop_all, daemon, nursery.cancel_scope)
-        print(f"QueueGate listening on {started.base_url}  (OpenAI base URL: {started.base_url}/v1)", flush=True)
+                config = await start_demo_fleet(nursery, listen=listen, lifeline=lifeline)
+            else:
+                config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, listen=listen))
+            daemon = Daemon(config, config_path, listener=listener, lifeline=lifeline)
+            nursery.start_soon(_on_signals, daemon, nursery.cancel_scope)
+            started = await nursery.start(_run_then_stop_all, daemon, nursery.cancel_scope)
+            print(f"QueueGate listening on {started.base_url}  (OpenAI base URL: {started.base_url}/v1)", flush=True)
+        outer.cancel_scope.cancel()
 
 
 async def _run_then_stop_all(

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from queuegate.accounting import UsageStore
 from queuegate.admin import AdminServer
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.api import InFlight, create_app
+from queuegate.api.server import bind_listener, serve_http
 from queuegate.auth import KeyRing
 from queuegate.config import (
     Config,
@@ -34,6 +34,7 @@ from queuegate.config import (
 from queuegate.fleet import Catalog, HealthMonitor
 from queuegate.fleet.catalog import Upstream
 from queuegate.fleet.containers import DockerEngine, DockerLauncher
+from queuegate.fleet.lifeline import Lifeline
 from queuegate.fleet.manager import Fleet, Launcher
 from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
 from queuegate.fleet.process import ChildProcess
@@ -53,9 +54,21 @@ class Started:
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: Path | None = None) -> None:
-        """`config_path`: the file `reload` reads again (None: started from a built config, as the demo)."""
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        *,
+        listener: socket.socket | None = None,
+        lifeline: Lifeline | None = None,
+    ) -> None:
+        """`config_path`: the file `reload` reads again (None: started from a built config, as the demo).
+        `listener`: the HTTP socket, already bound (else `run` binds `[server].listen` before starting anything).
+        `lifeline`: the running lifeline its children register with (else `run` starts its own, first)."""
         self.config = config
+        self._listener = listener
+        self._own_lifeline = lifeline is None
+        self.lifeline = lifeline or Lifeline()
         self.catalog = Catalog.from_config(config)
         self.config_path = config_path
         self.admission = Admission(
@@ -64,7 +77,7 @@ class Daemon:
             )
         )
         self.proxy: Proxy | None = None  # built in `run`, with the fleet
-        self.launchers = _launchers(config, self.catalog)
+        self.launchers = _launchers(config, self.catalog, self.lifeline)
         self.fleet: Fleet | None = None  # built in `run`: it needs the health client
         usage = config.usage
         self.usage = (
@@ -89,14 +102,20 @@ class Daemon:
         self._shutdown.set()
 
     async def run(self, *, task_status: trio.TaskStatus[Started] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until shut down. The usage store outlives everything else, so the last requests are counted."""
-        async with trio.open_nursery() as outlived:
-            if self.usage is not None:
-                await outlived.start(self.usage.run)
-            await self._run_components(task_status=task_status)
-            outlived.cancel_scope.cancel()
+        """Serve until shut down. The HTTP socket is bound before anything starts (a busy port is a ListenError
+        with nothing launched); the lifeline and the usage store outlive everything else, so no child outlives
+        the daemon and the last requests are counted."""
+        listener = self._listener or bind_listener(self.config.server.listen)
+        with listener:
+            async with trio.open_nursery() as outlived:
+                if self._own_lifeline:
+                    await outlived.start(self.lifeline.run)
+                if self.usage is not None:
+                    await outlived.start(self.usage.run)
+                await self._run_components(listener, task_status=task_status)
+                outlived.cancel_scope.cancel()
 
-    async def _run_components(self, *, task_status: trio.TaskStatus[Started]) -> None:
+    async def _run_components(self, listener: socket.socket, *, task_status: trio.TaskStatus[Started]) -> None:
         cfg = self.config
         up = cfg.upstream
         timeouts = Timeouts(up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s)
@@ -158,7 +177,7 @@ class Daemon:
             if self.launchers:
                 self.admission.add_listener(fleet.notify)
             await nursery.start(fleet.run)
-            binds = await nursery.start(self._serve, app, nursery)
+            binds = await nursery.start(self._serve, app, listener, nursery)
             base_url = binds[0]
             started_at = time.time()
 
@@ -209,20 +228,21 @@ class Daemon:
     async def _serve(
         self,
         app: object,
+        listener: socket.socket,
         nursery: trio.Nursery,
         *,
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        host, port = parse_listen(self.config.server.listen)
-        hc = HypercornConfig()
-        hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-        hc.graceful_timeout = self.config.server.shutdown_grace_s
-        hc.accesslog = None
-        hc.errorlog = logging.getLogger("queuegate.http")
         try:
             with trio.CancelScope() as server_scope:
                 nursery.start_soon(self._stop_when_drained, server_scope)
-                await serve(app, hc, shutdown_trigger=self._shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+                await serve_http(
+                    app,
+                    listener,
+                    graceful_timeout_s=self.config.server.shutdown_grace_s,
+                    shutdown_trigger=self._shutdown.wait,
+                    task_status=task_status,
+                )
         finally:
             # The server has drained (or failed): stop the health checks and everything else with it.
             nursery.cancel_scope.cancel()
@@ -287,7 +307,7 @@ def _planner(config: Config, now: float) -> FleetPlanner:
     )
 
 
-def _launchers(config: Config, catalog: Catalog) -> dict[str, Launcher]:
+def _launchers(config: Config, catalog: Catalog, lifeline: Lifeline) -> dict[str, Launcher]:
     """One launcher per managed model; docker ones share one Docker Engine client."""
     engine: DockerEngine | None = None
     launchers: dict[str, Launcher] = {}
@@ -296,7 +316,9 @@ def _launchers(config: Config, catalog: Catalog) -> dict[str, Launcher]:
         if launch is None:
             continue
         if launch.launcher == "process":
-            launchers[name] = ChildProcess(name, launch.argv, env=launch.env, stop_grace_s=launch.stop_timeout_s)
+            launchers[name] = ChildProcess(
+                name, launch.argv, env=launch.env, stop_grace_s=launch.stop_timeout_s, lifeline=lifeline
+            )
         else:
             engine = engine or DockerEngine(config.fleet.docker_url, config.fleet.docker_timeout_s)
             launchers[name] = DockerLauncher(name, launch, engine)

@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 from queuegate.config import Config, build_config
+from queuegate.fleet.lifeline import Lifeline
 from queuegate.fleet.process import ChildProcess, LaunchFailed
 
 READY_PREFIX = "QUEUEGATE_SIM_READY "
@@ -74,15 +75,17 @@ DEMO_FLEET: dict[str, tuple[list[list[str]], dict[str, Any]]] = {
 DEMO_DEVICES = {"demo-gpu": {"memory_gb": 24}}  # coder (16 GB) and writer (20 GB) never fit together: they swap
 
 
-async def start_demo_fleet(nursery: trio.Nursery, *, listen: str, overrides: dict[str, Any] | None = None) -> Config:
-    """Start every simulator in `nursery` (they die with it) and return a config pointing at them."""
+async def start_demo_fleet(
+    nursery: trio.Nursery, *, listen: str, lifeline: Lifeline | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Start every simulator in `nursery` (they stop with it, and with this process through `lifeline`) and return
+    a config pointing at them."""
     models: dict[str, Any] = {}
     for name, (upstream_args, settings) in DEMO_FLEET.items():
         urls = []
         for i, args in enumerate(upstream_args):
-            child = ChildProcess(
-                f"{name}#{i}", [sys.executable, "-m", "queuegate.sim", "--port", "0", "--model", name, *args]
-            )
+            argv = [sys.executable, "-m", "queuegate.sim", "--port", "0", "--model", name, *args]
+            child = ChildProcess(f"{name}#{i}", argv, lifeline=lifeline)
             urls.append(await nursery.start(_run_demo_upstream, child))
         models[name] = {"upstreams": urls, **settings} if urls else dict(settings)
     raw: dict[str, Any] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,19 +20,37 @@ def children(pid: int) -> list[str]:
     return found.stdout.split()
 
 
-async def test_demo_fleet_serves_the_openai_client_and_stops_on_sigint(nursery):
+def pids_named(pids: list[str], text: bytes) -> list[str]:
+    return [pid for pid in pids if text in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+IDLE_PAST_EVERY_TIMER_S = 12  # trio retires idle worker threads after 10 s: children must not care
+
+
+async def test_demo_fleet_serves_the_openai_client_survives_idling_and_stops_on_sigint(nursery):
     daemon = await start_daemon(nursery, "--demo", "--listen", "127.0.0.1:0")
     client = daemon.client()
     models = {m.id for m in await in_thread(lambda: list(client.models.list()))}
     assert {"demo-chat", "chat", "planner", "demo-coder", "coder", "demo-writer", "writer", "embed"} <= models
     messages = [{"role": "user", "content": "hello"}]
+
+    def ask(model: str) -> str:
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=4).choices[0].message.content
+
     for model in ("coder", "writer"):  # the writer does not fit beside the coder: QueueGate swaps them
-        answer = await in_thread(
-            lambda model=model: client.chat.completions.create(model=model, messages=messages, max_tokens=4)
-        )
-        assert answer.choices[0].message.content
+        assert await in_thread(lambda model=model: ask(model))
     fleet = children(daemon.process.pid)
-    assert len(fleet) == 4  # two chat upstreams, the embedder, and the writer (the coder was swapped out)
+    # two chat upstreams, the embedder, the writer (the coder was swapped out), and the lifeline's reaper
+    assert len(fleet) == 5
+    writer = pids_named(fleet, b"demo-writer")
+
+    # Idle longer than any timer in the stack: every child (simulators and the launched writer) lives on.
+    await trio.sleep(IDLE_PAST_EVERY_TIMER_S)
+    assert children(daemon.process.pid) == fleet, daemon.stderr
+    assert await in_thread(lambda: ask("writer"))
+    assert pids_named(children(daemon.process.pid), b"demo-writer") == writer  # answered without a new launch
+    assert "exited" not in daemon.stderr
+
     streamed = await in_thread(
         lambda: list(client.chat.completions.create(model="chat", messages=messages, max_tokens=4, stream=True))
     )
@@ -39,7 +58,7 @@ async def test_demo_fleet_serves_the_openai_client_and_stops_on_sigint(nursery):
     vectors = await in_thread(lambda: client.embeddings.create(model="embed", input="hi"))
     assert len(vectors.data[0].embedding) == 16
     # A demo upstream that dies takes only itself down: the gateway goes on serving the others.
-    embedder = next(pid for pid in fleet if b"demo-embed" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    embedder = pids_named(fleet, b"demo-embed")[0]
     os.kill(int(embedder), signal.SIGTERM)
     with trio.fail_after(10):
         while "demo upstream exited" not in daemon.stderr:
@@ -50,9 +69,64 @@ async def test_demo_fleet_serves_the_openai_client_and_stops_on_sigint(nursery):
     with trio.fail_after(10):
         await daemon.process.wait()
     assert daemon.process.returncode == 0, daemon.stderr
-    for pid in fleet:  # the simulated fleet went down with the daemon
-        assert not os.path.exists(f"/proc/{pid}"), f"demo child {pid} outlived the daemon"
+    for pid in fleet:  # the simulated fleet (and the reaper) went down with the daemon
+        assert not alive(pid), f"demo child {pid} outlived the daemon"
     assert "status=200" in daemon.stderr and "rid=qg-" in daemon.stderr
+
+
+def alive(pid: str) -> bool:
+    """Running (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_kill_9_of_the_daemon_leaves_no_child_behind_even_after_its_reaper_was_killed(nursery):
+    daemon = await start_daemon(nursery, "--demo", "--listen", "127.0.0.1:0")
+    client = daemon.client()
+    answer = await in_thread(
+        lambda: client.chat.completions.create(model="writer", messages=[{"role": "user", "content": "hi"}])
+    )
+    assert answer.choices[0].message.content
+    fleet = children(daemon.process.pid)
+    reaper = pids_named(fleet, b"_reaper.py")
+    assert len(reaper) == 1 and len(pids_named(fleet, b"queuegate.sim")) == 4
+    # Somebody kills the reaper: the daemon starts another, which learns every running child.
+    os.kill(int(reaper[0]), signal.SIGKILL)
+    with trio.fail_after(10):
+        while not (fresh := pids_named(children(daemon.process.pid), b"_reaper.py")) or fresh == reaper:
+            await trio.sleep(0.05)
+    assert "reaper exited" in daemon.stderr
+    fleet = children(daemon.process.pid)
+
+    daemon.process.kill()  # SIGKILL: the daemon runs no code of its own from here
+    with trio.fail_after(10):
+        await daemon.process.wait()
+    with trio.fail_after(6):  # each child gets SIGTERM at once, SIGKILL after its grace period (3 s)
+        while left := [pid for pid in fleet if alive(pid)]:
+            await trio.sleep(0.05)
+    assert not left
+
+
+async def test_a_busy_port_is_one_clear_line_before_anything_starts(nursery):
+    first = await start_daemon(nursery, "--demo", "--listen", "127.0.0.1:0")
+    address = first.url.removeprefix("http://")
+    second = await trio.run_process(
+        [sys.executable, "-m", "queuegate.cli", "run", "--demo", "--listen", address],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert second.returncode == 2
+    lines = second.stderr.decode().strip().splitlines()
+    assert lines == [
+        f"queuegate: cannot listen on {address}: the address is already in use (another QueueGate or server?); "
+        "choose another address with --listen HOST:PORT or [server].listen in the config"
+    ]
+    first.process.send_signal(signal.SIGINT)
+    with trio.fail_after(10):
+        await first.process.wait()
 
 
 async def test_sigterm_lets_in_flight_stream_finish_and_keeps_secrets_out_of_logs(start_sim, nursery, tmp_path):

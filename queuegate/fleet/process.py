@@ -1,18 +1,18 @@
-"""Child processes QueueGate starts itself: own process group, output kept in a ring buffer, stopped on cancel."""
+"""Child processes QueueGate starts itself: own process group, output kept in a ring buffer, stopped on cancel,
+and tied to QueueGate's life by the lifeline (see `lifeline.py`)."""
 
 from __future__ import annotations
 
 import collections
-import ctypes
+import contextlib
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import trio
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+from queuegate.fleet.lifeline import Lifeline
 
 
 class LaunchFailed(Exception):
@@ -23,7 +23,8 @@ class ChildProcess:
     """One child process: the process launcher's model server, or one of the demo's simulators.
 
     `history` is the launcher's own timeline: ("spawning", t) just before the process is created and
-    ("exited", t) once it has been reaped, in trio time. Tests check device exclusivity on it.
+    ("exited", t) once it has been reaped, in trio time. Tests check device exclusivity on it. With a `lifeline`,
+    the child also dies when QueueGate does, even by SIGKILL; without one it is stopped only on cancel.
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class ChildProcess:
         env: Mapping[str, str] | None = None,
         stop_grace_s: float = 3.0,
         ring_lines: int = 200,
+        lifeline: Lifeline | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -42,6 +44,7 @@ class ChildProcess:
         self.output: collections.deque[str] = collections.deque(maxlen=ring_lines)
         self.history: collections.deque[tuple[str, float]] = collections.deque(maxlen=100)
         self.process: trio.Process | None = None
+        self.lifeline = lifeline
 
     async def run(
         self,
@@ -61,14 +64,16 @@ class ChildProcess:
                 self.argv,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
+                start_new_session=True,  # its own process group: stopping it stops its children too
+                preexec_fn=None if self.lifeline is None else self.lifeline.child_preexec(self.stop_grace_s),
                 env=self.env,
             )
         except OSError as exc:
             self.history.append(("exited", trio.current_time()))
             raise LaunchFailed(f"{self.name}: cannot run {self.argv[0]!r}: {exc.strerror or exc}") from None
         self.process = process
+        if self.lifeline is not None:
+            self.lifeline.registered(process.pid, self.stop_grace_s)
         try:
             assert process.stdout is not None
             lines = _lines(process.stdout)
@@ -83,7 +88,16 @@ class ChildProcess:
         finally:
             with trio.CancelScope(shield=True):
                 await _stop_group(process, self.stop_grace_s)
+            if self.lifeline is not None:
+                self.lifeline.forget(process.pid)
             self.history.append(("exited", trio.current_time()))
+
+    async def find_leftover(self) -> bool:
+        """Never: the lifeline stops every child when the daemon that started it dies."""
+        return False
+
+    async def stop_leftover(self) -> None:
+        return None
 
     async def _wait_ready(
         self,
@@ -108,13 +122,6 @@ class ChildProcess:
         return "\n".join(list(self.output)[-lines:])
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM us if QueueGate dies (even by SIGKILL), so no orphan
-    model server keeps a GPU busy. Elsewhere this is a no-op; the cancel path still stops children."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:
     buffer = b""
     while chunk := await stream.receive_some():
@@ -127,17 +134,16 @@ async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:
 
 
 async def _stop_group(process: trio.Process, grace_s: float) -> None:
-    if process.returncode is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    with trio.move_on_after(grace_s):
-        await process.wait()
-        return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
+    """SIGTERM the child's whole process group, SIGKILL after `grace_s`; then sweep up what is left of the group
+    (a crashed leader may leave helpers behind)."""
+    if process.returncode is None:
+        _signal_group(process.pid, signal.SIGTERM)
+        with trio.move_on_after(grace_s):
+            await process.wait()
+    _signal_group(process.pid, signal.SIGKILL)
     await process.wait()
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
