@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
 import docker
 import openai
 import pytest
+import tomli_w
 import trio
 
-from tests.conftest import in_thread, wait_until
+from tests.conftest import in_thread, start_daemon, wait_until
 from tests.realparts import PODMAN_IMAGE, free_port, host_mounts, start_podman_service
 from tests.test_fleet import EXCLUSIVE, ask, assert_never_together, fingerprint, sim_model, state
 
@@ -139,3 +141,44 @@ async def test_an_unreachable_docker_daemon_is_a_clear_error_not_a_hang(start_ga
         await in_thread(lambda: ask(gw, "m"))
     assert info.value.status_code == 503
     assert "unreachable" in info.value.body["message"]
+
+
+async def test_a_container_left_running_by_a_killed_daemon_is_adopted_at_the_next_start(podman_url, nursery, tmp_path):
+    name = f"qg-test-{secrets.token_hex(4)}"
+    config = tmp_path / "queuegate.toml"
+    model = docker_model(name, port=free_port(), create=sim_container(), ttl_s=0)
+    settings = {
+        "server": {"listen": "127.0.0.1:0", "state_dir": str(tmp_path / "state")},
+        "fleet": {"docker_url": podman_url},
+        "devices": EXCLUSIVE,
+        "models": {"d": model},
+    }
+    config.write_text(tomli_w.dumps(settings))
+    first = await start_daemon(nursery, "--config", str(config))
+    hello = [{"role": "user", "content": "hi"}]
+    answer = await in_thread(lambda: first.client().chat.completions.create(model="d", messages=hello))
+    assert answer.system_fingerprint == "d"
+    started_at = await in_thread(lambda: container_attrs(podman_url, name)["State"]["StartedAt"])
+    first.process.kill()  # SIGKILL: the daemon cannot stop its container
+    await first.process.wait()
+    assert await in_thread(lambda: container_status(podman_url, name)) == "running"
+
+    second = await start_daemon(nursery, "--config", str(config))
+    with trio.fail_after(15):  # adopted and ready with no request asking for it, and no restart
+        while "adopting a server left running" not in second.stderr or "state=ready" not in second.stderr:
+            await trio.sleep(0.05)
+    answer = await in_thread(lambda: second.client().chat.completions.create(model="d", messages=hello))
+    assert answer.system_fingerprint == "d"
+    assert await in_thread(lambda: container_attrs(podman_url, name)["State"]["StartedAt"]) == started_at
+    second.process.send_signal(signal.SIGINT)  # a clean stop stops the adopted container like its own
+    with trio.fail_after(20):
+        await second.process.wait()
+    assert await in_thread(lambda: container_status(podman_url, name)) == "exited"
+
+
+def container_attrs(url: str, name: str) -> dict:
+    client = docker.DockerClient(base_url=url)
+    try:
+        return client.containers.get(name).attrs
+    finally:
+        client.close()

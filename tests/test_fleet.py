@@ -176,6 +176,35 @@ async def test_a_crashed_server_is_restarted_for_the_requests_waiting(start_gate
     assert gw.daemon.launchers["a"].process.pid != pid
 
 
+async def test_a_preloaded_server_that_crashes_comes_back_with_no_request_and_a_crash_loop_stops(start_gateway, caplog):
+    gw = await start_gateway(
+        {"a": sim_model(preload=True)},
+        devices=EXCLUSIVE,
+        fleet={"restart_backoff_s": 0.2, "restart_attempts": 2, "failure_hold_s": 60},
+    )
+    await wait_until(lambda: state(gw, "a") == "ready", timeout=10)
+    launcher = gw.daemon.launchers["a"]
+    first = launcher.process.pid
+    os.kill(first, signal.SIGKILL)
+    await wait_until(lambda: state(gw, "a") == "stopped", timeout=5)
+    crash = next(m for m in gw.daemon.fleet.statistics().models if m.name == "a")
+    assert crash.reason.startswith("crashed, restart 1 of 2 in 0.2 s: a exited with -9") and crash.crashes == 1
+    await wait_until(lambda: state(gw, "a") == "ready", timeout=10)  # back, though nobody asked for it
+    assert launcher.process.pid != first
+    assert any(
+        r.levelname == "WARNING" and "crashed, restart 1 of 2" in r.fields.get("reason", "") for r in caplog.records
+    )
+    for _ in range(2):  # it keeps crashing right after each start: a crash loop
+        pid = launcher.process.pid
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda pid=pid: launcher.process.pid != pid or state(gw, "a") == "failed", timeout=10)
+        await wait_until(lambda: state(gw, "a") in ("ready", "failed"), timeout=10)
+    assert state(gw, "a") == "failed"  # the bound: no more restarts, and the reason says why
+    failed = next(m for m in gw.daemon.fleet.statistics().models if m.name == "a")
+    assert failed.reason.startswith("crashed 3 times in a row, not restarted for 60 s")
+    assert len([e for e, _ in gw.daemon.fleet.launch_history("a") if e == "spawning"]) == 3
+
+
 async def test_a_server_that_cannot_start_fails_its_requests_with_the_reason(start_gateway):
     broken = {
         "launcher": "process",

@@ -204,7 +204,9 @@ def test_crashes_restart_with_backoff_then_fail_for_the_hold_time():
     assert fleet.planner.next_wakeup() == pytest.approx(3.0)  # the backoff doubles
     assert fleet.plan(3.0) == [Launch("a")]
     fleet.crash("a", "exited with 2: out of memory")
-    assert fleet.planner.state("a") == (ModelState.FAILED, "exited with 2: out of memory")
+    state, reason = fleet.planner.state("a")
+    assert state is ModelState.FAILED and reason.startswith("crashed 3 times in a row, not restarted for 30 s")
+    assert reason.endswith(": exited with 2: out of memory")
     fleet.set("a")  # the scheduler refuses the waiting requests of a failed model
     assert fleet.plan(20.0) == []
     fleet.plan(33.0)
@@ -218,6 +220,62 @@ def test_a_crash_while_serving_restarts_it_for_the_waiting_requests():
     fleet.set("a", waiting=2, in_flight=0)
     assert fleet.crash("a") == []
     assert fleet.plan(0.5) == [Launch("a")]
+
+
+def test_a_loaded_model_that_crashes_comes_back_with_nobody_asking_until_the_bound():
+    fleet = exclusive_pair(restart_attempts=2, restart_backoff_s=2, failure_hold_s=30)
+    load(fleet, "a")
+    fleet.set("a")  # idle, loaded
+    assert fleet.crash("a", "exited with 139") == []
+    state, reason = fleet.planner.state("a")
+    assert state is ModelState.STOPPED and reason == "crashed, restart 1 of 2 in 2 s: exited with 139"
+    assert fleet.planner.next_wakeup() == pytest.approx(fleet.now + 2)
+    assert fleet.plan(fleet.now + 2) == [Launch("a")]  # no request waits: it is restarted all the same
+    fleet.ready("a")
+    fleet.crash("a")
+    assert fleet.plan(fleet.now + 4) == [Launch("a")]  # it crashed soon after its restart: the backoff doubles
+    fleet.ready("a")
+    fleet.crash("a")
+    assert fleet.state("a") is ModelState.FAILED  # the bound: a crash loop stops being retried
+    assert fleet.plan(fleet.now + 100) == []
+    assert fleet.state("a") is ModelState.STOPPED  # the hold ran out; it stays down until asked for
+    stats = next(m for m in fleet.planner.statistics(fleet.now).models if m.name == "a")
+    assert stats.crashes == 3
+
+
+def test_a_crash_after_a_long_stable_run_starts_a_new_count():
+    fleet = exclusive_pair(restart_attempts=1, restart_backoff_s=1)
+    load(fleet, "a")
+    fleet.crash("a")
+    fleet.plan(fleet.now + 1)
+    fleet.ready("a")
+    fleet.now += 61  # it served for more than a minute
+    fleet.crash("a")
+    assert fleet.state("a") is ModelState.STOPPED  # restart 1 of 1 again, not failed
+    assert fleet.plan(fleet.now + 1) == [Launch("a")]
+
+
+def test_a_crashed_model_whose_room_was_taken_is_not_restarted_by_force():
+    fleet = exclusive_pair(restart_backoff_s=1)
+    load(fleet, "a")
+    fleet.set("a")
+    fleet.crash("a")
+    load(fleet, "b")  # b is asked for during a's backoff and takes the device
+    assert fleet.plan(fleet.now + 1) == []
+    state, reason = fleet.planner.state("a")
+    assert state is ModelState.STOPPED and reason == "not restarted: its device is in use by other models"
+    assert fleet.plan(fleet.now + 100) == []  # b stays; a comes back when a request asks for it
+
+
+def test_servers_left_running_are_adopted_while_they_fit():
+    fleet = exclusive_pair()
+    assert fleet.planner.adopt("a", 0.0)
+    fleet.running.add("a")
+    assert not fleet.planner.adopt("b", 0.0)  # the exclusive device is taken: the caller stops b
+    assert fleet.state("a") is ModelState.STARTING
+    assert fleet.plan() == []  # nobody asks for it, but it is kept: it becomes ready when healthy
+    fleet.ready("a")
+    assert fleet.state("a") is ModelState.READY and fleet.state("b") is ModelState.STOPPED
 
 
 def test_startup_preload_fills_free_room_only():

@@ -104,17 +104,35 @@ class DockerLauncher:
                     await self._stop(container)
                 self.history.append(("exited", trio.current_time()))
 
-    def _start(self, client: docker.DockerClient) -> Any:
+    async def find_leftover(self) -> bool:
+        """Whether the container is running already (left by a daemon that could not stop it)."""
+        return await self.engine.call(f"inspect {self.container_name}", self._is_running)
+
+    async def stop_leftover(self) -> None:
+        container = await self.engine.call(f"inspect {self.container_name}", self._existing)
+        if container is not None:
+            await self._stop(container)
+
+    def _is_running(self, client: docker.DockerClient) -> bool:
+        container = self._existing(client)
+        return container is not None and container.status == "running"
+
+    def _existing(self, client: docker.DockerClient) -> Any:
         try:
-            container = client.containers.get(self.container_name)
+            return client.containers.get(self.container_name)
         except docker.errors.NotFound:
+            return None
+
+    def _start(self, client: docker.DockerClient) -> Any:
+        container = self._existing(client)
+        if container is None:
             if self.create is None:
                 raise LaunchFailed(
                     f"no container named {self.container_name!r} (create it, or set models.{self.name}.create)"
                 ) from None
             container = client.containers.create(name=self.container_name, **_create_arguments(self.create))
             log.info("container created", extra={"fields": {"model": self.name, "container": self.container_name}})
-        container.start()
+        container.start()  # a running container (one being adopted) stays as it is
         return container
 
     async def _stop(self, container: Any) -> None:

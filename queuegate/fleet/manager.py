@@ -46,12 +46,19 @@ _EVENT_BUFFER = 256
 
 class Launcher(Protocol):
     """Starts one model's server: reports started once it runs, raises LaunchFailed when it exits, and stops it
-    when cancelled. `history` is its own timeline of ("spawning" | "exited", trio time)."""
+    when cancelled. `history` is its own timeline of ("spawning" | "exited", trio time).
+
+    `find_leftover` says whether the server is already running before QueueGate started it (a container left by
+    a daemon that was killed); `run` then takes it over. `stop_leftover` stops such a server instead."""
 
     @property
     def history(self) -> Iterable[tuple[str, float]]: ...
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+    async def find_leftover(self) -> bool: ...
+
+    async def stop_leftover(self) -> None: ...
 
 
 class Fleet:
@@ -83,9 +90,11 @@ class Fleet:
         self._listeners: list[Callable[[Transition], None]] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Publish every model's initial state, launch the preloads, then follow the queue until cancelled."""
+        """Adopt servers left running by an earlier daemon, publish every model's initial state, launch the
+        preloads, then follow the queue until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await self._adopt_leftovers()
             self._replan()
             task_status.started()
             while True:
@@ -142,6 +151,32 @@ class Fleet:
             self._subscribers.discard(send)
             send.close()
 
+    async def _adopt_leftovers(self) -> None:
+        """Servers already running at start-up (a daemon that was killed could not stop its containers): take over
+        those that fit on their devices, in config order; stop the rest, so no device is overcommitted."""
+        found: dict[str, bool] = {}
+
+        async def look(name: str, launcher: Launcher) -> None:
+            try:
+                found[name] = await launcher.find_leftover()
+            except LaunchFailed as exc:
+                log.warning("cannot check for a leftover server", extra={"fields": {"model": name, "error": str(exc)}})
+
+        async with trio.open_nursery() as lookups:
+            for name, launcher in self._launchers.items():
+                lookups.start_soon(look, name, launcher)
+        for name in self._launchers:
+            if not found.get(name):
+                continue
+            fields = {"model": name}
+            if self._planner.adopt(name, trio.current_time()):
+                log.info("adopting a server left running by an earlier QueueGate", extra={"fields": fields})
+                assert self._nursery is not None
+                self._nursery.start_soon(self._serve, name)
+            else:
+                log.warning("stopping a leftover server: it does not fit on its device", extra={"fields": fields})
+                await self._launchers[name].stop_leftover()
+
     # -- planning -----------------------------------------------------------------------------------------------
 
     def _replan(self) -> None:
@@ -164,7 +199,7 @@ class Fleet:
             reason = name if transition.reason == name else f"{name}: {transition.reason}"
             for upstream in model.upstreams:
                 self._admission.set_upstream_state(upstream.id, state, reason)
-            level = logging.WARNING if transition.state is ModelState.FAILED else logging.INFO
+            level = logging.WARNING if transition.crashed else logging.INFO
             fields = {"model": transition.model, "state": transition.state.value, "reason": transition.reason}
             log.log(level, "model state", extra={"fields": fields})
             for listener in self._listeners:

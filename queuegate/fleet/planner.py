@@ -20,8 +20,10 @@ Rules:
 4. Requests for a loading model join its load. When the last one leaves, the load finishes or is aborted
    (`abort_abandoned`).
 5. A model idle for `ttl_s` (counted from the end of its last request) is stopped; 0 means never.
-6. A server that exits unexpectedly is restarted when requests wait for it, after a backoff that doubles, at most
-   `restart_attempts` times in a row; then the model is failed for `failure_hold_s` (its requests are refused).
+6. A server that exits unexpectedly is restarted after a backoff that doubles, whether or not requests wait for it
+   (a loaded model comes back loaded), at most `restart_attempts` times in a row; then the model is failed for
+   `failure_hold_s` (its requests are refused) and not retried until a request or an operator asks for it. A
+   server that served for `STABLE_S` before it crashed starts a new count.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import msgspec
 from queuegate.scheduler import Demand
 
 NO_DEMAND = Demand()
+STABLE_S = 60.0  # a server that stayed ready this long before it crashed is not in a crash loop
 _SMOOTHING = 0.3  # weight of the newest sample in the moving averages of load and stop times
 
 
@@ -71,6 +74,7 @@ class Transition:
     state: ModelState
     reason: str
     load_s: float | None = None  # on turning ready: how long this load took (launch -> healthy)
+    crashed: bool = False  # the server exited (or failed to start) unasked
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +109,8 @@ class PlannerPolicy:
 class Want(enum.Enum):
     """Why a model should load with no request waiting for it."""
 
-    STARTUP = "startup"  # `preload = true`: load at start-up into free room, evicting nothing
+    STARTUP = "startup"  # `preload = true` (or adopted at start-up): load into free room, evicting nothing
+    RESTART = "restart"  # it crashed: bring it back into free room, evicting nothing
     OPERATOR = "operator"  # a manual preload: load now, draining whatever is in the way
 
 
@@ -122,6 +127,7 @@ class _Model:
     want: Want | None = None
     evict: bool = False  # an operator asked to evict it
     failures: int = 0  # unexpected exits in a row
+    crashes: int = 0  # unexpected exits since start-up
     retry_at: float = 0.0  # no launch before this (restart backoff, failure hold)
     load_s: float | None = None  # moving average: launch -> healthy
     stop_s: float | None = None  # moving average: halt -> stopped
@@ -152,6 +158,7 @@ class FleetModelStatistics(msgspec.Struct, frozen=True):
     idle_s: float | None  # None while requests wait or run, and for external models
     load_s: float | None  # learned load time
     progress: SwapProgress | None  # while it loads (also outside a swap)
+    crashes: int = 0  # unexpected exits of its server since start-up
 
 
 class DeviceStatistics(msgspec.Struct, frozen=True):
@@ -220,6 +227,9 @@ class FleetPlanner:
             key=self._urgency,
         ):
             self._place(model, now, effects)
+            if model.want is Want.RESTART and model.state is ModelState.STOPPED:
+                model.want = None  # its room was taken meanwhile: a request brings it back, not the crash
+                self._set(model, ModelState.STOPPED, "not restarted: its device is in use by other models", now)
         return effects
 
     def launched(self, name: str, now: float) -> None:
@@ -237,7 +247,6 @@ class FleetPlanner:
         took = now - model.since_launch
         model.load_s = _average(model.load_s, took)
         model.ready_at = now
-        model.failures = 0
         model.want = None
         self.loads += 1
         self._set(model, ModelState.READY, "healthy", now, load_s=took)
@@ -248,6 +257,7 @@ class FleetPlanner:
         if model.state is ModelState.STOPPING:
             model.stop_s = _average(model.stop_s, now - model.since)
         model.launched = False
+        model.failures = 0  # stopped as asked: whatever crashed before is behind it
         self._set(model, ModelState.STOPPED, "stopped", now)
 
     def exited(self, name: str, now: float, reason: str) -> None:
@@ -256,17 +266,43 @@ class FleetPlanner:
         if model.state is ModelState.STOPPING:
             self.stopped(name, now)
             return
+        if model.state in (ModelState.READY, ModelState.DRAINING) and now - model.ready_at >= STABLE_S:
+            model.failures = 0  # it served for a good while: a new problem, not a crash loop
         model.launched = False
         model.failures += 1
-        if model.failures <= self.policy.restart_attempts:
+        model.crashes += 1
+        attempts = self.policy.restart_attempts
+        if model.failures <= attempts:
             delay = self.policy.restart_backoff_s * 2 ** (model.failures - 1)
             model.retry_at = now + delay
-            self._set(model, ModelState.STOPPED, f"restarting in {delay:g} s after: {reason}", now)
+            if model.want is None:
+                model.want = Want.RESTART
+            why = f"crashed, restart {model.failures} of {attempts} in {delay:g} s: {reason}"
+            self._set(model, ModelState.STOPPED, why, now, crashed=True)
         else:
             model.retry_at = now + self.policy.failure_hold_s
             model.failures = 0
             model.want = None
-            self._set(model, ModelState.FAILED, reason, now)
+            why = (
+                f"crashed {attempts + 1} times in a row, not restarted for {self.policy.failure_hold_s:g} s "
+                f"(a request or a preload tries again after that): {reason}"
+            )
+            self._set(model, ModelState.FAILED, why, now, crashed=True)
+
+    def adopt(self, name: str, now: float) -> bool:
+        """At start-up: the model's server is already running (left by an earlier QueueGate that was killed).
+        Take it over as a load in progress (it turns ready when its health passes) if it fits on its device beside
+        what was adopted before; False: it does not fit, and the caller stops it."""
+        model = self._managed_model(name)
+        if model.state is not ModelState.STOPPED:
+            return False
+        if model.spec.device is not None and not self._fits(model.spec.device, model, leaving=()):
+            return False
+        model.since_launch = now
+        model.launched = True
+        model.want = Want.STARTUP  # keep it (as if preloaded) until it is healthy; its TTL applies from then
+        self._set(model, ModelState.STARTING, "adopting the server an earlier QueueGate left running", now)
+        return True
 
     def preload(self, name: str, now: float) -> None:
         """An operator wants the model loaded now (draining what is in its way). Also clears a failure."""
@@ -368,7 +404,8 @@ class FleetPlanner:
             chosen.append(candidate)
         if not self._fits(device_name, newcomer, leaving=[*leaving, *chosen]):
             return None  # something in the way cannot go (loading, external): wait for it
-        if newcomer.want is Want.STARTUP and not self._demand.get(newcomer.spec.name, NO_DEMAND).waiting:
+        free_room_only = newcomer.want in (Want.STARTUP, Want.RESTART)
+        if free_room_only and not self._demand.get(newcomer.spec.name, NO_DEMAND).waiting:
             return None if chosen else []
         for victim in chosen:
             allowed_at = self._swap_allowed_at(victim, newcomer, now)
@@ -416,11 +453,20 @@ class FleetPlanner:
         model.evict = False
         effects.append(Halt(model.spec.name))
 
-    def _set(self, model: _Model, state: ModelState, reason: str, now: float, load_s: float | None = None) -> None:
+    def _set(
+        self,
+        model: _Model,
+        state: ModelState,
+        reason: str,
+        now: float,
+        load_s: float | None = None,
+        *,
+        crashed: bool = False,
+    ) -> None:
         if state is not model.state:
             model.since = now
         model.state, model.reason = state, reason
-        self._transitions.append(Transition(now, model.spec.name, state, reason, load_s))
+        self._transitions.append(Transition(now, model.spec.name, state, reason, load_s, crashed))
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -478,6 +524,7 @@ class FleetPlanner:
                     idle_s=None if m.idle_since is None or not m.spec.managed else round(now - m.idle_since, 3),
                     load_s=None if m.load_s is None else round(m.load_s, 3),
                     progress=self._load_progress(m, now) if m.state is ModelState.STARTING else None,
+                    crashes=m.crashes,
                 )
             )
         devices = []
