@@ -208,17 +208,25 @@ async def _run_then_stop_all(
 
 
 async def _on_signals(daemon: Daemon, everything: trio.CancelScope) -> None:
+    """First signal: a graceful shutdown. Second: stop every request and close every connection now. Third: cancel
+    whatever is left."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        received = 0
         async for _ in signals:
-            if daemon.shutdown_requested:
+            received += 1
+            if received == 1:
+                print(
+                    "shutting down: finishing in-flight requests (signal again to stop now)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                daemon.request_shutdown()
+            elif received == 2:
+                print("stopping now", file=sys.stderr, flush=True)
+                daemon.request_shutdown(now=True)
+            else:
                 everything.cancel()
                 return
-            print(
-                "shutting down: finishing in-flight requests (signal again to stop now)",
-                file=sys.stderr,
-                flush=True,
-            )
-            daemon.request_shutdown()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ class ServerConfig(_Section):
     owned_by: str = "queuegate"
     max_body_mb: PositiveFloat = 16.0
     body_timeout_s: PositiveFloat = 60.0
+    write_timeout_s: PositiveFloat = 30.0
     shutdown_grace_s: NonNegativeFloat = 30.0
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

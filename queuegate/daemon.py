@@ -1,8 +1,10 @@
 """The composition root: builds every component from the config, wires them, and runs them in one nursery.
 
-Nothing else constructs long-lived objects. Start order: usage store (database open) → health monitor (first check
-done) → fleet → HTTP server (bound) → admin socket. Shutdown: `request_shutdown()` stops accepting, lets in-flight
-requests finish for `shutdown_grace_s`, then cancels; the usage store stops last, after committing every row.
+Nothing else constructs long-lived objects. Start order: HTTP socket (bound, so a busy port fails before anything
+starts) → lifeline → usage store (database open) → health monitor (first check done) → fleet → HTTP server → admin
+socket. Shutdown: `request_shutdown()` stops accepting and lets in-flight requests finish for `shutdown_grace_s`;
+then the rest are stopped with a "shutting down" error (their streams get it as a last event) and their connections
+closed; the usage store stops last, after committing every row, and the lifeline after every child is gone.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from queuegate.accounting import UsageStore
 from queuegate.admin import AdminServer
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.api import InFlight, create_app
-from queuegate.api.server import bind_listener, serve_http
+from queuegate.api.server import HttpServer, bind_listener
 from queuegate.auth import KeyRing
 from queuegate.config import (
     Config,
@@ -31,6 +33,7 @@ from queuegate.config import (
     usage_db_path,
     usage_timezone,
 )
+from queuegate.errors import ServiceUnavailable
 from queuegate.fleet import Catalog, HealthMonitor
 from queuegate.fleet.catalog import Upstream
 from queuegate.fleet.containers import DockerEngine, DockerLauncher
@@ -44,6 +47,8 @@ from queuegate.reload import plan_reload
 from queuegate.scheduler import Admission, Policy, RateLimit, SchedulerCore
 
 log = logging.getLogger("queuegate.daemon")
+
+SHUTDOWN_LAST_WORDS_S = 1.0  # after the grace period: time for stopped streams to send their error event
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,15 +96,21 @@ class Daemon:
             else None
         )
         self._shutdown = trio.Event()
+        self._stop_now = trio.Event()
         self._in_flight = InFlight()
+        self._active = ActiveRequests()
+        self.http: HttpServer | None = None  # built in `run`
 
     @property
     def shutdown_requested(self) -> bool:
         return self._shutdown.is_set()
 
-    def request_shutdown(self) -> None:
-        """Begin a graceful shutdown (safe to call more than once)."""
+    def request_shutdown(self, *, now: bool = False) -> None:
+        """Begin a graceful shutdown (safe to call more than once). `now`: skip the grace period (a second
+        signal): requests are stopped and connections closed at once."""
         self._shutdown.set()
+        if now:
+            self._stop_now.set()
 
     async def run(self, *, task_status: trio.TaskStatus[Started] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until shut down. The HTTP socket is bound before anything starts (a busy port is a ListenError
@@ -144,15 +155,12 @@ class Daemon:
                 timeout_s=up.health_timeout_s,
             )
 
-            def report_unreachable(upstream: Upstream, reason: str) -> None:
-                model = self.catalog.models[upstream.model]
-                (fleet if model.launch is not None else health).report_failure(upstream, reason)
-
             forwarder = Forwarder(pool, timeouts)
+            watchers = _HealthWatchers(self.catalog, fleet, health)
             proxy = self.proxy = Proxy(
-                self.catalog, self.admission, forwarder, report_unreachable, _notice_policy(cfg), cfg.affinity.header
+                self.catalog, self.admission, forwarder, watchers, _notice_policy(cfg), cfg.affinity.header
             )
-            active = ActiveRequests()
+            active = self._active
             metrics = Metrics(
                 self.admission.statistics, fleet.statistics, self.usage.statistics if self.usage else None
             )
@@ -177,8 +185,14 @@ class Daemon:
             if self.launchers:
                 self.admission.add_listener(fleet.notify)
             await nursery.start(fleet.run)
-            binds = await nursery.start(self._serve, app, listener, nursery)
-            base_url = binds[0]
+            http = self.http = HttpServer(
+                app,
+                listener,
+                # A backstop: `_stop_when_drained` ends the shutdown before (grace, then the last words).
+                graceful_timeout_s=cfg.server.shutdown_grace_s + SHUTDOWN_LAST_WORDS_S + 1.0,
+                write_timeout_s=cfg.server.write_timeout_s,
+            )
+            base_url = await nursery.start(self._serve, http, nursery)
             started_at = time.time()
 
             def status() -> DaemonStatus:
@@ -226,38 +240,65 @@ class Daemon:
         return plan.summary()
 
     async def _serve(
-        self,
-        app: object,
-        listener: socket.socket,
-        nursery: trio.Nursery,
-        *,
-        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+        self, http: HttpServer, nursery: trio.Nursery, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
             with trio.CancelScope() as server_scope:
-                nursery.start_soon(self._stop_when_drained, server_scope)
-                await serve_http(
-                    app,
-                    listener,
-                    graceful_timeout_s=self.config.server.shutdown_grace_s,
-                    shutdown_trigger=self._shutdown.wait,
-                    task_status=task_status,
-                )
+                nursery.start_soon(self._stop_when_drained, http, server_scope)
+                await http.run(shutdown_trigger=self._shutdown, task_status=task_status)
         finally:
             # The server has drained (or failed): stop the health checks and everything else with it.
             nursery.cancel_scope.cancel()
 
-    async def _stop_when_drained(self, server_scope: trio.CancelScope) -> None:
-        """After a shutdown request, stop the server once no request is in flight (or the grace period ends).
+    async def _stop_when_drained(self, http: HttpServer, server_scope: trio.CancelScope) -> None:
+        """After a shutdown request, stop the server once no request is in flight, or when the grace period ends:
+        then every request left is stopped with a "shutting down" error (a stream gets it as its last event) and,
+        a moment later, every connection is closed, whether its client reads or not.
 
         hypercorn stops accepting at once but, with quart-trio, keeps idle keep-alive connections open until its
         graceful timeout; waiting for our own in-flight count ends the shutdown as soon as the work is done.
         """
         await self._shutdown.wait()
         with trio.move_on_after(self.config.server.shutdown_grace_s):
-            await self._in_flight.wait_idle()
-        log.info("stopped", extra={"fields": {"unfinished_requests": self._in_flight.count}})
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(_cancel_when_set, self._stop_now, waiting.cancel_scope)
+                await self._in_flight.wait_idle()
+                waiting.cancel_scope.cancel()
+        unfinished = self._in_flight.count
+        if unfinished:
+            stopped = self._active.stop_all(ServiceUnavailable("the server is shutting down", code="shutting_down"))
+            last_words_s = 0.0 if self._stop_now.is_set() else SHUTDOWN_LAST_WORDS_S
+            http.limit_writes(trio.current_time() + last_words_s)
+            with trio.move_on_after(last_words_s):
+                await self._in_flight.wait_idle()
+            log.warning("stopped unfinished requests", extra={"fields": {"requests": stopped}})
+        http.abort_all("the server is shutting down")
+        log.info("stopped", extra={"fields": {"unfinished_requests": unfinished}})
         server_scope.cancel()
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class _HealthWatchers:
+    """Passes what a request saw of an upstream to whoever watches its health: the fleet for launched models,
+    the health monitor for the others."""
+
+    catalog: Catalog
+    fleet: Fleet
+    health: HealthMonitor
+
+    def report_failure(self, upstream: Upstream, reason: str) -> None:
+        self._watcher(upstream).report_failure(upstream, reason)
+
+    def report_not_ready(self, upstream: Upstream, reason: str, retry_in_s: float) -> None:
+        self._watcher(upstream).report_not_ready(upstream, reason, retry_in_s)
+
+    def _watcher(self, upstream: Upstream) -> Fleet | HealthMonitor:
+        return self.fleet if self.catalog.models[upstream.model].launch is not None else self.health
 
 
 def _policy(config: Config, catalog: Catalog) -> Policy:

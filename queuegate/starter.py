@@ -49,7 +49,10 @@ def starter_tables() -> list[Table]:
                     "owned_by": "`owned_by` reported for every model in GET /v1/models.",
                     "max_body_mb": "Largest request body accepted; larger ones get 413.",
                     "body_timeout_s": "How long a client may take to send its request body (then 408).",
-                    "shutdown_grace_s": "On SIGINT/SIGTERM: stop accepting, finish running requests this long.",
+                    "write_timeout_s": "A client that reads nothing of its answer for this long is cut off, and its\n"
+                    "request ends (upstream closed, GPU slot freed), e.g. a laptop suspended mid-stream.",
+                    "shutdown_grace_s": "On SIGINT/SIGTERM: stop accepting, finish running requests this long; then\n"
+                    "streams end with an error event saying the server is shutting down. A second signal: at once.",
                     "log_format": '"text" (key=value) or "json": one line per request with its id, model, timings.',
                     "log_level": '"debug", "info", "warning" or "error".',
                 },

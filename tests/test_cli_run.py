@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -160,21 +161,59 @@ async def test_sigterm_lets_in_flight_stream_finish_and_keeps_secrets_out_of_log
     assert "status=200" in daemon.stderr
 
 
-async def test_shutdown_grace_period_cuts_streams_that_run_too_long(start_sim, nursery, tmp_path):
+async def test_shutdown_grace_period_ends_streams_with_the_truth(start_sim, nursery, tmp_path):
     sim, url = await start_sim(tokens_per_s=5)
     config = tmp_path / "queuegate.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:0"\nshutdown_grace_s = 0.5\n[models.m]\nupstreams = ["{url}"]\n')
     daemon = await start_daemon(nursery, "--config", str(config))
     body = {"model": "m", "stream": True, "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+    events = []
     async with httpx.AsyncClient(timeout=20) as http:
         async with http.stream("POST", daemon.url + "/v1/chat/completions", json=body) as response:
-            async for _ in response.aiter_lines():
-                daemon.process.send_signal(signal.SIGTERM)
-                break
-        started = time.monotonic()
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    events.append(line)
+                    if len(events) == 1:
+                        daemon.process.send_signal(signal.SIGTERM)
+                        started = time.monotonic()
         with trio.fail_after(10):
             await daemon.process.wait()
     assert time.monotonic() - started < 5
+    # The stream ended cleanly, with an error event that says why (the openai client raises it).
+    last = json.loads(events[-1].removeprefix("data:"))
+    assert last["error"]["code"] == "shutting_down" and last["error"]["message"] == "the server is shutting down"
+    assert "status=503" in daemon.stderr and 'error="the server is shutting down"' in daemon.stderr
+    assert "client closed" not in daemon.stderr
     with trio.fail_after(2):
         while sim.stats.active:
             await trio.sleep(0.02)  # the upstream stream was closed too, not left generating
+
+
+async def test_a_second_signal_stops_at_once_even_with_a_client_that_reads_nothing(start_sim, nursery, tmp_path):
+    sim, url = await start_sim(tokens_per_s=0)
+    config = tmp_path / "queuegate.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:0"\nshutdown_grace_s = 60\nwrite_timeout_s = 600\n'
+        f'[models.m]\nupstreams = ["{url}"]\n'
+    )
+    daemon = await start_daemon(nursery, "--config", str(config))
+    host, port = daemon.url.removeprefix("http://").split(":")
+    stuck = await trio.open_tcp_stream(host, int(port))
+    request = b'{"model": "m", "stream": true, "max_tokens": 400000, "messages": [{"role": "user", "content": "x"}]}'
+    await stuck.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(request)}\r\n\r\n".encode()
+        + request
+    )
+    await trio.sleep(1.5)  # it reads nothing: the daemon's writes to it are blocked by now
+    daemon.process.send_signal(signal.SIGTERM)
+    await trio.sleep(0.5)
+    assert daemon.process.returncode is None  # the first signal waits for the request (60 s of grace)
+    daemon.process.send_signal(signal.SIGTERM)
+    with trio.fail_after(5):
+        await daemon.process.wait()
+    assert daemon.process.returncode == 0, daemon.stderr
+    with trio.fail_after(2):
+        while sim.stats.active:
+            await trio.sleep(0.02)
+    await stuck.aclose()

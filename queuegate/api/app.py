@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from queuegate.accounting import UsageQuery, UsageStore, sessions_status, usage_report, usage_row
+from queuegate.api.server import CONNECTION_KEY
 from queuegate.auth import KeyRing
 from queuegate.config import ServerConfig
 from queuegate.errors import (
@@ -55,7 +56,6 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CLEANUP_KEY = "queuegate.cleanup"
 USAGE_FLUSH_WAIT_S = 2.0  # a usage read first waits this long at most for rows not yet committed
-REQUEST_SCOPE_KEY = "queuegate.request_scope"
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -115,7 +115,8 @@ def create_app(
         request_id = _request_id(request.headers.get("x-request-id"))
         client = request.remote_addr or ""
         record = RequestRecord(request_id, endpoint, client=client, on_finish=on_finish)
-        entry = active.add(record, trio.CancelScope())  # an operator's cancel ends the queueing and forwarding
+        # An operator's cancel (or the end of a shutdown) ends the queueing and forwarding, then the stream.
+        entry = active.add(record, trio.CancelScope(), request.scope.get(CONNECTION_KEY))
 
         async def forget() -> None:
             active.remove(entry)
@@ -138,14 +139,14 @@ def create_app(
                     record.finish(CLIENT_CLOSED, error="client disconnected")
                 raise
         if handling.cancelled_caught:
-            cancelled = RequestCancelled("the request was cancelled by the operator")
-            record.finish(cancelled.status, error=cancelled.message)
-            return _error_response(cancelled, request_id)
+            stopped = entry.stopped_with or RequestCancelled("the request was cancelled by the operator")
+            record.finish(stopped.status, error=stopped.message)
+            return _error_response(stopped, request_id)
         if isinstance(reply.body, bytes):
             record.finish(reply.status)
         else:
             request.scope[CLEANUP_KEY].append(reply.body.aclose)
-            entry.scope = request.scope[REQUEST_SCOPE_KEY]  # from now on a cancel ends the stream
+            entry.body = reply.body  # from now on a stop ends the stream with an error event
         return _response(reply, request_id)
 
     @app.post("/v1/chat/completions")
@@ -342,11 +343,9 @@ def _with_request_lifetime(app: ASGIApp, in_flight: InFlight) -> ASGIApp:
             return
         cleanups: list[Callable[[], Awaitable[None]]] = []
         scope[CLEANUP_KEY] = cleanups
-        request_scope = scope[REQUEST_SCOPE_KEY] = trio.CancelScope()
         in_flight.enter()
         try:
-            with request_scope:
-                await app(scope, receive, send)
+            await app(scope, receive, send)
         finally:
             if cleanups:
                 with trio.CancelScope(shield=True):

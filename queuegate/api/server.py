@@ -1,26 +1,38 @@
-"""Serving the ASGI app: the listening socket, bound before anything else starts, and hypercorn on top of it.
+"""Serving the ASGI app: the listening socket, bound before anything else starts, and hypercorn's HTTP/1.1 protocol
+on connections QueueGate can see and end.
 
-The socket is bound first so that a busy address is one clear line before any model server or simulator is
-started, not an exception group after them.
+hypercorn writes to a client inside a shielded scope with no deadline, so a client that stops reading with its
+socket open (a suspended laptop) would hold its request, and the GPU slot behind it, for as long as it stays
+connected, and not even an operator's cancel or a second SIGTERM could end it. Here each connection bounds every
+write (`write_timeout_s` without progress ends the connection) and can be aborted: an operator's cancel or the end
+of a shutdown closes it, which fails the stuck write, so the request unwinds (upstream closed, slot freed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import math
 import socket
-from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, LifespanState
+from hypercorn.utils import repr_socket_addr, wrap_app
 
 from queuegate.config import parse_listen
 
+log = logging.getLogger("queuegate.http")
+
 LISTEN_BACKLOG = 4096  # hypercorn's default of 100 overflows under bursts of new connections (the kernel caps it)
+CONNECTION_KEY = "queuegate.connection"  # the ASGI scope entry holding the request's `ClientConnection`
 
 
 class ListenError(Exception):
@@ -53,24 +65,148 @@ def bind_listener(listen: str) -> socket.socket:
     return sock
 
 
-async def serve_http(
-    app: Any,
-    listener: socket.socket,
-    *,
-    graceful_timeout_s: float,
-    shutdown_trigger: Callable[[], Awaitable[None]],
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve `app` on the bound `listener` until `shutdown_trigger` returns; reports the bound URLs."""
-    config = HypercornConfig()
-    config.graceful_timeout = graceful_timeout_s
-    config.accesslog = None
-    config.errorlog = logging.getLogger("queuegate.http")
-    sockets = Sockets(secure_sockets=[], insecure_sockets=[listener], quic_sockets=[])
-    await worker_serve(
-        wrap_app(app, config.wsgi_max_body_size, None),
-        config,
-        sockets=sockets,
-        shutdown_trigger=shutdown_trigger,
-        task_status=task_status,
-    )
+class HttpServer:
+    """hypercorn on a socket QueueGate bound, with connections it can end (see the module)."""
+
+    def __init__(self, app: Any, listener: socket.socket, *, graceful_timeout_s: float, write_timeout_s: float) -> None:
+        self._config = HypercornConfig()
+        self._config.graceful_timeout = graceful_timeout_s
+        self._config.accesslog = None
+        self._config.errorlog = logging.getLogger("queuegate.http")
+        self._app = wrap_app(app, self._config.wsgi_max_body_size, None)
+        self._listener = listener
+        self.write_timeout_s = write_timeout_s
+        self.connections: set[ClientConnection] = set()
+        self.stalled = 0  # connections ended because the client stopped reading
+
+    async def run(
+        self,
+        *,
+        shutdown_trigger: trio.Event,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until `shutdown_trigger` is set: then stop accepting and give running connections the graceful
+        timeout (the daemon ends them sooner once its requests are done). Reports the base URL once accepting."""
+        lifespan_state: LifespanState = {}
+        lifespan = Lifespan(self._app, self._config, lifespan_state)
+        context = WorkerContext(None)
+        async with trio.open_nursery() as lifespan_nursery:
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            async with trio.open_nursery() as connections:
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._listener))
+                handler = partial(self._serve_connection, context, lifespan_state)
+                try:
+                    async with trio.open_nursery() as accepting:
+                        accepting.start_soon(
+                            partial(trio.serve_listeners, handler, [listener], handler_nursery=connections)
+                        )
+                        bound = repr_socket_addr(self._listener.family, self._listener.getsockname())
+                        task_status.started(f"http://{bound}")
+                        await shutdown_trigger.wait()
+                        accepting.cancel_scope.cancel()
+                finally:
+                    await context.terminated.set()  # hypercorn then closes idle keep-alive connections
+                    connections.cancel_scope.deadline = trio.current_time() + self._config.graceful_timeout
+            await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
+
+    def abort_all(self, reason: str) -> None:
+        """End every connection now (the end of a shutdown): stuck writes fail, so every request unwinds."""
+        for connection in list(self.connections):
+            connection.abort(reason)
+
+    def limit_writes(self, until: float) -> None:
+        """No connection may spend past `until` (trio time) on a write: a client reading nothing is cut off then."""
+        for connection in self.connections:
+            connection.limit_writes(until)
+
+    async def _serve_connection(
+        self, context: WorkerContext, lifespan_state: LifespanState, stream: trio.SocketStream
+    ) -> None:
+        connection = ClientConnection(self, self._app, self._config, context, lifespan_state, stream)
+        self.connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
+
+
+class _TaggedApp:
+    """The ASGI app as hypercorn calls it, with the request's connection put in its scope (CONNECTION_KEY)."""
+
+    def __init__(self, app: AppWrapper, connection: ClientConnection) -> None:
+        self._app = app
+        self._connection = connection
+
+    async def __call__(self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any) -> None:
+        scope[CONNECTION_KEY] = self._connection
+        await self._app(scope, receive, send, sync_spawn, call_soon)
+
+
+class ClientConnection(TCPServer):
+    """One client connection: hypercorn's, with a deadline on every write and an `abort`."""
+
+    def __init__(
+        self,
+        server: HttpServer,
+        app: AppWrapper,
+        config: HypercornConfig,
+        context: WorkerContext,
+        lifespan_state: LifespanState,
+        stream: trio.SocketStream,
+    ) -> None:
+        super().__init__(_TaggedApp(app, self), config, context, lifespan_state, stream)  # type: ignore[arg-type]
+        self._server = server
+        self._writing: trio.CancelScope | None = None
+        self._write_limit = math.inf  # no write may go on past this (trio time): set for a stopped request
+        self.aborted: str | None = None  # why it was ended by QueueGate
+
+    def limit_writes(self, until: float) -> None:
+        """Writes (the one in progress too) must be done by `until`, else the connection is closed. A stopped
+        request's last event reaches a reading client in time; a client reading nothing cannot hold it longer."""
+        self._write_limit = min(self._write_limit, until)
+        if self._writing is not None:
+            self._writing.deadline = min(self._writing.deadline, until)
+
+    def abort(self, reason: str) -> None:
+        """End the connection now: a write in progress fails, and the request on it sees the client gone."""
+        if self.aborted is not None:
+            return
+        self.aborted = reason
+        if self._writing is not None:
+            self._writing.cancel()
+        self._close_now()
+
+    async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:
+            if self.aborted is None:
+                # Shielded as hypercorn does (a cancelled request must not cut a write half-way), but bounded.
+                with trio.CancelScope(shield=True) as writing:
+                    self._writing = writing
+                    writing.deadline = min(trio.current_time() + self._server.write_timeout_s, self._write_limit)
+                    try:
+                        await self.stream.send_all(event.data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the client is gone: handled below like any end of the connection
+                    else:
+                        return
+                    finally:
+                        self._writing = None
+                if writing.cancelled_caught and self.aborted is None:
+                    if trio.current_time() >= self._write_limit:
+                        self.aborted = "its request was stopped and the client read nothing"
+                    else:
+                        self._server.stalled += 1
+                        self.aborted = f"the client read nothing for {self._server.write_timeout_s:g} s"
+                    log.warning("client connection closed", extra={"fields": {"why": self.aborted}})
+            self._close_now()
+        await self.protocol.handle(Closed())
+
+    def _close_now(self) -> None:
+        """Close the socket without waiting for anything (the peer may be reading nothing at all)."""
+        with contextlib.suppress(OSError):
+            self.stream.socket.close()

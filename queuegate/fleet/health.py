@@ -1,8 +1,9 @@
 """Background health checks: take an upstream out when it fails, put it back when it recovers.
 
 One loop per upstream polls its health URL: every `interval_s` while ready, every `retry_interval_s` while loading or
-down. The forwarder calls `report_failure` when a request cannot reach an upstream, which takes it out at once and
-re-checks it straight away instead of waiting for the next poll.
+down. Requests report what they saw: `report_failure` (it cannot be reached) takes the upstream out at once and
+re-checks it straight away instead of waiting for the next poll; `report_not_ready` (it answered 503) holds it out
+until a check after the delay the request was told to wait.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class HealthMonitor:
         self._retry_interval_s = min(retry_interval_s, interval_s)
         self._recheck = {u.id: trio.Event() for u in self._upstreams}
         self._state: dict[str, UpstreamState] = {}
+        self._hold_until: dict[str, float] = {}  # upstreams that answered 503: no check before then
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check every upstream once (concurrently), report ready, then keep watching until cancelled."""
@@ -59,14 +61,24 @@ class HealthMonitor:
         self._set(upstream, UpstreamState.DOWN, reason)
         self._recheck[upstream.id].set()
 
+    def report_not_ready(self, upstream: Upstream, reason: str, retry_in_s: float) -> None:
+        """A request got a 503 from `upstream`: requests wait for it (not down) until a check in `retry_in_s`."""
+        self._set(upstream, UpstreamState.LOADING, reason)
+        self._hold_until[upstream.id] = trio.current_time() + retry_in_s
+        self._recheck[upstream.id].set()
+
     async def _watch(self, upstream: Upstream) -> None:
-        if upstream.health_url is None:
-            return
         while True:
             ready = self._state.get(upstream.id) is UpstreamState.READY
-            with trio.move_on_after(self._interval_s if ready else self._retry_interval_s):
-                await self._recheck[upstream.id].wait()
+            if upstream.health_url is None and ready:
+                await self._recheck[upstream.id].wait()  # nothing to poll: only a report wakes it
+            else:
+                with trio.move_on_after(self._interval_s if ready else self._retry_interval_s):
+                    await self._recheck[upstream.id].wait()
             self._recheck[upstream.id] = trio.Event()
+            hold_until = self._hold_until.pop(upstream.id, None)
+            if hold_until is not None:
+                await trio.sleep_until(hold_until)
             await self._check(upstream)
 
     async def _check(self, upstream: Upstream) -> None:

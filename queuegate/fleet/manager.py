@@ -86,6 +86,7 @@ class Fleet:
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}  # the task of each model with a server (maybe) running
         self._recheck: dict[str, trio.Event] = {}
+        self._hold_until: dict[str, float] = {}  # models whose server answered a request 503: no check before then
         self._subscribers: set[trio.MemorySendChannel[Transition]] = set()
         self._listeners: list[Callable[[Transition], None]] = []
 
@@ -128,6 +129,16 @@ class Fleet:
         recheck = self._recheck.get(upstream.model)
         if recheck is not None:
             recheck.set()
+
+    def report_not_ready(self, upstream: Upstream, reason: str, retry_in_s: float) -> None:
+        """A request got a 503 from a managed model's server: it takes no request until a health check passes
+        `retry_in_s` from now (its requests wait; the model stays loaded)."""
+        recheck = self._recheck.get(upstream.model)
+        if recheck is None:
+            return  # not running any more: its state says so already
+        self._admission.set_upstream_state(upstream.id, UpstreamState.LOADING, reason)
+        self._hold_until[upstream.model] = trio.current_time() + retry_in_s
+        recheck.set()
 
     def statistics(self) -> FleetStatistics:
         return self._planner.statistics(trio.current_time())
@@ -242,6 +253,7 @@ class Fleet:
                 failure = str(group.exceptions[0])
         del self._scopes[model]
         self._recheck.pop(model, None)
+        self._hold_until.pop(model, None)
         if failure is None:
             self._report("stopped", model)
         else:
@@ -264,18 +276,33 @@ class Fleet:
         raise LaunchFailed(f"{model} was not healthy within {timeout_s:g} s (last check: {reason})")
 
     async def _watch(self, model: str, upstream: Upstream) -> None:
-        """Check health every `interval_s` (or at once when a request failed to connect); raise when it fails."""
-        if upstream.health_url is None:
-            await trio.sleep_forever()
+        """Check health every `interval_s` (or at once when a request failed to connect); raise when it fails.
+        After a request's 503, check only once its delay is over, and let requests in again when it passes."""
         kind = self._catalog.models[model].kind
         failures = 0
+        held = False  # a 503 took it out of service: put it back at the next passing check
         while True:
-            with trio.move_on_after(self._interval_s):
+            if upstream.health_url is None:
                 await self._recheck[model].wait()
+            else:
+                with trio.move_on_after(self._interval_s):
+                    await self._recheck[model].wait()
             self._recheck[model] = trio.Event()
-            state, reason = await probe_health(self._client, upstream, kind, self._timeout_s)
+            hold_until = self._hold_until.pop(model, None)
+            if hold_until is not None:
+                held = True
+                await trio.sleep_until(hold_until)
+            if upstream.health_url is None:
+                state, reason = UpstreamState.READY, "no health check configured"
+            else:
+                state, reason = await probe_health(self._client, upstream, kind, self._timeout_s)
             failures = 0 if state is UpstreamState.READY else failures + 1
             if failures >= _HEALTH_FAILURES_TO_RESTART:
                 raise LaunchFailed(f"{model} failed its health check {failures} times in a row: {reason}")
+            if held and state is UpstreamState.READY:
+                held = False
+                planned, why = self._planner.state(model)  # back to what the planner says (ready, or draining)
+                serving = _UPSTREAM_STATE.get(planned, UpstreamState.LOADING)
+                self._admission.set_upstream_state(upstream.id, serving, why)
             if failures:
                 await trio.sleep(self._poll_s)  # re-check soon rather than a whole interval later

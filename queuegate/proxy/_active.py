@@ -1,21 +1,36 @@
 """The requests being served right now: what `queuegate top` lists and what an operator may cancel.
 
-The HTTP layer registers each request with the cancel scope that currently holds it: first the scope around
-queueing and forwarding (cancelling it answers the client with a clean error), then, once a streamed body is being
-sent, the scope of the whole HTTP request (cancelling it ends the stream).
+The HTTP layer registers each request with the cancel scope around its queueing and forwarding (cancelling it
+answers the client with a clean error), then, once a streamed body is being sent, with that body (stopping it ends
+the stream with an error event), and with its client connection, whose writes `stop` bounds: a client that reads
+nothing cannot keep a stopped request alive.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 import trio
 
-from queuegate.errors import ServiceUnavailable
+from queuegate.errors import GatewayError, ServiceUnavailable
 from queuegate.proxy._record import RequestRecord
 
 REQUEST_LIST_LIMIT = 200  # a status lists at most this many (the oldest first); the total is always given
+STOP_WRITE_GRACE_S = 1.0  # a stopped request's last event must reach its client within this, else it is cut off
+
+
+class StoppableBody(Protocol):
+    """A streamed response body (RelayStream, QueuedStream) that can end early with an error event."""
+
+    def stop(self, error: GatewayError) -> None: ...
+
+
+class ClientLink(Protocol):
+    """The request's client connection (api.server.ClientConnection)."""
+
+    def limit_writes(self, until: float) -> None: ...
 
 
 class RequestCancelled(ServiceUnavailable):
@@ -35,7 +50,22 @@ class RequestStatistics(msgspec.Struct, frozen=True):
 @dataclass(slots=True, eq=False)
 class ActiveRequest:
     record: RequestRecord
-    scope: trio.CancelScope
+    scope: trio.CancelScope  # around queueing and forwarding
+    connection: ClientLink | None = None
+    body: StoppableBody | None = None  # once a streamed body is being sent
+    stopped_with: GatewayError | None = None  # the error a stopped request answers with
+
+    def stop(self, error: GatewayError) -> None:
+        """End the request now with `error`: as its answer, or as the last event of its stream."""
+        if self.stopped_with is not None:
+            return
+        self.stopped_with = error
+        if self.body is not None:
+            self.body.stop(error)
+        else:
+            self.scope.cancel()
+        if self.connection is not None:
+            self.connection.limit_writes(trio.current_time() + STOP_WRITE_GRACE_S)
 
 
 class ActiveRequests:
@@ -44,8 +74,8 @@ class ActiveRequests:
         self.finished = 0  # requests that ended, however they ended
         self.tokens = 0  # completion tokens they produced (usage when known, else relayed chunks)
 
-    def add(self, record: RequestRecord, scope: trio.CancelScope) -> ActiveRequest:
-        entry = ActiveRequest(record, scope)
+    def add(self, record: RequestRecord, scope: trio.CancelScope, connection: ClientLink | None) -> ActiveRequest:
+        entry = ActiveRequest(record, scope, connection)
         self._requests[id(entry)] = entry
         return entry
 
@@ -64,8 +94,15 @@ class ActiveRequests:
             raise KeyError(f"no request {request_id!r} in progress")
         for entry in found:
             entry.record.cancelled = True
-            entry.scope.cancel()
+            entry.stop(RequestCancelled("the request was cancelled by the operator"))
         return len(found)
+
+    def stop_all(self, error: GatewayError) -> int:
+        """Stop every request with `error` (the end of a shutdown's grace period); how many."""
+        entries = list(self._requests.values())
+        for entry in entries:
+            entry.stop(error)
+        return len(entries)
 
     def __len__(self) -> int:
         return len(self._requests)

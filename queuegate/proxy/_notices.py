@@ -40,6 +40,8 @@ class QueuedStream:
         self._ticket = ticket
         self._relay: RelayStream | None = None
         self._ended = False
+        self._stop: GatewayError | None = None
+        self._waiting: trio.CancelScope | None = None
         self._last_notice = ""
         self._last_sent = -float("inf")
         self._id = f"queued-{record.request_id}"
@@ -54,6 +56,9 @@ class QueuedStream:
             raise StopAsyncIteration
         try:
             while True:
+                if self._stop is not None:
+                    self._proxy.withdraw(self._ticket)
+                    return self._fail(self._stop.status, self._stop)
                 notice = self._notice()
                 now = trio.current_time()
                 if notice is not None and notice != self._last_notice:
@@ -63,17 +68,35 @@ class QueuedStream:
                     self._last_sent = now
                     return KEEPALIVE
                 wake = min(now + POSITION_CHECK_S, self._last_sent + self._proxy.notices.keepalive_s)
-                if await self._proxy.wait_for_slot(self._ticket, self._record, until=wake):
-                    return await self._start_upstream()
+                with trio.CancelScope() as self._waiting:
+                    if await self._proxy.wait_for_slot(self._ticket, self._record, until=wake):
+                        return await self._start_upstream()
         except GatewayError as exc:
             return self._fail(exc.status, exc)
+        finally:
+            self._waiting = None
+
+    def stop(self, error: GatewayError) -> None:
+        """End the stream now with `error` as its last event (leaving the queue, or ending the upstream's stream)."""
+        if self._relay is not None:
+            self._relay.stop(error)
+        elif not self._ended and self._stop is None:
+            self._stop = error
+            if self._waiting is not None:
+                self._waiting.cancel()
 
     async def _start_upstream(self) -> bytes:
         reply = await self._proxy.forward(self._spec, self._record, self._payload, self._ticket)
         if isinstance(reply.body, RelayStream):
             self._relay = reply.body
+            if self._stop is not None:
+                self._relay.stop(self._stop)
             return await self._relay.__anext__()
-        # The upstream refused (a 4xx) or answered without streaming; the status is already sent.
+        if reply.status == 200 and isinstance(reply.body, bytes):  # a whole answer, already made into events
+            self._ended = True
+            self._record.finish(200)
+            return reply.body
+        # The upstream refused (a 4xx); the status is already sent.
         return self._fail(reply.status, UpstreamError(_error_message(reply.body), status=reply.status))
 
     def _fail(self, status: int, exc: GatewayError) -> bytes:

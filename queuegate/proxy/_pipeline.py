@@ -1,15 +1,16 @@
 """One request's way through QueueGate: parse → resolve model → queue for a slot → forward → reply.
 
 All of it runs in the request's own task and cancel scope: if the client leaves, the queue entry is withdrawn and
-the upstream response closed on the way out. Failures before any byte reached the client are retried on another
-upstream of the model; after the first byte, never.
+the upstream response closed on the way out. Before any byte reached the client, failures are retried: an upstream
+that cannot be reached, answers a 5xx or drops its answer half-way goes to another upstream of the model; one that
+answers 503 (still loading, overloaded) or 429 is waited out, bounded. After the first byte, never.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import trio
@@ -17,12 +18,13 @@ import trio
 from queuegate.auth import KeyRing
 from queuegate.errors import BadRequest, GatewayError, ModelNotFound, NotSupported, UpstreamError
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
+from queuegate.proxy._convert import AnswerFromEvents, answer_as_events
 from queuegate.proxy._forwarder import ChunkReader, Forwarder, RetryableFailure, UpstreamResponse, close_response
 from queuegate.proxy._notices import SSE_HEADERS, QueuedStream
 from queuegate.proxy._record import RequestRecord, Usage, tokens_in
 from queuegate.proxy._relay import EventReader, RelayStream, looks_like_sse
 from queuegate.proxy._routing import chat_key
-from queuegate.scheduler import Admission, NoUpstreamLeft, QueuePosition, Ticket
+from queuegate.scheduler import Admission, ModelUnavailable, NoUpstreamLeft, QueuePosition, Ticket
 
 # Fields each endpoint cannot do without; everything else is forwarded untouched.
 REQUIRED_FIELDS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
@@ -32,6 +34,30 @@ ERROR_BODY_LIMIT = 64 * 1024
 # and only when its Retry-After is this short; otherwise its 429 goes to the client.
 UPSTREAM_BUSY_RETRIES = 3
 UPSTREAM_BUSY_MAX_WAIT_S = 30.0
+# An upstream's 503 is waited out: after its Retry-After, else after a backoff doubling from the first to the last.
+NOT_READY_BACKOFF_S = (0.25, 2.0)
+LAST_CHECK_S = 0.5
+
+
+class UpstreamReports(Protocol):
+    """Who watches an upstream's health (the fleet for launched models, else the health monitor) hears from
+    requests what they saw."""
+
+    def report_failure(self, upstream: Upstream, reason: str) -> None:
+        """It could not be reached, or dropped a connection: take it out and check it now."""
+
+    def report_not_ready(self, upstream: Upstream, reason: str, retry_in_s: float) -> None:
+        """It answered 503: send it nothing new until it is checked again, `retry_in_s` from now."""
+
+
+class UpstreamNotReady(Exception):
+    """The upstream answered 503 before any byte reached the client: wait `delay_s` (its Retry-After; None: it
+    gave none) and try again."""
+
+    def __init__(self, delay_s: float | None, message: str) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+        self.message = message
 
 
 class UpstreamBusy(Exception):
@@ -79,14 +105,14 @@ class Proxy:
         catalog: Catalog,
         admission: Admission,
         forwarder: Forwarder,
-        on_unreachable: Callable[[Upstream, str], None],
+        reports: UpstreamReports,
         notices: NoticePolicy | None = None,
         chat_header: str = "X-Chat-Id",
     ) -> None:
         self._catalog = catalog
         self._admission = admission
         self._forwarder = forwarder
-        self._on_unreachable = on_unreachable
+        self._reports = reports
         self.notices = notices or NoticePolicy()
         self._chat_header = chat_header  # names the sticky chat (see `chat_key`)
 
@@ -97,6 +123,7 @@ class Proxy:
         KeyRing.check_model(record.key, spec.name)
         record.model = spec.name
         record.stream = body.get("stream") is True
+        record.wants_usage = _asks_usage(body)
         record.prompt_chars = prompt_chars(body)
         tokens = request_tokens(body, record.prompt_chars)
         upstream_body = {**spec.defaults, **body, "model": spec.upstream_model}
@@ -145,13 +172,16 @@ class Proxy:
         return spec
 
     async def forward(self, spec: ModelSpec, record: RequestRecord, payload: bytes, ticket: Ticket) -> Reply:
-        """Wait for the ticket's slot and send; on a failure before any byte, queue again for another upstream."""
+        """Wait for the ticket's slot and send; on a failure before any byte, queue again (see the module)."""
         tried: set[str] = set()
         last_failure: GatewayError | None = None
         busy_retries = 0
+        not_ready = _NotReadyWait(spec.launch.startup_timeout_s if spec.launch else self._admission.max_wait_s)
         while True:
             try:
-                await self.wait_for_slot(ticket, record)
+                if not await self.wait_for_slot(ticket, record, until=not_ready.wait_until):
+                    self.withdraw(ticket)  # still waiting for an upstream to be ready when the bound ran out
+                    raise not_ready.gave_up()
             except NoUpstreamLeft:
                 assert last_failure is not None
                 raise last_failure from None
@@ -164,9 +194,12 @@ class Proxy:
                     return busy.reply
                 busy_retries += 1
                 await trio.sleep(busy.delay_s)  # the slot is free meanwhile; a client leaving cancels this
+            except UpstreamNotReady as answer:
+                # Taken out until re-checked; this request queues again for it (or another upstream) meanwhile.
+                self._reports.report_not_ready(upstream, answer.message, not_ready.next_delay(answer))
             except RetryableFailure as failure:
                 if failure.unreachable:
-                    self._on_unreachable(upstream, failure.message)
+                    self._reports.report_failure(upstream, failure.message)
                 tried.add(upstream.id)
                 last_failure = failure
             # Queue again (the key's limits were charged once, for the client's request; the upstream's are not).
@@ -192,47 +225,135 @@ class Proxy:
             response = await self._forwarder.send(upstream, path, payload, record.request_id, deadline)
             content_type = response.header(b"content-type") or "application/json"
             reader = ChunkReader(response, self._forwarder.timeouts.idle_s, deadline)
+            if response.status == 503:
+                detail = await _error_detail(reader)
+                raise UpstreamNotReady(_retry_after(response), f"upstream {upstream.id} answered 503: {detail}")
             if response.status >= 500:
                 detail = await _error_detail(reader)
                 raise RetryableFailure(
                     f"upstream {upstream.id} answered {response.status}: {detail}", unreachable=False
                 )
-            if response.status == 200 and content_type.startswith("text/event-stream"):
-                events = EventReader(reader)
-                try:
-                    first = await events.next_events()
-                except GatewayError as exc:
-                    raise RetryableFailure(exc.message, unreachable=False) from None
-                if first is None or not looks_like_sse(first):
-                    raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream", unreachable=False)
-                record.first_token_at = trio.current_time()
-                relay = RelayStream(
-                    first,
-                    events,
-                    response,
-                    record,
-                    lambda: self._admission.release(ticket, record.total_tokens),
-                    strip_usage=record.usage_injected,
-                )
+            streamed = content_type.startswith("text/event-stream")
+            if response.status == 200 and streamed and record.stream:
+                relay = await self._relay(upstream, ticket, record, reader, response)
                 handed_over = True
                 return Reply(200, {**SSE_HEADERS, "content-type": content_type}, relay)
-            body = await self._forwarder.read_body(response, deadline)
+            if response.status == 200 and streamed:
+                answer = await _fold_events(upstream, reader, record.endpoint)
+                body = msgspec.json.encode(answer)  # it did not ask for a stream: it gets one answer
+            else:
+                body = await _read_whole(upstream, reader)
             record.first_token_at = trio.current_time()
-            if response.status == 200:
-                try:
-                    answer = msgspec.json.decode(body, type=_Answer)
-                except msgspec.DecodeError:
-                    raise RetryableFailure(f"upstream {upstream.id} sent invalid JSON", unreachable=False) from None
-                record.usage = answer.usage or Usage.estimate(record.prompt_chars, tokens_in(_answer_chars(answer)))
-                return Reply(200, {"content-type": content_type}, body)
             if response.status == 429:
-                raise UpstreamBusy(_retry_after_s(response), _client_error_reply(response, body, content_type))
-            return _client_error_reply(response, body, content_type)
+                raise UpstreamBusy(_busy_delay(response), _client_error_reply(response, body, content_type))
+            if response.status != 200:
+                return _client_error_reply(response, body, content_type)
+            try:
+                parsed = msgspec.json.decode(body, type=_Answer)
+            except msgspec.DecodeError:
+                raise RetryableFailure(f"upstream {upstream.id} sent invalid JSON", unreachable=False) from None
+            record.usage = parsed.usage or Usage.estimate(record.prompt_chars, tokens_in(_answer_chars(parsed)))
+            if record.stream and record.endpoint != "embeddings":  # it asked for a stream: it gets one
+                events = answer_as_events(
+                    msgspec.json.decode(body), chat=record.endpoint == "chat", include_usage=record.wants_usage
+                )
+                return Reply(200, dict(SSE_HEADERS), events)
+            return Reply(200, {"content-type": "application/json"}, body)
         finally:
             if not handed_over:
                 if response is not None:
                     await close_response(response)
                 self._admission.release(ticket, record.total_tokens)
+
+    async def _relay(
+        self, upstream: Upstream, ticket: Ticket, record: RequestRecord, reader: ChunkReader, response: UpstreamResponse
+    ) -> RelayStream:
+        """The stream to hand to the client, once its first events arrived whole (until then it may be retried)."""
+        events = EventReader(reader)
+        try:
+            first = await events.next_events()
+        except GatewayError as exc:
+            raise RetryableFailure(exc.message, unreachable=False) from None
+        if first is None or not looks_like_sse(first):
+            raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream", unreachable=False)
+        record.first_token_at = trio.current_time()
+        return RelayStream(
+            first,
+            events,
+            response,
+            record,
+            lambda: self._admission.release(ticket, record.total_tokens),
+            strip_usage=record.usage_injected,
+        )
+
+
+class _NotReadyWait:
+    """How long one request keeps waiting for upstreams that answer 503: from the first 503, `bound_s` at most
+    (a launched model's startup timeout, else the queue's max wait)."""
+
+    def __init__(self, bound_s: float) -> None:
+        self.bound_s = bound_s
+        self.deadline: float | None = None
+        self.since = 0.0
+        self.answers = 0
+        self.last = ""
+
+    @property
+    def wait_until(self) -> float | None:
+        """How long a request may wait in the queue for a not-ready upstream: the bound, and a moment for the
+        last check (due at the bound) to let it in."""
+        return None if self.deadline is None else self.deadline + LAST_CHECK_S
+
+    def next_delay(self, answer: UpstreamNotReady) -> float:
+        """How long until the upstream is tried again. Raises ModelUnavailable when that passes the bound."""
+        now = trio.current_time()
+        if self.deadline is None:
+            self.since, self.deadline = now, now + self.bound_s
+        self.answers += 1
+        self.last = answer.message
+        left = self.deadline - now
+        if answer.delay_s is not None and answer.delay_s > left:
+            raise self.gave_up(retry_after_s=answer.delay_s)  # it says it needs longer than we may wait
+        first, most = NOT_READY_BACKOFF_S
+        delay = answer.delay_s if answer.delay_s is not None else min(most, first * 2 ** (self.answers - 1), left)
+        if delay <= 0:
+            raise self.gave_up()
+        return delay
+
+    def gave_up(self, retry_after_s: float = 5.0) -> ModelUnavailable:
+        waited = trio.current_time() - self.since
+        return ModelUnavailable(
+            f"not ready after {waited:.0f} s (bound {self.bound_s:g} s): {self.last}", retry_after_s=retry_after_s
+        )
+
+
+async def _read_whole(upstream: Upstream, reader: ChunkReader) -> bytes:
+    """A whole (non-streamed) body. A connection dropped half-way is a failure another upstream may retry: no
+    byte of it reached the client."""
+    chunks = []
+    try:
+        while (chunk := await reader.next()) is not None:
+            chunks.append(chunk)
+    except UpstreamError as exc:
+        raise RetryableFailure(exc.message, unreachable=True) from None
+    return b"".join(chunks)
+
+
+async def _fold_events(upstream: Upstream, reader: ChunkReader, endpoint: str) -> dict[str, Any]:
+    """An event stream read to its end and folded into one answer (the request did not ask for a stream)."""
+    answer = AnswerFromEvents(chat=endpoint == "chat")
+    events = EventReader(reader)
+    try:
+        while (block := await events.next_events()) is not None:
+            answer.feed(block)
+    except msgspec.DecodeError:
+        raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream", unreachable=False) from None
+    except UpstreamError as exc:
+        raise RetryableFailure(exc.message, unreachable=True) from None
+    if not (answer.done or answer.finished):
+        message = f"upstream {upstream.id} ended its event stream before it was complete"
+        raise RetryableFailure(message, unreachable=False)
+    return answer.answer()
 
 
 def prompt_chars(body: dict[str, Any]) -> int:
@@ -315,14 +436,21 @@ async def _error_detail(reader: ChunkReader) -> str:
     return data[:200].decode("utf-8", "replace") or "(empty body)"
 
 
-def _retry_after_s(response: UpstreamResponse) -> float | None:
-    """The upstream's Retry-After in seconds (1 s when it gives none), or None when it is too long to wait out."""
+def _retry_after(response: UpstreamResponse) -> float | None:
+    """The upstream's Retry-After in seconds; None when it gives none or gives an HTTP date."""
     raw = response.header(b"retry-after")
     try:
-        delay = 1.0 if raw is None else float(raw)
+        return None if raw is None else max(0.0, float(raw))
     except ValueError:
-        return None  # an HTTP date: a long wait, left to the client
-    return delay if 0 <= delay <= UPSTREAM_BUSY_MAX_WAIT_S else None
+        return None
+
+
+def _busy_delay(response: UpstreamResponse) -> float | None:
+    """How long to wait out an upstream's 429 (1 s when it does not say), or None when it is too long to wait."""
+    delay = _retry_after(response)
+    if delay is None:
+        return None if response.header(b"retry-after") is not None else 1.0  # an HTTP date: a long wait
+    return delay if delay <= UPSTREAM_BUSY_MAX_WAIT_S else None
 
 
 def _client_error_reply(response: UpstreamResponse, body: bytes, content_type: str) -> Reply:

@@ -51,6 +51,7 @@ class RequestRecord:
     model: str | None = None
     upstream: str | None = None
     stream: bool = False
+    wants_usage: bool = False  # the client asked for the stream's usage chunk (stream_options.include_usage)
     usage_injected: bool = False  # QueueGate asked the upstream for the stream's usage chunk (and hides it)
     queue_s: float = 0.0  # all time spent queued, retries included
     upstream_started_at: float | None = None  # when the (last) attempt was sent upstream

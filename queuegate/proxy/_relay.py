@@ -13,12 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import trio
 
 from queuegate.errors import GatewayError, UpstreamError
+from queuegate.proxy._convert import DONE_EVENT
 from queuegate.proxy._forwarder import ChunkReader, UpstreamResponse, close_response
 from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord, Usage
 
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+_DONE = re.compile(rb"(?m)^data:[ \t]*\[DONE\]")
+_FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"')
 _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
 MAX_PENDING_EVENT = 1 << 20  # an "event" larger than this without an end is garbage, not a token
 TAIL_BYTES = 8192
@@ -104,7 +108,13 @@ class EventReader:
 
 
 class RelayStream:
-    """The client's response body for a streamed request (an async iterator of bytes with `aclose`)."""
+    """The client's response body for a streamed request (an async iterator of bytes with `aclose`).
+
+    A stream is complete when the upstream sent `data: [DONE]`: the client's stream ends right there (a client that
+    closes after [DONE] got everything). An upstream that ends its body without [DONE] is complete if it sent a
+    finish reason (QueueGate adds the [DONE]); without either it was cut, and the client gets an error event. `stop`
+    ends the stream early with an error event (operator cancel, shutdown).
+    """
 
     def __init__(
         self,
@@ -117,15 +127,22 @@ class RelayStream:
         strip_usage: bool = False,
     ) -> None:
         self._strip_usage = strip_usage  # QueueGate asked for the usage chunk; the client did not
-        self._next: bytes | None = without_usage_chunk(first) if strip_usage else first
-        record.chunks += _count_events(self._next)
         self._events = events
         self._response = response
         self._record = record
         self._release = release
-        self._tail = first
-        self._ended = False
+        self._tail = b""
+        self._finish_seen = False  # some event carried a finish_reason
+        self._done = False  # the upstream sent data: [DONE]: the stream is complete
+        self._failure: GatewayError | None = None  # how the stream ended early (upstream, stop)
+        self._stop: GatewayError | None = None
+        self._reading: trio.CancelScope | None = None
         self._closed = False
+        self._next: bytes | None = self._take(first)
+
+    @property
+    def _ended(self) -> bool:
+        return self._done or self._failure is not None
 
     def __aiter__(self) -> RelayStream:
         return self
@@ -136,24 +153,56 @@ class RelayStream:
             if first:
                 return first
         while not self._ended:
+            if self._stop is not None:
+                return self._fail(self._stop)
             try:
-                block = await self._events.next_events()
+                with trio.CancelScope() as reading:
+                    self._reading = reading
+                    block = await self._events.next_events()
             except GatewayError as exc:
-                # Bytes already reached the client, so the status is sent: end with an error event instead.
-                self._ended = True
-                self._record.error = exc.message
-                return b"data: " + exc.body() + b"\n\n"
+                return self._fail(exc)  # bytes already reached the client: the status is sent, so an error event
+            finally:
+                self._reading = None
+            if reading.cancelled_caught:
+                continue  # `stop` was called: its error event goes out next
             if block is None:
-                self._ended = True
-                break
-            # Keep the last few events: the usage chunk may come in the block before `data: [DONE]`.
-            self._tail = (self._tail + block)[-TAIL_BYTES:]
-            if self._strip_usage:
-                block = without_usage_chunk(block)
-            self._record.chunks += _count_events(block)
-            if block:  # (a block that was only the usage chunk is not sent at all)
-                return block
+                if self._finish_seen:  # ended without [DONE] but whole: end it as OpenAI does
+                    self._done = True
+                    return DONE_EVENT
+                return self._fail(
+                    UpstreamError(
+                        f"upstream {self._response.upstream.id} ended the stream before it was complete "
+                        "(no finish_reason, no [DONE])"
+                    )
+                )
+            if out := self._take(block):
+                return out  # (a block that was only the usage chunk is not sent at all)
         raise StopAsyncIteration
+
+    def stop(self, error: GatewayError) -> None:
+        """End the stream now with `error` as its last event (the next read returns it)."""
+        if self._ended or self._stop is not None:
+            return
+        self._stop = error
+        if self._reading is not None:
+            self._reading.cancel()
+
+    def _take(self, block: bytes) -> bytes:
+        """Note what a block of events says about the stream's end; what of it goes to the client."""
+        self._tail = (self._tail + block)[-TAIL_BYTES:]  # the usage chunk may come in the block before [DONE]
+        if not self._finish_seen and _FINISH_REASON.search(block):
+            self._finish_seen = True
+        if _DONE.search(block):
+            self._done = True  # anything the upstream sends after [DONE] is not read
+        if self._strip_usage:
+            block = without_usage_chunk(block)
+        self._record.chunks += _count_events(block)
+        return block
+
+    def _fail(self, error: GatewayError) -> bytes:
+        self._failure = error
+        self._record.error = error.message
+        return b"data: " + error.body() + b"\n\n"
 
     def _estimated_usage(self) -> Usage:
         """The backend reported no usage (or the stream was cut): about one token per content event."""
@@ -165,13 +214,14 @@ class RelayStream:
         if self._closed:
             return
         self._closed = True
-        complete = self._ended and self._record.error is None
-        self._record.usage = (usage_from_events(self._tail) if complete else None) or self._estimated_usage()
+        self._record.usage = (usage_from_events(self._tail) if self._done else None) or self._estimated_usage()
         try:
             await close_response(self._response)
         finally:
             self._release()
-            if not self._ended:
-                self._record.finish(CLIENT_CLOSED, error="client closed the stream")
-            else:
+            if self._done:
                 self._record.finish(200)
+            elif self._failure is not None:
+                self._record.finish(self._failure.status, error=self._failure.message)
+            else:
+                self._record.finish(CLIENT_CLOSED, error="client closed the stream")

@@ -91,6 +91,11 @@ class Admission:
         self.withdraw(ticket)
         raise QueueTimeout(f"waited {max_wait_s:g} s in the queue for model {ticket.model!r}", retry_after_s=5)
 
+    @property
+    def max_wait_s(self) -> float:
+        """The longest a request may wait in the queue (the policy's, as of now)."""
+        return self._core.policy.max_wait_s
+
     def withdraw(self, ticket: Ticket) -> None:
         """Forget a waiting ticket or give back its slot (idempotent)."""
         self._wake(self._core.withdraw(ticket, trio.current_time()))

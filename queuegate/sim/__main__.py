@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument("--tokens-per-s", type=float, default=defaults.tokens_per_s, help="<= 0: no delay")
     parser.add_argument("--load-time", type=float, default=defaults.load_time_s, help="seconds of 503 'Loading model'")
+    parser.add_argument("--health-ok-while-loading", action="store_true", help="/health answers 200 even while loading")
     parser.add_argument("--first-token-delay", type=float, default=defaults.first_token_delay_s)
     parser.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim)
     args = parser.parse_args()
@@ -29,6 +30,7 @@ def main() -> None:
         model=args.model,
         tokens_per_s=args.tokens_per_s,
         load_time_s=args.load_time,
+        health_ok_while_loading=args.health_ok_while_loading,
         first_token_delay_s=args.first_token_delay,
         embedding_dim=args.embedding_dim,
     )

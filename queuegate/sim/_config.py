@@ -19,6 +19,11 @@ FAULTS = frozenset(
         "status_429",
         "close_before_response",  # drop the connection without a byte
         "slow_first_token",  # 30 s before the first token
+        "linger_after_done",  # (stream) wait 0.5 s after `data: [DONE]` before ending the body
+        "no_done",  # (stream) end the body after three events: no finish_reason, no [DONE]
+        "finish_without_done",  # (stream) end the body after the finish_reason chunk, without [DONE]
+        "whole_answer",  # answer a streamed request with one JSON body
+        "stream_answer",  # answer a non-streamed request with an event stream
     }
 )
 
@@ -28,7 +33,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
     port: int = 0  # 0 = any free port
     model: str = "sim-model"  # reported by /v1/models
     tokens_per_s: float = 50.0  # generation speed; <= 0 = no delay at all
-    load_time_s: float = 0.0  # /health answers 503 "Loading model" this long after start, like llama-server
+    load_time_s: float = 0.0  # /health and requests answer 503 "Loading model" this long after start, like llama-server
+    health_ok_while_loading: bool = False  # /health answers 200 at once (a health path that passes too early)
     default_max_tokens: int = 16  # when the request sets neither max_tokens nor max_completion_tokens
     embedding_dim: int = 8
     first_token_delay_s: float = 0.0  # "prompt processing" before the first token

@@ -192,10 +192,13 @@ class Simulator:
 
     # -- routes ---------------------------------------------------------------------------------------------
 
+    def _loading(self) -> bool:
+        return time.monotonic() - self._started_at < self.config.load_time_s
+
     async def _health(self, exchange: _Exchange, _: Any) -> None:
         if self._health_status is not None and self._health_status != 200:
             await exchange.error(self._health_status, "Loading model" if self._health_status == 503 else "unhealthy")
-        elif self._health_status is None and time.monotonic() - self._started_at < self.config.load_time_s:
+        elif self._health_status is None and self._loading() and not self.config.health_ok_while_loading:
             await exchange.error(503, "Loading model")
         else:
             await exchange.respond(200, b'{"status":"ok"}')
@@ -215,6 +218,9 @@ class Simulator:
             await exchange.error(400, "body must be a JSON object")
             return
         fault = body.get("sim_fault") or self._fault
+        if self._loading():  # like llama-server: every endpoint answers 503 until the model is loaded
+            await exchange.error(503, "Loading model")
+            return
         if await self._early_fault(exchange, fault):
             return
         requested = body.get("max_tokens") or body.get("max_completion_tokens")
@@ -229,10 +235,11 @@ class Simulator:
         )
         interval = 1.0 / self.config.tokens_per_s if self.config.tokens_per_s > 0 else 0.0
         first_delay = 30.0 if fault == "slow_first_token" else self.config.first_token_delay_s
-        if body.get("stream") is True:
+        streamed = body.get("stream") is True
+        if streamed != (fault in ("whole_answer", "stream_answer")):  # those two answer in the other shape
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            include_usage = include_usage and self.config.report_usage
+            include_usage = (include_usage or fault == "stream_answer") and self.config.report_usage
             await self._stream(exchange, completion, fault, first_delay, interval, include_usage)
             return
         await trio.sleep(first_delay + interval * len(completion.tokens))
@@ -262,6 +269,9 @@ class Simulator:
         for index in range(len(completion.tokens)):
             if fault == "die_mid_stream" and index == 3:
                 raise _Drop
+            if fault == "no_done" and index == 3:
+                await exchange.send(h11.EndOfMessage())
+                return
             if fault == "hang_after_first" and index == 1:
                 await trio.sleep_forever()
             await trio.sleep_until(next_at)
@@ -270,13 +280,16 @@ class Simulator:
         await exchange.event(completion.final_chunk())
         if include_usage:
             await exchange.event(completion.usage_chunk())
-        await exchange.event(b"[DONE]")
+        if fault != "finish_without_done":
+            await exchange.event(b"[DONE]")
+        if fault == "linger_after_done":
+            await trio.sleep(0.5)
         await exchange.send(h11.EndOfMessage())
 
     async def _early_fault(self, exchange: _Exchange, fault: str | None) -> bool:
         """Faults that answer (or don't) before any generation. True when the request is dealt with."""
-        if fault is None or fault in ("hang_after_first", "die_mid_stream", "slow_first_token"):
-            return False
+        if fault is None or not (fault in ("hang", "close_before_response", "garbage") or fault.startswith("status_")):
+            return False  # a fault of the answer itself
         if fault == "hang":
             await trio.sleep_forever()
         if fault == "close_before_response":
@@ -292,6 +305,9 @@ class Simulator:
 
     async def _embeddings(self, exchange: _Exchange, body: Any) -> None:
         fault = body.get("sim_fault") if isinstance(body, dict) else None
+        if self._loading():
+            await exchange.error(503, "Loading model")
+            return
         if await self._early_fault(exchange, fault or self._fault):
             return
         raw = body.get("input") if isinstance(body, dict) else None

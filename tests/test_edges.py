@@ -1,0 +1,202 @@
+"""What users live through at the edges: upstreams that are up but not ready, answers that break or end oddly,
+answers in the wrong shape, clients that close at [DONE] or stop reading, operators who cancel.
+
+Upstreams are `queuegate.sim` servers (real HTTP on loopback) because each case needs a fault on demand: a 503
+"Loading model" behind a health path that passes early, a body dropped half-way, a stream that lingers after
+[DONE] or ends without it. Clients are the official `openai` client, or a raw socket where the case is a client
+that stops reading.
+"""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+import trio
+
+from queuegate.admin import AdminClient
+from queuegate.admin.protocol import Cancel
+from queuegate.config import admin_socket_path
+from tests.conftest import in_thread, wait_until
+from tests.test_fleet import EXCLUSIVE, sim_model
+from tests.test_gateway import chat
+
+
+def request_lines(caplog) -> list[dict]:
+    return [r.fields for r in caplog.records if r.getMessage() == "request"]
+
+
+async def test_an_upstream_that_answers_503_while_loading_is_waited_out_not_a_502(start_sim, start_gateway, caplog):
+    caplog.set_level("INFO", logger="queuegate")
+    # Its health path passes at once, but every request gets llama-server's 503 "Loading model" for 1.5 s.
+    sim, url = await start_sim(tokens_per_s=0, load_time_s=1.5, health_ok_while_loading=True)
+    gw = await start_gateway({"m": {"upstreams": [url], "kind": "llamacpp"}})
+    assert gw.stats().models[0].upstreams[0].state == "ready"
+    started = time.monotonic()
+    answer = await in_thread(lambda: chat(gw.client(), max_tokens=3))
+    streamed = await in_thread(lambda: list(chat(gw.client(), max_tokens=3, stream=True)))
+    assert answer.choices[0].message.content and "".join(c.choices[0].delta.content or "" for c in streamed)
+    assert 1.0 < time.monotonic() - started < 5
+    assert sim.stats.requests >= 3  # the first attempts got 503s
+    lines = request_lines(caplog)
+    assert [line["status"] for line in lines] == [200, 200] and lines[0]["retries"] >= 1
+
+
+async def test_503s_are_waited_out_only_up_to_the_bound(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=0)
+    sim.set_fault("status_503")
+    gw = await start_gateway({"m": {"upstreams": [url]}}, queue={"max_wait_s": 1.5})
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as info:
+        await in_thread(lambda: chat(gw.client(), max_tokens=1))
+    assert 1.0 < time.monotonic() - started < 4
+    assert info.value.status_code == 503 and info.value.response.headers["retry-after"]
+    assert "not ready after" in info.value.message and "answered 503: Loading model" in info.value.message
+    sim.set_fault(None)
+    await wait_until(lambda: gw.stats().models[0].upstreams[0].state == "ready", timeout=5)
+    assert (await in_thread(lambda: chat(gw.client(), max_tokens=1))).choices
+
+
+async def test_a_launched_model_whose_health_passes_early_does_not_fail_its_first_requests(start_gateway):
+    # kind "openai" probes /v1/models, which this server (like some real ones) answers while it still loads.
+    model = sim_model(1.5, "--health-ok-while-loading", kind="openai")
+    gw = await start_gateway({"a": model}, devices=EXCLUSIVE)
+    answers = await trio.to_thread.run_sync(lambda: [chat(gw.client(), "a", max_tokens=2) for _ in range(2)])
+    assert all(a.system_fingerprint == "a" for a in answers)
+
+
+async def test_a_body_dropped_half_way_is_retried_elsewhere_and_the_chat_moves(start_sim, start_gateway, caplog):
+    caplog.set_level("INFO", logger="queuegate")
+    bad, bad_url = await start_sim(tokens_per_s=0, model="bad")
+    _, good_url = await start_sim(tokens_per_s=0, model="good")
+    gw = await start_gateway({"m": {"upstreams": [bad_url, good_url]}}, upstream={"health_interval_s": 30})
+
+    def ask(chat_id: str):
+        return chat(gw.client(), max_tokens=4, extra_headers={"X-Chat-Id": chat_id})
+
+    # Find a chat that sticks to the upstream about to break.
+    sticky = ""
+    for i in range(20):
+        sticky = f"c{i}"
+        if (await in_thread(lambda chat_id=sticky: ask(chat_id))).system_fingerprint == "bad":
+            break
+    bad.set_fault("die_mid_stream")  # a non-streamed answer: half the body, then the connection drops
+    answer = await in_thread(lambda: ask(sticky))
+    assert answer.system_fingerprint == "good" and answer.choices[0].message.content  # retried, not a 502
+    assert request_lines(caplog)[-1]["retries"] == 1
+    bad.set_fault(None)
+    answers = [await in_thread(lambda: ask(sticky)) for _ in range(3)]
+    assert {a.system_fingerprint for a in answers} == {"good"}  # the chat stays where it was answered
+
+
+async def test_a_client_that_closes_at_done_got_a_complete_stream(start_sim, start_gateway, caplog):
+    caplog.set_level("INFO", logger="queuegate")
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url], "kind": "llamacpp"}}, usage={"flush_ms": 50})
+    for _ in range(5):  # the upstream ends its body 0.5 s after [DONE]; the SDK has closed by then
+        chunks = await in_thread(
+            lambda: list(chat(gw.client(), max_tokens=7, stream=True, extra_body={"sim_fault": "linger_after_done"}))
+        )
+        assert chunks
+    await wait_until(lambda: len(request_lines(caplog)) == 5)
+    for line in request_lines(caplog):
+        assert line["status"] == 200 and line["error"] is None
+        assert line["completion_tokens"] == 7 and line.get("tokens_estimated") is None  # the upstream's own count
+
+
+async def test_a_stream_that_ends_without_done_or_finish_reason_is_an_error(start_sim, start_gateway, caplog):
+    caplog.set_level("INFO", logger="queuegate")
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+
+    def consume(fault: str) -> list:
+        return list(chat(gw.client(), max_tokens=8, stream=True, extra_body={"sim_fault": fault}))
+
+    with pytest.raises(openai.APIError) as info:
+        await in_thread(lambda: consume("no_done"))
+    assert "ended the stream before it was complete" in info.value.message
+    complete = await in_thread(lambda: consume("finish_without_done"))  # a finish reason: whole, [DONE] added
+    assert complete[-1].choices[0].finish_reason == "length"
+    await wait_until(lambda: len(request_lines(caplog)) == 2)
+    cut, whole = request_lines(caplog)
+    assert cut["status"] == 502 and "ended the stream" in cut["error"]
+    assert whole["status"] == 200 and whole["error"] is None
+
+
+async def test_the_client_gets_the_shape_it_asked_for(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    client = gw.client()
+    plain = await in_thread(lambda: chat(client, max_tokens=5))
+    text = plain.choices[0].message.content
+
+    # A streamed request answered with one JSON body: the client still gets a stream, usage if it asked.
+    chunks = await in_thread(
+        lambda: list(
+            chat(
+                client,
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"sim_fault": "whole_answer"},
+            )
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+
+    # A plain request answered with an event stream: the client gets one answer, with its usage.
+    folded = await in_thread(lambda: chat(client, max_tokens=5, extra_body={"sim_fault": "stream_answer"}))
+    assert folded.object == "chat.completion" and folded.choices[0].message.content == text
+    assert folded.choices[0].finish_reason == "length" and folded.usage.completion_tokens == 5
+    completion = await in_thread(
+        lambda: client.completions.create(
+            model="m", prompt="hi", max_tokens=4, extra_body={"sim_fault": "stream_answer"}
+        )
+    )
+    assert completion.choices[0].text and completion.usage.completion_tokens == 4
+
+
+async def stuck_stream(gw, request_id: str) -> trio.SocketStream:
+    """A raw client that asks for a long, fast stream, reads the headers, then reads nothing more."""
+    host, port = gw.base_url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    body = b'{"model": "m", "stream": true, "max_tokens": 400000, "messages": [{"role": "user", "content": "hi"}]}'
+    await stream.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"x-request-id: {request_id}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with trio.fail_after(5):
+        assert (await stream.receive_some(1024)).startswith(b"HTTP/1.1 200")
+    return stream
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_frees_the_slot(start_sim, start_gateway, caplog):
+    caplog.set_level("INFO", logger="queuegate")
+    sim, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, server={"write_timeout_s": 1})
+    stuck = await stuck_stream(gw, "stuck")
+    # Buffers fill within moments; one second later the connection is closed and the upstream with it.
+    await wait_until(lambda: sim.stats.disconnects == 1, timeout=15)
+    assert gw.stats().in_service == 0
+    assert (await in_thread(lambda: chat(gw.client(), max_tokens=2))).choices  # the one slot serves others again
+    line = next(line for line in request_lines(caplog) if line["rid"] == "stuck")
+    assert line["status"] == 499
+    assert any("read nothing for 1 s" in str(getattr(r, "fields", {}).get("why")) for r in caplog.records)
+    assert gw.daemon.http.stalled == 1
+    await stuck.aclose()
+
+
+async def test_an_operator_cancel_wins_over_a_client_that_reads_nothing(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, server={"write_timeout_s": 600})
+    stuck = await stuck_stream(gw, "stuck")
+    await trio.sleep(1.0)  # its writes are blocked by now
+    assert gw.stats().in_service == 1
+    async with AdminClient(admin_socket_path(gw.daemon.config)) as admin:
+        assert (await admin.request(Cancel(request_id="stuck"))).message == "cancelled stuck"
+    await wait_until(lambda: sim.stats.disconnects == 1, timeout=5)
+    assert gw.stats().in_service == 0
+    await stuck.aclose()
