@@ -15,7 +15,6 @@ import httpx
 import trio
 
 from queuegate.fleet.catalog import Catalog, Upstream
-from queuegate.fleet.kinds import KindProfile
 from queuegate.scheduler import UpstreamState
 
 log = logging.getLogger("queuegate.health")
@@ -85,8 +84,7 @@ class HealthMonitor:
         if upstream.health_url is None:
             self._set(upstream, UpstreamState.READY, "no health check configured")
             return
-        kind = self._catalog.models[upstream.model].kind
-        state, reason = await probe_health(self._client, upstream, kind, self._timeout_s)
+        state, reason = await probe_health(self._client, upstream, self._timeout_s)
         self._set(upstream, state, reason)
 
     def _set(self, upstream: Upstream, state: UpstreamState, reason: str) -> None:
@@ -109,10 +107,11 @@ class HealthMonitor:
         self._on_state(upstream.id, state, reason)
 
 
-async def probe_health(
-    client: httpx.AsyncClient, upstream: Upstream, kind: KindProfile, timeout_s: float
-) -> tuple[UpstreamState, str]:
-    """One health check: READY on 200, LOADING on the kind's loading statuses, else DOWN; with the reason."""
+async def probe_health(client: httpx.AsyncClient, upstream: Upstream, timeout_s: float) -> tuple[UpstreamState, str]:
+    """One health check: READY on 200, LOADING on 503, else DOWN; with the reason.
+
+    503 is "up, not ready yet", whatever the kind: llama-server answers 503 "Loading model" on every path until its
+    model is loaded (TGI and LocalAI do the same), and a request may wait for that instead of failing at once."""
     assert upstream.health_url is not None
     headers = [(k.decode(), v.decode()) for k, v in upstream.headers if k == b"authorization"]  # httpx sets host
     try:
@@ -124,6 +123,6 @@ async def probe_health(
         return UpstreamState.DOWN, f"health check failed: {type(exc).__name__}: {exc}"
     if response.status_code == 200:
         return UpstreamState.READY, "ok"
-    if response.status_code in kind.loading_statuses:
+    if response.status_code == 503:
         return UpstreamState.LOADING, f"loading (health answered {response.status_code})"
     return UpstreamState.DOWN, f"health answered {response.status_code}"

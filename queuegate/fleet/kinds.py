@@ -1,6 +1,10 @@
 """Capability profiles of the upstream kinds: where their health endpoint is and which OpenAI endpoints they serve.
 
 A request for an endpoint the backend cannot serve is answered 501 by QueueGate without calling the upstream.
+
+The health path is where each kind says it is ready (see `health.probe_health` for what its answers mean). Some pass
+before requests do (a generic server's /v1/models while it loads): the proxy then waits out the requests' own 503s,
+bounded, so the first requests of a fresh server never fail.
 """
 
 from __future__ import annotations
@@ -15,21 +19,20 @@ class KindProfile:
     name: str
     health_path: str  # relative to the server root (the base URL without its trailing /v1); "" = no health check
     endpoints: frozenset[str]
-    loading_statuses: frozenset[int]  # health statuses that mean "up, still loading the model"
     stream_usage: bool = False  # honours stream_options.include_usage (QueueGate asks for usage on every stream)
 
 
 PROFILES: dict[str, KindProfile] = {
     p.name: p
     for p in (
-        KindProfile("llamacpp", "/health", ALL_ENDPOINTS, frozenset({503}), stream_usage=True),
-        KindProfile("vllm", "/health", ALL_ENDPOINTS, frozenset(), stream_usage=True),
-        KindProfile("sglang", "/health", ALL_ENDPOINTS, frozenset(), stream_usage=True),
-        KindProfile("ollama", "/api/version", ALL_ENDPOINTS, frozenset()),
+        KindProfile("llamacpp", "/health", ALL_ENDPOINTS, stream_usage=True),
+        KindProfile("vllm", "/health", ALL_ENDPOINTS, stream_usage=True),
+        KindProfile("sglang", "/health", ALL_ENDPOINTS, stream_usage=True),
+        KindProfile("ollama", "/api/version", ALL_ENDPOINTS),
         # Text Generation Inference serves chat and completions through its Messages API; no embeddings.
-        KindProfile("tgi", "/health", frozenset({"chat", "completions"}), frozenset({503})),
-        KindProfile("localai", "/readyz", ALL_ENDPOINTS, frozenset({503})),
-        KindProfile("lmstudio", "/v1/models", ALL_ENDPOINTS, frozenset()),
-        KindProfile("openai", "/v1/models", ALL_ENDPOINTS, frozenset(), stream_usage=True),
+        KindProfile("tgi", "/health", frozenset({"chat", "completions"})),
+        KindProfile("localai", "/readyz", ALL_ENDPOINTS),
+        KindProfile("lmstudio", "/v1/models", ALL_ENDPOINTS),
+        KindProfile("openai", "/v1/models", ALL_ENDPOINTS, stream_usage=True),
     )
 }

@@ -269,7 +269,7 @@ class Fleet:
         reason = "no answer yet"
         with trio.move_on_after(timeout_s):
             while True:
-                state, reason = await probe_health(self._client, upstream, spec.kind, self._timeout_s)
+                state, reason = await probe_health(self._client, upstream, self._timeout_s)
                 if state is UpstreamState.READY:
                     return
                 await trio.sleep(self._poll_s)
@@ -278,7 +278,6 @@ class Fleet:
     async def _watch(self, model: str, upstream: Upstream) -> None:
         """Check health every `interval_s` (or at once when a request failed to connect); raise when it fails.
         After a request's 503, check only once its delay is over, and let requests in again when it passes."""
-        kind = self._catalog.models[model].kind
         failures = 0
         held = False  # a 503 took it out of service: put it back at the next passing check
         while True:
@@ -295,7 +294,7 @@ class Fleet:
             if upstream.health_url is None:
                 state, reason = UpstreamState.READY, "no health check configured"
             else:
-                state, reason = await probe_health(self._client, upstream, kind, self._timeout_s)
+                state, reason = await probe_health(self._client, upstream, self._timeout_s)
             failures = 0 if state is UpstreamState.READY else failures + 1
             if failures >= _HEALTH_FAILURES_TO_RESTART:
                 raise LaunchFailed(f"{model} failed its health check {failures} times in a row: {reason}")
