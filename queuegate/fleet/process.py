@@ -59,6 +59,7 @@ class ChildProcess:
         Runs until cancelled; then the whole process group gets SIGTERM, and SIGKILL after `stop_grace_s`.
         """
         self.history.append(("spawning", trio.current_time()))
+        self.output.clear()  # the tail a failure reports is this run's
         try:
             process = await trio.lowlevel.open_process(
                 self.argv,
