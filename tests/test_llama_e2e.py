@@ -165,3 +165,27 @@ async def test_queuegate_swaps_two_real_llama_servers_on_an_exclusive_device(lla
     assert_never_together(gw, "gemma-short", "gemma-long")
     loaded = {m.name: m.load_s for m in fleet.statistics().models}
     assert all(s is not None and s < 30 for s in loaded.values())
+
+
+async def test_a_launched_llama_server_outlives_an_idle_daemon_and_starts_on_the_generic_kind(
+    llama_parts, start_gateway
+):
+    """A llama-server QueueGate launched stays up (same process, no relaunch) through an idle period longer than
+    every timer in the stack, including trio's 10 s worker-thread retirement. It is configured with the generic
+    kind, whose health path (/v1/models) and requests both answer 503 while the model loads: nothing fails."""
+    binary, gguf = llama_parts
+    argv = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", "${PORT}", "-c", "512", "-t", "2", "--no-webui"]
+    gw = await start_gateway({"gemma": {"launcher": "process", "kind": "openai", "cmd": argv, "ttl_s": 600}})
+    client = gw.client(timeout=120)
+
+    def ask() -> str | None:
+        messages = [{"role": "user", "content": "Say hi."}]
+        return client.chat.completions.create(model="gemma", messages=messages, max_tokens=4).choices[0].message.content
+
+    assert await in_thread(ask) is not None
+    launcher = gw.daemon.launchers["gemma"]
+    pid = launcher.process.pid
+    await trio.sleep(12)
+    assert launcher.process.returncode is None and os.path.exists(f"/proc/{pid}")
+    assert await in_thread(ask) is not None
+    assert [event for event, _ in gw.daemon.fleet.launch_history("gemma")] == ["spawning"]
