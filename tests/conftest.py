@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import httpx
 import openai
 import pytest
 import trio
@@ -120,3 +122,31 @@ async def start_daemon(nursery: trio.Nursery, *args: str, env: dict[str, str] | 
             await trio.sleep(0.02)
     daemon.url = daemon.stdout.split(LISTENING, 1)[1].split()[0]
     return daemon
+
+
+async def stuck_stream(base_url: str, request_id: str = "stuck") -> trio.SocketStream:
+    """A raw client that asks for a long, fast stream, reads the response's first bytes, then reads nothing more
+    while keeping its connection open (a suspended laptop). The model must be named "m"."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    body = b'{"model": "m", "stream": true, "max_tokens": 400000, "messages": [{"role": "user", "content": "hi"}]}'
+    await stream.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"x-request-id: {request_id}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with trio.fail_after(5):
+        assert (await stream.receive_some(1024)).startswith(b"HTTP/1.1 200")
+    return stream
+
+
+async def stream_signalling_at_first_event(url: str, body: dict, process: trio.Process) -> list[str]:
+    """Stream `body` from `url`, send SIGTERM to `process` on the first event, and read on to the end; the events."""
+    events: list[str] = []
+    async with httpx.AsyncClient(timeout=20) as http, http.stream("POST", url, json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                events.append(line)
+                if len(events) == 1:
+                    process.send_signal(signal.SIGTERM)
+    return events

@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import trio
 
-from tests.conftest import in_thread, start_daemon
+from tests.conftest import in_thread, start_daemon, stream_signalling_at_first_event, stuck_stream
 
 
 def children(pid: int) -> list[str]:
@@ -130,29 +129,23 @@ async def test_a_busy_port_is_one_clear_line_before_anything_starts(nursery):
         await first.process.wait()
 
 
+def one_model_config(tmp_path: Path, url: str, server: str, model: str = "") -> Path:
+    """A queuegate.toml on a free port with one model "m" at `url`, plus the given [server] and model lines."""
+    config = tmp_path / "queuegate.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:0"\n{server}\n[models.m]\nupstreams = ["{url}"]\n{model}\n')
+    return config
+
+
 async def test_sigterm_lets_in_flight_stream_finish_and_keeps_secrets_out_of_logs(start_sim, nursery, tmp_path):
     sim, url = await start_sim(tokens_per_s=20)
-    config = tmp_path / "queuegate.toml"
-    config.write_text(
-        f'[server]\nlisten = "127.0.0.1:0"\nshutdown_grace_s = 10\n'
-        f'[models.m]\nupstreams = ["{url}"]\napi_key_env = "QG_TEST_BACKEND_KEY"\n'
-    )
+    config = one_model_config(tmp_path, url, "shutdown_grace_s = 10", 'api_key_env = "QG_TEST_BACKEND_KEY"')
     secret = "sk-test-very-secret-4242"
     daemon = await start_daemon(nursery, "--config", str(config), env={"QG_TEST_BACKEND_KEY": secret})
     body = {"model": "m", "stream": True, "max_tokens": 30, "messages": [{"role": "user", "content": "hi"}]}
-    events = []
-    async with (
-        httpx.AsyncClient(timeout=20) as http,
-        http.stream("POST", daemon.url + "/v1/chat/completions", json=body) as response,
-    ):
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
-                events.append(line)
-                if len(events) == 1:
-                    daemon.process.send_signal(signal.SIGTERM)
-                    signalled = time.monotonic()
+    started = time.monotonic()
+    events = await stream_signalling_at_first_event(daemon.url + "/v1/chat/completions", body, daemon.process)
     assert events[-1] == "data: [DONE]" and len(events) >= 31  # the whole stream, after the signal
-    assert time.monotonic() - signalled > 1.0
+    assert time.monotonic() - started > 1.0
     with trio.fail_after(10):
         await daemon.process.wait()
     assert daemon.process.returncode == 0
@@ -163,21 +156,13 @@ async def test_sigterm_lets_in_flight_stream_finish_and_keeps_secrets_out_of_log
 
 async def test_shutdown_grace_period_ends_streams_with_the_truth(start_sim, nursery, tmp_path):
     sim, url = await start_sim(tokens_per_s=5)
-    config = tmp_path / "queuegate.toml"
-    config.write_text(f'[server]\nlisten = "127.0.0.1:0"\nshutdown_grace_s = 0.5\n[models.m]\nupstreams = ["{url}"]\n')
+    config = one_model_config(tmp_path, url, "shutdown_grace_s = 0.5")
     daemon = await start_daemon(nursery, "--config", str(config))
     body = {"model": "m", "stream": True, "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
-    events = []
-    async with httpx.AsyncClient(timeout=20) as http:
-        async with http.stream("POST", daemon.url + "/v1/chat/completions", json=body) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    events.append(line)
-                    if len(events) == 1:
-                        daemon.process.send_signal(signal.SIGTERM)
-                        started = time.monotonic()
-        with trio.fail_after(10):
-            await daemon.process.wait()
+    started = time.monotonic()
+    events = await stream_signalling_at_first_event(daemon.url + "/v1/chat/completions", body, daemon.process)
+    with trio.fail_after(10):
+        await daemon.process.wait()
     assert time.monotonic() - started < 5
     # The stream ended cleanly, with an error event that says why (the openai client raises it).
     last = json.loads(events[-1].removeprefix("data:"))
@@ -191,20 +176,9 @@ async def test_shutdown_grace_period_ends_streams_with_the_truth(start_sim, nurs
 
 async def test_a_second_signal_stops_at_once_even_with_a_client_that_reads_nothing(start_sim, nursery, tmp_path):
     sim, url = await start_sim(tokens_per_s=0)
-    config = tmp_path / "queuegate.toml"
-    config.write_text(
-        f'[server]\nlisten = "127.0.0.1:0"\nshutdown_grace_s = 60\nwrite_timeout_s = 600\n'
-        f'[models.m]\nupstreams = ["{url}"]\n'
-    )
+    config = one_model_config(tmp_path, url, "shutdown_grace_s = 60\nwrite_timeout_s = 600")
     daemon = await start_daemon(nursery, "--config", str(config))
-    host, port = daemon.url.removeprefix("http://").split(":")
-    stuck = await trio.open_tcp_stream(host, int(port))
-    request = b'{"model": "m", "stream": true, "max_tokens": 400000, "messages": [{"role": "user", "content": "x"}]}'
-    await stuck.send_all(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        + f"content-length: {len(request)}\r\n\r\n".encode()
-        + request
-    )
+    stuck = await stuck_stream(daemon.url)
     await trio.sleep(1.5)  # it reads nothing: the daemon's writes to it are blocked by now
     daemon.process.send_signal(signal.SIGTERM)
     await trio.sleep(0.5)

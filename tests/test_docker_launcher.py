@@ -65,11 +65,7 @@ def docker_model(name: str, **settings) -> dict:
 
 
 def container_status(url: str, name: str) -> str:
-    client = docker.DockerClient(base_url=url)
-    try:
-        return client.containers.get(name).status
-    finally:
-        client.close()
+    return container_attrs(url, name)["State"]["Status"]
 
 
 async def test_docker_model_is_created_started_swapped_and_stopped(podman_url, start_gateway):

@@ -18,7 +18,7 @@ import trio
 from queuegate.admin import AdminClient
 from queuegate.admin.protocol import Cancel
 from queuegate.config import admin_socket_path
-from tests.conftest import in_thread, wait_until
+from tests.conftest import in_thread, stuck_stream, wait_until
 from tests.test_fleet import EXCLUSIVE, sim_model
 from tests.test_gateway import chat
 
@@ -29,18 +29,20 @@ def request_lines(caplog) -> list[dict]:
 
 async def test_an_upstream_that_answers_503_while_loading_is_waited_out_not_a_502(start_sim, start_gateway, caplog):
     caplog.set_level("INFO", logger="queuegate")
-    # Its health path passes at once, but every request gets llama-server's 503 "Loading model" for 1.5 s.
-    sim, url = await start_sim(tokens_per_s=0, load_time_s=1.5, health_ok_while_loading=True)
+    # Its health path passes at once, but every request gets llama-server's 503 "Loading model" for 3 s.
+    sim, url = await start_sim(tokens_per_s=0, load_time_s=3, health_ok_while_loading=True)
     gw = await start_gateway({"m": {"upstreams": [url], "kind": "llamacpp"}})
     assert gw.stats().models[0].upstreams[0].state == "ready"
-    started = time.monotonic()
+    healthy_at = sim.healthy_at
+    assert time.monotonic() < healthy_at - 1  # the first request really arrives while it loads
     answer = await in_thread(lambda: chat(gw.client(), max_tokens=3))
+    assert time.monotonic() >= healthy_at
     streamed = await in_thread(lambda: list(chat(gw.client(), max_tokens=3, stream=True)))
     assert answer.choices[0].message.content and "".join(c.choices[0].delta.content or "" for c in streamed)
-    assert 1.0 < time.monotonic() - started < 5
     assert sim.stats.requests >= 3  # the first attempts got 503s
     lines = request_lines(caplog)
     assert [line["status"] for line in lines] == [200, 200] and lines[0]["retries"] >= 1
+    assert time.monotonic() - healthy_at < 3  # and went out soon after it was ready
 
 
 async def test_503s_are_waited_out_only_up_to_the_bound(start_sim, start_gateway):
@@ -158,26 +160,11 @@ async def test_the_client_gets_the_shape_it_asked_for(start_sim, start_gateway):
     assert completion.choices[0].text and completion.usage.completion_tokens == 4
 
 
-async def stuck_stream(gw, request_id: str) -> trio.SocketStream:
-    """A raw client that asks for a long, fast stream, reads the headers, then reads nothing more."""
-    host, port = gw.base_url.removeprefix("http://").split(":")
-    stream = await trio.open_tcp_stream(host, int(port))
-    body = b'{"model": "m", "stream": true, "max_tokens": 400000, "messages": [{"role": "user", "content": "hi"}]}'
-    await stream.send_all(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        + f"x-request-id: {request_id}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    with trio.fail_after(5):
-        assert (await stream.receive_some(1024)).startswith(b"HTTP/1.1 200")
-    return stream
-
-
 async def test_a_client_that_stops_reading_is_cut_off_and_frees_the_slot(start_sim, start_gateway, caplog):
     caplog.set_level("INFO", logger="queuegate")
     sim, url = await start_sim(tokens_per_s=0)
     gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, server={"write_timeout_s": 1})
-    stuck = await stuck_stream(gw, "stuck")
+    stuck = await stuck_stream(gw.base_url)
     # Buffers fill within moments; one second later the connection is closed and the upstream with it.
     await wait_until(lambda: sim.stats.disconnects == 1, timeout=15)
     assert gw.stats().in_service == 0
@@ -192,7 +179,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_the_slot(start_s
 async def test_an_operator_cancel_wins_over_a_client_that_reads_nothing(start_sim, start_gateway):
     sim, url = await start_sim(tokens_per_s=0)
     gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, server={"write_timeout_s": 600})
-    stuck = await stuck_stream(gw, "stuck")
+    stuck = await stuck_stream(gw.base_url)
     await trio.sleep(1.0)  # its writes are blocked by now
     assert gw.stats().in_service == 1
     async with AdminClient(admin_socket_path(gw.daemon.config)) as admin:

@@ -192,8 +192,13 @@ class Simulator:
 
     # -- routes ---------------------------------------------------------------------------------------------
 
+    @property
+    def healthy_at(self) -> float:
+        """When its simulated load ends (time.monotonic(): comparable across processes)."""
+        return self._started_at + self.config.load_time_s
+
     def _loading(self) -> bool:
-        return time.monotonic() - self._started_at < self.config.load_time_s
+        return time.monotonic() < self.healthy_at
 
     async def _health(self, exchange: _Exchange, _: Any) -> None:
         if self._health_status is not None and self._health_status != 200:
@@ -331,7 +336,7 @@ class Simulator:
 
     async def _stats_route(self, exchange: _Exchange, _: Any) -> None:
         timing = {
-            "healthy_at": self._started_at + self.config.load_time_s,
+            "healthy_at": self.healthy_at,
             "first_request_at": self.stats.first_request_at,
         }
         await exchange.respond(200, msgspec.json.encode({**self.stats.counters(), **timing}))
