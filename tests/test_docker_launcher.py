@@ -110,9 +110,14 @@ async def test_an_existing_container_is_started_by_name_and_its_crash_is_seen_at
         client.containers.get(name).kill()
         client.close()
 
+    def crashes() -> int:
+        return next(m.crashes for m in gw.daemon.fleet.statistics().models if m.name == "e")
+
     await in_thread(kill)
-    await wait_until(lambda: state(gw, "e") != "ready", timeout=5)
-    assert fingerprint(await in_thread(lambda: ask(gw, "e"))) == "e"  # restarted for the next request
+    await wait_until(lambda: crashes() == 1, timeout=10)  # seen from docker's wait, not a health poll
+    await wait_until(lambda: state(gw, "e") == "ready", timeout=15)  # restarted by itself, nobody asking
+    assert [event for event, _ in gw.daemon.fleet.launch_history("e")] == ["spawning", "exited", "spawning"]
+    assert fingerprint(await in_thread(lambda: ask(gw, "e"))) == "e"
 
 
 async def test_a_missing_container_without_a_create_spec_is_a_clear_error(podman_url, start_gateway):

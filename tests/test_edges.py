@@ -10,7 +10,9 @@ that stops reading.
 from __future__ import annotations
 
 import time
+from functools import partial
 
+import httpx
 import openai
 import pytest
 import trio
@@ -18,6 +20,8 @@ import trio
 from queuegate.admin import AdminClient
 from queuegate.admin.protocol import Cancel
 from queuegate.config import admin_socket_path
+from queuegate.proxy._pipeline import UpstreamNotReady, _NotReadyWait
+from queuegate.scheduler import ModelUnavailable
 from tests.conftest import in_thread, stuck_stream, wait_until
 from tests.test_fleet import EXCLUSIVE, sim_model
 from tests.test_gateway import chat
@@ -187,3 +191,87 @@ async def test_an_operator_cancel_wins_over_a_client_that_reads_nothing(start_si
     await wait_until(lambda: sim.stats.disconnects == 1, timeout=5)
     assert gw.stats().in_service == 0
     await stuck.aclose()
+
+
+async def test_one_dropped_body_does_not_fail_the_requests_waiting_for_that_upstream(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=20)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, upstream={"health_interval_s": 30})
+    results: dict[str, object] = {}
+
+    async def ask(name: str, **extra) -> None:
+        try:
+            results[name] = await in_thread(lambda: chat(gw.client(), max_tokens=6, **extra))
+        except openai.APIStatusError as exc:
+            results[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(ask, "dropped", extra_body={"sim_fault": "die_mid_stream"}))
+        await wait_until(lambda: gw.stats().in_service == 1)
+        for name in ("next", "last"):
+            nursery.start_soon(ask, name)
+        await wait_until(lambda: gw.stats().waiting == 2)
+    assert isinstance(results["dropped"], openai.APIStatusError) and results["dropped"].status_code == 502
+    assert results["next"].choices and results["last"].choices  # held until a check said the upstream is fine
+
+
+async def test_a_cancelled_request_leaves_its_keep_alive_connection_usable_for_large_answers(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=5, embedding_dim=40_000)
+    gw = await start_gateway({"m": {"upstreams": [url], "kind": "llamacpp"}}, server={"write_timeout_s": 5})
+    async with (
+        httpx.AsyncClient(base_url=gw.api, limits=httpx.Limits(max_connections=1), timeout=20) as http,
+        AdminClient(admin_socket_path(gw.daemon.config)) as admin,
+    ):
+        async with trio.open_nursery() as nursery:
+
+            async def cancelled() -> None:
+                body = {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+                response = await http.post("/chat/completions", json=body, headers={"x-request-id": "victim"})
+                assert response.status_code == 503 and response.json()["error"]["code"] == "cancelled"
+
+            nursery.start_soon(cancelled)
+            await wait_until(lambda: gw.stats().in_service == 1)
+            await admin.request(Cancel(request_id="victim"))
+        await trio.sleep(1.5)  # longer than the write limit the cancel set for that request
+        big = await http.post("/embeddings", json={"model": "m", "input": ["a", "b", "c", "d", "e"]})
+        assert big.status_code == 200 and len(big.content) > 1_000_000  # same connection, several MB, whole
+        assert len(big.json()["data"]) == 5
+
+
+async def test_a_client_that_reads_a_large_answer_slowly_is_not_cut_off(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0, embedding_dim=40_000)
+    gw = await start_gateway({"m": {"upstreams": [url], "kind": "llamacpp"}}, server={"write_timeout_s": 1})
+    host, port = gw.base_url.removeprefix("http://").rsplit(":", 1)
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 32 * 1024)  # small: the server's writes wait
+    await sock.connect((host, int(port)))
+    stream = trio.SocketStream(sock)
+    body = b'{"model": "m", "input": ["a", "b", "c", "d"]}'
+    await stream.send_all(
+        b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    received, started = 0, time.monotonic()
+    with trio.fail_after(30):
+        while chunk := await stream.receive_some(64 * 1024):
+            received += len(chunk)
+            if chunk.endswith(b"}]}") or chunk.endswith(b"}}"):
+                break
+            await trio.sleep(0.05)  # about 1 MB/s: slow, but always making progress
+    assert time.monotonic() - started > 1.5  # the whole answer took longer than the write timeout
+    assert received > 1_500_000 and gw.daemon.http.stalled == 0
+    await stream.aclose()
+
+
+async def test_503_waits_back_off_honour_retry_after_and_stop_at_the_bound(autojump_clock):
+    wait = _NotReadyWait(bound_s=10)
+    delays = [wait.next_delay(UpstreamNotReady(None, "loading")) for _ in range(5)]
+    assert delays == [0.25, 0.5, 1.0, 2.0, 2.0]  # doubling, at most 2 s
+    assert wait.next_delay(UpstreamNotReady(0.0, "busy")) == 0.25  # Retry-After: 0 is no reason to spin
+    assert wait.next_delay(UpstreamNotReady(3.0, "busy")) == 3.0
+    with pytest.raises(ModelUnavailable) as refused:
+        wait.next_delay(UpstreamNotReady(30.0, "busy"))  # longer than the bound allows: the client is told
+    assert refused.value.retry_after_s == 30.0 and "busy" in refused.value.message
+    await trio.sleep(10)
+    with pytest.raises(ModelUnavailable):
+        wait.next_delay(UpstreamNotReady(None, "loading"))

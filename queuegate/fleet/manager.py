@@ -41,6 +41,7 @@ _UPSTREAM_STATE = {
     ModelState.FAILED: UpstreamState.DOWN,
 }
 _HEALTH_FAILURES_TO_RESTART = 2  # failed checks in a row that make a serving model count as crashed
+RECHECK_S = 1.0  # how soon a server that failed a check, or answered a request 503, is checked again
 _EVENT_BUFFER = 256
 
 
@@ -276,16 +277,15 @@ class Fleet:
         raise LaunchFailed(f"{model} was not healthy within {timeout_s:g} s (last check: {reason})")
 
     async def _watch(self, model: str, upstream: Upstream) -> None:
-        """Check health every `interval_s` (or at once when a request failed to connect); raise when it fails.
-        After a request's 503, check only once its delay is over, and let requests in again when it passes."""
+        """Check health every `interval_s` (or at once when a request failed to connect); raise when it is down
+        twice in a row. After a request's 503, check only once its delay is over, and let requests in again when a
+        check passes. A server that says it is loading (503) is alive: it is checked again soon, not restarted."""
         failures = 0
         held = False  # a 503 took it out of service: put it back at the next passing check
         while True:
-            if upstream.health_url is None:
+            soon = held or failures
+            with trio.move_on_after(min(self._interval_s, RECHECK_S) if soon else self._interval_s):
                 await self._recheck[model].wait()
-            else:
-                with trio.move_on_after(self._interval_s):
-                    await self._recheck[model].wait()
             self._recheck[model] = trio.Event()
             hold_until = self._hold_until.pop(model, None)
             if hold_until is not None:
@@ -295,7 +295,7 @@ class Fleet:
                 state, reason = UpstreamState.READY, "no health check configured"
             else:
                 state, reason = await probe_health(self._client, upstream, self._timeout_s)
-            failures = 0 if state is UpstreamState.READY else failures + 1
+            failures = failures + 1 if state is UpstreamState.DOWN else 0
             if failures >= _HEALTH_FAILURES_TO_RESTART:
                 raise LaunchFailed(f"{model} failed its health check {failures} times in a row: {reason}")
             if held and state is UpstreamState.READY:
@@ -303,5 +303,3 @@ class Fleet:
                 planned, why = self._planner.state(model)  # back to what the planner says (ready, or draining)
                 serving = _UPSTREAM_STATE.get(planned, UpstreamState.LOADING)
                 self._admission.set_upstream_state(upstream.id, serving, why)
-            if failures:
-                await trio.sleep(self._poll_s)  # re-check soon rather than a whole interval later

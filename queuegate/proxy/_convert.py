@@ -75,7 +75,8 @@ class AnswerFromEvents:
         for part in chunk.get("choices") or []:
             if not isinstance(part, dict):
                 continue
-            choice = self._choices.setdefault(int(part.get("index", 0)), {"finish_reason": None})
+            index = part.get("index")
+            choice = self._choices.setdefault(index if isinstance(index, int) else 0, {"finish_reason": None})
             if part.get("finish_reason"):
                 choice["finish_reason"] = part["finish_reason"]
             if self._chat:
@@ -90,8 +91,10 @@ class AnswerFromEvents:
             if isinstance(delta.get(name), str):
                 message[name] = (message.get(name) or "") + delta[name]
         for call in delta.get("tool_calls") or []:
+            if not isinstance(call, dict):
+                continue
             calls = message.setdefault("tool_calls", [])
-            index = call.get("index", len(calls))
+            index = call.get("index") if isinstance(call.get("index"), int) else len(calls)
             while len(calls) <= index:
                 calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
             merged = calls[index]

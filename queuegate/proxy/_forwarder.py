@@ -31,13 +31,16 @@ class Timeouts:
 class RetryableFailure(UpstreamError):
     """The upstream failed before any byte reached the client: another upstream may take the request.
 
-    `unreachable` means the upstream itself looks gone (connect refused, connection dropped): the health monitor
-    should take it out. Otherwise (a 5xx, a garbled answer) only this request failed there.
+    `unreachable`: it cannot be connected to; its health watcher takes it out until it recovers. `dropped`: it
+    dropped a connection (crashed, restarted, or just this connection): it takes no request until a check now says
+    it is fine, so one broken connection does not fail every request waiting for it. Otherwise (a 5xx, a garbled
+    answer) only this request failed there.
     """
 
-    def __init__(self, message: str, *, unreachable: bool) -> None:
+    def __init__(self, message: str, *, unreachable: bool = False, dropped: bool = False) -> None:
         super().__init__(message)
         self.unreachable = unreachable
+        self.dropped = dropped
 
 
 _DROPPED = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
@@ -157,8 +160,7 @@ class Forwarder:
             raise RetryableFailure(f"cannot connect to upstream {upstream.id}: {_why(exc)}", unreachable=True) from None
         except _DROPPED as exc:
             raise RetryableFailure(
-                f"upstream {upstream.id} closed the connection before responding: {_why(exc)}",
-                unreachable=True,
+                f"upstream {upstream.id} closed the connection before responding: {_why(exc)}", dropped=True
             ) from None
 
     async def _exchange(self, upstream: Upstream, request: httpcore.Request) -> UpstreamResponse:

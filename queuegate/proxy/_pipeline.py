@@ -16,7 +16,7 @@ import msgspec
 import trio
 
 from queuegate.auth import KeyRing
-from queuegate.errors import BadRequest, GatewayError, ModelNotFound, NotSupported, UpstreamError
+from queuegate.errors import BadRequest, GatewayError, ModelNotFound, NotSupported, UpstreamError, UpstreamTimeout
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
 from queuegate.proxy._convert import AnswerFromEvents, answer_as_events
 from queuegate.proxy._forwarder import ChunkReader, Forwarder, RetryableFailure, UpstreamResponse, close_response
@@ -200,6 +200,8 @@ class Proxy:
             except RetryableFailure as failure:
                 if failure.unreachable:
                     self._reports.report_failure(upstream, failure.message)
+                elif failure.dropped:
+                    self._reports.report_not_ready(upstream, failure.message, 0.0)  # held until a check passes
                 tried.add(upstream.id)
                 last_failure = failure
             # Queue again (the key's limits were charged once, for the client's request; the upstream's are not).
@@ -230,9 +232,7 @@ class Proxy:
                 raise UpstreamNotReady(_retry_after(response), f"upstream {upstream.id} answered 503: {detail}")
             if response.status >= 500:
                 detail = await _error_detail(reader)
-                raise RetryableFailure(
-                    f"upstream {upstream.id} answered {response.status}: {detail}", unreachable=False
-                )
+                raise RetryableFailure(f"upstream {upstream.id} answered {response.status}: {detail}")
             streamed = content_type.startswith("text/event-stream")
             if response.status == 200 and streamed and record.stream:
                 relay = await self._relay(upstream, ticket, record, reader, response)
@@ -251,7 +251,7 @@ class Proxy:
             try:
                 parsed = msgspec.json.decode(body, type=_Answer)
             except msgspec.DecodeError:
-                raise RetryableFailure(f"upstream {upstream.id} sent invalid JSON", unreachable=False) from None
+                raise RetryableFailure(f"upstream {upstream.id} sent invalid JSON") from None
             record.usage = parsed.usage or Usage.estimate(record.prompt_chars, tokens_in(_answer_chars(parsed)))
             if record.stream and record.endpoint != "embeddings":  # it asked for a stream: it gets one
                 events = answer_as_events(
@@ -272,10 +272,12 @@ class Proxy:
         events = EventReader(reader)
         try:
             first = await events.next_events()
-        except GatewayError as exc:
-            raise RetryableFailure(exc.message, unreachable=False) from None
+        except UpstreamTimeout as exc:
+            raise RetryableFailure(exc.message) from None
+        except UpstreamError as exc:
+            raise RetryableFailure(exc.message, dropped=True) from None
         if first is None or not looks_like_sse(first):
-            raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream", unreachable=False)
+            raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream")
         record.first_token_at = trio.current_time()
         return RelayStream(
             first,
@@ -315,10 +317,11 @@ class _NotReadyWait:
         if answer.delay_s is not None and answer.delay_s > left:
             raise self.gave_up(retry_after_s=answer.delay_s)  # it says it needs longer than we may wait
         first, most = NOT_READY_BACKOFF_S
-        delay = answer.delay_s if answer.delay_s is not None else min(most, first * 2 ** (self.answers - 1), left)
-        if delay <= 0:
+        if left <= 0:
             raise self.gave_up()
-        return delay
+        if answer.delay_s is not None:
+            return max(first, answer.delay_s)  # `Retry-After: 0` is no reason for a hot loop
+        return min(most, first * 2 ** (self.answers - 1), left)
 
     def gave_up(self, retry_after_s: float = 5.0) -> ModelUnavailable:
         waited = trio.current_time() - self.since
@@ -335,7 +338,7 @@ async def _read_whole(upstream: Upstream, reader: ChunkReader) -> bytes:
         while (chunk := await reader.next()) is not None:
             chunks.append(chunk)
     except UpstreamError as exc:
-        raise RetryableFailure(exc.message, unreachable=True) from None
+        raise RetryableFailure(exc.message, dropped=True) from None
     return b"".join(chunks)
 
 
@@ -347,12 +350,12 @@ async def _fold_events(upstream: Upstream, reader: ChunkReader, endpoint: str) -
         while (block := await events.next_events()) is not None:
             answer.feed(block)
     except msgspec.DecodeError:
-        raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream", unreachable=False) from None
+        raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream") from None
     except UpstreamError as exc:
-        raise RetryableFailure(exc.message, unreachable=True) from None
+        raise RetryableFailure(exc.message, dropped=True) from None
     if not (answer.done or answer.finished):
         message = f"upstream {upstream.id} ended its event stream before it was complete"
-        raise RetryableFailure(message, unreachable=False)
+        raise RetryableFailure(message)
     return answer.answer()
 
 
