@@ -41,6 +41,8 @@ class ServerConfig(_Section):
     max_body_mb: PositiveFloat = 16.0
     body_timeout_s: PositiveFloat = 60.0
     write_timeout_s: PositiveFloat = 30.0
+    keepalive_s: PositiveFloat = 5.0
+    backlog: PositiveInt = 4096
     shutdown_grace_s: NonNegativeFloat = 30.0
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

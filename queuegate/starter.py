@@ -51,6 +51,9 @@ def starter_tables() -> list[Table]:
                     "body_timeout_s": "How long a client may take to send its request body (then 408).",
                     "write_timeout_s": "A client that reads nothing of its answer for this long is cut off, and its\n"
                     "request ends (upstream closed, GPU slot freed), e.g. a laptop suspended mid-stream.",
+                    "keepalive_s": "An idle keep-alive connection is closed after this long.",
+                    "backlog": "Connections the kernel queues before QueueGate accepts them (a burst of new clients);\n"
+                    "capped by the kernel's net.core.somaxconn.",
                     "shutdown_grace_s": "On SIGINT/SIGTERM: stop accepting, finish running requests this long; then\n"
                     "streams end with an error event saying the server is shutting down. A second signal: at once.",
                     "log_format": '"text" (key=value) or "json": one line per request with its id, model, timings.',

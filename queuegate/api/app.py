@@ -125,17 +125,20 @@ def create_app(
         handling = entry.scope
         with handling:
             try:
+                # The body first, whatever the answer: answering before it was read leaves its bytes in the way of
+                # the next request on a keep-alive connection (it would wait for an answer that never comes).
+                body = await _read_body()
                 key = record.key = keyring.authenticate(request.headers)
                 key_class = key.klass if key else None
                 record.klass = request_class(route_class, request.headers.get("x-priority"), classes, key_class)
                 record.session = session or _session_id(request.headers.get("x-session-id"))
                 record.flow = request_flow(key_name=key.name if key else None, session=record.session, client=client)
-                reply = await proxy.handle(record, await _read_body(), request.headers)
+                reply = await proxy.handle(record, body, request.headers)
             except GatewayError as exc:
                 record.finish(exc.status, error=exc.message)
                 return _error_response(exc, request_id)
             except BaseException:
-                if not record.cancelled:
+                if entry.stopped_with is None:  # else it is logged below with the error it was stopped with
                     record.finish(CLIENT_CLOSED, error="client disconnected")
                 raise
         if handling.cancelled_caught:
@@ -147,6 +150,8 @@ def create_app(
         else:
             request.scope[CLEANUP_KEY].append(reply.body.aclose)
             entry.body = reply.body  # from now on a stop ends the stream with an error event
+            if entry.stopped_with is not None:  # stopped just as it was answered
+                reply.body.stop(entry.stopped_with)
         return _response(reply, request_id)
 
     @app.post("/v1/chat/completions")
@@ -343,9 +348,21 @@ def _with_request_lifetime(app: ASGIApp, in_flight: InFlight) -> ASGIApp:
             return
         cleanups: list[Callable[[], Awaitable[None]]] = []
         scope[CLEANUP_KEY] = cleanups
+
+        async def send_the_end_whole(message: dict[str, Any]) -> None:
+            # hypercorn finishes the exchange inside the last send (closing a `Connection: close` or HTTP/1.0
+            # connection, or arming the keep-alive timeout) and tells the app `http.disconnect` on the way, which
+            # makes quart-trio cancel the very task doing it. Shielded, the last send completes (it is bounded by
+            # the connection's write timeout).
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
         in_flight.enter()
         try:
-            await app(scope, receive, send)
+            await app(scope, receive, send_the_end_whole)
         finally:
             if cleanups:
                 with trio.CancelScope(shield=True):

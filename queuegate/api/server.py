@@ -18,6 +18,7 @@ import socket
 from functools import partial
 from typing import Any
 
+import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData
@@ -28,19 +29,21 @@ from hypercorn.typing import AppWrapper, LifespanState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from queuegate.config import parse_listen
+from queuegate.errors import BadRequest
 
 log = logging.getLogger("queuegate.http")
 
-LISTEN_BACKLOG = 4096  # hypercorn's default of 100 overflows under bursts of new connections (the kernel caps it)
 CONNECTION_KEY = "queuegate.connection"  # the ASGI scope entry holding the request's `ClientConnection`
+WRITE_SLICE = 64 * 1024  # a write's progress is checked at least this often
 
 
 class ListenError(Exception):
     """The listen address cannot be used; the message says which one, why, and what to do."""
 
 
-def bind_listener(listen: str) -> socket.socket:
-    """A listening TCP socket on `listen` (host:port; port 0 picks a free one). Raises ListenError."""
+def bind_listener(listen: str, backlog: int) -> socket.socket:
+    """A listening TCP socket on `listen` (host:port; port 0 picks a free one), queueing up to `backlog` connections
+    not accepted yet (hypercorn's default of 100 overflows under a burst of new clients). Raises ListenError."""
     host, port = parse_listen(listen)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -51,7 +54,7 @@ def bind_listener(listen: str) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
+        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
@@ -68,9 +71,18 @@ def bind_listener(listen: str) -> socket.socket:
 class HttpServer:
     """hypercorn on a socket QueueGate bound, with connections it can end (see the module)."""
 
-    def __init__(self, app: Any, listener: socket.socket, *, graceful_timeout_s: float, write_timeout_s: float) -> None:
+    def __init__(
+        self,
+        app: Any,
+        listener: socket.socket,
+        *,
+        graceful_timeout_s: float,
+        write_timeout_s: float,
+        keepalive_s: float,
+    ) -> None:
         self._config = HypercornConfig()
         self._config.graceful_timeout = graceful_timeout_s
+        self._config.keep_alive_timeout = keepalive_s
         self._config.accesslog = None
         self._config.errorlog = logging.getLogger("queuegate.http")
         self._app = wrap_app(app, self._config.wsgi_max_body_size, None)
@@ -132,16 +144,36 @@ class HttpServer:
             self.connections.discard(connection)
 
 
-class _TaggedApp:
-    """The ASGI app as hypercorn calls it, with the request's connection put in its scope (CONNECTION_KEY)."""
+class _ConnectionApp:
+    """The ASGI app as hypercorn calls it for one connection: the request's connection goes in its scope
+    (CONNECTION_KEY), and a request whose framing is ambiguous never reaches it."""
 
     def __init__(self, app: AppWrapper, connection: ClientConnection) -> None:
         self._app = app
         self._connection = connection
 
     async def __call__(self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any) -> None:
+        if scope["type"] == "http" and _ambiguous_framing(scope["headers"]):
+            await _refuse_and_close(send, "a request may not have both Content-Length and Transfer-Encoding")
+            return
+        self._connection.start_request()
         scope[CONNECTION_KEY] = self._connection
         await self._app(scope, receive, send, sync_spawn, call_soon)
+
+
+def _ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Both Content-Length and Transfer-Encoding: what a request smuggler sends, hoping two parsers disagree on
+    where the body ends (RFC 9112 6.1: the server must close the connection after answering it)."""
+    names = {name.lower() for name, _ in headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
+async def _refuse_and_close(send: Any, message: str) -> None:
+    """Answer 400 in OpenAI's envelope and close the connection after it (nothing after it on the wire is read)."""
+    body = BadRequest(message).body()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 400, "headers": [*headers, (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class ClientConnection(TCPServer):
@@ -156,7 +188,7 @@ class ClientConnection(TCPServer):
         lifespan_state: LifespanState,
         stream: trio.SocketStream,
     ) -> None:
-        super().__init__(_TaggedApp(app, self), config, context, lifespan_state, stream)  # type: ignore[arg-type]
+        super().__init__(_ConnectionApp(app, self), config, context, lifespan_state, stream)  # type: ignore[arg-type]
         self._server = server
         self._writing: trio.CancelScope | None = None
         self._write_limit = math.inf  # no write may go on past this (trio time): set for a stopped request
@@ -179,6 +211,15 @@ class ClientConnection(TCPServer):
         self._close_now()
 
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Closed):
+            if self._client_erred_mid_response():
+                return  # the response's own end closes the connection (its state is MUST_CLOSE by then)
+            # hypercorn half-closes the socket (send_eof) without its send lock; with another task writing at that
+            # moment (an error answered while a response goes out) trio raises BusyResourceError. Take turns.
+            async with self.send_lock:
+                await self._close()
+            await self.protocol.handle(Closed())
+            return
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
@@ -187,9 +228,8 @@ class ClientConnection(TCPServer):
                 # Shielded as hypercorn does (a cancelled request must not cut a write half-way), but bounded.
                 with trio.CancelScope(shield=True) as writing:
                     self._writing = writing
-                    writing.deadline = min(trio.current_time() + self._server.write_timeout_s, self._write_limit)
                     try:
-                        await self.stream.send_all(event.data)
+                        await self._write(writing, memoryview(event.data))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass  # the client is gone: handled below like any end of the connection
                     else:
@@ -205,6 +245,27 @@ class ClientConnection(TCPServer):
                     log.warning("client connection closed", extra={"fields": {"why": self.aborted}})
             self._close_now()
         await self.protocol.handle(Closed())
+
+    def _client_erred_mid_response(self) -> bool:
+        """Whether the client broke the protocol while a response is half-way out: hypercorn's read side then
+        closes the connection at once, cutting the response (e.g. a `Connection: close` answer, such as a refusal
+        of an ambiguous request, to a client that sent more after it). That response must go out whole first."""
+        h11_protocol = getattr(self.protocol, "protocol", None)  # hypercorn's ProtocolWrapper -> H11Protocol
+        connection = getattr(h11_protocol, "connection", None)
+        if not isinstance(connection, h11.Connection):
+            return False
+        return connection.our_state is h11.SEND_BODY and connection.their_state is h11.ERROR
+
+    async def _write(self, writing: trio.CancelScope, data: memoryview) -> None:
+        """Send `data` in slices, each with the deadline renewed: it is progress that counts, so a client reading a
+        large answer slowly is not cut off, and one reading nothing is."""
+        for start in range(0, len(data), WRITE_SLICE):
+            writing.deadline = min(trio.current_time() + self._server.write_timeout_s, self._write_limit)
+            await self.stream.send_all(data[start : start + WRITE_SLICE])
+
+    def start_request(self) -> None:
+        """A new request on this connection: a limit set for the one before no longer applies."""
+        self._write_limit = math.inf
 
     def _close_now(self) -> None:
         """Close the socket without waiting for anything (the peer may be reading nothing at all)."""

@@ -1,0 +1,138 @@
+"""Client connections at the HTTP level, as an operator exposing QueueGate to a team meets them: connections that must
+close, keep-alive connections that must stay usable, framing that must not be trusted.
+
+The client is a raw socket driven by h11 (the HTTP/1.1 state machine), because these cases are about the bytes on one
+connection, which the `openai` client and httpx hide.
+"""
+
+from __future__ import annotations
+
+import h11
+import trio
+
+from tests.conftest import wait_until
+
+
+class RawClient:
+    """One HTTP/1.1 connection; sends requests and reads whole responses, and tells when the server closed it."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def connect(cls, base_url: str) -> RawClient:
+        host, port = base_url.removeprefix("http://").rsplit(":", 1)
+        return cls(await trio.open_tcp_stream(host, int(port)))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def request(self, method: str, path: str, body: bytes = b"", headers: list | None = None) -> None:
+        all_headers = [("host", "queuegate"), ("content-length", str(len(body))), *(headers or [])]
+        data = self.conn.send(h11.Request(method=method, target=path, headers=all_headers))
+        data += self.conn.send(h11.Data(data=body)) if body else b""
+        data += self.conn.send(h11.EndOfMessage())
+        await self.stream.send_all(data)
+
+    async def response(self, timeout: float = 5) -> tuple[int, dict[str, str], bytes]:
+        """The next whole response: (status, headers, body)."""
+        status, headers, body = 0, {}, b""
+        with trio.fail_after(timeout):
+            while True:
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:
+                    self.conn.receive_data(await self.stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    headers = {k.decode(): v.decode() for k, v in event.headers}
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                        self.conn.start_next_cycle()
+                    return status, headers, body
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise ConnectionError("closed before a response")
+
+    async def closed_by_server(self, within: float) -> bool:
+        """Whether the server closes the connection within `within` seconds (reading nothing else meanwhile)."""
+        with trio.move_on_after(within):
+            try:
+                return await self.stream.receive_some(65536) == b""
+            except trio.BrokenResourceError:
+                return True
+        return False
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def test_connection_close_and_http_1_0_are_closed_after_the_response(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    client = await RawClient.connect(gw.base_url)
+    await client.request("GET", "/healthz", headers=[("connection", "close")])
+    assert (await client.response())[0] == 200
+    assert await client.closed_by_server(within=2)
+
+    old = await RawClient.connect(gw.base_url)
+    await old.send_raw(b"GET /healthz HTTP/1.0\r\n\r\n")
+    reply = b""
+    with trio.fail_after(2):
+        while chunk := await old.stream.receive_some(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"status":"ok"}')  # and then closed
+
+
+async def test_idle_keep_alive_connections_are_closed_after_the_keep_alive_timeout(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}}, server={"keepalive_s": 0.5})
+    clients = []
+    for _ in range(200):
+        client = await RawClient.connect(gw.base_url)
+        await client.request("GET", "/healthz")
+        assert (await client.response())[0] == 200
+        clients.append(client)
+    await wait_until(lambda: not gw.daemon.http.connections, timeout=5)
+    for client in clients:
+        assert await client.closed_by_server(within=0.1)
+        await client.aclose()
+
+
+async def test_a_keep_alive_connection_stays_usable_after_an_error_answered_to_a_large_body(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}}, keys={"alice": {"key": "sk-alice-secret"}})
+    big = b'{"model": "m", "messages": [], "pad": "' + b"x" * 600_000 + b'"}'
+    for headers, status in (
+        ([("authorization", "Bearer wrong")], 401),
+        ([("authorization", "Bearer sk-alice-secret"), ("x-priority", "bogus")], 400),
+    ):
+        client = await RawClient.connect(gw.base_url)
+        for _ in range(3):  # the same connection, again and again
+            async with trio.open_nursery() as nursery:  # the client sends while the server may already answer
+                nursery.start_soon(client.request, "POST", "/v1/chat/completions", big, headers)
+                assert (await client.response())[0] == status
+            await client.request("GET", "/healthz")
+            assert (await client.response())[0] == 200
+        await client.aclose()
+
+
+async def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and_the_connection_closed(
+    start_sim, start_gateway
+):
+    sim, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    client = await RawClient.connect(gw.base_url)
+    hidden = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+    await client.send_raw(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n" + hidden
+    )
+    received = b""
+    with trio.fail_after(5):
+        while chunk := await client.stream.receive_some(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 400") and b"both Content-Length and Transfer-Encoding" in received
+    assert received.count(b"HTTP/1.1") == 1  # the hidden request was never answered: the connection was closed
+    assert sim.stats.requests == 0
