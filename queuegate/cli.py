@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -14,11 +14,18 @@ import msgspec
 import trio
 
 from queuegate.accounting import UsageStoreError
-from queuegate.admin import SocketInUse
+from queuegate.admin import AdminSocketError
 from queuegate.admin import command as admin_command
-from queuegate.api.server import ListenError, bind_listener
-from queuegate.config import Config, ConfigError, admin_socket_path, build_config, load_config, usage_db_path
-from queuegate.daemon import Daemon
+from queuegate.api.server import ListenError
+from queuegate.config import (
+    Config,
+    ConfigError,
+    admin_socket_path,
+    build_config,
+    load_config,
+    usage_db_path,
+)
+from queuegate.daemon import Daemon, Endpoints, claim_endpoints
 from queuegate.errors import leaf_exceptions
 from queuegate.fleet.lifeline import Lifeline
 from queuegate.logs import configure_logging
@@ -166,11 +173,12 @@ def _run(args: argparse.Namespace) -> int:
     level = config.server.log_level if config else "info"
     configure_logging(config.server.log_format if config else "text", level)
     listen = args.listen or (config.server.listen if config else DEMO_LISTEN)
+    if config is not None:
+        config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, listen=listen))
     cannot_start: list[str] = []
     try:
-        listener = bind_listener(listen)  # first: a busy port is one line, before any child starts
-        trio.run(_serve, config, listen, listener, None if args.demo else Path(args.config))
-    except* (ListenError, SocketInUse, UsageStoreError) as group:
+        trio.run(_serve, config, listen, None if args.demo else Path(args.config))
+    except* (ListenError, AdminSocketError, UsageStoreError) as group:
         cannot_start.append(str(leaf_exceptions(group)[0]))
     if cannot_start:
         print(f"queuegate: {cannot_start[0]}", file=sys.stderr)
@@ -178,9 +186,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(config: Config | None, listen: str, listener: socket.socket, config_path: Path | None) -> None:
-    """Run the daemon (and the demo fleet) until SIGINT/SIGTERM; a second signal cancels at once. The lifeline
-    starts first and stops last: every child it registers dies with this process, even by SIGKILL."""
+async def _serve(config: Config | None, listen: str, config_path: Path | None) -> None:
+    """Run the daemon (and the demo fleet) until SIGINT/SIGTERM (see `_on_signals`). Its ports are claimed first
+    (a busy one is one line, before any child starts); the lifeline starts next and stops last: every child it
+    registers dies with this process, even by SIGKILL."""
+    endpoints = await claim_endpoints(config or build_config({"server": {"listen": listen}}))
+    with contextlib.closing(endpoints):  # the daemon closes them too; this covers a demo that fails to start
+        await _serve_on(endpoints, config, listen, config_path)
+
+
+async def _serve_on(endpoints: Endpoints, config: Config | None, listen: str, config_path: Path | None) -> None:
     async with trio.open_nursery() as outer:
         lifeline = await outer.start(Lifeline().run)
         async with trio.open_nursery() as nursery:
@@ -188,9 +203,7 @@ async def _serve(config: Config | None, listen: str, listener: socket.socket, co
                 from queuegate.demo import start_demo_fleet
 
                 config = await start_demo_fleet(nursery, listen=listen, lifeline=lifeline)
-            else:
-                config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, listen=listen))
-            daemon = Daemon(config, config_path, listener=listener, lifeline=lifeline)
+            daemon = Daemon(config, config_path, endpoints=endpoints, lifeline=lifeline)
             nursery.start_soon(_on_signals, daemon, nursery.cancel_scope)
             started = await nursery.start(_run_then_stop_all, daemon, nursery.cancel_scope)
             print(f"QueueGate listening on {started.base_url}  (OpenAI base URL: {started.base_url}/v1)", flush=True)

@@ -20,7 +20,7 @@ import httpx
 import trio
 
 from queuegate.accounting import UsageStore
-from queuegate.admin import AdminServer
+from queuegate.admin import AdminServer, claim_admin_socket
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.api import InFlight, create_app
 from queuegate.api.server import HttpServer, bind_listener
@@ -51,6 +51,32 @@ log = logging.getLogger("queuegate.daemon")
 SHUTDOWN_LAST_WORDS_S = 1.0  # after the grace period: time for stopped streams to send their error event
 
 
+@dataclass(slots=True)
+class Endpoints:
+    """What a daemon listens on, claimed before anything else starts (so a busy port or a live admin socket is one
+    clear error, with nothing launched): the HTTP socket and the admin socket."""
+
+    http: socket.socket
+    admin: trio.SocketListener
+    admin_path: Path
+
+    def close(self) -> None:
+        self.http.close()
+        self.admin.socket.close()
+
+
+async def claim_endpoints(config: Config) -> Endpoints:
+    """Bind `[server].listen` and claim the admin socket. ListenError or AdminSocketError when they are taken."""
+    server = config.server
+    http = bind_listener(server.listen, server.backlog)
+    try:
+        path = admin_socket_path(config).absolute()
+        return Endpoints(http, await claim_admin_socket(path), path)
+    except BaseException:
+        http.close()
+        raise
+
+
 @dataclass(frozen=True, slots=True)
 class Started:
     """What `Daemon.run` reports once it is really serving."""
@@ -64,14 +90,14 @@ class Daemon:
         config: Config,
         config_path: Path | None = None,
         *,
-        listener: socket.socket | None = None,
+        endpoints: Endpoints | None = None,
         lifeline: Lifeline | None = None,
     ) -> None:
         """`config_path`: the file `reload` reads again (None: started from a built config, as the demo).
-        `listener`: the HTTP socket, already bound (else `run` binds `[server].listen` before starting anything).
+        `endpoints`: what it listens on, already claimed (else `run` claims them before starting anything).
         `lifeline`: the running lifeline its children register with (else `run` starts its own, first)."""
         self.config = config
-        self._listener = listener
+        self._endpoints = endpoints
         self._own_lifeline = lifeline is None
         self.lifeline = lifeline or Lifeline()
         self.catalog = Catalog.from_config(config)
@@ -116,17 +142,19 @@ class Daemon:
         """Serve until shut down. The HTTP socket is bound before anything starts (a busy port is a ListenError
         with nothing launched); the lifeline and the usage store outlive everything else, so no child outlives
         the daemon and the last requests are counted."""
-        listener = self._listener or bind_listener(self.config.server.listen)
-        with listener:
+        endpoints = self._endpoints or await claim_endpoints(self.config)
+        try:
             async with trio.open_nursery() as outlived:
                 if self._own_lifeline:
                     await outlived.start(self.lifeline.run)
                 if self.usage is not None:
                     await outlived.start(self.usage.run)
-                await self._run_components(listener, task_status=task_status)
+                await self._run_components(endpoints, task_status=task_status)
                 outlived.cancel_scope.cancel()
+        finally:
+            endpoints.close()
 
-    async def _run_components(self, listener: socket.socket, *, task_status: trio.TaskStatus[Started]) -> None:
+    async def _run_components(self, endpoints: Endpoints, *, task_status: trio.TaskStatus[Started]) -> None:
         cfg = self.config
         up = cfg.upstream
         timeouts = Timeouts(up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s)
@@ -187,10 +215,11 @@ class Daemon:
             await nursery.start(fleet.run)
             http = self.http = HttpServer(
                 app,
-                listener,
+                endpoints.http,
                 # A backstop: `_stop_when_drained` ends the shutdown before (grace, then the last words).
                 graceful_timeout_s=cfg.server.shutdown_grace_s + SHUTDOWN_LAST_WORDS_S + 1.0,
                 write_timeout_s=cfg.server.write_timeout_s,
+                keepalive_s=cfg.server.keepalive_s,
             )
             base_url = await nursery.start(self._serve, http, nursery)
             started_at = time.time()
@@ -208,7 +237,9 @@ class Daemon:
                     tokens_total=active.tokens,
                 )
 
-            admin = AdminServer(admin_socket_path(cfg), status, fleet, self.admission, active, self.reload)
+            admin = AdminServer(
+                endpoints.admin, endpoints.admin_path, status, fleet, self.admission, active, self.reload
+            )
             self.admission.add_listener(admin.note_change)
             await nursery.start(admin.run)
             fields = {"url": base_url, "models": len(self.catalog.models), "admin": str(admin.path)}

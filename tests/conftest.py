@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -91,8 +92,9 @@ LISTENING = "QueueGate listening on "
 class RunningDaemon:
     """`python -m queuegate.cli run ...` with stdout/stderr collected; `url` once it listens."""
 
-    def __init__(self, process: trio.Process) -> None:
+    def __init__(self, process: trio.Process, cwd: str) -> None:
         self.process = process
+        self.cwd = cwd  # its working folder (its default state_dir, .queuegate, is under it)
         self.stdout = ""
         self.stderr = ""
         self.url = ""
@@ -106,13 +108,17 @@ class RunningDaemon:
 
 
 async def start_daemon(nursery: trio.Nursery, *args: str, env: dict[str, str] | None = None) -> RunningDaemon:
+    """`queuegate run ARGS` in a fresh folder of its own (its default state, the admin socket, goes there: never
+    the checkout's, where a user's demo may be running)."""
+    cwd = tempfile.mkdtemp(prefix="queuegate-test-")
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "queuegate.cli", "run", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
-    daemon = RunningDaemon(process)
+    daemon = RunningDaemon(process, cwd)
     nursery.start_soon(daemon.collect, process.stdout, "stdout")
     nursery.start_soon(daemon.collect, process.stderr, "stderr")
     with trio.fail_after(30):

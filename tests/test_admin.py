@@ -16,7 +16,7 @@ import openai
 import pytest
 import trio
 
-from queuegate.admin import AdminClient, AdminUnavailable, SocketInUse
+from queuegate.admin import AdminClient, AdminSocketError, AdminUnavailable, SocketInUse
 from queuegate.admin._stream import LineStream
 from queuegate.admin.client import AdminError
 from queuegate.admin.protocol import PROTOCOL_VERSION, Cancel, Drain, Evict, Ok, Pause, Preload, Reload, Resume, Undrain
@@ -173,6 +173,22 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_refused(start_gateway, 
         refused.append(str(leaf_exceptions(group)[0]))
     assert refused and "is not a socket" in refused[0]
     assert not_a_socket.read_text() == "keep me"
+
+
+async def test_an_admin_socket_in_a_folder_others_may_enter_is_refused_and_the_folder_left_alone(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like the system's temp folder
+    daemon = Daemon(build_config({"server": {"listen": "127.0.0.1:0", "admin_socket": str(shared / "qg.sock")}}))
+    refused = []
+    try:
+        async with trio.open_nursery() as inner:
+            await inner.start(daemon.run)
+    except* AdminSocketError as group:
+        refused.append(str(leaf_exceptions(group)[0]))
+    assert refused and "is open to other users (mode 1777)" in refused[0] and "chmod 700" in refused[0]
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777  # untouched
+    assert not (shared / "qg.sock").exists()
 
 
 async def test_clients_see_a_daemon_that_went_away(start_gateway):

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import trio
 
 from tests.conftest import in_thread, start_daemon, stream_signalling_at_first_event, stuck_stream
@@ -109,21 +110,31 @@ async def test_kill_9_of_the_daemon_leaves_no_child_behind_even_after_its_reaper
     assert not left
 
 
-async def test_a_busy_port_is_one_clear_line_before_anything_starts(nursery):
+async def test_a_busy_port_or_a_live_admin_socket_is_one_clear_line_before_anything_starts(nursery, tmp_path):
     first = await start_daemon(nursery, "--demo", "--listen", "127.0.0.1:0")
     address = first.url.removeprefix("http://")
-    second = await trio.run_process(
-        [sys.executable, "-m", "queuegate.cli", "run", "--demo", "--listen", address],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-    assert second.returncode == 2
-    lines = second.stderr.decode().strip().splitlines()
-    assert lines == [
+
+    async def second(listen: str, cwd: Path | str) -> tuple[int, list[str], float]:
+        started = time.monotonic()
+        done = await trio.run_process(
+            [sys.executable, "-m", "queuegate.cli", "run", "--demo", "--listen", listen],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=cwd,
+        )
+        return done.returncode, done.stderr.decode().strip().splitlines(), time.monotonic() - started
+
+    code, lines, took = await second(address, tmp_path)
+    assert code == 2 and lines == [
         f"queuegate: cannot listen on {address}: the address is already in use (another QueueGate or server?); "
         "choose another address with --listen HOST:PORT or [server].listen in the config"
     ]
+    # Another port, but the first daemon's folder: its admin socket is live.
+    code, lines, took = await second("127.0.0.1:0", first.cwd)
+    socket_path = Path(first.cwd) / ".queuegate" / "admin.sock"
+    assert code == 2 and lines == [f"queuegate: another QueueGate is running with the admin socket {socket_path}"]
+    assert "QUEUEGATE_SIM_READY" not in "".join(lines) and took < 3  # no simulator was started (each takes ~1 s)
     first.process.send_signal(signal.SIGINT)
     with trio.fail_after(10):
         await first.process.wait()
@@ -156,19 +167,33 @@ async def test_sigterm_lets_in_flight_stream_finish_and_keeps_secrets_out_of_log
 
 async def test_shutdown_grace_period_ends_streams_with_the_truth(start_sim, nursery, tmp_path):
     sim, url = await start_sim(tokens_per_s=5)
-    config = one_model_config(tmp_path, url, "shutdown_grace_s = 0.5")
+    config = one_model_config(tmp_path, url, "shutdown_grace_s = 0.5", "max_concurrency = 1")
     daemon = await start_daemon(nursery, "--config", str(config))
     body = {"model": "m", "stream": True, "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+    queued: list[httpx.Response] = []
+
+    async def wait_in_the_queue() -> None:  # behind the stream, for the one slot
+        async with httpx.AsyncClient(timeout=20) as http:
+            plain = {**body, "stream": False, "max_tokens": 1}
+            queued.append(
+                await http.post(daemon.url + "/v1/chat/completions", json=plain, headers={"x-request-id": "q"})
+            )
+
     started = time.monotonic()
-    events = await stream_signalling_at_first_event(daemon.url + "/v1/chat/completions", body, daemon.process)
+    async with trio.open_nursery() as clients:
+        clients.start_soon(wait_in_the_queue)
+        events = await stream_signalling_at_first_event(daemon.url + "/v1/chat/completions", body, daemon.process)
     with trio.fail_after(10):
         await daemon.process.wait()
     assert time.monotonic() - started < 5
     # The stream ended cleanly, with an error event that says why (the openai client raises it).
     last = json.loads(events[-1].removeprefix("data:"))
     assert last["error"]["code"] == "shutting_down" and last["error"]["message"] == "the server is shutting down"
-    assert "status=503" in daemon.stderr and 'error="the server is shutting down"' in daemon.stderr
-    assert "client closed" not in daemon.stderr
+    # The queued one was told the same, as an answer; both log lines (and usage rows) say so.
+    assert queued[0].status_code == 503 and queued[0].json()["error"]["code"] == "shutting_down"
+    assert daemon.stderr.count("status=503 stream=") == 2
+    assert daemon.stderr.count('error="the server is shutting down"') == 2
+    assert "client closed" not in daemon.stderr and "client disconnected" not in daemon.stderr
     with trio.fail_after(2):
         while sim.stats.active:
             await trio.sleep(0.02)  # the upstream stream was closed too, not left generating

@@ -1,8 +1,10 @@
 """The daemon's side of the admin socket.
 
-The socket lives in a directory only the owner may enter, with mode 0600. A socket file left by a crashed daemon is
-replaced; one a live daemon answers on is refused (`SocketInUse`). Each connection has its own task: a slow or broken
-client never holds up another one or the request path, and subscribers share one snapshot per moment.
+The socket lives in a directory only the owner may enter, with mode 0600: QueueGate creates that directory 0700, and
+refuses one others may enter rather than change the mode of a directory it did not create. A socket file left by a
+crashed daemon is replaced; one a live daemon answers on is refused (`SocketInUse`). The socket is claimed
+(`claim_admin_socket`) before anything else starts. Each connection has its own task: a slow or broken client never
+holds up another one or the request path, and subscribers share one snapshot per moment.
 """
 
 from __future__ import annotations
@@ -52,13 +54,64 @@ log = logging.getLogger("queuegate.admin")
 _HEARTBEAT_S = 1.0  # subscribers get a snapshot at least this often (elapsed times move)
 
 
-class SocketInUse(Exception):
+class AdminSocketError(Exception):
+    """The admin socket cannot be used; the message says why and what to do."""
+
+
+class SocketInUse(AdminSocketError):
     """Another daemon is serving on this admin socket (or the path is something else than a socket)."""
+
+
+async def claim_admin_socket(path: Path) -> trio.SocketListener:
+    """Bind the admin socket at `path` (replacing a stale one) and listen; AdminSocketError if it cannot be ours."""
+    _private_directory(path.parent)
+    if path.exists() or path.is_symlink():
+        await _replace_stale(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket file is created 0600: no window where others may connect
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(64)
+    return trio.SocketListener(sock)
+
+
+def _private_directory(directory: Path) -> None:
+    """Create `directory` 0700, or check that an existing one is closed to others (never change its mode)."""
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+        return
+    except FileExistsError:
+        pass
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    if mode & 0o077:
+        raise AdminSocketError(
+            f"the admin socket's folder {directory} is open to other users (mode {mode:o}); QueueGate keeps its "
+            "admin socket only in a folder only you may enter. Set [server].admin_socket to a path in such a folder, "
+            f"or make this one private (chmod 700 {directory})"
+        )
+
+
+async def _replace_stale(path: Path) -> None:
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; QueueGate will not replace it")
+    try:
+        stream = await trio.open_unix_socket(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        log.info("replacing a stale admin socket", extra={"fields": {"path": str(path)}})
+        path.unlink()
+        return
+    await stream.aclose()
+    raise SocketInUse(f"another QueueGate is running with the admin socket {path}")
 
 
 class AdminServer:
     def __init__(
         self,
+        listener: trio.SocketListener,
         path: Path,
         status: Callable[[], DaemonStatus],
         fleet: Fleet,
@@ -66,6 +119,7 @@ class AdminServer:
         active: ActiveRequests,
         reload: Callable[[], str],
     ) -> None:
+        self._listener = listener  # from `claim_admin_socket`
         self.path = path
         self._status = status
         self._fleet = fleet
@@ -83,45 +137,14 @@ class AdminServer:
         self._changed = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = await self._listen()
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(trio.serve_listeners, self._serve, [listener])
+                await nursery.start(trio.serve_listeners, self._serve, [self._listener])
                 task_status.started(self.path)
         finally:
             with trio.CancelScope(shield=True):
-                await listener.aclose()
+                await self._listener.aclose()
             self.path.unlink(missing_ok=True)
-
-    async def _listen(self) -> trio.SocketListener:
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        if stat.S_IMODE(directory.stat().st_mode) & 0o077:
-            directory.chmod(0o700)
-        if self.path.exists() or self.path.is_symlink():
-            await self._replace_stale()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # the socket file is created 0600: no window where others may connect
-        try:
-            await sock.bind(str(self.path))
-        finally:
-            os.umask(old_umask)
-        sock.listen(64)
-        return trio.SocketListener(sock)
-
-    async def _replace_stale(self) -> None:
-        if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-            raise SocketInUse(f"{self.path} exists and is not a socket; QueueGate will not replace it")
-        try:
-            stream = await trio.open_unix_socket(str(self.path))
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise
-            log.info("replacing a stale admin socket", extra={"fields": {"path": str(self.path)}})
-            self.path.unlink()
-            return
-        await stream.aclose()
-        raise SocketInUse(f"another QueueGate is running with the admin socket {self.path}")
 
     # -- connections ----------------------------------------------------------------------------------------------
 

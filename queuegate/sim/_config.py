@@ -35,7 +35,7 @@ class SimConfig(msgspec.Struct, kw_only=True):
     tokens_per_s: float = 50.0  # generation speed; <= 0 = no delay at all
     load_time_s: float = 0.0  # /health and requests answer 503 "Loading model" this long after start, like llama-server
     health_ok_while_loading: bool = False  # /health answers 200 at once (a health path that passes too early)
-    default_max_tokens: int = 16  # when the request sets neither max_tokens nor max_completion_tokens
+    default_max_tokens: int = 13  # when the request sets neither max_tokens nor max_completion_tokens: one sentence
     embedding_dim: int = 8
     first_token_delay_s: float = 0.0  # "prompt processing" before the first token
     report_usage: bool = True  # False: answers and streams carry no `usage`, as some backends do
