@@ -43,6 +43,7 @@ class ServerConfig(_Section):
     write_timeout_s: PositiveFloat = 30.0
     keepalive_s: PositiveFloat = 5.0
     backlog: PositiveInt = 4096
+    http2: bool = False
     shutdown_grace_s: NonNegativeFloat = 30.0
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

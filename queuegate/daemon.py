@@ -220,6 +220,7 @@ class Daemon:
                 graceful_timeout_s=cfg.server.shutdown_grace_s + SHUTDOWN_LAST_WORDS_S + 1.0,
                 write_timeout_s=cfg.server.write_timeout_s,
                 keepalive_s=cfg.server.keepalive_s,
+                http2=cfg.server.http2,
             )
             base_url = await nursery.start(self._serve, http, nursery)
             started_at = time.time()

@@ -47,6 +47,14 @@ class GatewayError(Exception):
         return {"Retry-After": str(max(1, round(self.retry_after_s)))}
 
 
+class InternalError(GatewayError):
+    """A failure inside QueueGate itself (a bug): logged with its traceback, answered 500, counted as an error."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
 class BadRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
@@ -101,6 +109,12 @@ class NotSupported(GatewayError):
     status = 501
     type = "invalid_request_error"
     code = "unsupported_endpoint"
+
+
+class HttpVersionNotSupported(GatewayError):
+    status = 505
+    type = "invalid_request_error"
+    code = "http_version_not_supported"
 
 
 class UpstreamError(GatewayError):

@@ -54,6 +54,8 @@ def starter_tables() -> list[Table]:
                     "keepalive_s": "An idle keep-alive connection is closed after this long.",
                     "backlog": "Connections the kernel queues before QueueGate accepts them (a burst of new clients);\n"
                     "capped by the kernel's net.core.somaxconn.",
+                    "http2": "Serve HTTP/2 (h2c upgrade or prior knowledge) too. Off: such requests get 505 and\n"
+                    "clients use HTTP/1.1, which every OpenAI client speaks.",
                     "shutdown_grace_s": "On SIGINT/SIGTERM: stop accepting, finish running requests this long; then\n"
                     "streams end with an error event saying the server is shutting down. A second signal: at once.",
                     "log_format": '"text" (key=value) or "json": one line per request with its id, model, timings.',

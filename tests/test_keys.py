@@ -72,6 +72,21 @@ async def test_a_key_sees_and_uses_only_its_models_in_its_class(start_sim, start
     assert answer.choices
     alice = gw.client(api_key=SECRETS["ALICE_KEY"])
     assert {m.id for m in await in_thread(lambda: list(alice.models.list()))} == {"chat", "assistant", "coder"}
+    # Asking for a model that does not exist tells a key only the names it may use.
+    with pytest.raises(openai.NotFoundError) as unknown:
+        await in_thread(lambda: ask(gw, SECRETS["BATCH_KEY"], "gpt-5"))
+    assert unknown.value.body["message"].endswith("Available models: chat, assistant")
+
+
+async def test_readiness_details_are_for_keys_and_probes_get_the_verdict(start_sim, start_gateway, key_env):
+    gw = await keyed_gateway(start_sim, start_gateway)
+    async with httpx.AsyncClient(base_url=gw.base_url) as http:
+        anonymous = await http.get("/readyz")
+        wrong = await http.get("/readyz", headers={"authorization": "Bearer sk-wrong"})
+        nightly = await http.get("/readyz", headers={"authorization": f"Bearer {SECRETS['BATCH_KEY']}"})
+    assert anonymous.status_code == wrong.status_code == nightly.status_code == 200
+    assert anonymous.json() == wrong.json() == {"ready": True, "models_ready": 2, "models": 2}
+    assert nightly.json() == {"ready": True, "models": [{"name": "chat", "ready": True, "loaded": True}]}
 
 
 async def test_the_key_sets_the_flow_and_can_only_lower_the_class(start_sim, start_gateway, key_env, caplog):

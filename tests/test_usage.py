@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import signal
 import sqlite3
+import stat
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,8 @@ async def test_usage_per_key_session_and_model_and_a_key_sees_only_its_own(start
     # The rows are in a real SQLite file in WAL mode under state_dir, with key names and never secrets.
     db = state / "usage.sqlite3"
     assert rows_in(db, "PRAGMA journal_mode") == [("wal",)]
+    for name in ("usage.sqlite3", "usage.sqlite3-wal", "usage.sqlite3-shm"):  # who asked what: owner only
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
     stored = rows_in(db, "SELECT key, session, model, outcome FROM requests ORDER BY rowid")
     assert stored == [
         ("alice", "s1", "chat", "ok"),

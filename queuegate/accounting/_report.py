@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -148,9 +149,13 @@ def _time_param(params: Mapping[str, str], name: str, timezone: datetime.tzinfo)
     if not raw:
         return None
     try:
-        return float(raw)
+        seconds = float(raw)
     except ValueError:
         pass
+    else:
+        if math.isfinite(seconds):
+            return seconds
+        raise BadRequest(f"{name} must be a finite number of unix seconds", param=name)
     try:
         parsed = datetime.datetime.fromisoformat(raw)
     except ValueError:
@@ -167,6 +172,6 @@ def _limit_param(params: Mapping[str, str]) -> int:
     raw = params.get("limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
         raise BadRequest(f"limit takes a whole number from 1 to {MAX_LIMIT}", param="limit")
     return int(raw)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -119,6 +120,17 @@ def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def _private_file(path: Path) -> None:
+    """Create `path` readable by its owner only (or make an existing one so): SQLite gives its -wal and -shm files
+    the database file's mode, and `[usage].path` may lie outside the private state folder. Usage says who asked
+    what, and how much."""
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.chmod(path, 0o600)
+    for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if companion.exists():
+            os.chmod(companion, 0o600)
+
+
 class UsageStore:
     def __init__(
         self,
@@ -203,7 +215,8 @@ class UsageStore:
 
     def _open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private_file(self.path)
             conn = connect(self.path)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")

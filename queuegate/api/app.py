@@ -8,6 +8,7 @@ response timeout is disabled (it would cut long streams); QueueGate's upstream t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import secrets
 import sqlite3
@@ -30,6 +31,7 @@ from queuegate.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
+    InternalError,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -52,6 +54,7 @@ from queuegate.proxy import (
 )
 from queuegate.scheduler import Admission, SchedulerStatistics
 
+log = logging.getLogger("queuegate.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CLEANUP_KEY = "queuegate.cleanup"
@@ -137,6 +140,12 @@ def create_app(
             except GatewayError as exc:
                 record.finish(exc.status, error=exc.message)
                 return _error_response(exc, request_id)
+            except Exception:
+                # A bug, not the client's doing: a 500 in the log and in usage, with the traceback to find it.
+                log.exception("unexpected error", extra={"fields": {"rid": request_id}})
+                internal = InternalError(f"QueueGate failed to handle the request (request id {request_id})")
+                record.finish(internal.status, error="unexpected error (see the traceback logged before)")
+                return _error_response(internal, request_id)
             except BaseException:
                 if entry.stopped_with is None:  # else it is logged below with the error it was stopped with
                     record.finish(CLIENT_CLOSED, error="client disconnected")
@@ -265,9 +274,16 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        """Ready when some model can take requests: loaded, or managed and loadable on demand."""
+        """Ready when some model can take requests: loaded, or managed and loadable on demand. Each model's state
+        and why it cannot serve (which names upstreams and their errors) is for callers with a key, or anybody on
+        an open gateway; an anonymous probe of a gateway with keys gets the verdict and the counts."""
         stats = admission.statistics()
         states = model_states(stats)
+        try:
+            key = keyring.authenticate(request.headers)
+            detailed = True
+        except GatewayError:
+            key, detailed = None, False
         models = []
         for model in stats.models:
             state, available = states[model.name]
@@ -276,7 +292,12 @@ def create_app(
                 entry["reason"] = "; ".join(f"{u.id}: {u.state} ({u.reason})" for u in model.upstreams)
             models.append(entry)
         ok = any(m["ready"] for m in models)
-        return _json({"ready": ok, "models": models}, status=200 if ok else 503)
+        status = 200 if ok else 503
+        if not detailed:
+            ready = sum(m["ready"] for m in models)
+            return _json({"ready": ok, "models_ready": ready, "models": len(models)}, status=status)
+        visible = [m for m in models if key is None or key.may_use(m["name"])]
+        return _json({"ready": ok, "models": visible}, status=status)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

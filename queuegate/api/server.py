@@ -29,7 +29,7 @@ from hypercorn.typing import AppWrapper, LifespanState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from queuegate.config import parse_listen
-from queuegate.errors import BadRequest
+from queuegate.errors import BadRequest, GatewayError, HttpVersionNotSupported
 
 log = logging.getLogger("queuegate.http")
 
@@ -79,6 +79,7 @@ class HttpServer:
         graceful_timeout_s: float,
         write_timeout_s: float,
         keepalive_s: float,
+        http2: bool,
     ) -> None:
         self._config = HypercornConfig()
         self._config.graceful_timeout = graceful_timeout_s
@@ -88,6 +89,7 @@ class HttpServer:
         self._app = wrap_app(app, self._config.wsgi_max_body_size, None)
         self._listener = listener
         self.write_timeout_s = write_timeout_s
+        self.http2 = http2  # else HTTP/2 requests (h2c upgrade, prior knowledge) are answered 505
         self.connections: set[ClientConnection] = set()
         self.stalled = 0  # connections ended because the client stopped reading
 
@@ -153,8 +155,17 @@ class _ConnectionApp:
         self._connection = connection
 
     async def __call__(self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any) -> None:
+        if scope["type"] == "websocket":
+            await _refuse_websocket(receive, send)
+            return
+        if scope["type"] == "http" and scope.get("http_version") == "2" and not self._connection.http2:
+            await _refuse(
+                send, HttpVersionNotSupported("HTTP/2 is off in this QueueGate ([server].http2): use HTTP/1.1")
+            )
+            return
         if scope["type"] == "http" and _ambiguous_framing(scope["headers"]):
-            await _refuse_and_close(send, "a request may not have both Content-Length and Transfer-Encoding")
+            refusal = BadRequest("a request may not have both Content-Length and Transfer-Encoding")
+            await _refuse(send, refusal, close=True)
             return
         self._connection.start_request()
         scope[CONNECTION_KEY] = self._connection
@@ -168,12 +179,27 @@ def _ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> bool:
     return b"content-length" in names and b"transfer-encoding" in names
 
 
-async def _refuse_and_close(send: Any, message: str) -> None:
-    """Answer 400 in OpenAI's envelope and close the connection after it (nothing after it on the wire is read)."""
-    body = BadRequest(message).body()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 400, "headers": [*headers, (b"connection", b"close")]})
+async def _refuse(send: Any, error: GatewayError, *, close: bool = False) -> None:
+    """Answer `error` in OpenAI's envelope; `close`: and close the connection (nothing after it is read)."""
+    headers, body = _error_answer(error)
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _refuse_websocket(receive: Any, send: Any) -> None:
+    """QueueGate serves no websockets: the handshake gets a 400 in OpenAI's envelope."""
+    await receive()  # websocket.connect
+    error = BadRequest("QueueGate serves HTTP requests, not websocket connections")
+    headers, body = _error_answer(error)
+    await send({"type": "websocket.http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
+def _error_answer(error: GatewayError) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    body = error.body()
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], body
 
 
 class ClientConnection(TCPServer):
@@ -190,6 +216,7 @@ class ClientConnection(TCPServer):
     ) -> None:
         super().__init__(_ConnectionApp(app, self), config, context, lifespan_state, stream)  # type: ignore[arg-type]
         self._server = server
+        self.http2 = server.http2
         self._writing: trio.CancelScope | None = None
         self._write_limit = math.inf  # no write may go on past this (trio time): set for a stopped request
         self.aborted: str | None = None  # why it was ended by QueueGate

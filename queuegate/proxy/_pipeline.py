@@ -16,18 +16,17 @@ import msgspec
 import trio
 
 from queuegate.auth import KeyRing
-from queuegate.errors import BadRequest, GatewayError, ModelNotFound, NotSupported, UpstreamError, UpstreamTimeout
+from queuegate.errors import GatewayError, ModelNotFound, NotSupported, UpstreamError, UpstreamTimeout
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
 from queuegate.proxy._convert import AnswerFromEvents, answer_as_events
 from queuegate.proxy._forwarder import ChunkReader, Forwarder, RetryableFailure, UpstreamResponse, close_response
 from queuegate.proxy._notices import SSE_HEADERS, QueuedStream
 from queuegate.proxy._record import RequestRecord, Usage, tokens_in
 from queuegate.proxy._relay import EventReader, RelayStream, looks_like_sse
+from queuegate.proxy._request import asks_usage, echo, parse_body, prompt_chars, request_tokens
 from queuegate.proxy._routing import chat_key
 from queuegate.scheduler import Admission, ModelUnavailable, NoUpstreamLeft, QueuePosition, Ticket
 
-# Fields each endpoint cannot do without; everything else is forwarded untouched.
-REQUIRED_FIELDS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 UPSTREAM_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 ERROR_BODY_LIMIT = 64 * 1024
 # An upstream's own rate limit (429) is waited out, before any byte reached the client: at most this many times,
@@ -119,15 +118,15 @@ class Proxy:
     async def handle(self, record: RequestRecord, raw_body: bytes, headers: Mapping[str, str]) -> Reply:
         """Serve one OpenAI request. Raises GatewayError for anything the client should see as an error."""
         body = parse_body(raw_body, record.endpoint)
-        spec = self._resolve(body["model"], record.endpoint)
+        spec = self._resolve(body["model"], record)
         KeyRing.check_model(record.key, spec.name)
         record.model = spec.name
         record.stream = body.get("stream") is True
-        record.wants_usage = _asks_usage(body)
+        record.wants_usage = asks_usage(body)
         record.prompt_chars = prompt_chars(body)
         tokens = request_tokens(body, record.prompt_chars)
         upstream_body = {**spec.defaults, **body, "model": spec.upstream_model}
-        if record.stream and spec.kind.stream_usage and record.endpoint != "embeddings" and not _asks_usage(body):
+        if record.stream and spec.kind.stream_usage and record.endpoint != "embeddings" and not record.wants_usage:
             # Count the tokens of every stream: ask for the usage chunk, and keep it from the client who did not.
             options = body.get("stream_options")
             upstream_body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
@@ -159,14 +158,19 @@ class Proxy:
     def withdraw(self, ticket: Ticket) -> None:
         self._admission.withdraw(ticket)
 
-    def _resolve(self, name: Any, endpoint: str) -> ModelSpec:
+    def _resolve(self, name: str, record: RequestRecord) -> ModelSpec:
+        """The model asked for. An unknown name is told the models the caller may use (only those of its key)."""
         spec = self._catalog.resolve(name)
         if spec is None:
-            available = ", ".join(self._catalog.public_names()) or "none configured"
-            raise ModelNotFound(f"The model {name!r} does not exist. Available models: {available}", param="model")
-        if endpoint not in spec.endpoints:
+            key = record.key
+            names = [n for n in self._catalog.public_names() if key is None or key.may_use(self._catalog.canonical(n))]
+            available = ", ".join(names) or "none"
+            raise ModelNotFound(
+                f"The model {echo(name)!r} does not exist. Available models: {available}", param="model"
+            )
+        if record.endpoint not in spec.endpoints:
             raise NotSupported(
-                f"model {spec.name!r} (kind {spec.kind.name}) does not support the {endpoint} endpoint",
+                f"model {spec.name!r} (kind {spec.kind.name}) does not support the {record.endpoint} endpoint",
                 param="model",
             )
         return spec
@@ -359,31 +363,6 @@ async def _fold_events(upstream: Upstream, reader: ChunkReader, endpoint: str) -
     return answer.answer()
 
 
-def prompt_chars(body: dict[str, Any]) -> int:
-    """Characters of prompt text in a chat, completion or embeddings request (for a token estimate)."""
-    prompt = body.get("prompt", body.get("input"))
-    if isinstance(prompt, str):
-        return len(prompt)
-    if isinstance(prompt, list):
-        return sum(len(p) for p in prompt if isinstance(p, str))
-    total = 0
-    for message in body.get("messages") or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
-    return total
-
-
-def request_tokens(body: dict[str, Any], chars: int) -> int:
-    """A request's likely size for tokens-per-minute limits: its prompt's estimate plus the completion it allows
-    (`max_completion_tokens` or `max_tokens`; nothing when it sets neither). Corrected by its usage when it ends."""
-    allowed = body.get("max_completion_tokens", body.get("max_tokens"))
-    completion = allowed if isinstance(allowed, int) and allowed > 0 else 0
-    return tokens_in(chars) + completion
-
-
 def _answer_chars(answer: _Answer) -> int:
     """Characters of generated text in a non-streamed answer (chat `message.content` or completion `text`)."""
     if not isinstance(answer.choices, list):
@@ -396,30 +375,6 @@ def _answer_chars(answer: _Answer) -> int:
         text = message.get("content") if isinstance(message, dict) else choice.get("text")
         total += len(text) if isinstance(text, str) else 0
     return total
-
-
-def _asks_usage(body: dict[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
-    """Decode and check the request body: a JSON object with a string `model` and the endpoint's required field."""
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("you must provide a model parameter", param="model")
-    required = REQUIRED_FIELDS[endpoint]
-    if required not in body:
-        raise BadRequest(f"missing required parameter: {required!r}", param=required)
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise BadRequest("`stream` must be true or false", param="stream")
-    return body
 
 
 async def _error_detail(reader: ChunkReader) -> str:

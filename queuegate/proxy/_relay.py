@@ -8,6 +8,7 @@ until `aclose()`, which is idempotent and safe inside a cancelled scope.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -15,11 +16,12 @@ from typing import Any
 import msgspec
 import trio
 
-from queuegate.errors import GatewayError, UpstreamError
+from queuegate.errors import GatewayError, InternalError, UpstreamError
 from queuegate.proxy._convert import DONE_EVENT
 from queuegate.proxy._forwarder import ChunkReader, UpstreamResponse, close_response
 from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord, Usage
 
+log = logging.getLogger("queuegate.request")
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 _DONE = re.compile(rb"(?m)^data:[ \t]*\[DONE\]")
 _FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"')
@@ -161,6 +163,9 @@ class RelayStream:
                     block = await self._events.next_events()
             except GatewayError as exc:
                 return self._fail(exc)  # bytes already reached the client: the status is sent, so an error event
+            except Exception:
+                log.exception("unexpected error in a stream", extra={"fields": {"rid": self._record.request_id}})
+                return self._fail(InternalError("QueueGate failed while relaying the stream"))
             finally:
                 self._reading = None
             if reading.cancelled_caught:

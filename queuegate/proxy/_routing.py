@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from queuegate.errors import BadRequest
+from queuegate.proxy._request import echo
 
 OPEN_WEBUI_CHAT_HEADER = "x-openwebui-chat-id"
 _BODY_CHAT_FIELDS = ("chat_id", "conversation_id")
@@ -22,7 +23,7 @@ def request_class(route_class: str, priority: str | None, classes: Sequence[str]
         return base
     wanted = priority.strip().lower()
     if wanted not in classes:
-        raise BadRequest(f"X-Priority must be one of {', '.join(classes)}; got {priority!r}", param="X-Priority")
+        raise BadRequest(f"X-Priority must be one of {', '.join(classes)}; got {echo(priority)!r}", param="X-Priority")
     return wanted if classes.index(wanted) > classes.index(base) else base
 
 
