@@ -8,6 +8,7 @@ connection, which the `openai` client and httpx hide.
 from __future__ import annotations
 
 import h11
+import httpx
 import trio
 
 from tests.conftest import wait_until
@@ -136,3 +137,17 @@ async def test_a_request_with_both_content_length_and_transfer_encoding_is_refus
     assert received.startswith(b"HTTP/1.1 400") and b"both Content-Length and Transfer-Encoding" in received
     assert received.count(b"HTTP/1.1") == 1  # the hidden request was never answered: the connection was closed
     assert sim.stats.requests == 0
+
+
+async def test_http2_is_answered_505_unless_configured(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    off = await start_gateway({"m": {"upstreams": [url]}})
+    on = await start_gateway({"m": {"upstreams": [url]}}, server={"http2": True})
+    answers = []
+    for gw in (off, on):
+        async with httpx.AsyncClient(http1=False, http2=True, base_url=gw.base_url) as h2:  # prior knowledge
+            answers.append(await h2.get("/healthz"))
+    refused, served = answers
+    assert refused.http_version == served.http_version == "HTTP/2"
+    assert refused.status_code == 505 and refused.json()["error"]["code"] == "http_version_not_supported"
+    assert served.status_code == 200 and served.json() == {"status": "ok"}
