@@ -56,6 +56,8 @@ class UpstreamDefaults(_Section):
     first_byte_timeout_s: PositiveFloat = 300.0
     idle_timeout_s: PositiveFloat = 120.0
     total_timeout_s: NonNegativeFloat = 0.0
+    answer_timeout_s: NonNegativeFloat = 600.0
+    max_answer_mb: PositiveFloat = 64.0
     keepalive_connections: PositiveInt = 64
     health_interval_s: PositiveFloat = 5.0
     health_timeout_s: PositiveFloat = 3.0

@@ -157,7 +157,9 @@ class Daemon:
     async def _run_components(self, endpoints: Endpoints, *, task_status: trio.TaskStatus[Started]) -> None:
         cfg = self.config
         up = cfg.upstream
-        timeouts = Timeouts(up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s)
+        timeouts = Timeouts(
+            up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s, up.answer_timeout_s
+        )
         # Keep-alive expiry below the usual 5 s server keep-alive, so we rarely reuse a socket the server is closing.
         pool = UpstreamConnections(keepalive_expiry_s=4.0, max_idle_per_upstream=up.keepalive_connections)
         async with (
@@ -186,7 +188,13 @@ class Daemon:
             forwarder = Forwarder(pool, timeouts)
             watchers = _HealthWatchers(self.catalog, fleet, health)
             proxy = self.proxy = Proxy(
-                self.catalog, self.admission, forwarder, watchers, _notice_policy(cfg), cfg.affinity.header
+                self.catalog,
+                self.admission,
+                forwarder,
+                watchers,
+                _notice_policy(cfg),
+                cfg.affinity.header,
+                max_answer_bytes=int(up.max_answer_mb * 2**20),
             )
             active = self._active
             metrics = Metrics(

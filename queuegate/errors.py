@@ -111,6 +111,13 @@ class NotSupported(GatewayError):
     code = "unsupported_endpoint"
 
 
+class BadHttp(GatewayError):
+    """A request the HTTP layer could not read (bad framing, headers too large); the status says which."""
+
+    type = "invalid_request_error"
+    code = "bad_http"
+
+
 class HttpVersionNotSupported(GatewayError):
     status = 505
     type = "invalid_request_error"

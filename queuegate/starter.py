@@ -72,7 +72,11 @@ def starter_tables() -> list[Table]:
                     "connect_timeout_s": "Connecting to an upstream; a failure is retried on another upstream.",
                     "first_byte_timeout_s": "From sending a request to its first byte (prompt processing can be slow).",
                     "idle_timeout_s": "Longest silence between two chunks of a response before it is cut (504).",
-                    "total_timeout_s": "Longest one upstream response may take, first to last byte; 0 = no limit.",
+                    "total_timeout_s": "Longest one upstream response may take, first to last byte; 0 = no limit\n"
+                    "(a stream of a long answer may rightly take a long time: idle_timeout_s guards it).",
+                    "answer_timeout_s": "The same for a non-streamed answer, so a server that drips a byte now and\n"
+                    "then cannot hold a slot for ever; 0 = no limit.",
+                    "max_answer_mb": "Largest non-streamed answer QueueGate holds in memory; a larger one is a 502.",
                     "keepalive_connections": "Idle keep-alive connections kept open per upstream for reuse.",
                     "health_interval_s": "Health check period of a ready upstream (1 s while it is down or loading).",
                     "health_timeout_s": "A health check slower than this counts as failed.",

@@ -7,6 +7,8 @@ connection, which the `openai` client and httpx hide.
 
 from __future__ import annotations
 
+import json
+
 import h11
 import httpx
 import trio
@@ -151,3 +153,21 @@ async def test_http2_is_answered_505_unless_configured(start_sim, start_gateway)
     assert refused.http_version == served.http_version == "HTTP/2"
     assert refused.status_code == 505 and refused.json()["error"]["code"] == "http_version_not_supported"
     assert served.status_code == 200 and served.json() == {"status": "ok"}
+
+
+async def test_requests_the_http_layer_cannot_read_get_the_envelope_and_a_closed_connection(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    for raw, status, message in (
+        (b"GET /healthz HTTP/1.1\r\nhost: x\r\nnot a header\r\n\r\n", 400, "not valid HTTP/1.1"),
+        (b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 100_000 + b"\r\n\r\n", 431, "headers are too large"),
+    ):
+        client = await RawClient.connect(gw.base_url)
+        await client.send_raw(raw)
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await client.stream.receive_some(65536):
+                received += chunk
+        head, body = received.split(b"\r\n\r\n", 1)
+        assert head.startswith(f"HTTP/1.1 {status}".encode())
+        assert json.loads(body)["error"]["code"] == "bad_http" and message in json.loads(body)["error"]["message"]

@@ -275,3 +275,24 @@ async def test_503_waits_back_off_honour_retry_after_and_stop_at_the_bound(autoj
     await trio.sleep(10)
     with pytest.raises(ModelUnavailable):
         wait.next_delay(UpstreamNotReady(None, "loading"))
+
+
+async def test_non_streamed_answers_are_bounded_in_size_and_in_time(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=0, embedding_dim=40_000)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "kind": "llamacpp"}}, upstream={"max_answer_mb": 1, "answer_timeout_s": 1}
+    )
+    client = gw.client()
+    with pytest.raises(openai.APIStatusError) as big:  # about 2.5 MB of embeddings
+        await in_thread(lambda: client.embeddings.create(model="m", input=["a", "b", "c", "d", "e"]))
+    assert big.value.status_code == 502 and "answered more than 1 MB" in big.value.message
+    assert (await in_thread(lambda: client.embeddings.create(model="m", input="a"))).data  # a smaller one is fine
+
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as slow:  # a byte every 0.2 s: it would take a minute
+        await in_thread(lambda: chat(client, max_tokens=20, extra_body={"sim_fault": "drip"}))
+    assert slow.value.status_code == 504 and "took too long to answer in all" in slow.value.message
+    assert time.monotonic() - started < 3
+    await wait_until(lambda: sim.stats.active == 0 and gw.stats().in_service == 0)
+    streamed = await in_thread(lambda: list(chat(client, max_tokens=3, stream=True)))  # streams are not bounded so
+    assert streamed

@@ -29,7 +29,7 @@ from hypercorn.typing import AppWrapper, LifespanState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from queuegate.config import parse_listen
-from queuegate.errors import BadRequest, GatewayError, HttpVersionNotSupported
+from queuegate.errors import BadHttp, BadRequest, GatewayError, HttpVersionNotSupported
 
 log = logging.getLogger("queuegate.http")
 
@@ -197,6 +197,21 @@ async def _refuse_websocket(receive: Any, send: Any) -> None:
     await send({"type": "websocket.http.response.body", "body": body})
 
 
+_PROTOCOL_ERRORS = {
+    400: "the request is not valid HTTP/1.1",
+    413: "the request is too large",
+    414: "the request's URL is too long",
+    431: "the request's headers are too large",
+}
+
+
+def _protocol_error_answer(status: int) -> bytes:
+    """A whole HTTP answer, in OpenAI's envelope, for a request the HTTP layer could not read (then closed)."""
+    headers, body = _error_answer(BadHttp(_PROTOCOL_ERRORS.get(status, "the request could not be read"), status=status))
+    head = f"HTTP/1.1 {status} \r\n".encode() + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+    return head + b"connection: close\r\n\r\n" + body
+
+
 def _error_answer(error: GatewayError) -> tuple[list[tuple[bytes, bytes]], bytes]:
     body = error.body()
     return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], body
@@ -250,13 +265,16 @@ class ClientConnection(TCPServer):
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
+        data = event.data
+        if self._client_erred() and data.startswith(b"HTTP/1.1 ") and b"\r\ncontent-length: 0\r\n" in data:
+            data = _protocol_error_answer(int(data[9:12]))  # hypercorn's own answer to bad HTTP, with a body
         async with self.send_lock:
             if self.aborted is None:
                 # Shielded as hypercorn does (a cancelled request must not cut a write half-way), but bounded.
                 with trio.CancelScope(shield=True) as writing:
                     self._writing = writing
                     try:
-                        await self._write(writing, memoryview(event.data))
+                        await self._write(writing, memoryview(data))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass  # the client is gone: handled below like any end of the connection
                     else:
@@ -277,11 +295,18 @@ class ClientConnection(TCPServer):
         """Whether the client broke the protocol while a response is half-way out: hypercorn's read side then
         closes the connection at once, cutting the response (e.g. a `Connection: close` answer, such as a refusal
         of an ambiguous request, to a client that sent more after it). That response must go out whole first."""
+        connection = self._h11()
+        return connection is not None and connection.our_state is h11.SEND_BODY and self._client_erred()
+
+    def _client_erred(self) -> bool:
+        """Whether the client broke HTTP/1.1 (bad framing, headers too large): hypercorn answers that itself."""
+        connection = self._h11()
+        return connection is not None and connection.their_state is h11.ERROR
+
+    def _h11(self) -> h11.Connection | None:
         h11_protocol = getattr(self.protocol, "protocol", None)  # hypercorn's ProtocolWrapper -> H11Protocol
         connection = getattr(h11_protocol, "connection", None)
-        if not isinstance(connection, h11.Connection):
-            return False
-        return connection.our_state is h11.SEND_BODY and connection.their_state is h11.ERROR
+        return connection if isinstance(connection, h11.Connection) else None
 
     async def _write(self, writing: trio.CancelScope, data: memoryview) -> None:
         """Send `data` in slices, each with the deadline renewed: it is progress that counts, so a client reading a

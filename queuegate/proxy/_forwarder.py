@@ -23,9 +23,11 @@ class Timeouts:
     first_byte_s: float  # from sending the request to the response headers (and the first stream event)
     idle_s: float  # longest gap between two body chunks
     total_s: float  # longest an upstream may take for one request, first to last byte; 0 = no limit
+    answer_s: float  # the same for a non-streamed answer (a server dripping bytes must not hold a slot for ever)
 
-    def deadline(self) -> float:
-        return trio.current_time() + self.total_s if self.total_s else math.inf
+    def deadline(self, *, stream: bool) -> float:
+        limits = [s for s in (self.total_s, 0.0 if stream else self.answer_s) if s]
+        return trio.current_time() + min(limits) if limits else math.inf
 
 
 class RetryableFailure(UpstreamError):
@@ -153,6 +155,8 @@ class Forwarder:
             with trio.fail_at(min(trio.current_time() + self.timeouts.first_byte_s, deadline)):
                 return await self._exchange(upstream, request)
         except trio.TooSlowError:
+            if trio.current_time() >= deadline:
+                raise UpstreamTimeout(f"upstream {upstream.id} took too long to answer in all") from None
             raise UpstreamTimeout(
                 f"upstream {upstream.id} sent no response within {self.timeouts.first_byte_s:g} s"
             ) from None
@@ -180,14 +184,6 @@ class Forwarder:
                 raise
             return UpstreamResponse(response, upstream, connection, self._pool)
 
-    async def read_body(self, response: UpstreamResponse, deadline: float) -> bytes:
-        """Read a whole (non-streamed) body, each chunk within the idle timeout."""
-        reader = ChunkReader(response, self.timeouts.idle_s, deadline)
-        chunks = []
-        while (chunk := await reader.next()) is not None:
-            chunks.append(chunk)
-        return b"".join(chunks)
-
 
 async def _close_shielded(connection: httpcore.AsyncHTTPConnection) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -211,6 +207,8 @@ class ChunkReader:
         except StopAsyncIteration:
             return None
         except trio.TooSlowError:
+            if trio.current_time() >= self._deadline:
+                raise UpstreamTimeout(f"upstream {self._upstream.id} took too long to answer in all") from None
             raise UpstreamTimeout(f"upstream {self._upstream.id} stalled: nothing for {self._idle_s:g} s") from None
         except _DROPPED as exc:
             raise UpstreamError(

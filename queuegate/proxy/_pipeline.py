@@ -107,6 +107,7 @@ class Proxy:
         reports: UpstreamReports,
         notices: NoticePolicy | None = None,
         chat_header: str = "X-Chat-Id",
+        max_answer_bytes: int = 64 * 2**20,
     ) -> None:
         self._catalog = catalog
         self._admission = admission
@@ -114,6 +115,7 @@ class Proxy:
         self._reports = reports
         self.notices = notices or NoticePolicy()
         self._chat_header = chat_header  # names the sticky chat (see `chat_key`)
+        self.max_answer_bytes = max_answer_bytes  # the largest non-streamed answer it buffers
 
     async def handle(self, record: RequestRecord, raw_body: bytes, headers: Mapping[str, str]) -> Reply:
         """Serve one OpenAI request. Raises GatewayError for anything the client should see as an error."""
@@ -225,7 +227,7 @@ class Proxy:
         handed_over = False
         response: UpstreamResponse | None = None
         try:
-            deadline = self._forwarder.timeouts.deadline()
+            deadline = self._forwarder.timeouts.deadline(stream=record.stream)
             path = UPSTREAM_PATHS[record.endpoint]
             record.upstream_started_at = trio.current_time()
             response = await self._forwarder.send(upstream, path, payload, record.request_id, deadline)
@@ -243,10 +245,10 @@ class Proxy:
                 handed_over = True
                 return Reply(200, {**SSE_HEADERS, "content-type": content_type}, relay)
             if response.status == 200 and streamed:
-                answer = await _fold_events(upstream, reader, record.endpoint)
+                answer = await _fold_events(upstream, reader, record.endpoint, self.max_answer_bytes)
                 body = msgspec.json.encode(answer)  # it did not ask for a stream: it gets one answer
             else:
-                body = await _read_whole(upstream, reader)
+                body = await _read_whole(upstream, reader, self.max_answer_bytes)
             record.first_token_at = trio.current_time()
             if response.status == 429:
                 raise UpstreamBusy(_busy_delay(response), _client_error_reply(response, body, content_type))
@@ -293,6 +295,14 @@ class Proxy:
         )
 
 
+class AnswerTooLarge(UpstreamError):
+    """A non-streamed answer larger than QueueGate buffers (`[upstream].max_answer_mb`): a 502, not retried (the
+    same request would get the same answer elsewhere)."""
+
+    def __init__(self, upstream: Upstream, limit: int) -> None:
+        super().__init__(f"upstream {upstream.id} answered more than {limit / 2**20:g} MB ([upstream].max_answer_mb)")
+
+
 class _NotReadyWait:
     """How long one request keeps waiting for upstreams that answer 503: from the first 503, `bound_s` at most
     (a launched model's startup timeout, else the queue's max wait)."""
@@ -334,25 +344,38 @@ class _NotReadyWait:
         )
 
 
-async def _read_whole(upstream: Upstream, reader: ChunkReader) -> bytes:
-    """A whole (non-streamed) body. A connection dropped half-way is a failure another upstream may retry: no
-    byte of it reached the client."""
+async def _read_whole(upstream: Upstream, reader: ChunkReader, limit: int) -> bytes:
+    """A whole (non-streamed) body of at most `limit` bytes (UpstreamError past it). A connection dropped
+    half-way is a failure another upstream may retry: no byte of it reached the client."""
     chunks = []
+    size = 0
     try:
         while (chunk := await reader.next()) is not None:
+            size += len(chunk)
+            if size > limit:
+                raise AnswerTooLarge(upstream, limit)
             chunks.append(chunk)
+    except AnswerTooLarge:
+        raise
     except UpstreamError as exc:
         raise RetryableFailure(exc.message, dropped=True) from None
     return b"".join(chunks)
 
 
-async def _fold_events(upstream: Upstream, reader: ChunkReader, endpoint: str) -> dict[str, Any]:
-    """An event stream read to its end and folded into one answer (the request did not ask for a stream)."""
+async def _fold_events(upstream: Upstream, reader: ChunkReader, endpoint: str, limit: int) -> dict[str, Any]:
+    """An event stream read to its end and folded into one answer (the request did not ask for a stream), of at
+    most `limit` bytes of events."""
     answer = AnswerFromEvents(chat=endpoint == "chat")
     events = EventReader(reader)
+    size = 0
     try:
         while (block := await events.next_events()) is not None:
+            size += len(block)
+            if size > limit:
+                raise AnswerTooLarge(upstream, limit)
             answer.feed(block)
+    except AnswerTooLarge:
+        raise
     except msgspec.DecodeError:
         raise RetryableFailure(f"upstream {upstream.id} sent a malformed event stream") from None
     except UpstreamError as exc:

@@ -24,6 +24,7 @@ FAULTS = frozenset(
         "finish_without_done",  # (stream) end the body after the finish_reason chunk, without [DONE]
         "whole_answer",  # answer a streamed request with one JSON body
         "stream_answer",  # answer a non-streamed request with an event stream
+        "drip",  # (non-stream) send the answer's headers, then its body a byte every 0.2 s
     }
 )
 

@@ -256,6 +256,14 @@ class Simulator:
         if fault == "hang_after_first":
             await trio.sleep_forever()
         whole = completion.whole()
+        if fault == "drip":
+            payload = msgspec.json.encode(whole)
+            await exchange.send(h11.Response(status_code=200, headers=[*JSON, ("content-length", str(len(payload)))]))
+            for i in range(len(payload)):
+                await exchange.send(h11.Data(data=payload[i : i + 1]))
+                await trio.sleep(0.2)
+            await exchange.send(h11.EndOfMessage())
+            return
         if not self.config.report_usage:
             del whole["usage"]
         await exchange.respond(200, msgspec.json.encode(whole))
