@@ -148,6 +148,7 @@ class UsageConfig(_Section):
     flush_ms: PositiveFloat = 1000.0  # how often recorded rows are committed (the most a crash can lose)
     retention_days: NonNegativeFloat = 0.0  # rows older than this are deleted; 0 = keep forever
     timezone: str = "UTC"  # where a day starts and ends, an IANA name such as "Europe/Berlin"
+    durable: bool = False  # commit each request's row before its answer's last byte is sent
 
 
 class KeyConfig(_Section):

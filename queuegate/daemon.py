@@ -117,6 +117,7 @@ class Daemon:
                 flush_s=usage.flush_ms / 1000,
                 retention_days=usage.retention_days,
                 timezone=usage_timezone(config),
+                durable=usage.durable,
             )
             if usage.enabled
             else None

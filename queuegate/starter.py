@@ -206,6 +206,9 @@ def starter_tables() -> list[Table]:
                     "retention_days": "Rows older than this are deleted (hourly); 0 = keep forever.",
                     "timezone": 'Where usage days start and end: "UTC" or an IANA name such as "Europe/Berlin"\n'
                     "(also for dates in GET /v1/usage?since=...).",
+                    "durable": "true: each request's row is committed before its answer's last byte is sent, so a\n"
+                    "crash or kill -9 loses no row of an answer a client received whole (rows of requests\n"
+                    "finishing together share one commit; scripts/bench_usage.py measures the cost).",
                 },
             ),
         ),

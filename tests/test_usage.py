@@ -178,15 +178,19 @@ async def test_usage_survives_a_restart_of_the_daemon(start_sim, nursery, tmp_pa
         await second.process.wait()
 
 
-async def test_kill_9_during_a_burst_loses_no_acknowledged_row_and_corrupts_nothing(start_sim, nursery, tmp_path):
-    """Six clients send requests without pause; meanwhile the file is read as another program would, and every
-    committed row seen there is 'acknowledged'. SIGKILL mid-burst; then the file must hold all of them, pass
-    SQLite's integrity check, and serve a restarted daemon that keeps counting."""
+@pytest.mark.parametrize("durable", [False, True], ids=["batched", "durable"])
+async def test_kill_9_during_a_burst_loses_no_acknowledged_row_and_corrupts_nothing(
+    start_sim, nursery, tmp_path, durable
+):
+    """Six clients (two of them streaming) send requests without pause; meanwhile the file is read as another
+    program would, and every committed row seen there is 'acknowledged'. SIGKILL mid-burst; then the file must hold
+    all of them, pass SQLite's integrity check, and serve a restarted daemon that keeps counting. With durable
+    usage, it also holds every request a client saw answered whole."""
     _, url = await start_sim(tokens_per_s=0)
     config = tmp_path / "queuegate.toml"
     config.write_text(
-        f'[server]\nlisten = "127.0.0.1:0"\n[usage]\nflush_ms = 50\n[models.m]\nupstreams = ["{url}"]\n'
-        "max_concurrency = 8\n"
+        f'[server]\nlisten = "127.0.0.1:0"\n[usage]\nflush_ms = 50\ndurable = {str(durable).lower()}\n'
+        f'[models.m]\nupstreams = ["{url}"]\nkind = "llamacpp"\nmax_concurrency = 8\n'
     )
     db = tmp_path / ".queuegate" / "usage.sqlite3"
     daemon = await start_daemon(nursery, "--config", str(config))
@@ -195,16 +199,19 @@ async def test_kill_9_during_a_burst_loses_no_acknowledged_row_and_corrupts_noth
     acknowledged: set[str] = set()
 
     async def client(n: int) -> None:
+        stream = n < 2
         async with httpx.AsyncClient(timeout=10) as http:
             for i in range(100_000):
                 rid = f"c{n}-{i}"
                 sent.add(rid)
-                body = {"model": "m", "messages": HI, "max_tokens": 2}
+                body = {"model": "m", "messages": HI, "max_tokens": 2, "stream": stream}
+                url = daemon.url + "/v1/chat/completions"
                 try:
-                    r = await http.post(daemon.url + "/v1/chat/completions", json=body, headers={"x-request-id": rid})
+                    async with http.stream("POST", url, json=body, headers={"x-request-id": rid}) as r:
+                        whole = (await r.aread()).rstrip().endswith(b"data: [DONE]") if stream else True
                 except httpx.TransportError:
                     return  # the daemon is gone
-                if r.status_code == 200:
+                if r.status_code == 200 and whole:
                     answered.add(rid)
 
     async with trio.open_nursery() as burst:
@@ -223,7 +230,10 @@ async def test_kill_9_during_a_burst_loses_no_acknowledged_row_and_corrupts_noth
     stored = {rid for (rid,) in rows_in(db)}
     assert acknowledged <= stored  # nothing acknowledged was lost
     assert stored <= sent  # and nothing else (a row may be committed just before its answer left)
-    assert len(answered - stored) < 100  # at most the last ~50 ms of answers were still in memory
+    if durable:
+        assert answered <= stored  # every answer a client received whole has its row
+    else:
+        assert len(answered - stored) < 100  # at most the last ~50 ms of answers were still in memory
 
     restarted = await start_daemon(nursery, "--config", str(config))
     client_ = restarted.client()

@@ -139,8 +139,11 @@ class UsageStore:
         flush_s: float = 1.0,
         retention_days: float = 0.0,
         timezone: datetime.tzinfo = datetime.UTC,
+        durable: bool = False,
     ) -> None:
+        """`durable`: requests wait (`flush`) for their row's commit before their answer's last byte is sent."""
         self.path = path
+        self.durable = durable
         self.timezone = timezone  # usage days start at its midnight
         self._flush_s = flush_s
         self._retention_s = retention_days * 86400

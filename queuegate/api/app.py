@@ -109,6 +109,9 @@ def create_app(
     )
     created = int(time.time())
 
+    # Durable usage: a request's row is committed before its answer's last byte is sent.
+    commit = usage.flush if usage is not None and usage.durable else None
+
     def on_finish(record: RequestRecord, status: int) -> None:
         metrics.observe(record, status)
         if usage is not None and (row := usage_row(record, status, usage.timezone)) is not None:
@@ -117,7 +120,7 @@ def create_app(
     async def relay(endpoint: str, route_class: str = "user", session: str | None = None) -> Response:
         request_id = _request_id(request.headers.get("x-request-id"))
         client = request.remote_addr or ""
-        record = RequestRecord(request_id, endpoint, client=client, on_finish=on_finish)
+        record = RequestRecord(request_id, endpoint, client=client, on_finish=on_finish, commit=commit)
         # An operator's cancel (or the end of a shutdown) ends the queueing and forwarding, then the stream.
         entry = active.add(record, trio.CancelScope(), request.scope.get(CONNECTION_KEY))
 
@@ -126,6 +129,8 @@ def create_app(
 
         request.scope[CLEANUP_KEY].append(forget)
         handling = entry.scope
+        error: GatewayError | None = None  # what the client is answered instead of a reply
+        logged = ""  # and what the log line says of it
         with handling:
             try:
                 # The body first, whatever the answer: answering before it was read leaves its bytes in the way of
@@ -138,24 +143,24 @@ def create_app(
                 record.flow = request_flow(key_name=key.name if key else None, session=record.session, client=client)
                 reply = await proxy.handle(record, body, request.headers)
             except GatewayError as exc:
-                record.finish(exc.status, error=exc.message)
-                return _error_response(exc, request_id)
+                error, logged = exc, exc.message
             except Exception:
                 # A bug, not the client's doing: a 500 in the log and in usage, with the traceback to find it.
                 log.exception("unexpected error", extra={"fields": {"rid": request_id}})
-                internal = InternalError(f"QueueGate failed to handle the request (request id {request_id})")
-                record.finish(internal.status, error="unexpected error (see the traceback logged before)")
-                return _error_response(internal, request_id)
+                error = InternalError(f"QueueGate failed to handle the request (request id {request_id})")
+                logged = "unexpected error (see the traceback logged before)"
             except BaseException:
                 if entry.stopped_with is None:  # else it is logged below with the error it was stopped with
                     record.finish(CLIENT_CLOSED, error="client disconnected")
                 raise
         if handling.cancelled_caught:
-            stopped = entry.stopped_with or RequestCancelled("the request was cancelled by the operator")
-            record.finish(stopped.status, error=stopped.message)
-            return _error_response(stopped, request_id)
+            error = entry.stopped_with or RequestCancelled("the request was cancelled by the operator")
+            logged = error.message
+        if error is not None:
+            await record.finish_before_last_byte(error.status, error=logged)
+            return _error_response(error, request_id)
         if isinstance(reply.body, bytes):
-            record.finish(reply.status)
+            await record.finish_before_last_byte(reply.status)
         else:
             request.scope[CLEANUP_KEY].append(reply.body.aclose)
             entry.body = reply.body  # from now on a stop ends the stream with an error event

@@ -58,7 +58,7 @@ class QueuedStream:
             while True:
                 if self._stop is not None:
                     self._proxy.withdraw(self._ticket)
-                    return self._fail(self._stop.status, self._stop)
+                    return await self._fail(self._stop.status, self._stop)
                 notice = self._notice()
                 now = trio.current_time()
                 if notice is not None and notice != self._last_notice:
@@ -72,7 +72,7 @@ class QueuedStream:
                     if await self._proxy.wait_for_slot(self._ticket, self._record, until=wake):
                         return await self._start_upstream()
         except GatewayError as exc:
-            return self._fail(exc.status, exc)
+            return await self._fail(exc.status, exc)
         finally:
             self._waiting = None
 
@@ -94,14 +94,14 @@ class QueuedStream:
             return await self._relay.__anext__()
         if reply.status == 200 and isinstance(reply.body, bytes):  # a whole answer, already made into events
             self._ended = True
-            self._record.finish(200)
+            await self._record.finish_before_last_byte(200)
             return reply.body
         # The upstream refused (a 4xx); the status is already sent.
-        return self._fail(reply.status, UpstreamError(_error_message(reply.body), status=reply.status))
+        return await self._fail(reply.status, UpstreamError(_error_message(reply.body), status=reply.status))
 
-    def _fail(self, status: int, exc: GatewayError) -> bytes:
+    async def _fail(self, status: int, exc: GatewayError) -> bytes:
         self._ended = True
-        self._record.finish(status, error=exc.message)
+        await self._record.finish_before_last_byte(status, error=exc.message)
         return b"data: " + exc.body() + b"\n\n"
 
     def _notice(self) -> str | None:

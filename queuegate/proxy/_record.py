@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -64,11 +64,20 @@ class RequestRecord:
     error: str | None = None
     cancelled: bool = False  # by an operator (admin socket), whatever the exit path then says
     finished: bool = False
-    on_finish: Callable[[RequestRecord, int], None] | None = field(default=None, repr=False)  # metrics
+    on_finish: Callable[[RequestRecord, int], None] | None = field(default=None, repr=False)  # metrics, usage
+    # Durable usage: waits until the request's usage row is committed (None: rows are committed in batches later).
+    commit: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
 
     @property
     def total_tokens(self) -> int | None:
         return self.usage.total_tokens if self.usage is not None else None
+
+    async def finish_before_last_byte(self, status: int, *, error: str | None = None) -> None:
+        """`finish`, called before the answer's last byte is sent: with durable usage, the request's row is
+        committed when this returns, so an answer the client saw whole is never missing from usage."""
+        self.finish(status, error=error)
+        if self.commit is not None:
+            await self.commit()
 
     def finish(self, status: int, *, error: str | None = None) -> None:
         """Log the request's line; later calls do nothing, so every exit path may call it."""

@@ -153,19 +153,19 @@ class RelayStream:
         if self._next is not None:
             first, self._next = self._next, None
             if first:
-                return first
+                return await self._last(first) if self._done else first
         while not self._ended:
             if self._stop is not None:
-                return self._fail(self._stop)
+                return await self._fail(self._stop)
             try:
                 with trio.CancelScope() as reading:
                     self._reading = reading
                     block = await self._events.next_events()
             except GatewayError as exc:
-                return self._fail(exc)  # bytes already reached the client: the status is sent, so an error event
+                return await self._fail(exc)  # bytes reached the client: the status is sent, so an error event
             except Exception:
                 log.exception("unexpected error in a stream", extra={"fields": {"rid": self._record.request_id}})
-                return self._fail(InternalError("QueueGate failed while relaying the stream"))
+                return await self._fail(InternalError("QueueGate failed while relaying the stream"))
             finally:
                 self._reading = None
             if reading.cancelled_caught:
@@ -173,15 +173,15 @@ class RelayStream:
             if block is None:
                 if self._finish_seen:  # ended without [DONE] but whole: end it as OpenAI does
                     self._done = True
-                    return DONE_EVENT
-                return self._fail(
+                    return await self._last(DONE_EVENT)
+                return await self._fail(
                     UpstreamError(
                         f"upstream {self._response.upstream.id} ended the stream before it was complete "
                         "(no finish_reason, no [DONE])"
                     )
                 )
-            if out := self._take(block):
-                return out  # (a block that was only the usage chunk is not sent at all)
+            if out := self._take(block):  # (a block that was only the usage chunk is not sent at all)
+                return await self._last(out) if self._done else out
         raise StopAsyncIteration
 
     def stop(self, error: GatewayError) -> None:
@@ -204,14 +204,33 @@ class RelayStream:
         self._record.chunks += _count_events(block)
         return block
 
-    def _fail(self, error: GatewayError) -> bytes:
+    async def _fail(self, error: GatewayError) -> bytes:
         self._failure = error
         self._record.error = error.message
-        return b"data: " + error.body() + b"\n\n"
+        return await self._last(b"data: " + error.body() + b"\n\n")
 
-    def _estimated_usage(self) -> Usage:
-        """The backend reported no usage (or the stream was cut): about one token per content event."""
-        return Usage.estimate(self._record.prompt_chars, max(0, self._record.chunks - 1))  # last: finish reason
+    async def _last(self, block: bytes) -> bytes:
+        """The stream's last block. The request is logged (and, with durable usage, its row committed) first."""
+        if self._record.commit is not None:
+            self._settle_usage()
+            status, error = self._outcome()
+            await self._record.finish_before_last_byte(status, error=error)
+        return block
+
+    def _outcome(self) -> tuple[int, str | None]:
+        """How the stream ended, as (status, error) for its log line and usage row."""
+        if self._done:
+            return 200, None
+        if self._failure is not None:
+            return self._failure.status, self._failure.message
+        return CLIENT_CLOSED, "client closed the stream"
+
+    def _settle_usage(self) -> None:
+        """The tokens used: the upstream's count of a complete stream, else about one token per content event."""
+        if self._record.usage is None:
+            complete = usage_from_events(self._tail) if self._done else None
+            estimate = Usage.estimate(self._record.prompt_chars, max(0, self._record.chunks - 1))  # last: finish
+            self._record.usage = complete or estimate
 
     async def aclose(self) -> None:
         """Close the upstream, give back the slot (with the tokens used), log the request. Called on every exit,
@@ -219,14 +238,10 @@ class RelayStream:
         if self._closed:
             return
         self._closed = True
-        self._record.usage = (usage_from_events(self._tail) if self._done else None) or self._estimated_usage()
+        self._settle_usage()
         try:
             await close_response(self._response)
         finally:
             self._release()
-            if self._done:
-                self._record.finish(200)
-            elif self._failure is not None:
-                self._record.finish(self._failure.status, error=self._failure.message)
-            else:
-                self._record.finish(CLIENT_CLOSED, error="client closed the stream")
+            status, error = self._outcome()
+            self._record.finish(status, error=error)
