@@ -8,6 +8,7 @@ connection, which the `openai` client and httpx hide.
 from __future__ import annotations
 
 import json
+import subprocess
 
 import h11
 import httpx
@@ -171,3 +172,32 @@ async def test_requests_the_http_layer_cannot_read_get_the_envelope_and_a_closed
         head, body = received.split(b"\r\n\r\n", 1)
         assert head.startswith(f"HTTP/1.1 {status}".encode())
         assert json.loads(body)["error"]["code"] == "bad_http" and message in json.loads(body)["error"]["message"]
+
+
+async def test_slow_request_bodies_time_out_cleanly_and_the_backlog_is_configured(start_sim, start_gateway, caplog):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}}, server={"body_timeout_s": 0.5, "backlog": 1234})
+    port = gw.base_url.rsplit(":", 1)[1]
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True)
+    assert listening.stdout.split()[2] == "1234"  # a LISTEN socket's Send-Q is its backlog
+
+    async def slow_body() -> int:
+        client = await RawClient.connect(gw.base_url)
+        await client.send_raw(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 1000\r\n\r\n{"
+        )
+        status = (await client.response(timeout=10))[0]  # the rest of the body never comes
+        await client.aclose()
+        return status
+
+    statuses = []
+
+    async def one() -> None:
+        statuses.append(await slow_body())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(one)
+    assert statuses == [408] * 20
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]  # no traceback, no error
