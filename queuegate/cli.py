@@ -25,11 +25,11 @@ from queuegate.config import (
     load_config,
     usage_db_path,
 )
+from queuegate.config.template import render_starter
 from queuegate.daemon import Daemon, Endpoints, claim_endpoints
 from queuegate.errors import leaf_exceptions
 from queuegate.fleet.lifeline import Lifeline
 from queuegate.logs import configure_logging
-from queuegate.starter import render_starter
 
 DEFAULT_CONFIG = "queuegate.toml"
 DEMO_LISTEN = "127.0.0.1:8080"

@@ -33,6 +33,7 @@ from queuegate.config import (
     usage_db_path,
     usage_timezone,
 )
+from queuegate.config.reload import plan_reload
 from queuegate.errors import ServiceUnavailable
 from queuegate.fleet import Catalog, HealthMonitor
 from queuegate.fleet.catalog import Upstream
@@ -43,7 +44,6 @@ from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, Plan
 from queuegate.fleet.process import ChildProcess
 from queuegate.metrics import Metrics
 from queuegate.proxy import ActiveRequests, Forwarder, NoticePolicy, Proxy, Timeouts, UpstreamConnections
-from queuegate.reload import plan_reload
 from queuegate.scheduler import Admission, Policy, RateLimit, SchedulerCore
 
 log = logging.getLogger("queuegate.daemon")
@@ -262,7 +262,7 @@ class Daemon:
             task_status.started(Started(base_url))
 
     def reload(self) -> str:
-        """Read the config file again and apply what can change live (see `queuegate.reload`); says what it did.
+        """Read the config file again and apply what can change live (see `queuegate.config.reload`); says what it did.
 
         ConfigError (the running config stays) or ValueError (no file to read).
         """

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from queuegate.config import ConfigError, load_config, parse_config
+from queuegate.config.template import render_starter
 from queuegate.fleet import Catalog
-from queuegate.starter import render_starter
 
 ROOT = Path(__file__).resolve().parent.parent
 
