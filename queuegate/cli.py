@@ -28,7 +28,7 @@ from queuegate.config import (
 from queuegate.config.template import render_starter
 from queuegate.daemon import Daemon, Endpoints, claim_endpoints
 from queuegate.errors import leaf_exceptions
-from queuegate.fleet.lifeline import Lifeline
+from queuegate.fleet.launchers.lifeline import Lifeline
 from queuegate.logs import configure_logging
 
 DEFAULT_CONFIG = "queuegate.toml"

@@ -20,11 +20,11 @@ import httpx
 import trio
 
 from queuegate.accounting import UsageStore
+from queuegate.accounting.keys import KeyRing
 from queuegate.admin import AdminServer, claim_admin_socket
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.api import InFlight, create_app
 from queuegate.api.server import HttpServer, bind_listener
-from queuegate.auth import KeyRing
 from queuegate.config import (
     Config,
     admin_socket_path,
@@ -37,11 +37,11 @@ from queuegate.config.reload import plan_reload
 from queuegate.errors import ServiceUnavailable
 from queuegate.fleet import Catalog, HealthMonitor
 from queuegate.fleet.catalog import Upstream
-from queuegate.fleet.containers import DockerEngine, DockerLauncher
-from queuegate.fleet.lifeline import Lifeline
+from queuegate.fleet.launchers.docker import DockerEngine, DockerLauncher
+from queuegate.fleet.launchers.lifeline import Lifeline
+from queuegate.fleet.launchers.process import ChildProcess
 from queuegate.fleet.manager import Fleet, Launcher
 from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
-from queuegate.fleet.process import ChildProcess
 from queuegate.metrics import Metrics
 from queuegate.proxy import ActiveRequests, Forwarder, NoticePolicy, Proxy, Timeouts, UpstreamConnections
 from queuegate.scheduler import Admission, Policy, RateLimit, SchedulerCore

@@ -34,7 +34,7 @@ import trio
 from queuegate.config import build_config
 from queuegate.daemon import Daemon
 from queuegate.fleet.catalog import pick_free_port
-from queuegate.fleet.process import ChildProcess
+from queuegate.fleet.launchers.process import ChildProcess
 
 POLL_S = 0.05
 TOKENS = 16

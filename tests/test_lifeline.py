@@ -14,9 +14,9 @@ import sys
 
 import trio
 
-from queuegate.fleet._reaper import start_time
-from queuegate.fleet.lifeline import REAPER, Lifeline
-from queuegate.fleet.process import ChildProcess
+from queuegate.fleet.launchers._reaper import start_time
+from queuegate.fleet.launchers.lifeline import REAPER, Lifeline
+from queuegate.fleet.launchers.process import ChildProcess
 from tests.conftest import wait_until
 
 IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"

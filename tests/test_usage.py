@@ -17,9 +17,9 @@ import httpx
 import pytest
 import trio
 
-from queuegate.accounting import UsageQuery, UsageRow, UsageStore, usage_row
+from queuegate.accounting import UsageQuery, UsageRow, UsageStore
 from queuegate.config import ConfigError, build_config
-from queuegate.proxy import RequestRecord
+from queuegate.proxy import RequestRecord, usage_row
 from tests.conftest import in_thread, start_daemon
 
 SECRETS = {"QG_ALICE": "sk-alice-0123456789", "QG_BOB": "sk-bob-0123456789", "QG_OPS": "sk-ops-0123456789"}

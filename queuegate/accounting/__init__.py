@@ -6,7 +6,6 @@ from queuegate.accounting._store import (
     UsageStore,
     UsageStoreError,
     UsageStoreStatistics,
-    usage_row,
 )
 
 __all__ = [
@@ -17,5 +16,4 @@ __all__ = [
     "UsageStoreStatistics",
     "sessions_status",
     "usage_report",
-    "usage_row",
 ]

@@ -23,8 +23,6 @@ from pathlib import Path
 import msgspec
 import trio
 
-from queuegate.proxy import CLIENT_CLOSED, RequestRecord
-
 log = logging.getLogger("queuegate.usage")
 
 SCHEMA_VERSION = 1
@@ -80,36 +78,6 @@ class UsageStoreStatistics(msgspec.Struct, frozen=True):
     committed: int  # rows committed since start
     dropped: int  # rows lost because the disk failed for too long
     write_errors: int
-
-
-def usage_row(record: RequestRecord, status: int, timezone: datetime.tzinfo = datetime.UTC) -> UsageRow | None:
-    """The row for a finished request, its day counted in `timezone`; None for one refused before it had a key
-    (401): not anyone's usage."""
-    if status == 401:
-        return None
-    if record.cancelled or status == CLIENT_CLOSED:
-        outcome = "cancelled"
-    elif status >= 400 or record.error is not None:
-        outcome = "error"
-    else:
-        outcome = "ok"
-    usage = record.usage
-    now = time.time()
-    return UsageRow(
-        request_id=record.request_id,
-        at=round(now, 3),
-        day=datetime.datetime.fromtimestamp(now, timezone).strftime("%Y-%m-%d"),
-        key=record.key.name if record.key is not None else None,
-        session=record.session,
-        model=record.model,
-        klass=record.klass,
-        endpoint=record.endpoint,
-        status=status,
-        outcome=outcome,
-        prompt_tokens=usage.prompt_tokens if usage is not None else 0,
-        completion_tokens=usage.completion_tokens if usage is not None else 0,
-        estimated=usage is not None and usage.estimated,
-    )
 
 
 def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:

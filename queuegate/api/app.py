@@ -23,9 +23,9 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from queuegate.accounting import UsageQuery, UsageStore, sessions_status, usage_report, usage_row
+from queuegate.accounting import UsageQuery, UsageStore, sessions_status, usage_report
+from queuegate.accounting.keys import KeyRing
 from queuegate.api.server import CONNECTION_KEY
-from queuegate.auth import KeyRing
 from queuegate.config import ServerConfig
 from queuegate.errors import (
     BadRequest,
@@ -51,6 +51,7 @@ from queuegate.proxy import (
     RequestRecord,
     request_class,
     request_flow,
+    usage_row,
 )
 from queuegate.scheduler import Admission, SchedulerStatistics
 

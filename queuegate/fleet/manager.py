@@ -21,6 +21,7 @@ import trio
 
 from queuegate.fleet.catalog import Catalog, Upstream
 from queuegate.fleet.health import probe_health
+from queuegate.fleet.launchers.process import LaunchFailed
 from queuegate.fleet.planner import (
     FleetPlanner,
     FleetStatistics,
@@ -30,7 +31,6 @@ from queuegate.fleet.planner import (
     PlannerPolicy,
     Transition,
 )
-from queuegate.fleet.process import LaunchFailed
 from queuegate.scheduler import Admission, UpstreamState
 
 log = logging.getLogger("queuegate.fleet")

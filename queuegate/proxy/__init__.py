@@ -4,7 +4,7 @@ from queuegate.proxy._active import ActiveRequest, ActiveRequests, RequestCancel
 from queuegate.proxy._forwarder import Forwarder, Timeouts, UpstreamConnections
 from queuegate.proxy._notices import QueuedStream
 from queuegate.proxy._pipeline import NoticePolicy, Proxy, Reply
-from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord, Usage
+from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord, Usage, usage_row
 from queuegate.proxy._relay import RelayStream
 from queuegate.proxy._routing import chat_key, request_class, request_flow
 
@@ -27,4 +27,5 @@ __all__ = [
     "chat_key",
     "request_class",
     "request_flow",
+    "usage_row",
 ]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
-from queuegate.auth import KeyRing
+from queuegate.accounting.keys import KeyRing
 from queuegate.errors import GatewayError, ModelNotFound, NotSupported, UpstreamError, UpstreamTimeout
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
 from queuegate.proxy._convert import AnswerFromEvents, answer_as_events

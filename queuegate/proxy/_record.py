@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
 import trio
 
-from queuegate.auth import ApiKey
+from queuegate.accounting import UsageRow
+from queuegate.accounting.keys import ApiKey
 
 log = logging.getLogger("queuegate.request")
 
@@ -115,3 +118,33 @@ class RequestRecord:
         )
         if self.on_finish is not None:
             self.on_finish(self, status)
+
+
+def usage_row(record: RequestRecord, status: int, timezone: datetime.tzinfo = datetime.UTC) -> UsageRow | None:
+    """The row for a finished request, its day counted in `timezone`; None for one refused before it had a key
+    (401): not anyone's usage."""
+    if status == 401:
+        return None
+    if record.cancelled or status == CLIENT_CLOSED:
+        outcome = "cancelled"
+    elif status >= 400 or record.error is not None:
+        outcome = "error"
+    else:
+        outcome = "ok"
+    usage = record.usage
+    now = time.time()
+    return UsageRow(
+        request_id=record.request_id,
+        at=round(now, 3),
+        day=datetime.datetime.fromtimestamp(now, timezone).strftime("%Y-%m-%d"),
+        key=record.key.name if record.key is not None else None,
+        session=record.session,
+        model=record.model,
+        klass=record.klass,
+        endpoint=record.endpoint,
+        status=status,
+        outcome=outcome,
+        prompt_tokens=usage.prompt_tokens if usage is not None else 0,
+        completion_tokens=usage.completion_tokens if usage is not None else 0,
+        estimated=usage is not None and usage.estimated,
+    )

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 import trio
 
-from queuegate.fleet.lifeline import Lifeline
+from queuegate.fleet.launchers.lifeline import Lifeline
 
 
 class LaunchFailed(Exception):

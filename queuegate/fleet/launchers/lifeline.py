@@ -32,7 +32,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from queuegate.fleet._reaper import start_time
+from queuegate.fleet.launchers._reaper import start_time
 
 log = logging.getLogger("queuegate.fleet")
 
