@@ -37,10 +37,11 @@ from queuegate.config.reload import plan_reload
 from queuegate.errors import ServiceUnavailable
 from queuegate.fleet import Catalog, HealthMonitor
 from queuegate.fleet.catalog import Upstream
+from queuegate.fleet.launchers import Launcher
 from queuegate.fleet.launchers.docker import DockerEngine, DockerLauncher
 from queuegate.fleet.launchers.lifeline import Lifeline
 from queuegate.fleet.launchers.process import ChildProcess
-from queuegate.fleet.manager import Fleet, Launcher
+from queuegate.fleet.manager import Fleet
 from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
 from queuegate.metrics import Metrics
 from queuegate.proxy import ActiveRequests, Forwarder, NoticePolicy, Proxy, Timeouts, UpstreamConnections

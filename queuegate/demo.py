@@ -15,8 +15,9 @@ from typing import Any
 import trio
 
 from queuegate.config import Config, build_config
+from queuegate.fleet.launchers import LaunchFailed
 from queuegate.fleet.launchers.lifeline import Lifeline
-from queuegate.fleet.launchers.process import ChildProcess, LaunchFailed
+from queuegate.fleet.launchers.process import ChildProcess
 
 READY_PREFIX = "QUEUEGATE_SIM_READY "
 log = logging.getLogger("queuegate.demo")

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Protocol
 
 import httpx
 import trio
 
 from queuegate.fleet.catalog import Catalog, Upstream
 from queuegate.fleet.health import probe_health
-from queuegate.fleet.launchers.process import LaunchFailed
+from queuegate.fleet.launchers import Launcher, LaunchFailed
 from queuegate.fleet.planner import (
     FleetPlanner,
     FleetStatistics,
@@ -43,23 +42,6 @@ _UPSTREAM_STATE = {
 _HEALTH_FAILURES_TO_RESTART = 2  # failed checks in a row that make a serving model count as crashed
 RECHECK_S = 1.0  # how soon a server that failed a check, or answered a request 503, is checked again
 _EVENT_BUFFER = 256
-
-
-class Launcher(Protocol):
-    """Starts one model's server: reports started once it runs, raises LaunchFailed when it exits, and stops it
-    when cancelled. `history` is its own timeline of ("spawning" | "exited", trio time).
-
-    `find_leftover` says whether the server is already running before QueueGate started it (a container left by
-    a daemon that was killed); `run` then takes it over. `stop_leftover` stops such a server instead."""
-
-    @property
-    def history(self) -> Iterable[tuple[str, float]]: ...
-
-    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None: ...
-
-    async def find_leftover(self) -> bool: ...
-
-    async def stop_leftover(self) -> None: ...
 
 
 class Fleet:

@@ -22,7 +22,7 @@ import trio
 
 from queuegate.config import ContainerSpec
 from queuegate.fleet.catalog import LaunchSpec
-from queuegate.fleet.launchers.process import LaunchFailed
+from queuegate.fleet.launchers import LaunchFailed
 
 log = logging.getLogger("queuegate.fleet")
 

@@ -12,11 +12,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 import trio
 
+from queuegate.fleet.launchers import LaunchFailed
 from queuegate.fleet.launchers.lifeline import Lifeline
-
-
-class LaunchFailed(Exception):
-    """A model server could not start, or exited; the message says why, with the tail of its output."""
 
 
 class ChildProcess:
