@@ -25,7 +25,7 @@ from queuegate.config import (
     load_config,
     usage_db_path,
 )
-from queuegate.config.template import render_starter
+from queuegate.config.template import render_template
 from queuegate.daemon import Daemon, Endpoints, claim_endpoints
 from queuegate.errors import leaf_exceptions
 from queuegate.fleet.launchers.lifeline import Lifeline
@@ -101,7 +101,7 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    text = render_starter()
+    text = render_template()
     if args.stdout:
         sys.stdout.write(text)
         return 0

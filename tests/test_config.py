@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from queuegate.config import ConfigError, load_config, parse_config
-from queuegate.config.template import render_starter
+from queuegate.config.template import render_template
 from queuegate.fleet import Catalog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def test_launch_macros_are_the_launchers_and_env_references_stay_the_environment
 
 
 def test_starter_config_is_valid_and_is_the_shipped_example():
-    text = render_starter()
+    text = render_template()
     config = parse_config(text)
     assert "qwen3-coder" in config.models
     assert (ROOT / "queuegate.toml.example").read_text() == text, "regenerate: queuegate init --stdout"

@@ -1,4 +1,4 @@
-"""The commented starter config written by `queuegate init` (and shipped as `queuegate.toml.example`).
+"""The commented config template written by `queuegate init` (and shipped as `queuegate.toml.example`).
 
 Values are rendered by tomli-w, so they are always valid TOML; the defaults shown are read from the config structs,
 so the documentation cannot drift from what QueueGate really does. Keys marked optional are written commented out.
@@ -34,7 +34,7 @@ def _defaults(struct: Any, docs: dict[str, str]) -> list[Key]:
     return [Key(name, getattr(struct, name), doc) for name, doc in docs.items()]
 
 
-def starter_tables() -> list[Table]:
+def template_tables() -> list[Table]:
     return [
         Table(
             "server",
@@ -319,9 +319,9 @@ HEADER = """\
 """
 
 
-def render_starter() -> str:
+def render_template() -> str:
     parts = [HEADER]
-    for table in starter_tables():
+    for table in template_tables():
         parts.append("\n" + _comment(table.doc) + ("# " if table.optional else "") + f"[{table.name}]\n")
         for key in table.keys:
             if key.doc:

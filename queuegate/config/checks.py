@@ -1,0 +1,140 @@
+"""The rules of a config that a type cannot express: names, URLs, unique aliases, the listen address, launchers and
+devices, keys, environment variables that must be set. Each failure names the key and says what was expected."""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from typing import Any
+
+from queuegate.config.paths import usage_timezone
+from queuegate.config.schema import Config, ConfigError, ModelConfig
+
+# The classes QueueGate's routes assign: /v1/chat/completions is "user", /v1/agent/chat/completions is "agent".
+ROUTE_CLASSES = ("user", "agent")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+
+
+def check_config(config: Config, source: str, env: Any) -> None:
+    """Rules a type cannot express: names, URLs, unique aliases, listen address, env vars present."""
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: at `{key}`: {why}")
+
+    parse_listen(config.server.listen, on_error=lambda why: fail("server.listen", why))
+    classes = config.queue.classes
+    for required in ROUTE_CLASSES:
+        if required not in classes:
+            fail("queue.classes", f"must include {required!r} (the class of its routes), got {classes}")
+    if len(set(classes)) != len(classes):
+        fail("queue.classes", f"each class may appear once, got {classes}")
+    owners: dict[str, str] = {}
+    for name in config.models:
+        if not _NAME.match(name):
+            fail(f"models.{name}", "a model name may use letters, digits and . _ : / @ + -")
+        owners[name] = name
+    for name, model in config.models.items():
+        _check_launch(name, model, config, fail)
+        for i, url in enumerate(model.upstreams):
+            if not re.match(r"^https?://[^/\s]+", url):
+                fail(
+                    f"models.{name}.upstreams[{i}]",
+                    f"expected an http(s) base URL such as http://host:8081/v1, got {url!r}",
+                )
+        for i, alias in enumerate(model.aliases):
+            if not _NAME.match(alias):
+                fail(f"models.{name}.aliases[{i}]", "an alias may use letters, digits and . _ : / @ + -")
+            if alias in owners:
+                fail(
+                    f"models.{name}.aliases[{i}]",
+                    f"{alias!r} is already the name or alias of model {owners[alias]!r}",
+                )
+            owners[alias] = name
+        if model.api_key_env is not None and not env.get(model.api_key_env):
+            fail(f"models.{name}.api_key_env", f"environment variable {model.api_key_env} is not set")
+        if model.health_path is not None and model.health_path and not model.health_path.startswith("/"):
+            fail(
+                f"models.{name}.health_path",
+                'expected a path starting with / (or "" to disable health checks)',
+            )
+        for key in ("model", "stream"):
+            if key in model.defaults:
+                fail(f"models.{name}.defaults.{key}", f"`{key}` cannot have a default; the client sets it")
+    _check_keys(config, owners, env, fail)
+    try:
+        usage_timezone(config)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        fail("usage.timezone", f"no time zone {config.usage.timezone!r}; use an IANA name such as Europe/Berlin")
+
+
+def _check_keys(config: Config, model_names: Any, env: Any, fail: Any) -> None:
+    """Each key has one secret source that resolves, a known class, known models, and a secret of its own."""
+    owners: dict[str, str] = {}
+    for name, key in config.keys.items():
+        where = f"keys.{name}"
+        if (key.key is None) == (key.key_env is None):
+            fail(where, "set exactly one of `key` (the secret) or `key_env` (the environment variable holding it)")
+        if key.key_env is not None and not env.get(key.key_env):
+            fail(f"{where}.key_env", f"environment variable {key.key_env} is not set")
+        secret = key.key if key.key is not None else env.get(key.key_env, "")
+        if len(secret) < 8:
+            fail(where, "the secret must be at least 8 characters")
+        if secret in owners:
+            fail(where, f"the same secret as key {owners[secret]!r}: each key needs its own")
+        owners[secret] = name
+        if key.klass not in config.queue.classes:
+            fail(f"{where}.class", f"expected one of the classes {config.queue.classes}, got {key.klass!r}")
+        for i, model in enumerate(key.models):
+            if model not in model_names:
+                fail(f"{where}.models[{i}]", f"no model or alias {model!r}")
+
+
+def _check_launch(name: str, model: ModelConfig, config: Config, fail: Any) -> None:
+    """A model's launcher settings: what each launcher needs, and that its device can hold it."""
+    key = f"models.{name}"
+    if model.launcher == "external" and not model.upstreams:
+        fail(f"{key}.upstreams", "expected at least one base URL such as http://host:8081/v1")
+    if model.launcher == "process" and not model.cmd:
+        fail(f"{key}.cmd", 'launcher = "process" needs the command that starts the server, e.g. ["llama-server", ...]')
+    if model.launcher == "docker":
+        if not model.container:
+            fail(f"{key}.container", 'launcher = "docker" needs the name of the container to start and stop')
+        if not model.upstreams:
+            fail(f"{key}.upstreams", "expected the base URL the container serves on, e.g. http://127.0.0.1:8081/v1")
+    if model.launcher != "external" and len(model.upstreams) > 1:
+        fail(f"{key}.upstreams", f'launcher = "{model.launcher}" starts one server, so give at most one URL')
+    for field_name in ("cmd", "env", "port", "container", "create"):
+        if getattr(model, field_name) and not _launcher_uses(model.launcher, field_name):
+            fail(f"{key}.{field_name}", f'not used with launcher = "{model.launcher}"')
+    if model.device is None:
+        return
+    device = config.devices.get(model.device)
+    if device is None:
+        known = ", ".join(sorted(config.devices)) or "none configured"
+        fail(f"{key}.device", f"no device {model.device!r} under [devices] ({known})")
+    elif model.memory_gb > device.memory_gb:
+        fail(
+            f"{key}.memory_gb",
+            f"{model.memory_gb:g} GB can never fit on device {model.device!r} ({device.memory_gb:g} GB)",
+        )
+
+
+def _launcher_uses(launcher: str, field_name: str) -> bool:
+    if field_name in ("cmd", "env"):
+        return launcher == "process"
+    if field_name in ("container", "create"):
+        return launcher == "docker"
+    return launcher != "external"  # port
+
+
+def parse_listen(listen: str, *, on_error: Any = None) -> tuple[str, int]:
+    """'127.0.0.1:8080' or '[::1]:8080' -> (host, port)."""
+    host, sep, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        why = f"expected host:port such as 127.0.0.1:8080, got {listen!r}"
+        if on_error is not None:
+            on_error(why)
+        raise ValueError(why)
+    return host, int(port_text)

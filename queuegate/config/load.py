@@ -1,0 +1,109 @@
+"""Loading a config: TOML, `${ENV}` interpolation, conversion into the typed structs, and errors that name the key.
+
+A bad config fails at start with the file, the key path (`models.coder.max_concurrency`) and what was expected.
+Secret values (keys read from the environment) never appear in an error message or a repr.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from queuegate.config.checks import check_config
+from queuegate.config.schema import Config, ConfigError, DeviceConfig, KeyConfig, ModelConfig
+
+_T = TypeVar("_T")
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Inside a model's table these stay literal for the launcher: ${PORT} (its port) and ${MODEL} (its name).
+LAUNCH_MACROS = frozenset({"PORT", "MODEL"})
+
+
+def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a TOML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    return parse_config(text, source=str(path), base_dir=str(path.resolve().parent), environ=environ)
+
+
+def parse_config(
+    text: str, *, source: str = "<config>", base_dir: str = ".", environ: dict[str, str] | None = None
+) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return build_config(raw, source=source, base_dir=base_dir, environ=environ)
+
+
+def build_config(
+    raw: dict[str, Any],
+    *,
+    source: str = "<config>",
+    base_dir: str = ".",
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Validate an already-parsed mapping (from TOML, or built in code for the demo)."""
+    env = os.environ if environ is None else environ
+    data = _interpolate(raw, env, source, path="")
+    # Named tables (one per model or device) are converted one by one, so an error names the table, not `[...]`.
+    models = _convert_named(data.pop("models", {}), ModelConfig, source, "models")
+    devices = _convert_named(data.pop("devices", {}), DeviceConfig, source, "devices")
+    keys = _convert_named(data.pop("keys", {}), KeyConfig, source, "keys")
+    config = _convert({**data, "base_dir": base_dir}, Config, source, "")
+    config = msgspec.structs.replace(config, models=models, devices=devices, keys=keys)
+    check_config(config, source, env)
+    return config
+
+
+def _convert_named(tables: Any, type_: type[_T], source: str, key: str) -> dict[str, _T]:
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{source}: at `{key}`: Expected `table`, got `{type(tables).__name__}`")
+    return {name: _convert(table, type_, source, f"{key}.{name}") for name, table in tables.items()}
+
+
+def _convert(data: Any, type_: type[_T], source: str, path: str) -> _T:
+    try:
+        return msgspec.convert(data, type_)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_readable(str(exc), path)}") from None
+
+
+def _interpolate(value: Any, env: Any, source: str, path: str) -> Any:
+    """Replace `${NAME}` with the environment variable NAME in every string; `$$` is a literal `$`."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name is None:
+                return "$"
+            if name in LAUNCH_MACROS and path.startswith("models."):
+                return match.group(0)
+            if name not in env:
+                raise ConfigError(f"{source}: at `{path}`: environment variable {name} is not set")
+            return str(env[name])
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, source, f"{path}.{k}" if path else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, source, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _readable(message: str, prefix: str) -> str:
+    """msgspec says 'Expected `int` >= 1 - at `$.max_concurrency`'; say 'at `models.x.max_concurrency`: ...'."""
+    text, sep, where = message.rpartition(" - at `$")
+    key = where.rstrip("`").lstrip(".") if sep else ""
+    full = ".".join(p for p in (prefix, key) if p)
+    if not sep:
+        text = message
+    return f"at `{full}`: {text}" if full else text

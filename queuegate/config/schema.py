@@ -1,0 +1,173 @@
+"""The config's shape: one typed msgspec struct per table, with the defaults QueueGate uses.
+
+Unknown keys are errors (a typo never silently does nothing); types and bounds are checked by msgspec when a config is
+loaded (`load.py`), the rules a type cannot express by `checks.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+Kind = Literal["vllm", "ollama", "llamacpp", "tgi", "sglang", "localai", "lmstudio", "openai"]
+Endpoint = Literal["chat", "completions", "embeddings"]
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message names the file, the key path and what was expected."""
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base for config tables: unknown keys are errors, so a typo never silently does nothing."""
+
+
+class ServerConfig(_Section):
+    listen: str = "127.0.0.1:8080"
+    state_dir: str = ".queuegate"
+    admin_socket: str = ""  # "" = <state_dir>/admin.sock
+    owned_by: str = "queuegate"
+    max_body_mb: PositiveFloat = 16.0
+    body_timeout_s: PositiveFloat = 60.0
+    write_timeout_s: PositiveFloat = 30.0
+    keepalive_s: PositiveFloat = 5.0
+    backlog: PositiveInt = 4096
+    http2: bool = False
+    shutdown_grace_s: NonNegativeFloat = 30.0
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class UpstreamDefaults(_Section):
+    """How QueueGate talks to every upstream: timeouts, connection pool, health checks."""
+
+    connect_timeout_s: PositiveFloat = 10.0
+    first_byte_timeout_s: PositiveFloat = 300.0
+    idle_timeout_s: PositiveFloat = 120.0
+    total_timeout_s: NonNegativeFloat = 0.0
+    answer_timeout_s: NonNegativeFloat = 600.0
+    max_answer_mb: PositiveFloat = 64.0
+    keepalive_connections: PositiveInt = 64
+    health_interval_s: PositiveFloat = 5.0
+    health_timeout_s: PositiveFloat = 3.0
+
+
+class QueueConfig(_Section):
+    max_size: PositiveInt = 256
+    max_wait_s: PositiveFloat = 600.0
+    classes: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["user", "agent", "batch"]
+    )
+    aging_s: PositiveFloat = 30.0
+    notify: Literal["auto", "always", "never"] = "auto"
+    notify_min_ms: NonNegativeFloat = 1000.0
+    keepalive_s: PositiveFloat = 10.0
+
+
+class AffinityConfig(_Section):
+    header: str = "X-Chat-Id"
+    ttl_s: PositiveFloat = 600.0
+    max_wait_ms: NonNegativeFloat = 500.0
+
+
+class DeviceConfig(_Section):
+    """A GPU (or any memory pool) that managed models share."""
+
+    memory_gb: PositiveFloat
+    exclusive: bool = False  # at most one model at a time, whatever the memory says
+
+
+class FleetConfig(_Section):
+    """How QueueGate starts, swaps and stops the models it manages (launcher = process or docker)."""
+
+    swap_after_ms: NonNegativeFloat = 10000.0
+    idle_grace_ms: NonNegativeFloat = 500.0
+    health_poll_ms: PositiveFloat = 50.0
+    restart_attempts: Annotated[int, msgspec.Meta(ge=0)] = 2
+    restart_backoff_s: PositiveFloat = 2.0
+    failure_hold_s: NonNegativeFloat = 30.0
+    abandoned_load: Literal["finish", "abort"] = "finish"
+    docker_url: str = ""
+    docker_timeout_s: PositiveFloat = 30.0
+
+
+class ContainerSpec(_Section):
+    """How to create a model's container when it does not exist yet (launcher = docker)."""
+
+    image: str
+    command: list[str] = []
+    environment: dict[str, str] = {}
+    mounts: list[str] = []  # "host_path:container_path[:ro]"
+    network_mode: str = "host"
+    gpus: str = ""  # "" = none, "all", or device ids such as "0,1"
+
+
+class ModelConfig(_Section):
+    upstreams: list[str] = []
+    launcher: Literal["external", "process", "docker"] = "external"
+    cmd: list[str] = []
+    env: dict[str, str] = {}
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    container: str | None = None
+    create: ContainerSpec | None = None
+    device: str | None = None
+    memory_gb: NonNegativeFloat = 0.0
+    startup_timeout_s: PositiveFloat = 120.0
+    stop_timeout_s: PositiveFloat = 10.0
+    ttl_s: NonNegativeFloat = 0.0
+    preload: bool = False
+    upstream_model: str | None = None
+    kind: Kind = "openai"
+    api_key_env: str | None = None
+    max_concurrency: PositiveInt = 4
+    max_queue: PositiveInt | None = None
+    rpm: PositiveInt | None = None  # each upstream's own requests-per-minute limit (cloud APIs); requests wait
+    tpm: PositiveInt | None = None  # each upstream's own tokens-per-minute limit
+    health_path: str | None = None
+    endpoints: list[Endpoint] | None = None
+    aliases: list[str] = []
+    defaults: dict[str, Any] = {}
+
+
+class UsageConfig(_Section):
+    """Token accounting: one row per request in SQLite, written in batches."""
+
+    enabled: bool = True
+    path: str = ""  # "" = <state_dir>/usage.sqlite3; relative paths resolve against the config file's folder
+    flush_ms: PositiveFloat = 1000.0  # how often recorded rows are committed (the most a crash can lose)
+    retention_days: NonNegativeFloat = 0.0  # rows older than this are deleted; 0 = keep forever
+    timezone: str = "UTC"  # where a day starts and ends, an IANA name such as "Europe/Berlin"
+    durable: bool = False  # commit each request's row before its answer's last byte is sent
+
+
+class KeyConfig(_Section):
+    """A client API key: its secret (inline or, better, from the environment), its class and the models it may use."""
+
+    key: str | None = msgspec.field(default=None)
+    key_env: str | None = None
+    klass: str = msgspec.field(default="user", name="class")
+    models: list[str] = []  # names or aliases; empty = every model
+    rpm: PositiveInt | None = None  # requests per minute; over it, requests wait for the window
+    tpm: PositiveInt | None = None  # tokens (prompt + completion) per minute; the same
+    usage_admin: bool = False  # may read every key's usage (GET /v1/usage, /sessions/status), not only its own
+
+    def __repr__(self) -> str:  # the secret never reaches a log or an error
+        return f"KeyConfig(class={self.klass!r}, models={self.models!r})"
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    upstream: UpstreamDefaults = msgspec.field(default_factory=UpstreamDefaults)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    affinity: AffinityConfig = msgspec.field(default_factory=AffinityConfig)
+    fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
+    usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
+    devices: dict[str, DeviceConfig] = {}
+    keys: dict[str, KeyConfig] = {}
+    models: dict[str, ModelConfig] = {}
+    # Where the config came from; relative paths (state_dir) resolve against its folder.
+    base_dir: str = "."
