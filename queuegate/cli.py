@@ -14,8 +14,8 @@ import msgspec
 import trio
 
 from queuegate.accounting import UsageStoreError
-from queuegate.admin import AdminSocketError
 from queuegate.admin import command as admin_command
+from queuegate.admin.server import AdminSocketError
 from queuegate.api.server import ListenError
 from queuegate.config import (
     Config,
@@ -85,10 +85,10 @@ def _admin_socket(args: argparse.Namespace) -> Path:
 
 
 def _top(socket_path: Path) -> int:
+    from queuegate.admin.aio_client import AsyncioAdminClient
     from queuegate.tui.app import TopApp
-    from queuegate.tui.source import SocketSource
 
-    TopApp(SocketSource(socket_path)).run()
+    TopApp(AsyncioAdminClient(socket_path)).run()
     return 0
 
 

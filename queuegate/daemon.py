@@ -21,8 +21,8 @@ import trio
 
 from queuegate.accounting import UsageStore
 from queuegate.accounting.keys import KeyRing
-from queuegate.admin import AdminServer, claim_admin_socket
 from queuegate.admin.protocol import DaemonStatus
+from queuegate.admin.server import AdminServer, claim_admin_socket
 from queuegate.api import InFlight, create_app
 from queuegate.api.server import HttpServer, bind_listener
 from queuegate.config import (

@@ -23,7 +23,7 @@ import msgspec
 import trio
 from benchlib import drive, instant_sim_behind_gateway
 
-from queuegate.admin import AdminClient
+from queuegate.admin.client import AdminClient
 from queuegate.scheduler import Policy, SchedulerCore, Ticket
 
 BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()

@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from queuegate.admin import AdminClient
+from queuegate.admin.client import AdminClient
 
 LISTENING = "QueueGate listening on "
 DEMO_MODELS = "chat,coder,writer,embed"

@@ -16,10 +16,23 @@ import openai
 import pytest
 import trio
 
-from queuegate.admin import AdminClient, AdminSocketError, AdminUnavailable, SocketInUse
 from queuegate.admin._stream import LineStream
-from queuegate.admin.client import AdminError
-from queuegate.admin.protocol import PROTOCOL_VERSION, Cancel, Drain, Evict, Ok, Pause, Preload, Reload, Resume, Undrain
+from queuegate.admin.client import AdminClient
+from queuegate.admin.protocol import (
+    PROTOCOL_VERSION,
+    AdminError,
+    AdminUnavailable,
+    Cancel,
+    Drain,
+    Evict,
+    Ok,
+    Pause,
+    Preload,
+    Reload,
+    Resume,
+    Undrain,
+)
+from queuegate.admin.server import AdminSocketError, SocketInUse
 from queuegate.config import admin_socket_path, build_config, load_config
 from queuegate.daemon import Daemon
 from queuegate.errors import leaf_exceptions

@@ -17,7 +17,7 @@ import openai
 import pytest
 import trio
 
-from queuegate.admin import AdminClient
+from queuegate.admin.client import AdminClient
 from queuegate.admin.protocol import Cancel
 from queuegate.config import admin_socket_path
 from queuegate.proxy._pipeline import UpstreamNotReady, _NotReadyWait

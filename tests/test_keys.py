@@ -10,7 +10,7 @@ import openai
 import pytest
 import trio
 
-from queuegate.admin import AdminClient
+from queuegate.admin.client import AdminClient
 from queuegate.admin.command import render_status
 from queuegate.config import admin_socket_path
 from tests.conftest import in_thread

@@ -13,10 +13,10 @@ import openai
 import trio
 from textual.widgets import Sparkline
 
+from queuegate.admin.aio_client import AsyncioAdminClient
 from queuegate.config import admin_socket_path, build_config
 from queuegate.daemon import Daemon
 from queuegate.tui.app import ConfirmScreen, HelpScreen, TopApp
-from queuegate.tui.source import SocketSource
 from queuegate.tui.widgets import DevicesPanel, LimitsTable, ModelsTable, RequestsTable, UpstreamsTable
 from tests.conftest import in_thread
 from tests.test_fleet import EXCLUSIVE, sim_model
@@ -41,7 +41,7 @@ async def test_keys_preload_and_evict_and_the_row_shows_the_load(start_gateway):
     seen_progress: list[str] = []
 
     async def scenario() -> None:
-        app = TopApp(SocketSource(path, interval_ms=200))
+        app = TopApp(AsyncioAdminClient(path, interval_ms=200))
         async with app.run_test(size=(150, 45)) as pilot:
             table = app.query_one(ModelsTable)
             await until(pilot, lambda: table.row_count == 2)
@@ -92,7 +92,7 @@ async def test_it_says_when_disconnected_and_reconnects_to_a_restarted_daemon(st
         await nursery.start(Daemon(build_config({**raw, "models": {"a": sim_model()}})).run)
 
     async def scenario() -> None:
-        app = TopApp(SocketSource(path, interval_ms=200))
+        app = TopApp(AsyncioAdminClient(path, interval_ms=200))
         async with app.run_test(size=(150, 45)) as pilot:
             banner = app.query_one("#banner")
             await until(pilot, lambda: app.connected)
@@ -124,7 +124,7 @@ async def test_the_requests_panel_lists_requests_and_c_cancels_the_selected_one(
     nursery.start_soon(in_thread, streamed)
 
     async def scenario() -> None:
-        app = TopApp(SocketSource(path, interval_ms=200))
+        app = TopApp(AsyncioAdminClient(path, interval_ms=200))
         async with app.run_test(size=(150, 45)) as pilot:
             requests = app.query_one(RequestsTable)
             await until(pilot, lambda: requests.row_count == 1 and int(str(requests.get_cell("long", "CHUNKS"))) > 0)
@@ -151,7 +151,7 @@ async def test_the_limits_panel_shows_only_when_limits_exist_and_what_the_minute
     await in_thread(lambda: client.chat.completions.create(model="cloud", messages=HI, max_tokens=3))
 
     async def scenario() -> None:
-        app = TopApp(SocketSource(admin_socket_path(limited.daemon.config), interval_ms=200))
+        app = TopApp(AsyncioAdminClient(admin_socket_path(limited.daemon.config), interval_ms=200))
         async with app.run_test(size=(150, 45)) as pilot:
             limits = app.query_one(LimitsTable)
             await until(pilot, lambda: limits.row_count == 1)
@@ -160,7 +160,7 @@ async def test_the_limits_panel_shows_only_when_limits_exist_and_what_the_minute
             assert str(limits.get_cell("upstream:cloud#0", "TOKENS / MIN")).endswith("/1000")
             assert str(limits.get_cell("upstream:cloud#0", "ROOM IN")) == "now"
             await pilot.press("q")
-        app = TopApp(SocketSource(admin_socket_path(unlimited.daemon.config), interval_ms=200))
+        app = TopApp(AsyncioAdminClient(admin_socket_path(unlimited.daemon.config), interval_ms=200))
         async with app.run_test(size=(150, 45)) as pilot:
             await until(pilot, lambda: app.connected)
             assert not app.query_one(LimitsTable).display  # no limits configured: no empty panel

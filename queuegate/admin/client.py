@@ -1,4 +1,6 @@
-"""The client side of the admin socket, used by `queuegate admin` and `queuegate top`."""
+"""The trio client of the admin socket, used by `queuegate admin` (and tests); `aio_client.py` is its asyncio twin.
+
+AdminUnavailable and AdminError are re-exported from the protocol module, where both clients find them."""
 
 from __future__ import annotations
 
@@ -12,47 +14,21 @@ import trio
 
 from queuegate.admin._stream import LineStream
 from queuegate.admin.protocol import (
-    PROTOCOL_VERSION,
+    AdminError,
+    AdminUnavailable,
     DaemonStatus,
-    Error,
-    Hello,
     Reply,
     Request,
     Snapshot,
     Status,
     Subscribe,
+    check_hello,
     encode_line,
-    reply_decoder,
+    parse_reply,
+    result,
 )
 
-
-class AdminUnavailable(Exception):
-    """No daemon answers on the socket, or it speaks another protocol version."""
-
-
-class AdminError(Exception):
-    """The daemon refused the request; the message says why."""
-
-
-def parse_reply(line: bytes | None, path: Path) -> Reply:
-    """A line read from the daemon (None or empty: the connection ended) as a reply."""
-    if not line:
-        raise AdminUnavailable(f"the daemon at {path} closed the connection")
-    return reply_decoder.decode(line)
-
-
-def check_hello(reply: Reply, path: Path) -> Hello:
-    """The daemon's greeting, if it speaks this protocol version."""
-    if not isinstance(reply, Hello) or reply.version != PROTOCOL_VERSION:
-        raise AdminUnavailable(f"the daemon at {path} speaks another admin protocol ({reply!r})")
-    return reply
-
-
-def result(reply: Reply) -> Reply:
-    """A request's reply, or AdminError with the reason the daemon gave."""
-    if isinstance(reply, Error):
-        raise AdminError(reply.message)
-    return reply
+__all__ = ["AdminClient", "AdminError", "AdminUnavailable"]
 
 
 class AdminClient:

@@ -13,8 +13,10 @@ from pathlib import Path
 import msgspec
 import trio
 
-from queuegate.admin.client import AdminClient, AdminError, AdminUnavailable
+from queuegate.admin.client import AdminClient
 from queuegate.admin.protocol import (
+    AdminError,
+    AdminUnavailable,
     Cancel,
     DaemonStatus,
     Drain,

@@ -8,13 +8,12 @@ and at least every second (durations tick). A malformed or unknown message gets 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import msgspec
 
-from queuegate.fleet.planner import FleetStatistics
-from queuegate.proxy import RequestStatistics
-from queuegate.scheduler import SchedulerStatistics
+from queuegate.statistics import FleetStatistics, RequestStatistics, SchedulerStatistics
 
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 64 * 1024
@@ -113,3 +112,35 @@ encoder = msgspec.json.Encoder()
 
 def encode_line(message: Request | Reply) -> bytes:
     return encoder.encode(message) + b"\n"
+
+
+# -- the clients' side (the trio client and the asyncio one share it) ---------------------------------------------
+
+
+class AdminUnavailable(Exception):
+    """No daemon answers on the socket, or it speaks another protocol version."""
+
+
+class AdminError(Exception):
+    """The daemon refused the request; the message says why."""
+
+
+def parse_reply(line: bytes | None, path: Path) -> Reply:
+    """A line read from the daemon (None or empty: the connection ended) as a reply."""
+    if not line:
+        raise AdminUnavailable(f"the daemon at {path} closed the connection")
+    return reply_decoder.decode(line)
+
+
+def check_hello(reply: Reply, path: Path) -> Hello:
+    """The daemon's greeting, if it speaks this protocol version."""
+    if not isinstance(reply, Hello) or reply.version != PROTOCOL_VERSION:
+        raise AdminUnavailable(f"the daemon at {path} speaks another admin protocol ({reply!r})")
+    return reply
+
+
+def result(reply: Reply) -> Reply:
+    """A request's reply, or AdminError with the reason the daemon gave."""
+    if isinstance(reply, Error):
+        raise AdminError(reply.message)
+    return reply

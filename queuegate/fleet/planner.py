@@ -32,9 +32,8 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import msgspec
-
 from queuegate.scheduler import Demand
+from queuegate.statistics import DeviceStatistics, FleetModelStatistics, FleetStatistics, SwapProgress
 
 NO_DEMAND = Demand()
 STABLE_S = 60.0  # a server that stayed ready this long before it crashed is not in a crash loop
@@ -138,43 +137,6 @@ class _Swap:
     target: str
     victims: list[str]
     started_at: float
-
-
-class SwapProgress(msgspec.Struct, frozen=True):
-    target: str
-    phase: str  # "draining A", "stopping A", "starting B", "waiting for health of B"
-    elapsed_s: float
-    eta_s: float | None  # None until this model has loaded once
-
-
-class FleetModelStatistics(msgspec.Struct, frozen=True):
-    name: str
-    state: str
-    reason: str
-    managed: bool
-    device: str | None
-    memory_gb: float
-    in_state_s: float
-    idle_s: float | None  # None while requests wait or run, and for external models
-    load_s: float | None  # learned load time
-    progress: SwapProgress | None  # while it loads (also outside a swap)
-    crashes: int = 0  # unexpected exits of its server since start-up
-
-
-class DeviceStatistics(msgspec.Struct, frozen=True):
-    name: str
-    memory_gb: float
-    used_gb: float
-    exclusive: bool
-    models: list[str]  # on the device now (starting, ready, draining or stopping)
-    swap: SwapProgress | None
-
-
-class FleetStatistics(msgspec.Struct, frozen=True):
-    models: list[FleetModelStatistics]
-    devices: list[DeviceStatistics]
-    loads: int
-    swaps: int  # models stopped to make room for another
 
 
 class FleetPlanner:

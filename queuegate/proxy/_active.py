@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import msgspec
 import trio
 
 from queuegate.errors import GatewayError, ServiceUnavailable
 from queuegate.proxy._record import RequestRecord
+from queuegate.statistics import RequestStatistics
 
 REQUEST_LIST_LIMIT = 200  # a status lists at most this many (the oldest first); the total is always given
 STOP_WRITE_GRACE_S = 1.0  # a stopped request's last event must reach its client within this, else it is cut off
@@ -35,16 +35,6 @@ class ClientLink(Protocol):
 
 class RequestCancelled(ServiceUnavailable):
     code = "cancelled"
-
-
-class RequestStatistics(msgspec.Struct, frozen=True):
-    id: str
-    model: str | None
-    klass: str
-    flow: str
-    upstream: str | None  # None while queued
-    elapsed_s: float
-    chunks: int  # stream events relayed so far (about one token each)
 
 
 @dataclass(slots=True, eq=False)

@@ -30,7 +30,14 @@ from typing import TypeVar
 import msgspec
 
 from queuegate.errors import GatewayError, QueueFull, ServiceUnavailable, UpstreamError
-from queuegate.scheduler._limits import Charge, LimitStatistics, RateLimit, RateLimiter
+from queuegate.scheduler._limits import Charge, RateLimit, RateLimiter
+from queuegate.statistics import (
+    ClassStatistics,
+    FlowStatistics,
+    ModelStatistics,
+    SchedulerStatistics,
+    UpstreamStatistics,
+)
 
 _K = TypeVar("_K")
 
@@ -141,48 +148,6 @@ class QueuePosition(msgspec.Struct, frozen=True):
     position: int  # 1 = next to be served
     eta_s: float | None  # None until the model has served a request (and no rate limit holds it)
     rate_limited: bool = False  # its key's or its upstreams' rate limit holds it (eta_s says until about when)
-
-
-class UpstreamStatistics(msgspec.Struct, frozen=True):
-    id: str
-    state: str
-    reason: str
-    in_flight: int
-    capacity: int
-    drained: bool
-
-
-class ClassStatistics(msgspec.Struct, frozen=True):
-    name: str
-    waiting: int
-    oldest_wait_s: float
-    in_service: int
-    paused: bool
-
-
-class FlowStatistics(msgspec.Struct, frozen=True):
-    flow: str
-    klass: str
-    waiting: int
-    in_service: int
-
-
-class ModelStatistics(msgspec.Struct, frozen=True):
-    name: str
-    waiting: int
-    oldest_wait_s: float
-    in_service: int
-    classes: list[ClassStatistics]
-    flows: list[FlowStatistics]  # the busiest flows first, at most FLOW_STATISTICS_LIMIT
-    upstreams: list[UpstreamStatistics]
-
-
-class SchedulerStatistics(msgspec.Struct, frozen=True):
-    waiting: int
-    in_service: int
-    max_queue: int
-    models: list[ModelStatistics]
-    limits: list[LimitStatistics] = []  # every rate-limited key and upstream
 
 
 FLOW_STATISTICS_LIMIT = 50

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
-import msgspec
+from queuegate.statistics import LimitStatistics
 
 WINDOW_S = 60.0
 
@@ -88,17 +88,6 @@ class _Window:
             left = self._charges.popleft()
             self.used -= left.amount
             left.window = None
-
-
-class LimitStatistics(msgspec.Struct, frozen=True):
-    """One key's or upstream's limits and what the last minute used of them."""
-
-    name: str  # "key:<name>" or "upstream:<id>"
-    rpm: int | None
-    requests_used: int  # in the last 60 s
-    tpm: int | None
-    tokens_used: int  # in the last 60 s (estimates of requests still running)
-    free_in_s: float  # until a request of average size may go (0: now)
 
 
 class RateLimiter:

@@ -18,8 +18,7 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, Label, Static
 
-from queuegate.admin.client import AdminError, AdminUnavailable
-from queuegate.admin.protocol import Cancel, Drain, Evict, Preload, Request, Undrain
+from queuegate.admin.protocol import AdminError, AdminUnavailable, Cancel, Drain, Evict, Preload, Request, Undrain
 from queuegate.tui.messages import Disconnected, StatusUpdated
 from queuegate.tui.source import StatusSource
 from queuegate.tui.widgets import (

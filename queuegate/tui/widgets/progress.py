@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from queuegate.fleet.planner import SwapProgress
+from queuegate.statistics import SwapProgress
 
 _WIDTH = 12
 

@@ -1,0 +1,109 @@
+"""What the daemon's components report (`statistics()`): the shapes the admin socket sends and `queuegate top` shows.
+
+Plain msgspec structs with no behaviour and no imports of the daemon, so a client of the admin socket (the TUI)
+loads this and the protocol, nothing else of QueueGate.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class LimitStatistics(msgspec.Struct, frozen=True):
+    """One key's or upstream's limits and what the last minute used of them."""
+
+    name: str  # "key:<name>" or "upstream:<id>"
+    rpm: int | None
+    requests_used: int  # in the last 60 s
+    tpm: int | None
+    tokens_used: int  # in the last 60 s (estimates of requests still running)
+    free_in_s: float  # until a request of average size may go (0: now)
+
+
+class UpstreamStatistics(msgspec.Struct, frozen=True):
+    id: str
+    state: str
+    reason: str
+    in_flight: int
+    capacity: int
+    drained: bool
+
+
+class ClassStatistics(msgspec.Struct, frozen=True):
+    name: str
+    waiting: int
+    oldest_wait_s: float
+    in_service: int
+    paused: bool
+
+
+class FlowStatistics(msgspec.Struct, frozen=True):
+    flow: str
+    klass: str
+    waiting: int
+    in_service: int
+
+
+class ModelStatistics(msgspec.Struct, frozen=True):
+    name: str
+    waiting: int
+    oldest_wait_s: float
+    in_service: int
+    classes: list[ClassStatistics]
+    flows: list[FlowStatistics]  # the busiest flows first, at most FLOW_STATISTICS_LIMIT
+    upstreams: list[UpstreamStatistics]
+
+
+class SchedulerStatistics(msgspec.Struct, frozen=True):
+    waiting: int
+    in_service: int
+    max_queue: int
+    models: list[ModelStatistics]
+    limits: list[LimitStatistics] = []  # every rate-limited key and upstream
+
+
+class SwapProgress(msgspec.Struct, frozen=True):
+    target: str
+    phase: str  # "draining A", "stopping A", "starting B", "waiting for health of B"
+    elapsed_s: float
+    eta_s: float | None  # None until this model has loaded once
+
+
+class FleetModelStatistics(msgspec.Struct, frozen=True):
+    name: str
+    state: str
+    reason: str
+    managed: bool
+    device: str | None
+    memory_gb: float
+    in_state_s: float
+    idle_s: float | None  # None while requests wait or run, and for external models
+    load_s: float | None  # learned load time
+    progress: SwapProgress | None  # while it loads (also outside a swap)
+    crashes: int = 0  # unexpected exits of its server since start-up
+
+
+class DeviceStatistics(msgspec.Struct, frozen=True):
+    name: str
+    memory_gb: float
+    used_gb: float
+    exclusive: bool
+    models: list[str]  # on the device now (starting, ready, draining or stopping)
+    swap: SwapProgress | None
+
+
+class FleetStatistics(msgspec.Struct, frozen=True):
+    models: list[FleetModelStatistics]
+    devices: list[DeviceStatistics]
+    loads: int
+    swaps: int  # models stopped to make room for another
+
+
+class RequestStatistics(msgspec.Struct, frozen=True):
+    id: str
+    model: str | None
+    klass: str
+    flow: str
+    upstream: str | None  # None while queued
+    elapsed_s: float
+    chunks: int  # stream events relayed so far (about one token each)
