@@ -6,6 +6,8 @@ would in its own process, and reaches the daemon only through the admin socket.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -167,3 +169,15 @@ async def test_the_limits_panel_shows_only_when_limits_exist_and_what_the_minute
             await pilot.press("q")
 
     await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))
+
+
+def test_the_tui_loads_only_the_admin_protocol_of_queuegate():
+    """`queuegate top` is a client of the admin socket: importing it loads no daemon module (nor trio or httpx)."""
+    code = "import sys, queuegate.tui.app; print(' '.join(sorted(sys.modules)))"
+    loaded = set(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    )
+    ours = {m for m in loaded if m.startswith("queuegate")}
+    allowed = {"queuegate", "queuegate.admin", "queuegate.admin.protocol", "queuegate.statistics"}
+    assert {m for m in ours if not m.startswith("queuegate.tui")} <= allowed, ours
+    assert not loaded & {"trio", "httpx", "httpcore", "hypercorn", "quart"}
