@@ -121,7 +121,8 @@ async def test_client_disconnect_stops_llama_generation(llama_gateway):
         with trio.fail_after(5):
             while await slots_busy():
                 await trio.sleep(0.02)
-        assert time.monotonic() - closed_at < 1.0
+        # Long before the 1,000 tokens asked for (about 14 s at 70 tokens/s); 3 s leaves room for a loaded machine.
+        assert time.monotonic() - closed_at < 3.0
     await wait_until(lambda: gw.stats().in_service == 0)
 
 
