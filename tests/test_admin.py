@@ -36,8 +36,7 @@ from queuegate.admin.server import AdminSocketError, SocketInUse
 from queuegate.config import admin_socket_path, build_config, load_config
 from queuegate.daemon import Daemon
 from queuegate.errors import leaf_exceptions
-from tests.conftest import in_thread
-from tests.test_fleet import EXCLUSIVE, ask, sim_model
+from tests.helpers import EXCLUSIVE, ask, in_thread, sim_model
 
 
 async def fleet_gateway(start_gateway):

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.conftest import in_thread, start_daemon, stream_signalling_at_first_event, stuck_stream
+from tests.helpers import in_thread, start_daemon, stream_signalling_at_first_event, stuck_stream
 
 
 def children(pid: int) -> list[str]:

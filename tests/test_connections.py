@@ -14,7 +14,7 @@ import h11
 import httpx
 import trio
 
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 
 class RawClient:

@@ -18,9 +18,18 @@ import pytest
 import tomli_w
 import trio
 
-from tests.conftest import in_thread, start_daemon, wait_until
+from tests.helpers import (
+    EXCLUSIVE,
+    ask,
+    assert_never_together,
+    fingerprint,
+    in_thread,
+    sim_model,
+    start_daemon,
+    state,
+    wait_until,
+)
 from tests.realparts import PODMAN_IMAGE, free_port, host_mounts, start_podman_service
-from tests.test_fleet import EXCLUSIVE, ask, assert_never_together, fingerprint, sim_model, state
 
 
 @pytest.fixture(scope="module")

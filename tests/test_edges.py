@@ -22,9 +22,7 @@ from queuegate.admin.protocol import Cancel
 from queuegate.config import admin_socket_path
 from queuegate.proxy._pipeline import UpstreamNotReady, _NotReadyWait
 from queuegate.scheduler import ModelUnavailable
-from tests.conftest import in_thread, stuck_stream, wait_until
-from tests.test_fleet import EXCLUSIVE, sim_model
-from tests.test_gateway import chat
+from tests.helpers import EXCLUSIVE, chat, in_thread, sim_model, stuck_stream, wait_until
 
 
 def request_lines(caplog) -> list[dict]:

@@ -8,7 +8,6 @@ test_llama_e2e.py.
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import sys
@@ -18,78 +17,18 @@ import openai
 import pytest
 import trio
 
-from queuegate.fleet.catalog import server_root
-from tests.conftest import in_thread, wait_until
-
-SIM = [sys.executable, "-m", "queuegate.sim", "--port", "${PORT}", "--model", "${MODEL}", "--tokens-per-s", "200"]
-EXCLUSIVE = {"gpu": {"memory_gb": 24, "exclusive": True}}
-
-
-def sim_model(load_time: float = 0.2, *extra_args: str, **settings) -> dict:
-    return {
-        "launcher": "process",
-        "kind": "llamacpp",
-        "cmd": [*SIM, "--load-time", str(load_time), *extra_args],
-        "device": "gpu",
-        "memory_gb": 8,
-        **settings,
-    }
-
-
-def ask(gw, model: str, path: str = "/chat/completions", **settings):
-    """One chat request through the gateway from a worker thread; returns the parsed answer."""
-    client = gw.client(**settings)
-    if path == "/chat/completions":
-        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    return client.post(path, cast_to=dict, body=payload)
-
-
-def fingerprint(answer) -> str:
-    return answer["system_fingerprint"] if isinstance(answer, dict) else answer.system_fingerprint
-
-
-def state(gw, model: str) -> str:
-    return next(m.state for m in gw.daemon.fleet.statistics().models if m.name == model)
-
-
-def spans(gw, model: str) -> list[tuple[float, float]]:
-    """(spawning, exited) intervals from the launcher's own timeline; a running server ends at +inf."""
-    out, start = [], None
-    for event, at in gw.daemon.fleet.launch_history(model):
-        if event == "spawning":
-            start = at
-        else:
-            out.append((start, at))
-            start = None
-    if start is not None:
-        out.append((start, float("inf")))
-    return out
-
-
-def assert_never_together(gw, *models: str) -> None:
-    intervals = sorted((s, e, m) for m in models for s, e in spans(gw, m))
-    for (_, end, first), (start, _, second) in itertools.pairwise(intervals):
-        assert end <= start, f"{first} still ran when {second} was launched"
-
-
-async def gather(*calls) -> list:
-    """Run blocking calls concurrently, each in a worker thread; their results in order."""
-    results: list = [None] * len(calls)
-
-    async def run(i: int) -> None:
-        results[i] = await in_thread(calls[i])
-
-    async with trio.open_nursery() as nursery:
-        for i in range(len(calls)):
-            nursery.start_soon(run, i)
-    return results
-
-
-async def sim_stats(gw, model: str) -> dict:
-    root = server_root(gw.daemon.catalog.models[model].upstreams[0].base_url)
-    async with httpx.AsyncClient() as http:
-        return (await http.get(root + "/sim/stats")).json()
+from tests.helpers import (
+    EXCLUSIVE,
+    ask,
+    assert_never_together,
+    fingerprint,
+    gather,
+    in_thread,
+    sim_model,
+    sim_stats,
+    state,
+    wait_until,
+)
 
 
 async def test_requests_for_a_stopped_model_join_one_load_and_go_out_once_it_is_healthy(start_gateway):

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import LISTENING
+from tests.helpers import LISTENING
 
 BUDGET = int(os.environ.get("QUEUEGATE_FUZZ_EXAMPLES", "300"))
 FIELDS = ["model", "messages", "prompt", "input", "stream", "stream_options", "max_tokens", "max_completion_tokens",

@@ -17,11 +17,7 @@ import pytest
 import trio
 
 from queuegate.sim import SimConfig, Simulator
-from tests.conftest import in_thread, wait_until
-
-
-def chat(client: openai.OpenAI, model: str = "m", content: str = "hello", **kwargs):
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kwargs)
+from tests.helpers import chat, in_thread, wait_until
 
 
 async def test_non_stream_chat_rewrites_model_merges_defaults_and_forwards_unknown_fields(start_sim, start_gateway):

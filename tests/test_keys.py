@@ -13,15 +13,7 @@ import trio
 from queuegate.admin.client import AdminClient
 from queuegate.admin.command import render_status
 from queuegate.config import admin_socket_path
-from tests.conftest import in_thread
-
-SECRETS = {"ALICE_KEY": "sk-alice-0123456789", "BATCH_KEY": "sk-batch-9876543210"}
-
-
-@pytest.fixture
-def key_env(monkeypatch):
-    for name, value in SECRETS.items():
-        monkeypatch.setenv(name, value)
+from tests.helpers import SECRETS, in_thread
 
 
 async def keyed_gateway(start_sim, start_gateway):

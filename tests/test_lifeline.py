@@ -17,7 +17,7 @@ import trio
 from queuegate.fleet.launchers._reaper import start_time
 from queuegate.fleet.launchers.lifeline import REAPER, Lifeline
 from queuegate.fleet.launchers.process import ChildProcess
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
 

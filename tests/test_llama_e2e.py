@@ -14,9 +14,8 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import in_thread, wait_until
+from tests.helpers import assert_never_together, in_thread, wait_until
 from tests.realparts import llama_server_binary, start_llama_server, test_model_path
-from tests.test_fleet import assert_never_together
 
 pytestmark = pytest.mark.llama
 

@@ -9,9 +9,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import in_thread, wait_until
-
-HI = [{"role": "user", "content": "hi"}]
+from tests.helpers import HI, in_thread, wait_until
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -13,7 +13,7 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import in_thread, wait_until
+from tests.helpers import in_thread, wait_until
 
 
 def body(content: str, **extra) -> dict:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 CHAT = {"model": "x", "messages": [{"role": "user", "content": "hi there"}]}
 

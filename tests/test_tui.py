@@ -20,10 +20,7 @@ from queuegate.config import admin_socket_path, build_config
 from queuegate.daemon import Daemon
 from queuegate.tui.app import ConfirmScreen, HelpScreen, TopApp
 from queuegate.tui.widgets import DevicesPanel, LimitsTable, ModelsTable, RequestsTable, UpstreamsTable
-from tests.conftest import in_thread
-from tests.test_fleet import EXCLUSIVE, sim_model
-
-HI = [{"role": "user", "content": "hi"}]
+from tests.helpers import EXCLUSIVE, HI, in_thread, sim_model
 
 
 async def until(pilot, predicate: Callable[[], bool], timeout: float = 15.0) -> None:

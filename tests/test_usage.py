@@ -20,16 +20,9 @@ import trio
 from queuegate.accounting import UsageQuery, UsageRow, UsageStore
 from queuegate.config import ConfigError, build_config
 from queuegate.proxy import RequestRecord, usage_row
-from tests.conftest import in_thread, start_daemon
+from tests.helpers import SECRETS, in_thread, start_daemon
 
-SECRETS = {"QG_ALICE": "sk-alice-0123456789", "QG_BOB": "sk-bob-0123456789", "QG_OPS": "sk-ops-0123456789"}
 HI = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture
-def key_env(monkeypatch):
-    for name, value in SECRETS.items():
-        monkeypatch.setenv(name, value)
 
 
 def rows_in(db: Path, sql: str = "SELECT request_id FROM requests") -> list[tuple]:
