@@ -12,6 +12,7 @@ import subprocess
 
 import h11
 import httpx
+import pytest
 import trio
 
 from tests.helpers import wait_until
@@ -60,12 +61,15 @@ class RawClient:
                     raise ConnectionError("closed before a response")
 
     async def closed_by_server(self, within: float) -> bool:
-        """Whether the server closes the connection within `within` seconds (reading nothing else meanwhile)."""
+        """Whether the server closes the connection within `within` seconds (what else it sends is read and
+        dropped)."""
         with trio.move_on_after(within):
             try:
-                return await self.stream.receive_some(65536) == b""
+                while await self.stream.receive_some(65536):
+                    pass
             except trio.BrokenResourceError:
-                return True
+                pass
+            return True
         return False
 
     async def aclose(self) -> None:
@@ -142,18 +146,16 @@ async def test_a_request_with_both_content_length_and_transfer_encoding_is_refus
     assert sim.stats.requests == 0
 
 
-async def test_http2_is_answered_505_unless_configured(start_sim, start_gateway):
+async def test_http2_is_served_only_when_configured(start_sim, start_gateway):
     _, url = await start_sim(tokens_per_s=0)
     off = await start_gateway({"m": {"upstreams": [url]}})
     on = await start_gateway({"m": {"upstreams": [url]}}, server={"http2": True})
-    answers = []
-    for gw in (off, on):
-        async with httpx.AsyncClient(http1=False, http2=True, base_url=gw.base_url) as h2:  # prior knowledge
-            answers.append(await h2.get("/healthz"))
-    refused, served = answers
-    assert refused.http_version == served.http_version == "HTTP/2"
-    assert refused.status_code == 505 and refused.json()["error"]["code"] == "http_version_not_supported"
-    assert served.status_code == 200 and served.json() == {"status": "ok"}
+    async with httpx.AsyncClient(http1=False, http2=True, base_url=on.base_url) as h2:  # prior knowledge
+        served = await h2.get("/healthz")
+    assert served.http_version == "HTTP/2" and served.json() == {"status": "ok"}
+    async with httpx.AsyncClient(http1=False, http2=True, base_url=off.base_url) as h2:
+        with pytest.raises(httpx.RemoteProtocolError):  # an HTTP/1.1 505 and a close: no HTTP/2 at all
+            await h2.get("/healthz")
 
 
 async def test_requests_the_http_layer_cannot_read_get_the_envelope_and_a_closed_connection(start_sim, start_gateway):
@@ -201,3 +203,26 @@ async def test_slow_request_bodies_time_out_cleanly_and_the_backlog_is_configure
             nursery.start_soon(one)
     assert statuses == [408] * 20
     assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]  # no traceback, no error
+
+
+async def test_upgrades_cannot_hold_a_connection_open(start_sim, start_gateway):
+    """With HTTP/2 off, an h2c upgrade is answered in HTTP/1.1, the HTTP/2 preface gets 505, and a websocket
+    handshake hypercorn rejects by itself (no key) is closed: none of them may keep a connection open with no
+    timeout (which a client without a key could repeat until the descriptors run out)."""
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}}, server={"keepalive_s": 30})
+    cases = (
+        (b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: upgrade, http2-settings\r\nupgrade: h2c\r\n"
+         b"http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n", b"HTTP/1.1 200", False),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"HTTP/1.1 505", True),
+        (b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n", b"HTTP/1.1 4", True),
+    )  # fmt: skip
+    for raw, answer, closes in cases:
+        client = await RawClient.connect(gw.base_url)
+        await client.send_raw(raw)
+        with trio.fail_after(5):
+            received = await client.stream.receive_some(65536)
+        assert received.startswith(answer), received
+        assert await client.closed_by_server(within=1) is closes, raw
+        await client.aclose()
+    await wait_until(lambda: not gw.daemon.http.connections, timeout=3)

@@ -22,6 +22,8 @@ import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -158,7 +160,7 @@ class _ConnectionApp:
         if scope["type"] == "websocket":
             await _refuse_websocket(receive, send)
             return
-        if scope["type"] == "http" and scope.get("http_version") == "2" and not self._connection.http2:
+        if scope["type"] == "http" and scope.get("http_version", "").startswith("2") and not self._connection.http2:
             await _refuse(
                 send, HttpVersionNotSupported("HTTP/2 is off in this QueueGate ([server].http2): use HTTP/1.1")
             )
@@ -205,11 +207,23 @@ _PROTOCOL_ERRORS = {
 }
 
 
+def _empty_answer_then_close(data: bytes) -> bool:
+    """Whether `data` is a whole answer without a body that says `Connection: close` (hypercorn's error answers)."""
+    if not data.startswith(b"HTTP/1.1 "):
+        return False
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    return b"\r\nconnection: close" in head and b"\r\ncontent-length: 0" in head
+
+
 def _protocol_error_answer(status: int) -> bytes:
     """A whole HTTP answer, in OpenAI's envelope, for a request the HTTP layer could not read (then closed)."""
     headers, body = _error_answer(BadHttp(_PROTOCOL_ERRORS.get(status, "the request could not be read"), status=status))
     head = f"HTTP/1.1 {status} \r\n".encode() + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
     return head + b"connection: close\r\n\r\n" + body
+
+
+async def _stay_on_http11(event: object) -> None:
+    """A stand-in for hypercorn's protocol-switch check: with HTTP/2 off there is nothing to switch to."""
 
 
 def _error_answer(error: GatewayError) -> tuple[list[tuple[bytes, bytes]], bytes]:
@@ -229,12 +243,36 @@ class ClientConnection(TCPServer):
         lifespan_state: LifespanState,
         stream: trio.SocketStream,
     ) -> None:
-        super().__init__(_ConnectionApp(app, self), config, context, lifespan_state, stream)  # type: ignore[arg-type]
         self._server = server
         self.http2 = server.http2
+        super().__init__(_ConnectionApp(app, self), config, context, lifespan_state, stream)  # type: ignore[arg-type]
         self._writing: trio.CancelScope | None = None
         self._write_limit = math.inf  # no write may go on past this (trio time): set for a stopped request
         self.aborted: str | None = None  # why it was ended by QueueGate
+
+    @property
+    def protocol(self) -> ProtocolWrapper:
+        return self._protocol
+
+    @protocol.setter
+    def protocol(self, wrapper: ProtocolWrapper) -> None:
+        """hypercorn sets this once per connection. With HTTP/2 off, its HTTP/1.1 protocol never switches: an
+        `Upgrade: h2c` is ignored (the request is answered in HTTP/1.1) and the HTTP/2 preface reaches the app as a
+        request, which refuses it (505) and closes. Left to hypercorn, both switch to an HTTP/2 connection without a
+        keep-alive timeout, which a client may hold open for ever."""
+        self._protocol = wrapper
+        inner = getattr(wrapper, "protocol", None)
+        if not self.http2 and isinstance(inner, H11Protocol):
+            inner._check_protocol = _stay_on_http11  # type: ignore[method-assign]
+
+    async def _read_data(self) -> None:
+        """hypercorn's read loop, then: the connection is over, so its keep-alive timer is moot. hypercorn leaves
+        that timer running, and the connection's task (this object, in `HttpServer.connections`) waits for it, up
+        to `keepalive_s` after the client has gone."""
+        try:
+            await super()._read_data()
+        finally:
+            await self.idle_task.stop()
 
     def limit_writes(self, until: float) -> None:
         """Writes (the one in progress too) must be done by `until`, else the connection is closed. A stopped
@@ -266,7 +304,8 @@ class ClientConnection(TCPServer):
             await super().protocol_send(event)
             return
         data = event.data
-        if self._client_erred() and data.startswith(b"HTTP/1.1 ") and b"\r\ncontent-length: 0\r\n" in data:
+        empty_and_closing = _empty_answer_then_close(data)
+        if empty_and_closing and self._client_erred():
             data = _protocol_error_answer(int(data[9:12]))  # hypercorn's own answer to bad HTTP, with a body
         async with self.send_lock:
             if self.aborted is None:
@@ -278,9 +317,17 @@ class ClientConnection(TCPServer):
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass  # the client is gone: handled below like any end of the connection
                     else:
-                        return
+                        if not empty_and_closing:
+                            return
                     finally:
                         self._writing = None
+                if empty_and_closing and not writing.cancelled_caught:
+                    # hypercorn's own answers (a websocket handshake it rejects, say) promise a close it does not
+                    # always make: make it (half-close first, so the answer is read before the connection ends),
+                    # or such a connection stays open with no timeout.
+                    await self._close()
+                    await self.protocol.handle(Closed())
+                    return
                 if writing.cancelled_caught and self.aborted is None:
                     if trio.current_time() >= self._write_limit:
                         self.aborted = "its request was stopped and the client read nothing"
