@@ -7,6 +7,7 @@ response timeout is disabled (it would cut long streams); QueueGate's upstream t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -49,6 +50,7 @@ from queuegate.proxy import (
     Reply,
     RequestCancelled,
     RequestRecord,
+    echo,
     request_class,
     request_flow,
     usage_row,
@@ -111,7 +113,7 @@ def create_app(
     created = int(time.time())
 
     # Durable usage: a request's row is committed before its answer's last byte is sent.
-    commit = usage.flush if usage is not None and usage.durable else None
+    commit = usage.commit_within if usage is not None and usage.durable else None
 
     def on_finish(record: RequestRecord, status: int) -> None:
         metrics.observe(record, status)
@@ -134,15 +136,18 @@ def create_app(
         logged = ""  # and what the log line says of it
         with handling:
             try:
-                # The body first, whatever the answer: answering before it was read leaves its bytes in the way of
-                # the next request on a keep-alive connection (it would wait for an answer that never comes).
-                body = await _read_body()
-                key = record.key = keyring.authenticate(request.headers)
-                key_class = key.klass if key else None
-                record.klass = request_class(route_class, request.headers.get("x-priority"), classes, key_class)
+                try:
+                    key = record.key = keyring.authenticate(request.headers)
+                    key_class = key.klass if key else None
+                    record.klass = request_class(route_class, request.headers.get("x-priority"), classes, key_class)
+                except GatewayError:
+                    # Refused on its headers: the body is read and dropped (never held in memory for a caller
+                    # without a key), so the connection can carry the next request.
+                    await _discard_body(server.body_timeout_s)
+                    raise
                 record.session = session or _session_id(request.headers.get("x-session-id"))
                 record.flow = request_flow(key_name=key.name if key else None, session=record.session, client=client)
-                reply = await proxy.handle(record, body, request.headers)
+                reply = await proxy.handle(record, await _read_body(), request.headers)
             except GatewayError as exc:
                 error, logged = exc, exc.message
             except Exception:
@@ -312,6 +317,14 @@ def create_app(
     return _with_request_lifetime(app, in_flight)
 
 
+async def _discard_body(timeout_s: float) -> None:
+    """Read the request body to its end and drop it, a chunk at a time; give up on a body too large or too slow
+    (the connection then closes instead)."""
+    with trio.move_on_after(timeout_s), contextlib.suppress(HTTPException):
+        async for _ in request.body:
+            pass
+
+
 async def _read_body() -> bytes:
     try:
         return await request.get_data(cache=False)
@@ -323,9 +336,9 @@ def _from_http_exception(exc: HTTPException) -> GatewayError:
     """Werkzeug's errors (unknown route, wrong method, body too large or too slow) in OpenAI's terms."""
     code = exc.code or 500
     if code == 404:
-        return NotFound(f"no route for {request.method} {request.path}")
+        return NotFound(f"no route for {echo(request.method)} {echo(request.path)}")
     if code == 405:
-        return MethodNotAllowed(f"method {request.method} is not allowed on {request.path}")
+        return MethodNotAllowed(f"method {echo(request.method)} is not allowed on {echo(request.path)}")
     if code == 413:
         limit = request.max_content_length or 0
         return PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
