@@ -154,3 +154,6 @@ class _LiveState(Collector):
                                       usage.dropped)  # fmt: skip
             yield CounterMetricFamily("queuegate_usage_write_errors", "Failed usage writes (retried).",
                                       usage.write_errors)  # fmt: skip
+            yield CounterMetricFamily("queuegate_usage_late_commits",
+                                      "Durable usage: answers sent before their row could be committed in time.",
+                                      usage.late_commits)  # fmt: skip

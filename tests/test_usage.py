@@ -20,7 +20,7 @@ import trio
 from queuegate.accounting import UsageQuery, UsageRow, UsageStore
 from queuegate.config import ConfigError, build_config
 from queuegate.proxy import RequestRecord, usage_row
-from tests.helpers import SECRETS, in_thread, start_daemon
+from tests.helpers import SECRETS, gather, in_thread, start_daemon
 
 HI = [{"role": "user", "content": "hello there"}]
 
@@ -345,3 +345,37 @@ async def test_usage_days_and_dates_follow_the_configured_time_zone():
     assert berlin.until == datetime.datetime(2026, 11, 23, 12, tzinfo=datetime.UTC).timestamp()  # an offset wins
     with pytest.raises(ConfigError, match=r"at `usage\.timezone`: no time zone 'Mars/Olympus'"):
         build_config({"usage": {"timezone": "Mars/Olympus"}})
+
+
+async def test_durable_usage_on_a_locked_database_delays_answers_a_bounded_time_and_holds_no_slot(
+    start_sim, start_gateway, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("queuegate.accounting._store.DURABLE_WAIT_S", 1.0)
+    _, url = await start_sim(tokens_per_s=0)
+    state = tmp_path / "state"
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "kind": "llamacpp", "max_concurrency": 1}},
+        server={"state_dir": str(state)},
+        usage={"durable": True, "flush_ms": 50},
+    )
+    client = gw.client()
+    await in_thread(lambda: client.chat.completions.create(model="m", messages=HI, max_tokens=2))
+    locker = sqlite3.connect(state / "usage.sqlite3", timeout=0)
+    locker.execute("BEGIN IMMEDIATE")  # another program holds the write lock: commits wait
+    try:
+        started = time.monotonic()
+        results = await gather(
+            lambda: list(client.chat.completions.create(model="m", messages=HI, max_tokens=2, stream=True)),
+            lambda: client.chat.completions.create(model="m", messages=HI, max_tokens=2),
+        )
+        took = time.monotonic() - started
+        assert results[0] and results[1].choices
+        # Each waited for its commit at most the bound; the one slot was free meanwhile, so they did not queue
+        # behind each other's wait.
+        assert took < 1.9, took
+        assert gw.daemon.usage.statistics().late_commits == 2
+    finally:
+        locker.rollback()
+        locker.close()
+    await gw.daemon.usage.flush()
+    assert len(rows_in(state / "usage.sqlite3")) == 3  # committed once the lock was gone

@@ -16,6 +16,7 @@ import datetime
 import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ log = logging.getLogger("queuegate.usage")
 
 SCHEMA_VERSION = 1
 MAX_PENDING = 100_000  # rows kept in memory while the disk cannot take them
+DURABLE_WAIT_S = 5.0  # durable usage: the longest an answer waits for its row's commit
 _PURGE_EVERY_S = 3600.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -78,6 +80,7 @@ class UsageStoreStatistics(msgspec.Struct, frozen=True):
     committed: int  # rows committed since start
     dropped: int  # rows lost because the disk failed for too long
     write_errors: int
+    late_commits: int = 0  # durable usage: answers sent before their row could be committed in time
 
 
 def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
@@ -89,14 +92,18 @@ def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
 
 
 def _private_file(path: Path) -> None:
-    """Create `path` readable by its owner only (or make an existing one so): SQLite gives its -wal and -shm files
-    the database file's mode, and `[usage].path` may lie outside the private state folder. Usage says who asked
-    what, and how much."""
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    os.chmod(path, 0o600)
-    for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        if companion.exists():
-            os.chmod(companion, 0o600)
+    """Create `path` readable by its owner only (SQLite gives its -wal and -shm files the database file's mode, and
+    `[usage].path` may lie outside the private state folder: usage says who asked what, and how much). A file that
+    exists keeps the mode its owner gave it (never changed), with a warning when others may read it."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning(
+                "the usage database may be read by other users",
+                extra={"fields": {"path": str(path), "mode": f"{mode:o}"}},
+            )
 
 
 class UsageStore:
@@ -120,6 +127,8 @@ class UsageStore:
         self._settled = 0  # of those, rows committed or dropped (in order)
         self._dropped = 0
         self._write_errors = 0
+        self._late_commits = 0  # durable answers that went out before their row was committed
+        self._late = False  # since the last commit in time (to warn once per outage)
         self._dropping = False  # since the last successful write (to warn once per outage)
         self._wake = trio.Event()
         self._committed_changed = trio.Event()
@@ -138,7 +147,9 @@ class UsageStore:
                     "usage rows dropped: the database has failed too long", extra={"fields": {"kept": MAX_PENDING}}
                 )
             self._dropped += 1
-            self._settled += 1  # it will never be written: nobody waits for it
+            self._settled += 1  # it will never be written: whoever waits for it may go
+            self._committed_changed.set()
+            self._committed_changed = trio.Event()
 
     async def flush(self) -> None:
         """Return once every row recorded before the call is committed (a read after it sees them)."""
@@ -147,9 +158,23 @@ class UsageStore:
             self._wake.set()
             await self._committed_changed.wait()
 
+    async def commit_within(self) -> None:
+        """Durable usage: wait for the rows recorded so far to be committed, at most DURABLE_WAIT_S. A database
+        that cannot keep up (locked, failing) delays answers that long, never longer; such answers are counted
+        (`late_commits`) and warned about once per outage."""
+        with trio.move_on_after(DURABLE_WAIT_S) as late:
+            await self.flush()
+        if late.cancelled_caught:
+            self._late_commits += 1
+            if not self._late:
+                self._late = True
+                log.warning("usage rows are committed late: answers no longer wait for them", extra={"fields": {}})
+        else:
+            self._late = False
+
     def statistics(self) -> UsageStoreStatistics:
         written = self._settled - self._dropped
-        return UsageStoreStatistics(len(self._pending), written, self._dropped, self._write_errors)
+        return UsageStoreStatistics(len(self._pending), written, self._dropped, self._write_errors, self._late_commits)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the database (UsageStoreError if it cannot), then commit batches until cancelled, and the rest."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from queuegate.config import Config
-from queuegate.errors import Forbidden, Unauthorized
+from queuegate.errors import Unauthorized
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +68,6 @@ class KeyRing:
         if found is None:
             raise Unauthorized("the API key is not valid")
         return found
-
-    @staticmethod
-    def check_model(key: ApiKey | None, model: str) -> None:
-        if key is not None and not key.may_use(model):
-            raise Forbidden(f"key {key.name!r} may not use model {model!r}", param="model", code="model_not_allowed")
 
 
 def _presented_key(headers: Mapping[str, str]) -> str | None:

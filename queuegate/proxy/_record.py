@@ -77,7 +77,8 @@ class RequestRecord:
 
     async def finish_before_last_byte(self, status: int, *, error: str | None = None) -> None:
         """`finish`, called before the answer's last byte is sent: with durable usage, the request's row is
-        committed when this returns, so an answer the client saw whole is never missing from usage."""
+        committed when this returns (or the usage store has been told it is late: see `UsageStore.commit_within`),
+        so an answer the client saw whole is never missing from usage."""
         self.finish(status, error=error)
         if self.commit is not None:
             await self.commit()

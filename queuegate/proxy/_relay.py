@@ -210,9 +210,10 @@ class RelayStream:
         return await self._last(b"data: " + error.body() + b"\n\n")
 
     async def _last(self, block: bytes) -> bytes:
-        """The stream's last block. The request is logged (and, with durable usage, its row committed) first."""
+        """The stream's last block. With durable usage, the request is over (upstream closed, slot given back)
+        and logged, and its row committed, before it is sent."""
         if self._record.commit is not None:
-            self._settle_usage()
+            await self._let_go()
             status, error = self._outcome()
             await self._record.finish_before_last_byte(status, error=error)
         return block
@@ -223,6 +224,8 @@ class RelayStream:
             return 200, None
         if self._failure is not None:
             return self._failure.status, self._failure.message
+        if self._stop is not None:  # stopped (operator, shutdown), and cut off before its error event went out
+            return self._stop.status, self._stop.message
         return CLIENT_CLOSED, "client closed the stream"
 
     def _settle_usage(self) -> None:
@@ -234,7 +237,15 @@ class RelayStream:
 
     async def aclose(self) -> None:
         """Close the upstream, give back the slot (with the tokens used), log the request. Called on every exit,
-        cancelled or not."""
+        cancelled or not (idempotent, and a no-op for what `_last` already did)."""
+        try:
+            await self._let_go()
+        finally:
+            status, error = self._outcome()
+            self._record.finish(status, error=error)
+
+    async def _let_go(self) -> None:
+        """Close the upstream and give back the slot, with the tokens used (once)."""
         if self._closed:
             return
         self._closed = True
@@ -243,5 +254,3 @@ class RelayStream:
             await close_response(self._response)
         finally:
             self._release()
-            status, error = self._outcome()
-            self._record.finish(status, error=error)
