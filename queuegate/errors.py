@@ -6,6 +6,8 @@ and headers such as `Retry-After`, so routes, the scheduler and the forwarder ne
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 
@@ -41,7 +43,7 @@ class GatewayError(Exception):
         return msgspec.json.encode(self.envelope())
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after_s is None:
+        if self.retry_after_s is None or not math.isfinite(self.retry_after_s):
             return {}
         # Retry-After takes whole seconds; never advertise 0, which invites a hot retry loop.
         return {"Retry-After": str(max(1, round(self.retry_after_s)))}

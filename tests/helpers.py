@@ -22,6 +22,7 @@ import trio
 
 from queuegate.daemon import Daemon
 from queuegate.fleet.catalog import server_root
+from queuegate.fleet.launchers.lifeline import Lifeline
 
 T = TypeVar("T")
 HI = [{"role": "user", "content": "hi"}]
@@ -65,6 +66,22 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0, interv
 
 
 LISTENING = "QueueGate listening on "
+KILL_GRACE_S = 5.0
+
+
+async def _stopped_at_the_end(process: trio.Process) -> None:
+    """Wait for the daemon; if the test ends first (failed, or done with it running), stop it and its fleet."""
+    try:
+        await process.wait()
+    finally:
+        if process.returncode is None:
+            with trio.CancelScope(shield=True):
+                process.send_signal(signal.SIGTERM)  # its own shutdown stops its children
+                with trio.move_on_after(KILL_GRACE_S):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
 
 
 class RunningDaemon:
@@ -87,15 +104,21 @@ class RunningDaemon:
 
 async def start_daemon(nursery: trio.Nursery, *args: str, env: dict[str, str] | None = None) -> RunningDaemon:
     """`queuegate run ARGS` in a fresh folder of its own (its default state, the admin socket, goes there: never
-    the checkout's, where a user's demo may be running)."""
+    the checkout's, where a user's demo may be running). It is stopped when the test ends however it ends, and
+    dies with the test process even if that is killed (a lifeline of its own)."""
     cwd = tempfile.mkdtemp(prefix="queuegate-test-")
+    lifeline = await nursery.start(Lifeline().run)
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "queuegate.cli", "run", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})},
         cwd=cwd,
+        start_new_session=True,
+        preexec_fn=lifeline.child_preexec(KILL_GRACE_S),
     )
+    lifeline.registered(process.pid, KILL_GRACE_S)
+    nursery.start_soon(_stopped_at_the_end, process)
     daemon = RunningDaemon(process, cwd)
     nursery.start_soon(daemon.collect, process.stdout, "stdout")
     nursery.start_soon(daemon.collect, process.stderr, "stderr")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 import pytest
 
+from queuegate.errors import GatewayError
 from queuegate.proxy._convert import AnswerFromEvents, answer_as_events
 
 
@@ -77,3 +80,27 @@ def test_a_whole_answer_becomes_events_the_client_can_read():
     assert b'"usage"' not in answer_as_events(answer, chat=True, include_usage=False)
     text = answer_as_events({"choices": [{"text": "ok"}]}, chat=False, include_usage=False)
     assert b'"text":"ok"' in text and text.endswith(b"data: [DONE]\n\n")
+
+
+def test_an_upstream_cannot_make_the_fold_fail_or_grow_without_bound():
+    folded = AnswerFromEvents(chat=True)
+    calls = [
+        {"index": -3, "function": {"name": "a"}},  # no such index: the next call
+        {"index": 2_000_000, "function": {"arguments": "x"}},  # a gap: the next call, not two million
+        {"index": 1, "function": {"arguments": 5, "name": None}},  # non-strings are not text
+        "junk",
+    ]
+    folded.feed(events({"choices": [{"index": 0, "delta": {"tool_calls": calls}}]}))
+    folded.feed(events({"choices": [{"index": 0, "delta": "x"}]}, {"choices": 5}, {"choices": [{"text": 7}]}))
+    message = folded.answer()["choices"][0]["message"]
+    assert [c["function"] for c in message["tool_calls"]] == [
+        {"name": "a", "arguments": ""},
+        {"name": "", "arguments": "x"},
+    ]
+    odd = {"choices": [{"message": {"content": "a", "tool_calls": ["junk", {"id": "t"}]}}, 3]}
+    assert b'"tool_calls":[{"index":0,"id":"t"}]' in answer_as_events(odd, chat=True, include_usage=False)
+
+
+def test_an_infinite_retry_after_is_not_sent_on():
+    assert GatewayError("busy", retry_after_s=math.inf).headers() == {}
+    assert GatewayError("busy", retry_after_s=0.2).headers() == {"Retry-After": "1"}

@@ -78,13 +78,20 @@ async def claim_admin_socket(path: Path) -> trio.SocketListener:
 
 
 def _private_directory(directory: Path) -> None:
-    """Create `directory` 0700, or check that an existing one is closed to others (never change its mode)."""
+    """Create `directory` 0700, or check that an existing one is a real folder of ours, closed to others (never
+    change its mode)."""
     try:
         directory.mkdir(mode=0o700, parents=True)
         return
     except FileExistsError:
         pass
-    mode = stat.S_IMODE(directory.stat().st_mode)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise AdminSocketError(
+            f"the admin socket's folder {directory} is not a folder of this user's (a link, or another user's); "
+            "set [server].admin_socket to a path in a folder only you may enter"
+        )
+    mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         raise AdminSocketError(
             f"the admin socket's folder {directory} is open to other users (mode {mode:o}); QueueGate keeps its "

@@ -6,6 +6,7 @@ from queuegate.proxy._notices import QueuedStream
 from queuegate.proxy._pipeline import NoticePolicy, Proxy, Reply
 from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord, Usage, usage_row
 from queuegate.proxy._relay import RelayStream
+from queuegate.proxy._request import echo
 from queuegate.proxy._routing import chat_key, request_class, request_flow
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "UpstreamConnections",
     "Usage",
     "chat_key",
+    "echo",
     "request_class",
     "request_flow",
     "usage_row",

@@ -20,14 +20,16 @@ def answer_as_events(answer: dict[str, Any], *, chat: bool, include_usage: bool)
     header = {k: answer[k] for k in _HEADER_FIELDS if k in answer}
     kind = "chat.completion.chunk" if chat else "text_completion"
     events = []
-    for choice in answer.get("choices") or []:
+    choices = answer.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
         if not isinstance(choice, dict):
             continue
         if chat:
             message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
             delta = {k: v for k, v in message.items() if v is not None}
             if isinstance(delta.get("tool_calls"), list):
-                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
+                calls = [call for call in delta["tool_calls"] if isinstance(call, dict)]
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
             part: dict[str, Any] = {"index": choice.get("index", 0), "delta": delta}
         else:
             part = {"index": choice.get("index", 0), "text": choice.get("text", "")}
@@ -72,7 +74,8 @@ class AnswerFromEvents:
                 self._header[name] = chunk[name]
         if chunk.get("usage") is not None:
             self._usage = chunk["usage"]
-        for part in chunk.get("choices") or []:
+        choices = chunk.get("choices")
+        for part in choices if isinstance(choices, list) else []:
             if not isinstance(part, dict):
                 continue
             index = part.get("index")
@@ -80,9 +83,10 @@ class AnswerFromEvents:
             if part.get("finish_reason"):
                 choice["finish_reason"] = part["finish_reason"]
             if self._chat:
-                self._take_delta(choice, part.get("delta") or {})
-            else:
-                choice["text"] = choice.get("text", "") + str(part.get("text") or "")
+                delta = part.get("delta")
+                self._take_delta(choice, delta if isinstance(delta, dict) else {})
+            elif isinstance(part.get("text"), str):
+                choice["text"] = choice.get("text", "") + part["text"]
 
     @staticmethod
     def _take_delta(choice: dict[str, Any], delta: dict[str, Any]) -> None:
@@ -90,18 +94,23 @@ class AnswerFromEvents:
         for name in ("content", "reasoning_content"):
             if isinstance(delta.get(name), str):
                 message[name] = (message.get(name) or "") + delta[name]
-        for call in delta.get("tool_calls") or []:
+        calls_delta = delta.get("tool_calls")
+        for call in calls_delta if isinstance(calls_delta, list) else []:
             if not isinstance(call, dict):
                 continue
             calls = message.setdefault("tool_calls", [])
-            index = call.get("index") if isinstance(call.get("index"), int) else len(calls)
-            while len(calls) <= index:
+            index = call.get("index")
+            if not isinstance(index, int) or not 0 <= index <= len(calls):
+                index = len(calls)  # a call is continued by its index, or is the next one: never a gap
+            if index == len(calls):
                 calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
             merged = calls[index]
-            merged["id"] = call.get("id") or merged["id"]
-            function = call.get("function") or {}
-            merged["function"]["name"] += function.get("name") or ""
-            merged["function"]["arguments"] += function.get("arguments") or ""
+            if isinstance(call.get("id"), str):
+                merged["id"] = call["id"]
+            function = call.get("function") if isinstance(call.get("function"), dict) else {}
+            for name in ("name", "arguments"):
+                if isinstance(function.get(name), str):
+                    merged["function"][name] += function[name]
 
     def answer(self) -> dict[str, Any]:
         kind = "chat.completion" if self._chat else "text_completion"

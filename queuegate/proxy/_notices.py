@@ -9,13 +9,14 @@ on ends the stream with an error event the `openai` client raises on.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
 import msgspec
 import trio
 
-from queuegate.errors import GatewayError, UpstreamError
+from queuegate.errors import GatewayError, InternalError, UpstreamError
 from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord
 from queuegate.proxy._relay import RelayStream
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from queuegate.proxy._pipeline import Proxy
     from queuegate.scheduler import Ticket
 
+log = logging.getLogger("queuegate.request")
 SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 POSITION_CHECK_S = 1.0  # how often a waiting request looks at its position
 KEEPALIVE = b": queued\n\n"
@@ -73,6 +75,9 @@ class QueuedStream:
                         return await self._start_upstream()
         except GatewayError as exc:
             return await self._fail(exc.status, exc)
+        except Exception:
+            log.exception("unexpected error in a queued stream", extra={"fields": {"rid": self._record.request_id}})
+            return await self._fail(500, InternalError("QueueGate failed while the request was queued"))
         finally:
             self._waiting = None
 
@@ -134,7 +139,9 @@ class QueuedStream:
             await self._relay.aclose()
             return
         self._proxy.withdraw(self._ticket)
-        if not self._ended:
+        if not self._ended and self._stop is not None:  # stopped, and cut off before its error event went out
+            self._record.finish(self._stop.status, error=self._stop.message)
+        elif not self._ended:
             self._record.finish(CLIENT_CLOSED, error="client closed the stream while queued")
 
 

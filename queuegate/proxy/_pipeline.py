@@ -8,6 +8,7 @@ answers 503 (still loading, overloaded) or 429 is waited out, bounded. After the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -15,7 +16,6 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
-from queuegate.accounting.keys import KeyRing
 from queuegate.errors import GatewayError, ModelNotFound, NotSupported, UpstreamError, UpstreamTimeout
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
 from queuegate.proxy._convert import AnswerFromEvents, answer_as_events
@@ -121,7 +121,6 @@ class Proxy:
         """Serve one OpenAI request. Raises GatewayError for anything the client should see as an error."""
         body = parse_body(raw_body, record.endpoint)
         spec = self._resolve(body["model"], record)
-        KeyRing.check_model(record.key, spec.name)
         record.model = spec.name
         record.stream = body.get("stream") is True
         record.wants_usage = asks_usage(body)
@@ -161,15 +160,17 @@ class Proxy:
         self._admission.withdraw(ticket)
 
     def _resolve(self, name: str, record: RequestRecord) -> ModelSpec:
-        """The model asked for. An unknown name is told the models the caller may use (only those of its key)."""
+        """The model asked for. A model that does not exist and one the caller's key may not use get the same
+        answer, as OpenAI's (so a key cannot learn other models' names by guessing), listing what it may use."""
+        key = record.key
         spec = self._catalog.resolve(name)
-        if spec is None:
-            key = record.key
+        if spec is None or (key is not None and not key.may_use(spec.name)):
             names = [n for n in self._catalog.public_names() if key is None or key.may_use(self._catalog.canonical(n))]
-            available = ", ".join(names) or "none"
-            raise ModelNotFound(
-                f"The model {echo(name)!r} does not exist. Available models: {available}", param="model"
+            message = (
+                f"The model {echo(name)!r} does not exist or you do not have access to it. "
+                f"Available models: {', '.join(names) or 'none'}"
             )
+            raise ModelNotFound(message, param="model")
         if record.endpoint not in spec.endpoints:
             raise NotSupported(
                 f"model {spec.name!r} (kind {spec.kind.name}) does not support the {record.endpoint} endpoint",
@@ -227,20 +228,23 @@ class Proxy:
         handed_over = False
         response: UpstreamResponse | None = None
         try:
-            deadline = self._forwarder.timeouts.deadline(stream=record.stream)
+            timeouts = self._forwarder.timeouts
+            # Anything but a relayed stream is a whole answer, bounded in all (whatever the client asked for).
+            deadline = timeouts.deadline(stream=False)
             path = UPSTREAM_PATHS[record.endpoint]
             record.upstream_started_at = trio.current_time()
             response = await self._forwarder.send(upstream, path, payload, record.request_id, deadline)
             content_type = response.header(b"content-type") or "application/json"
-            reader = ChunkReader(response, self._forwarder.timeouts.idle_s, deadline)
+            streamed = content_type.startswith("text/event-stream")
+            relayed = response.status == 200 and streamed and record.stream
+            reader = ChunkReader(response, timeouts.idle_s, timeouts.deadline(stream=True) if relayed else deadline)
             if response.status == 503:
                 detail = await _error_detail(reader)
                 raise UpstreamNotReady(_retry_after(response), f"upstream {upstream.id} answered 503: {detail}")
             if response.status >= 500:
                 detail = await _error_detail(reader)
                 raise RetryableFailure(f"upstream {upstream.id} answered {response.status}: {detail}")
-            streamed = content_type.startswith("text/event-stream")
-            if response.status == 200 and streamed and record.stream:
+            if relayed:
                 relay = await self._relay(upstream, ticket, record, reader, response)
                 handed_over = True
                 return Reply(200, {**SSE_HEADERS, "content-type": content_type}, relay)
@@ -421,9 +425,10 @@ def _retry_after(response: UpstreamResponse) -> float | None:
     """The upstream's Retry-After in seconds; None when it gives none or gives an HTTP date."""
     raw = response.header(b"retry-after")
     try:
-        return None if raw is None else max(0.0, float(raw))
+        seconds = None if raw is None else float(raw)
     except ValueError:
         return None
+    return max(0.0, seconds) if seconds is not None and math.isfinite(seconds) else None
 
 
 def _busy_delay(response: UpstreamResponse) -> float | None:
