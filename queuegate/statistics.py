@@ -107,3 +107,57 @@ class RequestStatistics(msgspec.Struct, frozen=True):
     upstream: str | None  # None while queued
     elapsed_s: float
     chunks: int  # stream events relayed so far (about one token each)
+
+
+class ModelView(msgspec.Struct, frozen=True):
+    """One model as every window on the daemon shows it (`/v1/models`, `/readyz`, `queuegate admin status` and
+    `top`): the fleet's state merged with its queue and its upstreams' health."""
+
+    name: str
+    state: str  # launched models: the fleet's (stopped, starting, ready, ...); others: their upstreams' best
+    available: bool  # it can take requests now, or once it has loaded on demand
+    loaded: bool
+    reason: str  # why it is in its state
+    managed: bool  # QueueGate starts and stops it
+    device: str | None
+    memory_gb: float
+    in_service: int
+    waiting: int
+    oldest_wait_s: float
+    idle_s: float | None
+    progress: SwapProgress | None  # while it loads
+    drained: list[str]  # upstreams an operator took out
+
+
+def model_views(scheduler: SchedulerStatistics, fleet: FleetStatistics) -> list[ModelView]:
+    """Every model's view, in config order."""
+    planned = {m.name: m for m in fleet.models}
+    views = []
+    for model in scheduler.models:
+        plan = planned[model.name]
+        upstream_states = {u.state for u in model.upstreams}
+        if plan.managed:
+            state, reason, available = plan.state, plan.reason, plan.state != "failed"
+        else:
+            state = next((s for s in ("ready", "loading", "down") if s in upstream_states), "down")
+            reason = "; ".join(f"{u.id}: {u.state} ({u.reason})" for u in model.upstreams if u.state != "ready")
+            available = state == "ready"
+        views.append(
+            ModelView(
+                name=model.name,
+                state=state,
+                available=available,
+                loaded=state == "ready",
+                reason=reason or "ok",
+                managed=plan.managed,
+                device=plan.device,
+                memory_gb=plan.memory_gb,
+                in_service=model.in_service,
+                waiting=model.waiting,
+                oldest_wait_s=model.oldest_wait_s,
+                idle_s=plan.idle_s,
+                progress=plan.progress,
+                drained=[u.id for u in model.upstreams if u.drained],
+            )
+        )
+    return views

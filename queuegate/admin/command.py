@@ -29,6 +29,7 @@ from queuegate.admin.protocol import (
     Resume,
     Undrain,
 )
+from queuegate.statistics import model_views
 
 # action -> (request for a target, what the target is)
 _COMMANDS: dict[str, tuple[Callable[[str], Request], str]] = {
@@ -79,23 +80,16 @@ async def _run(args: argparse.Namespace, socket_path: Path) -> int:
 
 def render_status(status: DaemonStatus) -> str:
     """A plain-text status for a terminal: models with their fleet state and queues, then devices and limits."""
-    fleet = {m.name: m for m in status.fleet.models}
     lines = [
         f"QueueGate at {status.listen}, up {status.uptime_s:.0f} s: "
         f"{status.scheduler.in_service} in service, {status.scheduler.waiting} waiting",
         f"{'MODEL':<24}{'STATE':<10}{'DEVICE':<12}{'IN FLIGHT':>10}{'WAITING':>9}{'OLDEST':>9}  REASON",
     ]
-    for model in status.scheduler.models:
-        planned = fleet.get(model.name)
-        state = planned.state if planned else "?"
-        device_name = (planned.device if planned else None) or "-"
-        reason = planned.reason if planned and planned.managed else "; ".join(u.reason for u in model.upstreams)
-        drained = [u.id for u in model.upstreams if u.drained]
-        if drained:
-            reason += f" (drained: {', '.join(drained)})"
+    for view in model_views(status.scheduler, status.fleet):
+        reason = view.reason + (f" (drained: {', '.join(view.drained)})" if view.drained else "")
         lines.append(
-            f"{model.name:<24}{state:<10}{device_name:<12}{model.in_service:>10}{model.waiting:>9}"
-            f"{model.oldest_wait_s:>8.1f}s  {reason}"
+            f"{view.name:<24}{view.state:<10}{view.device or '-':<12}{view.in_service:>10}{view.waiting:>9}"
+            f"{view.oldest_wait_s:>8.1f}s  {reason}"
         )
     paused = sorted({c.name for m in status.scheduler.models for c in m.classes if c.paused})
     if paused:

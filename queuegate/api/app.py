@@ -55,7 +55,8 @@ from queuegate.proxy import (
     request_flow,
     usage_row,
 )
-from queuegate.scheduler import Admission, SchedulerStatistics
+from queuegate.scheduler import Admission
+from queuegate.statistics import ModelView, model_views
 
 log = logging.getLogger("queuegate.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -203,20 +204,8 @@ def create_app(
     async def embeddings() -> Response:
         return await relay("embeddings")
 
-    def model_states(stats: SchedulerStatistics) -> dict[str, tuple[str, bool]]:
-        """Each model's state ("ready", "stopped", "starting", ... or for external ones their upstreams' best) and
-        whether it can take requests (now, or after loading on demand)."""
-        planned = {m.name: m.state for m in fleet.statistics().models}
-        states = {}
-        for model in stats.models:
-            upstreams = {u.state for u in model.upstreams}
-            if catalog.models[model.name].launch is not None:
-                state = planned[model.name]
-                states[model.name] = (state, state != "failed")
-            else:
-                state = next((s for s in ("ready", "loading", "down") if s in upstreams), "down")
-                states[model.name] = (state, state == "ready")
-        return states
+    def models_now() -> dict[str, ModelView]:
+        return {view.name: view for view in model_views(admission.statistics(), fleet.statistics())}
 
     @app.get("/v1/models")
     async def list_models() -> Response:
@@ -224,21 +213,21 @@ def create_app(
             key = keyring.authenticate(request.headers)
         except GatewayError as exc:
             return _error_response(exc, _request_id(request.headers.get("x-request-id")))
-        states = model_states(admission.statistics())
+        views = models_now()
         data = []
         for name in catalog.public_names():
             spec = catalog.resolve(name)
             assert spec is not None
             if key is not None and not key.may_use(spec.name):
                 continue
-            state = states[spec.name][0]
+            view = views[spec.name]
             entry: dict[str, Any] = {
                 "id": name,
                 "object": "model",
                 "created": created,
                 "owned_by": server.owned_by,
-                "loaded": state == "ready",
-                "state": state,
+                "loaded": view.loaded,
+                "state": view.state,
             }
             if name != spec.name:
                 entry["alias_for"] = spec.name
@@ -288,19 +277,16 @@ def create_app(
         """Ready when some model can take requests: loaded, or managed and loadable on demand. Each model's state
         and why it cannot serve (which names upstreams and their errors) is for callers with a key, or anybody on
         an open gateway; an anonymous probe of a gateway with keys gets the verdict and the counts."""
-        stats = admission.statistics()
-        states = model_states(stats)
         try:
             key = keyring.authenticate(request.headers)
             detailed = True
         except GatewayError:
             key, detailed = None, False
         models = []
-        for model in stats.models:
-            state, available = states[model.name]
-            entry: dict[str, Any] = {"name": model.name, "ready": available, "loaded": state == "ready"}
-            if state != "ready":
-                entry["reason"] = "; ".join(f"{u.id}: {u.state} ({u.reason})" for u in model.upstreams)
+        for view in models_now().values():
+            entry: dict[str, Any] = {"name": view.name, "ready": view.available, "loaded": view.loaded}
+            if not view.loaded:
+                entry["reason"] = view.reason
             models.append(entry)
         ok = any(m["ready"] for m in models)
         status = 200 if ok else 503

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from textual.widgets import DataTable
 
 from queuegate.admin.protocol import DaemonStatus
+from queuegate.statistics import model_views
 from queuegate.tui.widgets.progress import progress_text
 
 
@@ -42,17 +43,13 @@ class ModelsTable(_KeyedTable):
     COLUMNS = ("MODEL", "STATE", "DEVICE", "GB", "IN FLIGHT", "WAITING", "IDLE", "LOAD / SWAP")
 
     def show(self, status: DaemonStatus) -> None:
-        fleet = {m.name: m for m in status.fleet.models}
         rows = []
-        for model in status.scheduler.models:
-            planned = fleet[model.name]
-            idle = "-" if planned.idle_s is None else f"{planned.idle_s:.0f} s"
-            progress = (
-                progress_text(planned.progress) if planned.progress else (planned.reason if planned.managed else "")
-            )
-            cells = (model.name, planned.state, planned.device or "-", f"{planned.memory_gb:g}",
-                     str(model.in_service), str(model.waiting), idle, progress)  # fmt: skip
-            rows.append((model.name, cells))
+        for view in model_views(status.scheduler, status.fleet):
+            idle = "-" if view.idle_s is None else f"{view.idle_s:.0f} s"
+            progress = progress_text(view.progress) if view.progress else (view.reason if view.managed else "")
+            cells = (view.name, view.state, view.device or "-", f"{view.memory_gb:g}",
+                     str(view.in_service), str(view.waiting), idle, progress)  # fmt: skip
+            rows.append((view.name, cells))
         self.replace_rows(rows)
 
 
