@@ -23,7 +23,7 @@ from queuegate.accounting import UsageStore
 from queuegate.accounting.keys import KeyRing
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.admin.server import AdminServer, claim_admin_socket
-from queuegate.api import InFlight, create_app
+from queuegate.api import InFlight, Routes, create_app
 from queuegate.api.server import HttpServer, bind_listener
 from queuegate.config import (
     Config,
@@ -44,7 +44,16 @@ from queuegate.fleet.launchers.process import ChildProcess
 from queuegate.fleet.manager import Fleet
 from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
 from queuegate.metrics import Metrics
-from queuegate.proxy import ActiveRequests, Forwarder, NoticePolicy, Proxy, Timeouts, UpstreamConnections
+from queuegate.proxy import (
+    ActiveRequests,
+    Forwarder,
+    NoticePolicy,
+    Proxy,
+    RequestRecord,
+    Timeouts,
+    UpstreamConnections,
+    usage_row,
+)
 from queuegate.scheduler import Admission, Policy, RateLimit, SchedulerCore
 
 log = logging.getLogger("queuegate.daemon")
@@ -86,6 +95,10 @@ class Started:
 
 
 class Daemon:
+    """Every long-lived component of one gateway, built here in one phase from the config and wired by constructor
+    arguments; `run` starts them in order and stops them in reverse. Construct it inside trio (the fleet planner's
+    clock starts with it)."""
+
     def __init__(
         self,
         config: Config,
@@ -97,37 +110,95 @@ class Daemon:
         """`config_path`: the file `reload` reads again (None: started from a built config, as the demo).
         `endpoints`: what it listens on, already claimed (else `run` claims them before starting anything).
         `lifeline`: the running lifeline its children register with (else `run` starts its own, first)."""
-        self.config = config
+        cfg = self.config = config
+        up = cfg.upstream
+        self.config_path = config_path
         self._endpoints = endpoints
         self._own_lifeline = lifeline is None
         self.lifeline = lifeline or Lifeline()
-        self.catalog = Catalog.from_config(config)
-        self.config_path = config_path
+        self.catalog = catalog = Catalog.from_config(config)
         self.admission = Admission(
-            SchedulerCore(
-                [(u.id, u.model, u.capacity) for u in self.catalog.upstreams.values()], _policy(config, self.catalog)
+            SchedulerCore([(u.id, u.model, u.capacity) for u in catalog.upstreams.values()], _policy(cfg, catalog))
+        )
+        self.usage = _usage_store(cfg)
+        # Upstream I/O: the forwarding pool (keep-alive expiry below the usual 5 s server keep-alive, so a socket the
+        # server is closing is rarely reused) and the health checks' client.
+        self._pool = UpstreamConnections(keepalive_expiry_s=4.0, max_idle_per_upstream=up.keepalive_connections)
+        self._health_client = httpx.AsyncClient(timeout=up.health_timeout_s, limits=httpx.Limits(max_connections=64))
+        self.health = HealthMonitor(
+            catalog,
+            self._health_client,
+            self.admission.set_upstream_state,
+            interval_s=up.health_interval_s,
+            timeout_s=up.health_timeout_s,
+        )
+        self.launchers = _launchers(cfg, catalog, self.lifeline)
+        self.fleet = Fleet(
+            catalog,
+            _planner(cfg, trio.current_time()),
+            self.launchers,
+            self.admission,
+            self._health_client,
+            poll_s=cfg.fleet.health_poll_ms / 1000,
+            interval_s=up.health_interval_s,
+            timeout_s=up.health_timeout_s,
+        )
+        timeouts = Timeouts(
+            up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s, up.answer_timeout_s
+        )
+        self.proxy = Proxy(
+            catalog,
+            self.admission,
+            Forwarder(self._pool, timeouts),
+            _HealthWatchers(catalog, self.fleet, self.health),
+            _notice_policy(cfg),
+            cfg.affinity.header,
+            max_answer_bytes=int(up.max_answer_mb * 2**20),
+        )
+        self.metrics = Metrics(
+            self.admission.statistics, self.fleet.statistics, self.usage.statistics if self.usage else None
+        )
+        self.fleet.add_listener(self.metrics.observe_transition)
+        canonical = {name: catalog.canonical(name) for name in catalog.public_names()}
+        self.keyring = KeyRing.from_config(cfg, canonical)
+        self._active = ActiveRequests()
+        self._in_flight = InFlight()
+        app = create_app(
+            Routes(
+                cfg.server,
+                catalog,
+                self.admission,
+                self.fleet,
+                self.proxy,
+                self._active,
+                self.keyring,
+                self.metrics,
+                self._in_flight,
+                cfg.queue.classes,
+                self.usage,
+                on_finish=self._request_finished,
+                # Durable usage: a request's row is committed before its answer's last byte is sent.
+                commit=self.usage.commit_within if self.usage is not None and self.usage.durable else None,
             )
         )
-        self.proxy: Proxy | None = None  # built in `run`, with the fleet
-        self.launchers = _launchers(config, self.catalog, self.lifeline)
-        self.fleet: Fleet | None = None  # built in `run`: it needs the health client
-        usage = config.usage
-        self.usage = (
-            UsageStore(
-                usage_db_path(config),
-                flush_s=usage.flush_ms / 1000,
-                retention_days=usage.retention_days,
-                timezone=usage_timezone(config),
-                durable=usage.durable,
-            )
-            if usage.enabled
-            else None
+        self.http = HttpServer(
+            app,
+            # A backstop: `_stop_when_drained` ends the shutdown before (grace, then the last words).
+            graceful_timeout_s=cfg.server.shutdown_grace_s + SHUTDOWN_LAST_WORDS_S + 1.0,
+            write_timeout_s=cfg.server.write_timeout_s,
+            keepalive_s=cfg.server.keepalive_s,
+            http2=cfg.server.http2,
         )
         self._shutdown = trio.Event()
         self._stop_now = trio.Event()
-        self._in_flight = InFlight()
-        self._active = ActiveRequests()
-        self.http: HttpServer | None = None  # built in `run`
+        self._base_url = ""
+        self._started_at = 0.0
+
+    def _request_finished(self, record: RequestRecord, status: int) -> None:
+        """Every finished request, however it ended: its metrics, and its usage row."""
+        self.metrics.observe(record, status)
+        if self.usage is not None and (row := usage_row(record, status, self.usage.timezone)) is not None:
+            self.usage.record(row)
 
     @property
     def shutdown_requested(self) -> bool:
@@ -158,109 +229,48 @@ class Daemon:
 
     async def _run_components(self, endpoints: Endpoints, *, task_status: trio.TaskStatus[Started]) -> None:
         cfg = self.config
-        up = cfg.upstream
-        timeouts = Timeouts(
-            up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s, up.answer_timeout_s
-        )
-        # Keep-alive expiry below the usual 5 s server keep-alive, so we rarely reuse a socket the server is closing.
-        pool = UpstreamConnections(keepalive_expiry_s=4.0, max_idle_per_upstream=up.keepalive_connections)
-        async with (
-            pool,
-            httpx.AsyncClient(timeout=up.health_timeout_s, limits=httpx.Limits(max_connections=64)) as health_client,
-            trio.open_nursery() as nursery,
-        ):
-            health = HealthMonitor(
-                self.catalog,
-                health_client,
-                self.admission.set_upstream_state,
-                interval_s=up.health_interval_s,
-                timeout_s=up.health_timeout_s,
-            )
-            fleet = self.fleet = Fleet(
-                self.catalog,
-                _planner(cfg, trio.current_time()),
-                self.launchers,
-                self.admission,
-                health_client,
-                poll_s=cfg.fleet.health_poll_ms / 1000,
-                interval_s=up.health_interval_s,
-                timeout_s=up.health_timeout_s,
-            )
-
-            forwarder = Forwarder(pool, timeouts)
-            watchers = _HealthWatchers(self.catalog, fleet, health)
-            proxy = self.proxy = Proxy(
-                self.catalog,
-                self.admission,
-                forwarder,
-                watchers,
-                _notice_policy(cfg),
-                cfg.affinity.header,
-                max_answer_bytes=int(up.max_answer_mb * 2**20),
-            )
-            active = self._active
-            metrics = Metrics(
-                self.admission.statistics, fleet.statistics, self.usage.statistics if self.usage else None
-            )
-            fleet.add_listener(metrics.observe_transition)
-            canonical = {name: self.catalog.canonical(name) for name in self.catalog.public_names()}
-            keyring = KeyRing.from_config(cfg, canonical)
-            app = create_app(
-                cfg.server,
-                self.catalog,
-                self.admission,
-                fleet,
-                proxy,
-                active,
-                keyring,
-                metrics,
-                self._in_flight,
-                cfg.queue.classes,
-                self.usage,
-            )
+        async with self._pool, self._health_client, trio.open_nursery() as nursery:
             await nursery.start(self.admission.run)
-            await nursery.start(health.run)
+            await nursery.start(self.health.run)
             if self.launchers:
-                self.admission.add_listener(fleet.notify)
-            await nursery.start(fleet.run)
-            http = self.http = HttpServer(
-                app,
-                endpoints.http,
-                # A backstop: `_stop_when_drained` ends the shutdown before (grace, then the last words).
-                graceful_timeout_s=cfg.server.shutdown_grace_s + SHUTDOWN_LAST_WORDS_S + 1.0,
-                write_timeout_s=cfg.server.write_timeout_s,
-                keepalive_s=cfg.server.keepalive_s,
-                http2=cfg.server.http2,
-            )
-            base_url = await nursery.start(self._serve, http, nursery)
-            started_at = time.time()
-
-            def status() -> DaemonStatus:
-                return DaemonStatus(
-                    at=time.time(),
-                    uptime_s=round(time.time() - started_at, 3),
-                    listen=base_url + "/v1",
-                    scheduler=self.admission.statistics(),
-                    fleet=fleet.statistics(),
-                    requests=active.statistics(trio.current_time()),
-                    requests_total=len(active),
-                    finished_total=active.finished,
-                    tokens_total=active.tokens,
-                )
-
+                self.admission.add_listener(self.fleet.notify)
+            await nursery.start(self.fleet.run)
+            self._base_url = await nursery.start(self._serve, endpoints.http, nursery)
+            self._started_at = time.time()
             admin = AdminServer(
-                endpoints.admin, endpoints.admin_path, status, fleet, self.admission, active, self.reload
+                endpoints.admin,
+                endpoints.admin_path,
+                self.status,
+                self.fleet,
+                self.admission,
+                self._active,
+                self.reload,
             )
             self.admission.add_listener(admin.note_change)
             await nursery.start(admin.run)
-            fields = {"url": base_url, "models": len(self.catalog.models), "admin": str(admin.path)}
+            fields = {"url": self._base_url, "models": len(self.catalog.models), "admin": str(admin.path)}
             log.info("listening", extra={"fields": fields})
-            if keyring.open and not _is_loopback(parse_listen(cfg.server.listen)[0]):
+            if self.keyring.open and not _is_loopback(parse_listen(cfg.server.listen)[0]):
                 log.warning(
                     "no [keys] configured and listening beyond loopback: anyone who can reach it may use it",
                     extra={"fields": {"listen": cfg.server.listen}},
                 )
-            task_status.started(Started(base_url))
+            task_status.started(Started(self._base_url))
+
+    def status(self) -> DaemonStatus:
+        """A snapshot of everything, for the admin socket."""
+        active = self._active
+        return DaemonStatus(
+            at=time.time(),
+            uptime_s=round(time.time() - self._started_at, 3),
+            listen=self._base_url + "/v1",
+            scheduler=self.admission.statistics(),
+            fleet=self.fleet.statistics(),
+            requests=active.statistics(trio.current_time()),
+            requests_total=len(active),
+            finished_total=active.finished,
+            tokens_total=active.tokens,
+        )
 
     def reload(self) -> str:
         """Read the config file again and apply what can change live (see `queuegate.config.reload`); says what it did.
@@ -273,21 +283,23 @@ class Daemon:
         if plan.applied:
             live = self.config = plan.live
             self.admission.set_policy(_policy(live, self.catalog))
-            if self.proxy is not None:
-                self.proxy.notices = _notice_policy(live)
-            if self.fleet is not None:
-                self.fleet.set_policy(_planner_policy(live))
+            self.proxy.notices = _notice_policy(live)
+            self.fleet.set_policy(_planner_policy(live))
             logging.getLogger("queuegate").setLevel(live.server.log_level.upper())
         log.info("config reloaded", extra={"fields": {"applied": plan.applied, "needs_restart": plan.needs_restart}})
         return plan.summary()
 
     async def _serve(
-        self, http: HttpServer, nursery: trio.Nursery, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+        self,
+        listener: socket.socket,
+        nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         try:
             with trio.CancelScope() as server_scope:
-                nursery.start_soon(self._stop_when_drained, http, server_scope)
-                await http.run(shutdown_trigger=self._shutdown, task_status=task_status)
+                nursery.start_soon(self._stop_when_drained, self.http, server_scope)
+                await self.http.run(listener, shutdown_trigger=self._shutdown, task_status=task_status)
         finally:
             # The server has drained (or failed): stop the health checks and everything else with it.
             nursery.cancel_scope.cancel()
@@ -341,6 +353,19 @@ class _HealthWatchers:
 
     def _watcher(self, upstream: Upstream) -> Fleet | HealthMonitor:
         return self.fleet if self.catalog.models[upstream.model].launch is not None else self.health
+
+
+def _usage_store(config: Config) -> UsageStore | None:
+    usage = config.usage
+    if not usage.enabled:
+        return None
+    return UsageStore(
+        usage_db_path(config),
+        flush_s=usage.flush_ms / 1000,
+        retention_days=usage.retention_days,
+        timezone=usage_timezone(config),
+        durable=usage.durable,
+    )
 
 
 def _policy(config: Config, catalog: Catalog) -> Policy:

@@ -15,6 +15,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,6 @@ from queuegate.proxy import (
     echo,
     request_class,
     request_flow,
-    usage_row,
 )
 from queuegate.scheduler import Admission
 from queuegate.statistics import ModelView, model_views
@@ -89,21 +89,44 @@ class InFlight:
         await self._idle.wait()
 
 
-def create_app(
-    server: ServerConfig,
-    catalog: Catalog,
-    admission: Admission,
-    fleet: Fleet,
-    proxy: Proxy,
-    active: ActiveRequests,
-    keyring: KeyRing,
-    metrics: Metrics,
-    in_flight: InFlight,
-    classes: Sequence[str],
-    usage: UsageStore | None,
-) -> ASGIApp:
-    """Build the ASGI application for one daemon (no module-level app: each daemon gets its own). `usage`: None
-    when accounting is off."""
+@dataclass(frozen=True, slots=True)
+class Routes:
+    """What the routes need from the daemon, built by the composition root. `on_finish` takes note of every
+    finished request (metrics, usage); `commit` is durable usage's wait for a request's row (None: batched)."""
+
+    server: ServerConfig
+    catalog: Catalog
+    admission: Admission
+    fleet: Fleet
+    proxy: Proxy
+    active: ActiveRequests
+    keyring: KeyRing
+    metrics: Metrics
+    in_flight: InFlight
+    classes: Sequence[str]
+    usage: UsageStore | None
+    on_finish: Callable[[RequestRecord, int], None]
+    commit: Callable[[], Awaitable[None]] | None
+
+
+def create_app(routes: Routes) -> ASGIApp:
+    """Build the ASGI application for one daemon (no module-level app: each daemon gets its own). Routes only
+    translate between HTTP and the daemon's components."""
+    server, catalog, admission, fleet, proxy = (
+        routes.server,
+        routes.catalog,
+        routes.admission,
+        routes.fleet,
+        routes.proxy,
+    )
+    active, keyring, metrics, usage, classes = (
+        routes.active,
+        routes.keyring,
+        routes.metrics,
+        routes.usage,
+        routes.classes,
+    )
+    on_finish, commit = routes.on_finish, routes.commit
     app = QuartTrio("queuegate")
     app.config.update(
         RESPONSE_TIMEOUT=None,
@@ -112,14 +135,6 @@ def create_app(
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
     created = int(time.time())
-
-    # Durable usage: a request's row is committed before its answer's last byte is sent.
-    commit = usage.commit_within if usage is not None and usage.durable else None
-
-    def on_finish(record: RequestRecord, status: int) -> None:
-        metrics.observe(record, status)
-        if usage is not None and (row := usage_row(record, status, usage.timezone)) is not None:
-            usage.record(row)
 
     async def relay(endpoint: str, route_class: str = "user", session: str | None = None) -> Response:
         request_id = _request_id(request.headers.get("x-request-id"))
@@ -300,7 +315,7 @@ def create_app(
     async def http_error(exc: HTTPException) -> Response:
         return _error_response(_from_http_exception(exc), _request_id(request.headers.get("x-request-id")))
 
-    return _with_request_lifetime(app, in_flight)
+    return _with_request_lifetime(app, routes.in_flight)
 
 
 async def _discard_body(timeout_s: float) -> None:

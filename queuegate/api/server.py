@@ -76,7 +76,6 @@ class HttpServer:
     def __init__(
         self,
         app: Any,
-        listener: socket.socket,
         *,
         graceful_timeout_s: float,
         write_timeout_s: float,
@@ -89,7 +88,6 @@ class HttpServer:
         self._config.accesslog = None
         self._config.errorlog = logging.getLogger("queuegate.http")
         self._app = wrap_app(app, self._config.wsgi_max_body_size, None)
-        self._listener = listener
         self.write_timeout_s = write_timeout_s
         self.http2 = http2  # else HTTP/2 requests (h2c upgrade, prior knowledge) are answered 505
         self.connections: set[ClientConnection] = set()
@@ -97,12 +95,14 @@ class HttpServer:
 
     async def run(
         self,
+        listener: socket.socket,
         *,
         shutdown_trigger: trio.Event,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until `shutdown_trigger` is set: then stop accepting and give running connections the graceful
-        timeout (the daemon ends them sooner once its requests are done). Reports the base URL once accepting."""
+        """Serve on the bound `listener` until `shutdown_trigger` is set: then stop accepting and give running
+        connections the graceful timeout (the daemon ends them sooner once its requests are done). Reports the base
+        URL once accepting."""
         lifespan_state: LifespanState = {}
         lifespan = Lifespan(self._app, self._config, lifespan_state)
         context = WorkerContext(None)
@@ -110,14 +110,14 @@ class HttpServer:
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             async with trio.open_nursery() as connections:
-                listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._listener))
+                accepting_on = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
                 handler = partial(self._serve_connection, context, lifespan_state)
                 try:
                     async with trio.open_nursery() as accepting:
                         accepting.start_soon(
-                            partial(trio.serve_listeners, handler, [listener], handler_nursery=connections)
+                            partial(trio.serve_listeners, handler, [accepting_on], handler_nursery=connections)
                         )
-                        bound = repr_socket_addr(self._listener.family, self._listener.getsockname())
+                        bound = repr_socket_addr(listener.family, listener.getsockname())
                         task_status.started(f"http://{bound}")
                         await shutdown_trigger.wait()
                         accepting.cancel_scope.cancel()
