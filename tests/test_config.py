@@ -11,6 +11,8 @@ import pytest
 from queuegate.config import ConfigError, load_config, parse_config
 from queuegate.config.template import render_template
 from queuegate.fleet import Catalog
+from queuegate.fleet.kinds import PROFILES
+from queuegate.vocabulary import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,3 +169,13 @@ def test_cli_init_and_check(tmp_path):
     bad = subprocess.run([*run, "check", "--config", str(path)], capture_output=True, text=True, check=False)
     assert bad.returncode == 2
     assert "at `models.m.max_concurrency`" in bad.stderr and "Expected `int` >= 1" in bad.stderr
+
+
+def test_kinds_endpoints_and_classes_come_from_one_list():
+    assert set(PROFILES) == set(KINDS)  # every kind the config accepts has a profile, and only those
+    assert Catalog.from_config(parse_config(MINIMAL)).models  # the default kind is one of them
+    with pytest.raises(ConfigError) as kind:
+        parse_config('[models.m]\nupstreams = ["http://h/v1"]\nkind = "foo"')
+    assert str(kind.value).endswith(f"at `models.m.kind`: Invalid enum value 'foo'; expected one of {', '.join(KINDS)}")
+    with pytest.raises(ConfigError, match=r"endpoints\[1\]`: Invalid enum value 'images'; expected one of chat, comp"):
+        parse_config('[models.m]\nupstreams = ["http://h/v1"]\nendpoints = ["chat", "images"]')

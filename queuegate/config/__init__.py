@@ -2,7 +2,7 @@
 the key (`load.py`), the rules a type cannot express (`checks.py`), where it puts things (`paths.py`), what a reload
 may change live (`reload.py`), and the commented template `queuegate init` writes (`template.py`)."""
 
-from queuegate.config.checks import ROUTE_CLASSES, parse_listen
+from queuegate.config.checks import parse_listen
 from queuegate.config.load import build_config, load_config, parse_config
 from queuegate.config.paths import admin_socket_path, usage_db_path, usage_timezone
 from queuegate.config.schema import (
@@ -23,7 +23,6 @@ from queuegate.config.schema import (
 )
 
 __all__ = [
-    "ROUTE_CLASSES",
     "AffinityConfig",
     "Config",
     "ConfigError",

@@ -9,9 +9,7 @@ from typing import Any
 
 from queuegate.config.paths import usage_timezone
 from queuegate.config.schema import Config, ConfigError, ModelConfig
-
-# The classes QueueGate's routes assign: /v1/chat/completions is "user", /v1/agent/chat/completions is "agent".
-ROUTE_CLASSES = ("user", "agent")
+from queuegate.vocabulary import ROUTE_CLASSES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 

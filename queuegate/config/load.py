@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,7 +76,29 @@ def _convert(data: Any, type_: type[_T], source: str, path: str) -> _T:
     try:
         return msgspec.convert(data, type_)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_readable(str(exc), path)}") from None
+        message = str(exc)
+        allowed = _allowed_values(type_, message)
+        if allowed:
+            message = message.replace(" - at `$", f"; expected one of {', '.join(allowed)} - at `$", 1)
+        raise ConfigError(f"{source}: {_readable(message, path)}") from None
+
+
+def _allowed_values(type_: Any, message: str) -> tuple[str, ...]:
+    """For msgspec's 'Invalid enum value' at `$.a.b[0]`: the values the key takes (its Literal's), else ()."""
+    if not message.startswith("Invalid enum value") or " - at `$" not in message:
+        return ()
+    where = message.rpartition(" - at `$")[2].rstrip("`")
+    for name in re.findall(r"\.(\w+)", where):
+        hints = typing.get_type_hints(type_) if isinstance(type_, type) else {}
+        type_ = _unwrapped(hints.get(name))
+    return tuple(str(v) for v in typing.get_args(type_)) if typing.get_origin(type_) is typing.Literal else ()
+
+
+def _unwrapped(hint: Any) -> Any:
+    """A field's type without Optional, list[...] or Annotated around it."""
+    while typing.get_origin(hint) in (list, typing.Union, types.UnionType, typing.Annotated):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def _interpolate(value: Any, env: Any, source: str, path: str) -> Any:

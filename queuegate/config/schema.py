@@ -10,8 +10,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-Kind = Literal["vllm", "ollama", "llamacpp", "tgi", "sglang", "localai", "lmstudio", "openai"]
-Endpoint = Literal["chat", "completions", "embeddings"]
+from queuegate.vocabulary import CLASSES, ENDPOINTS, KINDS
+
+Kind = Literal[KINDS]  # type: ignore[valid-type]  # the names, from the one list
+Endpoint = Literal[tuple(ENDPOINTS)]  # type: ignore[valid-type]
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
@@ -59,9 +61,7 @@ class UpstreamDefaults(_Section):
 class QueueConfig(_Section):
     max_size: PositiveInt = 256
     max_wait_s: PositiveFloat = 600.0
-    classes: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(
-        default_factory=lambda: ["user", "agent", "batch"]
-    )
+    classes: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=lambda: list(CLASSES))
     aging_s: PositiveFloat = 30.0
     notify: Literal["auto", "always", "never"] = "auto"
     notify_min_ms: NonNegativeFloat = 1000.0

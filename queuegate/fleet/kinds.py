@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALL_ENDPOINTS = frozenset({"chat", "completions", "embeddings"})
+from queuegate.vocabulary import ENDPOINTS
+
+ALL_ENDPOINTS = frozenset(ENDPOINTS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,8 @@ from queuegate.proxy._relay import EventReader, RelayStream, looks_like_sse
 from queuegate.proxy._request import asks_usage, echo, parse_body, prompt_chars, request_tokens
 from queuegate.proxy._routing import chat_key
 from queuegate.scheduler import Admission, ModelUnavailable, NoUpstreamLeft, QueuePosition, Ticket
+from queuegate.vocabulary import ENDPOINTS
 
-UPSTREAM_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 ERROR_BODY_LIMIT = 64 * 1024
 # An upstream's own rate limit (429) is waited out, before any byte reached the client: at most this many times,
 # and only when its Retry-After is this short; otherwise its 429 goes to the client.
@@ -231,7 +231,7 @@ class Proxy:
             timeouts = self._forwarder.timeouts
             # Anything but a relayed stream is a whole answer, bounded in all (whatever the client asked for).
             deadline = timeouts.deadline(stream=False)
-            path = UPSTREAM_PATHS[record.endpoint]
+            path = ENDPOINTS[record.endpoint].upstream_path
             record.upstream_started_at = trio.current_time()
             response = await self._forwarder.send(upstream, path, payload, record.request_id, deadline)
             content_type = response.header(b"content-type") or "application/json"

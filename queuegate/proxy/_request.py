@@ -14,9 +14,8 @@ import msgspec
 
 from queuegate.errors import BadRequest
 from queuegate.proxy._record import tokens_in
+from queuegate.vocabulary import ENDPOINTS
 
-# Fields each endpoint cannot do without.
-REQUIRED_FIELDS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 ECHO_LIMIT = 200  # characters of client input an error message repeats at most
 
 
@@ -33,7 +32,7 @@ def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("you must provide a model parameter", param="model")
-    required = REQUIRED_FIELDS[endpoint]
+    required = ENDPOINTS[endpoint].required_field
     if required not in body:
         raise BadRequest(f"missing required parameter: {required!r}", param=required)
     if "stream" in body and not isinstance(body["stream"], bool):

@@ -38,10 +38,9 @@ from queuegate.statistics import (
     SchedulerStatistics,
     UpstreamStatistics,
 )
+from queuegate.vocabulary import CLASSES
 
 _K = TypeVar("_K")
-
-DEFAULT_CLASSES = ("user", "agent", "batch")
 
 
 class UpstreamState(enum.Enum):
@@ -68,7 +67,7 @@ class Ticket:
 
     model: str
     enqueued_at: float
-    klass: str = DEFAULT_CLASSES[0]
+    klass: str = CLASSES[0]
     flow: str = ""
     affinity: str | None = None  # sticky-chat key
     exclude: frozenset[str] = frozenset()  # upstreams already tried by this request
@@ -97,7 +96,7 @@ class Demand:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    classes: Sequence[str] = DEFAULT_CLASSES
+    classes: Sequence[str] = CLASSES
     aging_s: float = 30.0
     max_queue: int = 256
     model_max_queue: dict[str, int] = field(default_factory=dict)  # optional per-model bounds
