@@ -20,7 +20,8 @@ import trio
 from queuegate.admin.client import AdminClient
 from queuegate.admin.protocol import Cancel
 from queuegate.config import admin_socket_path
-from queuegate.proxy._pipeline import UpstreamNotReady, _NotReadyWait
+from queuegate.proxy._attempt import UpstreamNotReady
+from queuegate.proxy._pipeline import _NotReadyWait
 from queuegate.scheduler import ModelUnavailable
 from tests.helpers import EXCLUSIVE, chat, in_thread, sim_model, stuck_stream, wait_until
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import trio
@@ -19,23 +20,50 @@ import trio
 from queuegate.errors import GatewayError, InternalError, UpstreamError
 from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord
 from queuegate.proxy._relay import RelayStream
+from queuegate.proxy._reply import Reply
 
 if TYPE_CHECKING:
     from queuegate.fleet.catalog import ModelSpec
-    from queuegate.proxy._pipeline import Proxy
-    from queuegate.scheduler import Ticket
+    from queuegate.scheduler import QueuePosition, Ticket
 
 log = logging.getLogger("queuegate.request")
-SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 POSITION_CHECK_S = 1.0  # how often a waiting request looks at its position
 KEEPALIVE = b": queued\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class NoticePolicy:
+    """When a streamed request that waits gets queue notices (see `QueuedStream`)."""
+
+    mode: str = "auto"  # auto (the user class only) | always | never
+    min_wait_s: float = 1.0
+    keepalive_s: float = 10.0
+
+    def applies(self, record: RequestRecord) -> bool:
+        if not record.stream or record.endpoint == "embeddings" or self.mode == "never":
+            return False
+        return self.mode == "always" or record.klass == "user"
+
+
+class Queue(Protocol):
+    """What a queued stream needs of the proxy: its place in the queue, and the way on once its slot comes."""
+
+    notices: NoticePolicy
+
+    async def wait_for_slot(self, ticket: Ticket, record: RequestRecord, *, until: float | None = None) -> bool: ...
+
+    def position(self, ticket: Ticket) -> QueuePosition | None: ...
+
+    def withdraw(self, ticket: Ticket) -> None: ...
+
+    async def forward(self, spec: ModelSpec, record: RequestRecord, payload: bytes, ticket: Ticket) -> Reply: ...
 
 
 class QueuedStream:
     """The client's response body while its request is queued, then the upstream's stream (iterate, then aclose)."""
 
-    def __init__(self, proxy: Proxy, spec: ModelSpec, record: RequestRecord, payload: bytes, ticket: Ticket) -> None:
-        self._proxy = proxy
+    def __init__(self, queue: Queue, spec: ModelSpec, record: RequestRecord, payload: bytes, ticket: Ticket) -> None:
+        self._proxy = queue
         self._spec = spec
         self._record = record
         self._payload = payload

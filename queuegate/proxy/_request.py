@@ -8,6 +8,7 @@ What QueueGate reads: `model`, the endpoint's required field, `stream` and `stre
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -17,6 +18,32 @@ from queuegate.proxy._record import tokens_in
 from queuegate.vocabulary import ENDPOINTS
 
 ECHO_LIMIT = 200  # characters of client input an error message repeats at most
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """A request body, parsed once: what the rest of the way reads."""
+
+    body: dict[str, Any]  # as the client sent it (everything QueueGate does not read passes through)
+    model: str  # the name asked for (a model or an alias)
+    stream: bool
+    wants_usage: bool  # it asked for the stream's usage chunk
+    prompt_chars: int  # characters of prompt text, for token estimates
+    tokens: int  # its estimated size, for tokens-per-minute limits
+
+
+def parse_request(raw: bytes, endpoint: str) -> ParsedRequest:
+    """Decode and check a request body (BadRequest naming the field when it is wrong)."""
+    body = parse_body(raw, endpoint)
+    chars = prompt_chars(body)
+    return ParsedRequest(
+        body=body,
+        model=body["model"],
+        stream=body.get("stream") is True,
+        wants_usage=asks_usage(body),
+        prompt_chars=chars,
+        tokens=request_tokens(body, chars),
+    )
 
 
 def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
