@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import sys
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -32,7 +33,7 @@ from queuegate.admin.protocol import (
     Resume,
     Undrain,
 )
-from queuegate.admin.server import AdminSocketError, SocketInUse
+from queuegate.admin.server import AdminSocketError
 from queuegate.config import admin_socket_path, build_config, load_config
 from queuegate.daemon import Daemon
 from queuegate.errors import leaf_exceptions
@@ -148,16 +149,20 @@ async def test_many_subscribers_at_once(start_gateway):
     assert all(n >= 2 for n in received), received  # the first snapshot and at least one update each
 
 
-async def test_a_stale_socket_is_replaced_and_a_live_one_refused(start_gateway, tmp_path, nursery):
-    _, path = await fleet_gateway(start_gateway)
-    second = Daemon(build_config({"server": {"listen": "127.0.0.1:0", "admin_socket": str(path)}}))
-    refused = []
+async def refused_start(admin_socket: Path) -> str:
+    """Start a daemon whose admin socket is `admin_socket`; the reason it refuses to start."""
+    daemon = Daemon(build_config({"server": {"listen": "127.0.0.1:0", "admin_socket": str(admin_socket)}}))
     try:
         async with trio.open_nursery() as inner:
-            await inner.start(second.run)
-    except* SocketInUse as group:
-        refused.append(str(leaf_exceptions(group)[0]))
-    assert refused and "another QueueGate is running" in refused[0]
+            await inner.start(daemon.run)
+    except* AdminSocketError as group:
+        return str(leaf_exceptions(group)[0])
+    raise AssertionError("the daemon started")
+
+
+async def test_a_stale_socket_is_replaced_and_a_live_one_refused(start_gateway, tmp_path, nursery):
+    _, path = await fleet_gateway(start_gateway)
+    assert "another QueueGate is running" in await refused_start(path)
     async with AdminClient(path) as client:
         assert client.daemon_pid == os.getpid()  # the first daemon still serves
 
@@ -175,15 +180,7 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_refused(start_gateway, 
 
     not_a_socket = tmp_path / "precious.txt"
     not_a_socket.write_text("keep me")
-    refused.clear()
-    try:
-        async with trio.open_nursery() as inner:
-            await inner.start(
-                Daemon(build_config({"server": {"listen": "127.0.0.1:0", "admin_socket": str(not_a_socket)}})).run
-            )
-    except* SocketInUse as group:
-        refused.append(str(leaf_exceptions(group)[0]))
-    assert refused and "is not a socket" in refused[0]
+    assert "is not a socket" in await refused_start(not_a_socket)
     assert not_a_socket.read_text() == "keep me"
 
 
@@ -191,14 +188,8 @@ async def test_an_admin_socket_in_a_folder_others_may_enter_is_refused_and_the_f
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o1777)  # like the system's temp folder
-    daemon = Daemon(build_config({"server": {"listen": "127.0.0.1:0", "admin_socket": str(shared / "qg.sock")}}))
-    refused = []
-    try:
-        async with trio.open_nursery() as inner:
-            await inner.start(daemon.run)
-    except* AdminSocketError as group:
-        refused.append(str(leaf_exceptions(group)[0]))
-    assert refused and "is open to other users (mode 1777)" in refused[0] and "chmod 700" in refused[0]
+    refused = await refused_start(shared / "qg.sock")
+    assert "is open to other users (mode 1777)" in refused and "chmod 700" in refused
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777  # untouched
     assert not (shared / "qg.sock").exists()
 
