@@ -37,7 +37,7 @@ from queuegate.admin.server import AdminSocketError
 from queuegate.config import admin_socket_path, build_config, load_config
 from queuegate.daemon import Daemon
 from queuegate.errors import leaf_exceptions
-from tests.helpers import EXCLUSIVE, ask, in_thread, sim_model
+from tests.helpers import EXCLUSIVE, ask, in_thread, sim_model, wait_until
 
 
 async def fleet_gateway(start_gateway):
@@ -149,6 +149,12 @@ async def test_many_subscribers_at_once(start_gateway):
     assert all(n >= 2 for n in received), received  # the first snapshot and at least one update each
 
 
+def queue_now(daemon: Daemon) -> tuple[int, int]:
+    """(in service, waiting) in the daemon's scheduler now."""
+    stats = daemon.admission.statistics()
+    return stats.in_service, stats.waiting
+
+
 async def refused_start(admin_socket: Path) -> str:
     """Start a daemon whose admin socket is `admin_socket`; the reason it refuses to start."""
     daemon = Daemon(build_config({"server": {"listen": "127.0.0.1:0", "admin_socket": str(admin_socket)}}))
@@ -258,9 +264,7 @@ async def test_drain_and_pause_through_the_socket(start_sim, start_gateway):
         await client.request(Pause(klass="agent"))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(in_thread, lambda: gw.client().post("/agent/chat/completions", cast_to=dict, body=chat))
-            with trio.fail_after(5):
-                while gw.stats().waiting != 1:
-                    await trio.sleep(0.01)
+            await wait_until(lambda: gw.stats().waiting == 1, timeout=5)
             await in_thread(lambda: gw.client().chat.completions.create(**chat))  # users still go
             assert gw.stats().waiting == 1  # the agent's request is held
             classes = {c.name: c.paused for c in (await client.status()).scheduler.models[0].classes}
@@ -298,13 +302,9 @@ async def test_requests_are_listed_and_an_operator_can_cancel_them(start_sim, st
 
     async with AdminClient(path) as client, trio.open_nursery() as nursery:
         nursery.start_soon(in_thread, streamed)
-        with trio.fail_after(5):
-            while gw.stats().in_service != 1:
-                await trio.sleep(0.01)
+        await wait_until(lambda: gw.stats().in_service == 1, timeout=5)
         nursery.start_soon(in_thread, queued)
-        with trio.fail_after(5):
-            while gw.stats().waiting != 1:
-                await trio.sleep(0.01)
+        await wait_until(lambda: gw.stats().waiting == 1, timeout=5)
         await trio.sleep(0.3)  # a few tokens of the stream
         status = await client.status()
         listed = {r.id: r for r in status.requests}
@@ -313,9 +313,7 @@ async def test_requests_are_listed_and_an_operator_can_cancel_them(start_sim, st
         assert listed["q1"].upstream is None and listed["q1"].klass == "user"
 
         assert (await client.request(Cancel(request_id="q1"))).message == "cancelled q1"
-        with trio.fail_after(5):
-            while "q1" not in outcomes:
-                await trio.sleep(0.01)
+        await wait_until(lambda: "q1" in outcomes, timeout=5)
         assert gw.stats().waiting == 0
         assert (await client.request(Cancel(request_id="s1"))).message == "cancelled s1"
     cancelled = outcomes["q1"]
@@ -379,9 +377,7 @@ async def test_reload_applies_live_keys_names_the_rest_and_keeps_the_old_config_
     async with trio.open_nursery() as requests:
         for expected in ((1, 0), (1, 1)):
             requests.start_soon(post)
-            with trio.fail_after(5):
-                while (daemon.admission.statistics().in_service, daemon.admission.statistics().waiting) != expected:
-                    await trio.sleep(0.01)
+            await wait_until(lambda e=expected: queue_now(daemon) == e, timeout=5)
         await post()
         assert statuses == [429]
     assert sorted(statuses) == [200, 200, 429]

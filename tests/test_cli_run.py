@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.helpers import in_thread, start_daemon, stream_signalling_at_first_event, stuck_stream
+from tests.helpers import in_thread, start_daemon, stream_signalling_at_first_event, stuck_stream, wait_until
 
 
 def children(pid: int) -> list[str]:
@@ -61,9 +61,7 @@ async def test_demo_fleet_serves_the_openai_client_survives_idling_and_stops_on_
     # A demo upstream that dies takes only itself down: the gateway goes on serving the others.
     embedder = pids_named(fleet, b"demo-embed")[0]
     os.kill(int(embedder), signal.SIGTERM)
-    with trio.fail_after(10):
-        while "demo upstream exited" not in daemon.stderr:
-            await trio.sleep(0.05)
+    await wait_until(lambda: "demo upstream exited" in daemon.stderr, timeout=10)
     assert (await in_thread(lambda: client.chat.completions.create(model="chat", messages=messages))).choices
 
     daemon.process.send_signal(signal.SIGINT)
@@ -198,9 +196,7 @@ async def test_shutdown_grace_period_ends_streams_with_the_truth(start_sim, nurs
     assert daemon.stderr.count("status=503 stream=") == 2
     assert daemon.stderr.count('error="the server is shutting down"') == 2
     assert "client closed" not in daemon.stderr and "client disconnected" not in daemon.stderr
-    with trio.fail_after(2):
-        while sim.stats.active:
-            await trio.sleep(0.02)  # the upstream stream was closed too, not left generating
+    await wait_until(lambda: not sim.stats.active, timeout=2)  # the upstream stream was closed too, not left generating
 
 
 async def test_a_second_signal_stops_at_once_even_with_a_client_that_reads_nothing(start_sim, nursery, tmp_path):
@@ -216,7 +212,5 @@ async def test_a_second_signal_stops_at_once_even_with_a_client_that_reads_nothi
     with trio.fail_after(5):
         await daemon.process.wait()
     assert daemon.process.returncode == 0, daemon.stderr
-    with trio.fail_after(2):
-        while sim.stats.active:
-            await trio.sleep(0.02)
+    await wait_until(lambda: not sim.stats.active, timeout=2)
     await stuck.aclose()

@@ -14,7 +14,7 @@ import trio
 from queuegate.admin.client import AdminClient
 from queuegate.admin.command import render_status
 from queuegate.config import admin_socket_path
-from tests.helpers import SECRETS, in_thread
+from tests.helpers import SECRETS, in_thread, wait_until
 
 
 async def keyed_gateway(start_sim, start_gateway):
@@ -113,9 +113,7 @@ async def test_a_key_over_its_rpm_waits_instead_of_failing(start_sim, start_gate
     async with trio.open_nursery() as nursery:
         for i in range(12):
             nursery.start_soon(one, i)
-        with trio.fail_after(10):
-            while len(answered) < 6:
-                await trio.sleep(0.05)
+        await wait_until(lambda: len(answered) >= 6, timeout=10)
         assert gw.stats().waiting == 6  # the rest wait in the queue, not in a 429
     answered.sort()
     assert len(answered) == 12
@@ -175,13 +173,9 @@ async def test_a_request_held_by_a_limit_is_still_cancellable(start_sim, start_g
         async with trio.open_nursery() as nursery:
             # Held for the rest of the minute: once it waits in the queue, the client gives up.
             nursery.start_soon(functools.partial(http.post, gw.api + "/chat/completions", json=body, headers=headers))
-            with trio.fail_after(3):
-                while gw.stats().waiting != 1:
-                    await trio.sleep(0.02)
+            await wait_until(lambda: gw.stats().waiting == 1, timeout=3)
             nursery.cancel_scope.cancel()
-    with trio.fail_after(3):
-        while gw.stats().waiting:
-            await trio.sleep(0.02)
+    await wait_until(lambda: not gw.stats().waiting, timeout=3)
 
 
 async def test_a_streamed_request_held_by_a_limit_is_told_why_and_about_how_long(start_sim, start_gateway, monkeypatch):
@@ -207,9 +201,7 @@ async def test_a_streamed_request_held_by_a_limit_is_told_why_and_about_how_long
     assert re.fullmatch(
         r"Queued for m: position 1, about (59|60) s \(held by a requests- or tokens-per-minute limit\)\.\n", notice
     )
-    with trio.fail_after(3):
-        while gw.stats().waiting:
-            await trio.sleep(0.02)
+    await wait_until(lambda: not gw.stats().waiting, timeout=3)
 
 
 def rss_mb() -> float:

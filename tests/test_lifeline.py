@@ -53,9 +53,7 @@ async def test_the_reaper_stops_what_is_registered_and_nothing_else():
     await trio.sleep(0.2)
     assert running(polite.pid) and running(stubborn.pid)  # nothing happens while the pipe is open
     reaper.stdin.close()  # what the kernel does when QueueGate dies
-    with trio.fail_after(5):
-        while reaper.poll() is None:
-            await trio.sleep(0.05)
+    await wait_until(lambda: reaper.poll() is not None, timeout=5)
     assert polite.wait(1) == -signal.SIGTERM
     assert stubborn.wait(1) == -signal.SIGKILL  # after its 0.5 s grace
     assert running(stranger.pid)

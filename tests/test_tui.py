@@ -20,7 +20,7 @@ from queuegate.config import admin_socket_path, build_config
 from queuegate.daemon import Daemon
 from queuegate.tui.app import ConfirmScreen, HelpScreen, TopApp
 from queuegate.tui.widgets import DevicesPanel, LimitsTable, ModelsTable, RequestsTable, UpstreamsTable
-from tests.helpers import EXCLUSIVE, HI, in_thread, sim_model
+from tests.helpers import EXCLUSIVE, HI, in_thread, sim_model, wait_until
 
 
 async def until(pilot, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -83,9 +83,7 @@ async def test_it_says_when_disconnected_and_reconnects_to_a_restarted_daemon(st
 
     async def restart() -> None:
         gw.daemon.request_shutdown()
-        with trio.fail_after(10):
-            while path.exists():
-                await trio.sleep(0.05)
+        await wait_until(lambda: not path.exists(), timeout=10)
         await trio.sleep(0.5)  # the app notices while nothing listens
         raw = {"server": {"listen": "127.0.0.1:0", "admin_socket": str(path)}, "devices": EXCLUSIVE}
         await nursery.start(Daemon(build_config({**raw, "models": {"a": sim_model()}})).run)
@@ -137,9 +135,7 @@ async def test_the_requests_panel_lists_requests_and_c_cancels_the_selected_one(
             await pilot.press("q")
 
     await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))
-    with trio.fail_after(5):
-        while not failures or sim.stats.disconnects < 1:
-            await trio.sleep(0.01)
+    await wait_until(lambda: bool(failures) and sim.stats.disconnects >= 1, timeout=5)
 
 
 async def test_the_limits_panel_shows_only_when_limits_exist_and_what_the_minute_used(start_sim, start_gateway):
