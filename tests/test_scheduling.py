@@ -238,9 +238,14 @@ async def test_disconnect_while_notified_in_the_queue_withdraws_and_never_reache
 
 
 async def test_passthrough_route_is_scheduled_like_chat(start_sim, start_gateway):
-    sim, url = await start_sim(tokens_per_s=0)
-    gw = await start_gateway({"m": {"upstreams": [url]}})
-    async with httpx.AsyncClient(timeout=10) as http:
-        answer = await http.post(gw.api + "/chat/completions_passthrough", json=body("tools", tools=[]))
+    """The passthrough route waits its turn in the same queue (the one slot is busy) and reaches the upstream's
+    chat endpoint with the tools left as they are."""
+    results: dict[str, httpx.Response] = {}
+    async with trio.open_nursery() as nursery:
+        sim, gw = await one_busy_slot(start_sim, start_gateway, nursery, tokens_per_s=20, holder_tokens=10)
+        await post_all(gw, nursery, [("/chat/completions_passthrough", body("tools", tools=[]), {})], results)
+        assert gw.stats().waiting == 1  # queued behind the holder, not sent beside it
+    answer = results["tools"]
     assert answer.status_code == 200 and answer.json()["object"] == "chat.completion"
+    assert served_order(sim) == ["holder", "tools"]
     assert sim.stats.received[-1].path == "/v1/chat/completions" and sim.stats.received[-1].body["tools"] == []
