@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from queuegate.config import ConfigError, load_config, parse_config
+from queuegate.config.reload import plan_reload
 from queuegate.config.template import render_template
 from queuegate.fleet import Catalog
 from queuegate.fleet.kinds import PROFILES
@@ -179,3 +180,54 @@ def test_kinds_endpoints_and_classes_come_from_one_list():
     assert str(kind.value).endswith(f"at `models.m.kind`: Invalid enum value 'foo'; expected one of {', '.join(KINDS)}")
     with pytest.raises(ConfigError, match=r"endpoints\[1\]`: Invalid enum value 'images'; expected one of chat, comp"):
         parse_config('[models.m]\nupstreams = ["http://h/v1"]\nendpoints = ["chat", "images"]')
+
+
+RUNNING = """
+[server]
+log_level = "info"
+[queue]
+max_size = 10
+[models.m]
+upstreams = ["http://127.0.0.1:8081/v1"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("edit", "applied", "needs_restart"),
+    [
+        ((), [], []),
+        ((("max_size = 10", "max_size = 20"),), ["queue.max_size"], []),
+        ((('log_level = "info"', 'log_level = "debug"'),), ["server.log_level"], []),
+        ((("max_size = 10", "max_size = 10\nmax_wait_s = 5"),), ["queue.max_wait_s"], []),  # a key newly set
+        (((":8081", ":8082"),), [], ["models.m.upstreams"]),
+        ((("[server]", '[server]\nlisten = "127.0.0.1:9000"'),), [], ["server.listen"]),
+        (((RUNNING, RUNNING + '[models.n]\nupstreams = ["http://h/v1"]\n'),), [], ["models.n"]),  # a new model
+        (((RUNNING, RUNNING.replace("[models.m]", "[models.renamed]")),), [], ["models.m", "models.renamed"]),
+        (
+            (("max_size = 10", "max_size = 20"), (":8081", ":8082")),  # live part applied, the rest reported
+            ["queue.max_size"],
+            ["models.m.upstreams"],
+        ),
+    ],
+)
+def test_reload_applies_live_keys_and_names_the_ones_that_need_a_restart(edit, applied, needs_restart):
+    new_text = RUNNING
+    for old, new in edit:
+        assert old in new_text
+        new_text = new_text.replace(old, new)
+    running = parse_config(RUNNING)
+    plan = plan_reload(running, parse_config(new_text))
+    assert (plan.applied, plan.needs_restart) == (applied, needs_restart)
+    # The live config takes the live changes and nothing else: the running models stay as they are.
+    assert plan.live.models == running.models and plan.live.server.listen == running.server.listen
+    if "queue.max_size" in applied:
+        assert plan.live.queue.max_size == 20
+
+
+def test_reload_summary_says_what_was_applied_and_what_waits_for_a_restart():
+    running = parse_config(RUNNING)
+    assert plan_reload(running, running).summary() == "reloaded: no changes"
+    both = parse_config(RUNNING.replace("max_size = 10", "max_size = 20").replace(":8081", ":8082"))
+    assert plan_reload(running, both).summary() == (
+        "reloaded: applied queue.max_size; not applied, needs a restart: models.m.upstreams"
+    )
