@@ -80,6 +80,11 @@ def test_defaults_are_safe():
             '[keys.a]\nkey = "sk-0123456789"\n[keys.b]\nkey = "sk-0123456789"',
             "at `keys.b`: the same secret as key 'a'",
         ),
+        (
+            '[models.llama-3.3-70b]\nupstreams = ["http://h/v1"]',  # TOML reads `llama-3` holding `3-70b`
+            'at `models.llama-3`: a name with dots needs quotes in TOML: [models."llama-3.3-70b"]',
+        ),
+        ("[devices.gpu.0]\nmemory_gb = 8", 'a name with dots needs quotes in TOML: [devices."gpu.0"]'),
     ],
 )
 def test_errors_name_the_key(toml, expected):
@@ -133,14 +138,15 @@ def test_kind_profiles_set_health_and_endpoints():
 def test_launch_macros_are_the_launchers_and_env_references_stay_the_environments():
     config = parse_config(
         '[models.p]\nlauncher = "process"\nkind = "llamacpp"\n'
-        'cmd = ["srv", "--port", "${PORT}", "--alias", "${MODEL}", "--key", "${SECRET}"]\nenv = { TAG = "${MODEL}" }\n'
+        'cmd = ["${PYTHON}", "srv", "--port", "${PORT}", "--alias", "${MODEL}", "--key", "${SECRET}"]\n'
+        'env = { TAG = "${MODEL}" }\n'
         '[models.d]\nlauncher = "docker"\ncontainer = "box"\nport = 9000\nupstreams = ["http://127.0.0.1:${PORT}/v1"]\n',
-        environ={"SECRET": "s3", "PORT": "1"},  # an environment PORT does not leak into a model's ${PORT}
+        environ={"SECRET": "s3", "PORT": "1", "PYTHON": "no"},  # the environment's PORT is not a model's ${PORT}
     )
     catalog = Catalog.from_config(config, free_port=lambda: 8123)
     process, docker = catalog.models["p"], catalog.models["d"]
     assert process.launch is not None and docker.launch is not None
-    assert process.launch.argv == ("srv", "--port", "8123", "--alias", "p", "--key", "s3")
+    assert process.launch.argv == (sys.executable, "srv", "--port", "8123", "--alias", "p", "--key", "s3")
     assert process.launch.env == {"TAG": "p"}
     assert process.upstreams[0].base_url == "http://127.0.0.1:8123/v1"  # the process launcher's default URL
     assert process.upstreams[0].health_url == "http://127.0.0.1:8123/health"

@@ -22,8 +22,9 @@ from queuegate.config.schema import Config, ConfigError, DeviceConfig, KeyConfig
 _T = TypeVar("_T")
 
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# Inside a model's table these stay literal for the launcher: ${PORT} (its port) and ${MODEL} (its name).
-LAUNCH_MACROS = frozenset({"PORT", "MODEL"})
+# Inside a model's table these stay literal for the launcher: ${PORT} (its port), ${MODEL} (its name) and
+# ${PYTHON} (the interpreter QueueGate runs on, for servers installed beside it: `${PYTHON} -m vllm...`).
+LAUNCH_MACROS = frozenset({"PORT", "MODEL", "PYTHON"})
 
 
 def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Config:
@@ -69,7 +70,27 @@ def build_config(
 def _convert_named(tables: Any, type_: type[_T], source: str, key: str) -> dict[str, _T]:
     if not isinstance(tables, dict):
         raise ConfigError(f"{source}: at `{key}`: Expected `table`, got `{type(tables).__name__}`")
+    for name, table in tables.items():
+        dotted = _dotted_name(name, table, type_)
+        if dotted is not None:
+            raise ConfigError(
+                f'{source}: at `{key}.{name}`: a name with dots needs quotes in TOML: [{key}."{dotted}"]'
+                f" (unquoted, it reads as a table {name!r} inside {key})"
+            )
     return {name: _convert(table, type_, source, f"{key}.{name}") for name, table in tables.items()}
+
+
+def _dotted_name(name: str, table: Any, type_: type) -> str | None:
+    """The whole name if `[models.llama-3.3-70b]` was written unquoted (TOML reads it as table `llama-3` holding a
+    table `3-70b`), else None."""
+    known = {f.encode_name for f in msgspec.structs.fields(type_)}
+    parts = [name]
+    while isinstance(table, dict) and len(table) == 1:
+        ((inner, table),) = table.items()
+        if inner in known or not isinstance(table, dict):
+            break
+        parts.append(inner)
+    return ".".join(parts) if len(parts) > 1 else None
 
 
 def _convert(data: Any, type_: type[_T], source: str, path: str) -> _T:

@@ -251,7 +251,7 @@ def template_tables() -> list[Table]:
         Table(
             "models.gemma3-12b",
             "A model QueueGate starts on demand and stops when idle or when another needs its device.\n"
-            "In a model's table ${PORT} is its port and ${MODEL} its name.",
+            "In a model's table ${PORT} is its port, ${MODEL} its name and ${PYTHON} the Python QueueGate runs on.",
             [
                 Key(
                     "launcher",

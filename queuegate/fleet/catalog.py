@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from queuegate.config import Config, ContainerSpec, ModelConfig
+from queuegate.config.load import LAUNCH_MACROS
 from queuegate.fleet.kinds import PROFILES, KindProfile
 
 
@@ -36,7 +38,7 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class LaunchSpec:
-    """How QueueGate starts and stops a managed model's server, with ${PORT} and ${MODEL} already substituted."""
+    """How QueueGate starts and stops a managed model's server, with the launch macros (${PORT}...) substituted."""
 
     launcher: str  # "process" or "docker"
     argv: tuple[str, ...]  # process
@@ -107,7 +109,7 @@ def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str], free_port: C
     urls = mc.upstreams
     if mc.launcher != "external":
         port = mc.port or free_port()
-        macros = {"PORT": str(port), "MODEL": name}
+        macros = {"PORT": str(port), "MODEL": name, "PYTHON": sys.executable}
         urls = [_expand(u, macros) for u in (mc.upstreams or ["http://127.0.0.1:${PORT}/v1"])]
         create = mc.create
         if create is not None:
@@ -159,7 +161,7 @@ def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str], free_port: C
     )
 
 
-_MACRO = re.compile(r"\$\{(PORT|MODEL)\}")
+_MACRO = re.compile(r"\$\{(" + "|".join(sorted(LAUNCH_MACROS)) + r")\}")
 
 
 def _expand(text: str, macros: Mapping[str, str]) -> str:
