@@ -1,4 +1,4 @@
-"""`queuegate run | check | init`."""
+"""The command line: `queuegate run | check | init | admin | top`."""
 
 from __future__ import annotations
 

@@ -1,103 +1,61 @@
 """`queuegate run --demo`: a fleet of simulated OpenAI-compatible servers, so QueueGate works on any machine.
 
-The simulators are real HTTP servers in child processes (`python -m queuegate.sim`), with llama-server-like health
-and load times and realistic token rates; the gateway in front of them is the real daemon with a normal config.
-Two of them (coder, writer) are started by QueueGate itself and share one exclusive demo "GPU", so asking for one
-and then the other shows a swap.
+The fleet is a normal config file, `config/demo.toml` (shipped inside the package as `queuegate/demo.toml`). The
+simulators are real HTTP servers in child processes (`python -m queuegate.sim`), with llama-server-like health and
+load times and realistic token rates. Each external upstream the file writes with port 0 is a simulator this module
+starts on a free port; the models with a launcher are started by QueueGate itself and share one exclusive demo
+"GPU", so asking for one and then the other shows a swap.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import tomllib
+from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 
-from queuegate.config import Config, build_config
+from queuegate.config import Config, ConfigError, build_config
 from queuegate.fleet.launchers import LaunchFailed
 from queuegate.fleet.launchers.lifeline import Lifeline
 from queuegate.fleet.launchers.process import ChildProcess
 
 READY_PREFIX = "QUEUEGATE_SIM_READY "
+DEMO_CONFIG = "demo.toml"  # in the package; the repository's config/demo.toml
 log = logging.getLogger("queuegate.demo")
 
 
-def _launched_sim(*args: str) -> list[str]:
-    """A simulator QueueGate itself starts on demand (launcher = "process"), on the port it picks."""
-    return [sys.executable, "-m", "queuegate.sim", "--port", "${PORT}", "--model", "${MODEL}", *args]
+def demo_config_text() -> str:
+    return resources.files("queuegate").joinpath(DEMO_CONFIG).read_text(encoding="utf-8")
 
 
-# name -> (simulator arguments per upstream the demo starts itself, model settings). Models with a launcher have
-# no such upstreams: QueueGate starts and swaps them on the demo's one exclusive "GPU".
-DEMO_FLEET: dict[str, tuple[list[list[str]], dict[str, Any]]] = {
-    "demo-chat": (
-        [["--tokens-per-s", "40"], ["--tokens-per-s", "40"]],
-        {
-            "kind": "llamacpp",
-            "aliases": ["chat", "planner"],
-            "max_concurrency": 2,
-            "defaults": {"temperature": 0.7},
-        },
-    ),
-    "demo-coder": (
-        [],
-        {
-            "launcher": "process",
-            "cmd": _launched_sim("--tokens-per-s", "80", "--load-time", "1.5"),
-            "device": "demo-gpu",
-            "memory_gb": 16,
-            "preload": True,
-            "ttl_s": 600,
-            "kind": "llamacpp",
-            "aliases": ["coder"],
-            "max_concurrency": 2,
-            "defaults": {"temperature": 0.2},
-        },
-    ),
-    "demo-writer": (
-        [],
-        {
-            "launcher": "process",
-            "cmd": _launched_sim("--tokens-per-s", "30", "--load-time", "2.5"),
-            "device": "demo-gpu",
-            "memory_gb": 20,
-            "ttl_s": 600,
-            "kind": "llamacpp",
-            "aliases": ["writer"],
-            "max_concurrency": 2,
-        },
-    ),
-    "demo-embed": (
-        [["--embedding-dim", "16"]],
-        {"kind": "llamacpp", "aliases": ["embed"], "max_concurrency": 4},
-    ),
-}
-DEMO_DEVICES = {"demo-gpu": {"memory_gb": 24}}  # coder (16 GB) and writer (20 GB) never fit together: they swap
+def simulated_upstreams(raw: dict[str, Any]) -> list[tuple[str, int]]:
+    """(model, index) of every upstream in the demo file that is a simulator for the demo to start (port 0)."""
+    return [
+        (name, i)
+        for name, model in raw.get("models", {}).items()
+        for i, url in enumerate(model.get("upstreams", []))
+        if model.get("launcher", "external") == "external" and urlsplit(url).port == 0
+    ]
 
 
-async def start_demo_fleet(
-    nursery: trio.Nursery, *, listen: str, lifeline: Lifeline | None = None, overrides: dict[str, Any] | None = None
-) -> Config:
-    """Start every simulator in `nursery` (they stop with it, and with this process through `lifeline`) and return
-    a config pointing at them."""
-    models: dict[str, Any] = {}
-    for name, (upstream_args, settings) in DEMO_FLEET.items():
-        urls = []
-        for i, args in enumerate(upstream_args):
-            argv = [sys.executable, "-m", "queuegate.sim", "--port", "0", "--model", name, *args]
-            child = ChildProcess(f"{name}#{i}", argv, lifeline=lifeline)
-            urls.append(await nursery.start(_run_demo_upstream, child))
-        models[name] = {"upstreams": urls, **settings} if urls else dict(settings)
-    raw: dict[str, Any] = {
-        "server": {"listen": listen},
-        "upstream": {"health_interval_s": 2.0},
-        "devices": DEMO_DEVICES,
-        "fleet": {"swap_after_ms": 5000},
-        "models": models,
-        **(overrides or {}),
-    }
-    return build_config(raw, source="<demo>")
+async def start_demo_fleet(nursery: trio.Nursery, *, listen: str, lifeline: Lifeline | None = None) -> Config:
+    """Start the demo file's simulators in `nursery` (they stop with it, and with this process through `lifeline`)
+    and return the demo config pointing at them, listening on `listen`."""
+    try:
+        raw = tomllib.loads(demo_config_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{DEMO_CONFIG}: {exc}") from exc
+    for name, i in simulated_upstreams(raw):
+        argv = [sys.executable, "-m", "queuegate.sim", "--port", "0", "--model", name]
+        child = ChildProcess(f"{name}#{i}", argv, lifeline=lifeline)
+        raw["models"][name]["upstreams"][i] = await nursery.start(_run_demo_upstream, child)
+    raw.setdefault("server", {})["listen"] = listen
+    # The state folder is where the user started the demo (as `queuegate top` expects), not the package's folder.
+    return build_config(raw, source=DEMO_CONFIG, base_dir=".")
 
 
 async def _run_demo_upstream(child: ChildProcess, *, task_status: trio.TaskStatus[str]) -> None:
