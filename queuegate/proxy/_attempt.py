@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -181,16 +181,24 @@ class Attempts:
         )
 
 
+async def _at_most(
+    limit: int, upstream: Upstream, next_piece: Callable[[], Awaitable[bytes | None]]
+) -> AsyncIterator[bytes]:
+    """The pieces `next_piece` returns until None, raising AnswerTooLarge once they add up to more than `limit`."""
+    size = 0
+    while (piece := await next_piece()) is not None:
+        size += len(piece)
+        if size > limit:
+            raise AnswerTooLarge(upstream, limit)
+        yield piece
+
+
 async def _read_whole(upstream: Upstream, reader: ChunkReader, limit: int) -> bytes:
     """A whole (non-streamed) body of at most `limit` bytes (UpstreamError past it). A connection dropped
     half-way is a failure another upstream may retry: no byte of it reached the client."""
     chunks = []
-    size = 0
     try:
-        while (chunk := await reader.next()) is not None:
-            size += len(chunk)
-            if size > limit:
-                raise AnswerTooLarge(upstream, limit)
+        async for chunk in _at_most(limit, upstream, reader.next):
             chunks.append(chunk)
     except AnswerTooLarge:
         raise
@@ -203,13 +211,8 @@ async def _fold_events(upstream: Upstream, reader: ChunkReader, endpoint: str, l
     """An event stream read to its end and folded into one answer (the request did not ask for a stream), of at
     most `limit` bytes of events."""
     answer = AnswerFromEvents(chat=endpoint == "chat")
-    events = EventReader(reader)
-    size = 0
     try:
-        while (block := await events.next_events()) is not None:
-            size += len(block)
-            if size > limit:
-                raise AnswerTooLarge(upstream, limit)
+        async for block in _at_most(limit, upstream, EventReader(reader).next_events):
             answer.feed(block)
     except AnswerTooLarge:
         raise
