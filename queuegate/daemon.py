@@ -165,17 +165,17 @@ class Daemon:
         self._in_flight = InFlight()
         app = create_app(
             Routes(
-                cfg.server,
-                catalog,
-                self.admission,
-                self.fleet,
-                self.proxy,
-                self._active,
-                self.keyring,
-                self.metrics,
-                self._in_flight,
-                cfg.queue.classes,
-                self.usage,
+                server=cfg.server,
+                catalog=catalog,
+                admission=self.admission,
+                fleet=self.fleet,
+                proxy=self.proxy,
+                active=self._active,
+                keyring=self.keyring,
+                metrics=self.metrics,
+                in_flight=self._in_flight,
+                classes=cfg.queue.classes,
+                usage=self.usage,
                 on_finish=self._request_finished,
                 # Durable usage: a request's row is committed before its answer's last byte is sent.
                 commit=self.usage.commit_within if self.usage is not None and self.usage.durable else None,

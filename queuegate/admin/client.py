@@ -1,6 +1,5 @@
 """The trio client of the admin socket, used by `queuegate admin` (and tests); `aio_client.py` is its asyncio twin.
-
-AdminUnavailable and AdminError are re-exported from the protocol module, where both clients find them."""
+Both raise the protocol module's AdminUnavailable (no daemon) and AdminError (a refused request)."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import trio
 
 from queuegate.admin._stream import LineStream
 from queuegate.admin.protocol import (
-    AdminError,
     AdminUnavailable,
     DaemonStatus,
     Reply,
@@ -27,8 +25,6 @@ from queuegate.admin.protocol import (
     parse_reply,
     result,
 )
-
-__all__ = ["AdminClient", "AdminError", "AdminUnavailable"]
 
 
 class AdminClient:

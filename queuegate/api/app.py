@@ -112,26 +112,11 @@ class Routes:
 def create_app(routes: Routes) -> ASGIApp:
     """Build the ASGI application for one daemon (no module-level app: each daemon gets its own). Routes only
     translate between HTTP and the daemon's components."""
-    server, catalog, admission, fleet, proxy = (
-        routes.server,
-        routes.catalog,
-        routes.admission,
-        routes.fleet,
-        routes.proxy,
-    )
-    active, keyring, metrics, usage, classes = (
-        routes.active,
-        routes.keyring,
-        routes.metrics,
-        routes.usage,
-        routes.classes,
-    )
-    on_finish, commit = routes.on_finish, routes.commit
     app = QuartTrio("queuegate")
     app.config.update(
         RESPONSE_TIMEOUT=None,
-        BODY_TIMEOUT=server.body_timeout_s,
-        MAX_CONTENT_LENGTH=int(server.max_body_mb * 1024 * 1024),
+        BODY_TIMEOUT=routes.server.body_timeout_s,
+        MAX_CONTENT_LENGTH=int(routes.server.max_body_mb * 1024 * 1024),
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
     created = int(time.time())
@@ -139,12 +124,12 @@ def create_app(routes: Routes) -> ASGIApp:
     async def relay(endpoint: str, route_class: str = "user", session: str | None = None) -> Response:
         request_id = _request_id(request.headers.get("x-request-id"))
         client = request.remote_addr or ""
-        record = RequestRecord(request_id, endpoint, client=client, on_finish=on_finish, commit=commit)
+        record = RequestRecord(request_id, endpoint, client=client, on_finish=routes.on_finish, commit=routes.commit)
         # An operator's cancel (or the end of a shutdown) ends the queueing and forwarding, then the stream.
-        entry = active.add(record, trio.CancelScope(), request.scope.get(CONNECTION_KEY))
+        entry = routes.active.add(record, trio.CancelScope(), request.scope.get(CONNECTION_KEY))
 
         async def forget() -> None:
-            active.remove(entry)
+            routes.active.remove(entry)
 
         request.scope[CLEANUP_KEY].append(forget)
         handling = entry.scope
@@ -153,17 +138,19 @@ def create_app(routes: Routes) -> ASGIApp:
         with handling:
             try:
                 try:
-                    key = record.key = keyring.authenticate(request.headers)
+                    key = record.key = routes.keyring.authenticate(request.headers)
                     key_class = key.klass if key else None
-                    record.klass = request_class(route_class, request.headers.get("x-priority"), classes, key_class)
+                    record.klass = request_class(
+                        route_class, request.headers.get("x-priority"), routes.classes, key_class
+                    )
                 except GatewayError:
                     # Refused on its headers: the body is read and dropped (never held in memory for a caller
                     # without a key), so the connection can carry the next request.
-                    await _discard_body(server.body_timeout_s)
+                    await _discard_body(routes.server.body_timeout_s)
                     raise
                 record.session = session or _session_id(request.headers.get("x-session-id"))
                 record.flow = request_flow(key_name=key.name if key else None, session=record.session, client=client)
-                reply = await proxy.handle(record, await _read_body(), request.headers)
+                reply = await routes.proxy.handle(record, await _read_body(), request.headers)
             except GatewayError as exc:
                 error, logged = exc, exc.message
             except Exception:
@@ -220,18 +207,18 @@ def create_app(routes: Routes) -> ASGIApp:
         return await relay("embeddings")
 
     def models_now() -> dict[str, ModelView]:
-        return {view.name: view for view in model_views(admission.statistics(), fleet.statistics())}
+        return {view.name: view for view in model_views(routes.admission.statistics(), routes.fleet.statistics())}
 
     @app.get("/v1/models")
     async def list_models() -> Response:
         try:
-            key = keyring.authenticate(request.headers)
+            key = routes.keyring.authenticate(request.headers)
         except GatewayError as exc:
             return _error_response(exc, _request_id(request.headers.get("x-request-id")))
         views = models_now()
         data = []
-        for name in catalog.public_names():
-            spec = catalog.resolve(name)
+        for name in routes.catalog.public_names():
+            spec = routes.catalog.resolve(name)
             assert spec is not None
             if key is not None and not key.may_use(spec.name):
                 continue
@@ -240,7 +227,7 @@ def create_app(routes: Routes) -> ASGIApp:
                 "id": name,
                 "object": "model",
                 "created": created,
-                "owned_by": server.owned_by,
+                "owned_by": routes.server.owned_by,
                 "loaded": view.loaded,
                 "state": view.state,
             }
@@ -253,18 +240,18 @@ def create_app(routes: Routes) -> ASGIApp:
         """Run a usage report for the caller: a key sees its own usage only, unless it is a usage admin."""
         request_id = _request_id(request.headers.get("x-request-id"))
         try:
-            key = keyring.authenticate(request.headers)
-            if usage is None:
+            key = routes.keyring.authenticate(request.headers)
+            if routes.usage is None:
                 raise NotFound("usage accounting is off in this gateway's config ([usage] enabled = false)")
-            query = UsageQuery.from_params(request.args, usage.timezone)
+            query = UsageQuery.from_params(request.args, routes.usage.timezone)
             if key is not None and not key.usage_admin:
                 if query.key not in (None, key.name):
                     raise Forbidden(f"key {key.name!r} may only read its own usage", param="key")
                 query = dataclasses.replace(query, key=key.name)
             with trio.move_on_after(USAGE_FLUSH_WAIT_S):
-                await usage.flush()  # requests that just ended are counted
+                await routes.usage.flush()  # requests that just ended are counted
             try:
-                doc = await trio.to_thread.run_sync(report, usage.path, query)
+                doc = await trio.to_thread.run_sync(report, routes.usage.path, query)
             except sqlite3.Error as exc:
                 raise ServiceUnavailable(f"the usage database cannot be read: {exc}") from None
         except GatewayError as exc:
@@ -281,7 +268,7 @@ def create_app(routes: Routes) -> ASGIApp:
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), headers={"content-type": METRICS_CONTENT_TYPE})
+        return Response(routes.metrics.render(), headers={"content-type": METRICS_CONTENT_TYPE})
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -293,7 +280,7 @@ def create_app(routes: Routes) -> ASGIApp:
         and why it cannot serve (which names upstreams and their errors) is for callers with a key, or anybody on
         an open gateway; an anonymous probe of a gateway with keys gets the verdict and the counts."""
         try:
-            key = keyring.authenticate(request.headers)
+            key = routes.keyring.authenticate(request.headers)
             detailed = True
         except GatewayError:
             key, detailed = None, False

@@ -15,16 +15,11 @@ import trio
 
 from queuegate.errors import GatewayError, ServiceUnavailable
 from queuegate.proxy._record import RequestRecord
+from queuegate.proxy._reply import StreamBody
 from queuegate.statistics import RequestStatistics
 
 REQUEST_LIST_LIMIT = 200  # a status lists at most this many (the oldest first); the total is always given
 STOP_WRITE_GRACE_S = 1.0  # a stopped request's last event must reach its client within this, else it is cut off
-
-
-class StoppableBody(Protocol):
-    """A streamed response body (RelayStream, QueuedStream) that can end early with an error event."""
-
-    def stop(self, error: GatewayError) -> None: ...
 
 
 class ClientLink(Protocol):
@@ -42,7 +37,7 @@ class ActiveRequest:
     record: RequestRecord
     scope: trio.CancelScope  # around queueing and forwarding
     connection: ClientLink | None = None
-    body: StoppableBody | None = None  # once a streamed body is being sent
+    body: StreamBody | None = None  # once a streamed body is being sent
     stopped_with: GatewayError | None = None  # the error a stopped request answers with
 
     def stop(self, error: GatewayError) -> None:

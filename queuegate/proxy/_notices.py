@@ -63,7 +63,7 @@ class QueuedStream:
     """The client's response body while its request is queued, then the upstream's stream (iterate, then aclose)."""
 
     def __init__(self, queue: Queue, spec: ModelSpec, record: RequestRecord, payload: bytes, ticket: Ticket) -> None:
-        self._proxy = queue
+        self._queue = queue
         self._spec = spec
         self._record = record
         self._payload = payload
@@ -87,19 +87,19 @@ class QueuedStream:
         try:
             while True:
                 if self._stop is not None:
-                    self._proxy.withdraw(self._ticket)
+                    self._queue.withdraw(self._ticket)
                     return await self._fail(self._stop.status, self._stop)
                 notice = self._notice()
                 now = trio.current_time()
                 if notice is not None and notice != self._last_notice:
                     self._last_notice, self._last_sent = notice, now
                     return self._notice_event(notice)
-                if now - self._last_sent >= self._proxy.notices.keepalive_s:
+                if now - self._last_sent >= self._queue.notices.keepalive_s:
                     self._last_sent = now
                     return KEEPALIVE
-                wake = min(now + POSITION_CHECK_S, self._last_sent + self._proxy.notices.keepalive_s)
+                wake = min(now + POSITION_CHECK_S, self._last_sent + self._queue.notices.keepalive_s)
                 with trio.CancelScope() as self._waiting:
-                    if await self._proxy.wait_for_slot(self._ticket, self._record, until=wake):
+                    if await self._queue.wait_for_slot(self._ticket, self._record, until=wake):
                         return await self._start_upstream()
         except GatewayError as exc:
             return await self._fail(exc.status, exc)
@@ -119,7 +119,7 @@ class QueuedStream:
                 self._waiting.cancel()
 
     async def _start_upstream(self) -> bytes:
-        reply = await self._proxy.forward(self._spec, self._record, self._payload, self._ticket)
+        reply = await self._queue.forward(self._spec, self._record, self._payload, self._ticket)
         if isinstance(reply.body, RelayStream):
             self._relay = reply.body
             if self._stop is not None:
@@ -141,7 +141,7 @@ class QueuedStream:
         """The text shown to the user, or None where notices cannot be shown (plain completions)."""
         if self._record.endpoint != "chat":
             return None
-        where = self._proxy.position(self._ticket)
+        where = self._queue.position(self._ticket)
         if where is None:
             return None
         text = f"Queued for {self._spec.name}: position {where.position}"
@@ -166,7 +166,7 @@ class QueuedStream:
         if self._relay is not None:
             await self._relay.aclose()
             return
-        self._proxy.withdraw(self._ticket)
+        self._queue.withdraw(self._ticket)
         if not self._ended and self._stop is not None:  # stopped, and cut off before its error event went out
             self._record.finish(self._stop.status, error=self._stop.message)
         elif not self._ended:
