@@ -29,19 +29,11 @@ import time
 from collections import deque
 
 import trio
-from benchlib import serve_app, start_server
+from benchlib import rss_kb, serve_app, start_server
 
 from queuegate.scheduler import Policy, SchedulerCore, Ticket, UpstreamState
 
 # -- 1. memory and decision time ----------------------------------------------------------------------------------
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def serve_hold() -> None:

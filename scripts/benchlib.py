@@ -19,6 +19,14 @@ APP_READY = "BENCH_APP_READY "
 READY_PREFIXES = ("QUEUEGATE_SIM_READY ", "QueueGate listening on ", APP_READY)
 
 
+def rss_kb(pid: int) -> int:
+    """The process's resident memory in KiB (0 for one that holds none: a zombie)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def start_server(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
     """Start a server process and return it with its base URL (without /v1) once it says it is ready."""
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

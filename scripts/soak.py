@@ -36,6 +36,7 @@ from pathlib import Path
 
 import httpx
 import trio
+from benchlib import rss_kb
 
 from queuegate.admin.client import AdminClient
 
@@ -78,13 +79,6 @@ def child_pids(pid: int) -> dict[int, str]:
             continue
         children[int(child)] = cmdline
     return children
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def open_fds(pid: int) -> int:

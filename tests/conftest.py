@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -10,8 +10,6 @@ from queuegate.config import build_config
 from queuegate.daemon import Daemon
 from queuegate.sim import SimConfig, Simulator
 from tests.helpers import SECRETS, Gateway
-
-T = TypeVar("T")
 
 
 @pytest.fixture

@@ -59,6 +59,20 @@ async def in_thread(fn: Callable[[], T]) -> T:
     return await trio.to_thread.run_sync(fn)
 
 
+def request_lines(caplog) -> list[dict]:
+    """The fields of every request's log line captured so far."""
+    return [r.fields for r in caplog.records if r.getMessage() == "request"]
+
+
+def running(pid: int | str) -> bool:
+    """Whether the process runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0, interval: float = 0.01) -> None:
     with trio.fail_after(timeout):
         while not predicate():
@@ -66,6 +80,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0, interv
 
 
 LISTENING = "QueueGate listening on "
+IDLE_PAST_EVERY_TIMER_S = 12  # trio retires idle worker threads after 10 s: children must not care
 KILL_GRACE_S = 5.0
 
 
@@ -193,8 +208,13 @@ def fingerprint(answer) -> str:
     return answer["system_fingerprint"] if isinstance(answer, dict) else answer.system_fingerprint
 
 
+def model_stats(gw, model: str):
+    """The fleet's statistics of one model (its state, reason, crashes...)."""
+    return next(m for m in gw.daemon.fleet.statistics().models if m.name == model)
+
+
 def state(gw, model: str) -> str:
-    return next(m.state for m in gw.daemon.fleet.statistics().models if m.name == model)
+    return model_stats(gw, model).state
 
 
 def spans(gw, model: str) -> list[tuple[float, float]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,15 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.helpers import in_thread, start_daemon, stream_signalling_at_first_event, stuck_stream, wait_until
+from tests.helpers import (
+    IDLE_PAST_EVERY_TIMER_S,
+    in_thread,
+    running,
+    start_daemon,
+    stream_signalling_at_first_event,
+    stuck_stream,
+    wait_until,
+)
 
 
 def children(pid: int) -> list[str]:
@@ -22,10 +31,13 @@ def children(pid: int) -> list[str]:
 
 
 def pids_named(pids: list[str], text: bytes) -> list[str]:
-    return [pid for pid in pids if text in Path(f"/proc/{pid}/cmdline").read_bytes()]
-
-
-IDLE_PAST_EVERY_TIMER_S = 12  # trio retires idle worker threads after 10 s: children must not care
+    """Those of `pids` whose command line has `text` (a process gone meanwhile has none)."""
+    named = []
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            if text in Path(f"/proc/{pid}/cmdline").read_bytes():
+                named.append(pid)
+    return named
 
 
 async def test_demo_fleet_serves_the_openai_client_survives_idling_and_stops_on_sigint(nursery):
@@ -69,16 +81,8 @@ async def test_demo_fleet_serves_the_openai_client_survives_idling_and_stops_on_
         await daemon.process.wait()
     assert daemon.process.returncode == 0, daemon.stderr
     for pid in fleet:  # the simulated fleet (and the reaper) went down with the daemon
-        assert not alive(pid), f"demo child {pid} outlived the daemon"
+        assert not running(pid), f"demo child {pid} outlived the daemon"
     assert "status=200" in daemon.stderr and "rid=qg-" in daemon.stderr
-
-
-def alive(pid: str) -> bool:
-    """Running (a zombie waiting for init to reap it counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_kill_9_of_the_daemon_leaves_no_child_behind_even_after_its_reaper_was_killed(nursery):
@@ -93,19 +97,17 @@ async def test_kill_9_of_the_daemon_leaves_no_child_behind_even_after_its_reaper
     assert len(reaper) == 1 and len(pids_named(fleet, b"queuegate.sim")) == 4
     # Somebody kills the reaper: the daemon starts another, which learns every running child.
     os.kill(int(reaper[0]), signal.SIGKILL)
-    with trio.fail_after(10):
-        while not (fresh := pids_named(children(daemon.process.pid), b"_reaper.py")) or fresh == reaper:
-            await trio.sleep(0.05)
+    await wait_until(
+        lambda: pids_named(children(daemon.process.pid), b"_reaper.py") not in ([], reaper), timeout=10, interval=0.05
+    )
     assert "reaper exited" in daemon.stderr
     fleet = children(daemon.process.pid)
 
     daemon.process.kill()  # SIGKILL: the daemon runs no code of its own from here
     with trio.fail_after(10):
         await daemon.process.wait()
-    with trio.fail_after(6):  # each child gets SIGTERM at once, SIGKILL after its grace period (3 s)
-        while left := [pid for pid in fleet if alive(pid)]:
-            await trio.sleep(0.05)
-    assert not left
+    # Each child gets SIGTERM at once, SIGKILL after its grace period (3 s).
+    await wait_until(lambda: not any(running(pid) for pid in fleet), timeout=6, interval=0.05)
 
 
 async def test_a_busy_port_or_a_live_admin_socket_is_one_clear_line_before_anything_starts(nursery, tmp_path):
@@ -126,7 +128,7 @@ async def test_a_busy_port_or_a_live_admin_socket_is_one_clear_line_before_anyth
     started = time.monotonic()
     await trio.run_process([sys.executable, "-m", "queuegate.cli", "--help"], capture_stdout=True)
     plain_start = time.monotonic() - started  # what starting the CLI costs on this machine now
-    code, lines, took = await second(address, tmp_path)
+    code, lines, _ = await second(address, tmp_path)
     assert code == 2 and lines == [
         f"queuegate: cannot listen on {address}: the address is already in use (another QueueGate or server?); "
         "choose another address with --listen HOST:PORT or [server].listen in the config"

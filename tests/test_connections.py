@@ -72,6 +72,14 @@ class RawClient:
             return True
         return False
 
+    async def read_until_closed(self, timeout: float) -> bytes:
+        """Everything the server sends until it closes the connection (TooSlowError if it does not in time)."""
+        received = b""
+        with trio.fail_after(timeout):
+            while chunk := await self.stream.receive_some(65536):
+                received += chunk
+        return received
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 
@@ -86,10 +94,7 @@ async def test_connection_close_and_http_1_0_are_closed_after_the_response(start
 
     old = await RawClient.connect(gw.base_url)
     await old.send_raw(b"GET /healthz HTTP/1.0\r\n\r\n")
-    reply = b""
-    with trio.fail_after(2):
-        while chunk := await old.stream.receive_some(65536):
-            reply += chunk
+    reply = await old.read_until_closed(timeout=2)
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"status":"ok"}')  # and then closed
 
 
@@ -137,10 +142,7 @@ async def test_a_request_with_both_content_length_and_transfer_encoding_is_refus
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         b"content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n" + hidden
     )
-    received = b""
-    with trio.fail_after(5):
-        while chunk := await client.stream.receive_some(65536):
-            received += chunk
+    received = await client.read_until_closed(timeout=5)
     assert received.startswith(b"HTTP/1.1 400") and b"both Content-Length and Transfer-Encoding" in received
     assert received.count(b"HTTP/1.1") == 1  # the hidden request was never answered: the connection was closed
     assert sim.stats.requests == 0
@@ -167,10 +169,7 @@ async def test_requests_the_http_layer_cannot_read_get_the_envelope_and_a_closed
     ):
         client = await RawClient.connect(gw.base_url)
         await client.send_raw(raw)
-        received = b""
-        with trio.fail_after(5):
-            while chunk := await client.stream.receive_some(65536):
-                received += chunk
+        received = await client.read_until_closed(timeout=5)
         head, body = received.split(b"\r\n\r\n", 1)
         assert head.startswith(f"HTTP/1.1 {status}".encode())
         assert json.loads(body)["error"]["code"] == "bad_http" and message in json.loads(body)["error"]["message"]
@@ -183,24 +182,20 @@ async def test_slow_request_bodies_time_out_cleanly_and_the_backlog_is_configure
     listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True)
     assert listening.stdout.split()[2] == "1234"  # a LISTEN socket's Send-Q is its backlog
 
-    async def slow_body() -> int:
+    statuses = []
+
+    async def slow_body() -> None:
         client = await RawClient.connect(gw.base_url)
         await client.send_raw(
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             b"content-length: 1000\r\n\r\n{"
         )
-        status = (await client.response(timeout=10))[0]  # the rest of the body never comes
+        statuses.append((await client.response(timeout=10))[0])  # the rest of the body never comes
         await client.aclose()
-        return status
-
-    statuses = []
-
-    async def one() -> None:
-        statuses.append(await slow_body())
 
     async with trio.open_nursery() as nursery:
         for _ in range(20):
-            nursery.start_soon(one)
+            nursery.start_soon(slow_body)
     assert statuses == [408] * 20
     assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]  # no traceback, no error
 

@@ -22,8 +22,10 @@ from tests.helpers import (
     EXCLUSIVE,
     ask,
     assert_never_together,
+    chat,
     fingerprint,
     in_thread,
+    model_stats,
     sim_model,
     start_daemon,
     state,
@@ -119,11 +121,9 @@ async def test_an_existing_container_is_started_by_name_and_its_crash_is_seen_at
         client.containers.get(name).kill()
         client.close()
 
-    def crashes() -> int:
-        return next(m.crashes for m in gw.daemon.fleet.statistics().models if m.name == "e")
-
     await in_thread(kill)
-    await wait_until(lambda: crashes() == 1, timeout=10)  # seen from docker's wait, not a health poll
+    # Seen from docker's wait, not a health poll.
+    await wait_until(lambda: model_stats(gw, "e").crashes == 1, timeout=10)
     await wait_until(lambda: state(gw, "e") == "ready", timeout=15)  # restarted by itself, nobody asking
     assert [event for event, _ in gw.daemon.fleet.launch_history("e")] == ["spawning", "exited", "spawning"]
     assert fingerprint(await in_thread(lambda: ask(gw, "e"))) == "e"
@@ -165,20 +165,20 @@ async def test_a_container_left_running_by_a_killed_daemon_is_adopted_at_the_nex
     }
     config.write_text(tomli_w.dumps(settings))
     first = await start_daemon(nursery, "--config", str(config))
-    hello = [{"role": "user", "content": "hi"}]
-    answer = await in_thread(lambda: first.client().chat.completions.create(model="d", messages=hello))
-    assert answer.system_fingerprint == "d"
+    assert (await in_thread(lambda: chat(first.client(), "d", "hi"))).system_fingerprint == "d"
     started_at = await in_thread(lambda: container_attrs(podman_url, name)["State"]["StartedAt"])
     first.process.kill()  # SIGKILL: the daemon cannot stop its container
     await first.process.wait()
     assert await in_thread(lambda: container_status(podman_url, name)) == "running"
 
     second = await start_daemon(nursery, "--config", str(config))
-    with trio.fail_after(15):  # adopted and ready with no request asking for it, and no restart
-        while "adopting a server left running" not in second.stderr or "state=ready" not in second.stderr:
-            await trio.sleep(0.05)
-    answer = await in_thread(lambda: second.client().chat.completions.create(model="d", messages=hello))
-    assert answer.system_fingerprint == "d"
+    # Adopted and ready with no request asking for it, and no restart.
+    await wait_until(
+        lambda: "adopting a server left running" in second.stderr and "state=ready" in second.stderr,
+        timeout=15,
+        interval=0.05,
+    )
+    assert (await in_thread(lambda: chat(second.client(), "d", "hi"))).system_fingerprint == "d"
     assert await in_thread(lambda: container_attrs(podman_url, name)["State"]["StartedAt"]) == started_at
     second.process.send_signal(signal.SIGINT)  # a clean stop stops the adopted container like its own
     with trio.fail_after(20):

@@ -23,11 +23,7 @@ from queuegate.config import admin_socket_path
 from queuegate.proxy._attempt import UpstreamNotReady
 from queuegate.proxy._pipeline import _NotReadyWait
 from queuegate.scheduler import ModelUnavailable
-from tests.helpers import EXCLUSIVE, chat, in_thread, sim_model, stuck_stream, wait_until
-
-
-def request_lines(caplog) -> list[dict]:
-    return [r.fields for r in caplog.records if r.getMessage() == "request"]
+from tests.helpers import EXCLUSIVE, chat, in_thread, request_lines, sim_model, stuck_stream, wait_until
 
 
 async def test_an_upstream_that_answers_503_while_loading_is_waited_out_not_a_502(start_sim, start_gateway, caplog):
@@ -67,7 +63,7 @@ async def test_a_launched_model_whose_health_passes_early_does_not_fail_its_firs
     # kind "openai" probes /v1/models, which this server (like some real ones) answers while it still loads.
     model = sim_model(1.5, "--health-ok-while-loading", kind="openai")
     gw = await start_gateway({"a": model}, devices=EXCLUSIVE)
-    answers = await trio.to_thread.run_sync(lambda: [chat(gw.client(), "a", max_tokens=2) for _ in range(2)])
+    answers = await in_thread(lambda: [chat(gw.client(), "a", max_tokens=2) for _ in range(2)])
     assert all(a.system_fingerprint == "a" for a in answers)
 
 

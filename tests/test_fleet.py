@@ -24,6 +24,7 @@ from tests.helpers import (
     fingerprint,
     gather,
     in_thread,
+    model_stats,
     sim_model,
     sim_stats,
     state,
@@ -126,7 +127,7 @@ async def test_a_preloaded_server_that_crashes_comes_back_with_no_request_and_a_
     first = launcher.process.pid
     os.kill(first, signal.SIGKILL)
     await wait_until(lambda: state(gw, "a") == "stopped", timeout=5)
-    crash = next(m for m in gw.daemon.fleet.statistics().models if m.name == "a")
+    crash = model_stats(gw, "a")
     assert crash.reason.startswith("crashed, restart 1 of 2 in 0.2 s: a exited with -9") and crash.crashes == 1
     await wait_until(lambda: state(gw, "a") == "ready", timeout=10)  # back, though nobody asked for it
     assert launcher.process.pid != first
@@ -139,8 +140,7 @@ async def test_a_preloaded_server_that_crashes_comes_back_with_no_request_and_a_
         await wait_until(lambda pid=pid: launcher.process.pid != pid or state(gw, "a") == "failed", timeout=10)
         await wait_until(lambda: state(gw, "a") in ("ready", "failed"), timeout=10)
     assert state(gw, "a") == "failed"  # the bound: no more restarts, and the reason says why
-    failed = next(m for m in gw.daemon.fleet.statistics().models if m.name == "a")
-    assert failed.reason.startswith("crashed 3 times in a row, not restarted for 60 s")
+    assert model_stats(gw, "a").reason.startswith("crashed 3 times in a row, not restarted for 60 s")
     assert len([e for e, _ in gw.daemon.fleet.launch_history("a") if e == "spawning"]) == 3
 
 

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from queuegate.sim import SimConfig, Simulator
-from tests.helpers import chat, in_thread, wait_until
+from tests.helpers import chat, in_thread, request_lines, wait_until
 
 
 async def test_non_stream_chat_rewrites_model_merges_defaults_and_forwards_unknown_fields(start_sim, start_gateway):
@@ -308,12 +308,9 @@ async def test_request_log_line(start_sim, start_gateway, caplog):
     await in_thread(lambda: chat(gw.client(), max_tokens=3, extra_headers={"X-Request-Id": "trace-42"}))
     await in_thread(lambda: list(chat(gw.client(), max_tokens=3, stream=True, stream_options={"include_usage": True})))
 
-    def logged() -> list[dict]:
-        return [r.fields for r in caplog.records if r.getMessage() == "request"]
-
     # A stream's line is written when the gateway closes it, which may be just after the client read the last byte.
-    await wait_until(lambda: len(logged()) == 2)
-    lines = logged()
+    await wait_until(lambda: len(request_lines(caplog)) == 2)
+    lines = request_lines(caplog)
     assert lines[0]["rid"] == "trace-42"
     for line in lines:
         assert line["model"] == "m" and line["upstream"] == "m#0" and line["status"] == 200
@@ -432,9 +429,6 @@ async def test_streams_from_a_backend_without_usage_are_counted_approximately(st
     )
     assert "stream_options" not in sim.stats.received[-1].body
 
-    def logged() -> list[dict]:
-        return [r.fields for r in caplog.records if r.getMessage() == "request"]
-
-    await wait_until(lambda: len(logged()) == 1)
-    line = logged()[0]
+    await wait_until(lambda: len(request_lines(caplog)) == 1)
+    line = request_lines(caplog)[0]
     assert (line["prompt_tokens"], line["completion_tokens"], line["tokens_estimated"]) == (10, 5, True)

@@ -17,26 +17,24 @@ import trio
 from queuegate.fleet.launchers._reaper import start_time
 from queuegate.fleet.launchers.lifeline import REAPER, Lifeline
 from queuegate.fleet.launchers.process import ChildProcess
-from tests.helpers import wait_until
+from tests.helpers import in_thread, running, wait_until
 
-IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
-
-
-def running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+IGNORES_SIGTERM = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+)
 
 
 async def test_the_reaper_stops_what_is_registered_and_nothing_else():
     polite = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    stubborn = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM], start_new_session=True)
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", IGNORES_SIGTERM], start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # registered under a stale start time
     gone = subprocess.Popen(["true"], start_new_session=True)
     gone.wait()
-    await trio.sleep(0.3)  # the stubborn one has set its handler
+    assert stubborn.stdout is not None
+    with trio.fail_after(10):
+        assert await in_thread(stubborn.stdout.readline) == "ready\n"  # its SIGTERM handler is set
     reaper = subprocess.Popen([sys.executable, "-I", "-S", str(REAPER)], stdin=subprocess.PIPE)
     assert reaper.stdin is not None
     lines = [
@@ -56,6 +54,7 @@ async def test_the_reaper_stops_what_is_registered_and_nothing_else():
     await wait_until(lambda: reaper.poll() is not None, timeout=5)
     assert polite.wait(1) == -signal.SIGTERM
     assert stubborn.wait(1) == -signal.SIGKILL  # after its 0.5 s grace
+    stubborn.stdout.close()
     assert running(stranger.pid)
     stranger.kill()
     stranger.wait()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from tests.helpers import assert_never_together, in_thread, wait_until
+from tests.helpers import IDLE_PAST_EVERY_TIMER_S, assert_never_together, in_thread, wait_until
 from tests.realparts import llama_server_binary, start_llama_server, test_model_path
 
 pytestmark = pytest.mark.llama
@@ -185,7 +185,7 @@ async def test_a_launched_llama_server_outlives_an_idle_daemon_and_starts_on_the
     assert await in_thread(ask) is not None
     launcher = gw.daemon.launchers["gemma"]
     pid = launcher.process.pid
-    await trio.sleep(12)
+    await trio.sleep(IDLE_PAST_EVERY_TIMER_S)  # trio retired the thread that forked it: the server lives on
     assert launcher.process.returncode is None and os.path.exists(f"/proc/{pid}")
     assert await in_thread(ask) is not None
     assert [event for event, _ in gw.daemon.fleet.launch_history("gemma")] == ["spawning"]
