@@ -439,3 +439,62 @@ def test_no_key_or_upstream_is_ever_granted_more_than_its_rpm_in_any_minute(sequ
         assert sum(1 for key, _ in in_window if key == "a") <= key_rpm
         for upstream in ("m#0", "m#1"):
             assert sum(1 for _, u in in_window if u == upstream) <= upstream_rpm
+
+
+def test_a_next_round_keeps_its_place_ahead_of_requests_that_arrived_while_its_tools_ran():
+    core = core_with(("m#0", "m", 1), max_queue=50)
+    first = ticket(0.0, flow="agent-a")
+    core.submit(first, 0.0)
+    core.release(first, 1.0)  # round 1 done; its tools run now, holding no slot
+    holder = ticket(1.5, flow="other")
+    core.submit(holder, 1.5)
+    flood = [ticket(2.0 + i / 100, flow=f"user-{i}") for i in range(20)]
+    for t in flood:
+        core.submit(t, t.enqueued_at)
+    again = ticket(3.0, flow="agent-a", since=first.arrived_at, prefer=first.served_by)
+    core.submit(again, 3.0)
+    assert core.position(again, 3.0).position == 1
+    assert serve_all(core, holder, 4.0)[0] is again  # not behind the 20 that arrived while its tools ran
+    assert again.arrived_at == 0.0 and again.served_by == "m#0"
+
+
+def test_a_next_round_ages_from_when_its_request_arrived():
+    core = core_with(("m#0", "m", 1), aging_s=30.0)
+    holder = ticket(0.0, flow="x")
+    core.submit(holder, 0.0)
+    newer_users = [ticket(40.0 + i, flow=f"u{i}") for i in range(3)]
+    for t in newer_users:
+        core.submit(t, t.enqueued_at)
+    agent_round = ticket(45.0, klass="agent", flow="a", since=1.0)  # its request arrived at 1.0: 44 s ago
+    core.submit(agent_round, 45.0)
+    assert serve_all(core, holder, 45.0)[0] is agent_round
+
+
+def test_a_next_round_prefers_its_previous_upstream_for_a_moment_then_takes_any():
+    core = core_with(("m#0", "m", 1), ("m#1", "m", 1), affinity_wait_s=0.5)
+    busy = ticket(0.0, flow="x")
+    core.submit(busy, 0.0)
+    assert busy.upstream_id == "m#0"
+    again = ticket(1.0, flow="a", since=0.5, prefer="m#0")
+    assert core.submit(again, 1.0) == []  # m#1 is free, but it holds for m#0 (its KV cache) for a moment
+    assert core.next_wakeup() == 1.5
+    assert core.release(busy, 1.2) == [again] and again.upstream_id == "m#0"
+    other = ticket(2.0, flow="x")
+    assert core.submit(other, 2.0) == [other] and other.upstream_id == "m#1"
+    late = ticket(2.0, flow="b", since=0.5, prefer="m#0")  # m#0 stays busy (`again` holds it)
+    core.submit(late, 2.0)
+    assert core.release(other, 2.1) == []  # m#1 is free now, but it still holds for m#0
+    assert core.tick(2.6) == [late] and late.upstream_id == "m#1"  # its moment ran out: any free upstream
+
+
+def test_a_full_queue_still_takes_a_next_round():
+    core = core_with(("m#0", "m", 1), max_queue=2)
+    holder = ticket(0.0)
+    core.submit(holder, 0.0)
+    core.submit(ticket(0.1, flow="u1"), 0.1)
+    core.submit(ticket(0.2, flow="u2"), 0.2)
+    with pytest.raises(QueueFull):
+        core.submit(ticket(0.3, flow="u3"), 0.3)
+    again = ticket(0.4, flow="a", since=0.0)
+    core.submit(again, 0.4)
+    assert serve_all(core, holder, 1.0)[0] is again

@@ -13,6 +13,9 @@ Policy, per model, whenever a slot is free:
 4. A request of a sticky chat prefers the upstream its chat last used (while the mapping is younger than the
    affinity TTL). If that upstream is busy it waits for it at most `affinity_wait_s`, letting others go first,
    then takes any free upstream.
+4b. A request's next round (the tool loop: its tools ran, the model is asked again) keeps its place: it goes to the
+   front of its class, its aging counts from when the request first arrived, it prefers the upstream of its
+   previous round (as a sticky chat does), and a full queue does not refuse it (it was admitted once).
 5. Operators may drain an upstream (it takes no new requests; those in flight finish) or pause a class (its
    requests stay queued) through the admin socket.
 6. Rate limits (`_limits.py`) hold requests rather than fail them: a key over its rpm/tpm lets the next flow go;
@@ -73,7 +76,10 @@ class Ticket:
     exclude: frozenset[str] = frozenset()  # upstreams already tried by this request
     key: str | None = None  # the API key's name, for its rate limits
     tokens: int = 0  # estimated tokens (prompt + max_tokens), for tokens-per-minute limits
-    upstream_id: str | None = None  # set when granted
+    since: float | None = None  # a later round of one request (rule 4b): when the request first arrived
+    prefer: str | None = None  # the upstream its previous round used (rule 4b)
+    upstream_id: str | None = None  # set when granted, cleared when its slot is given back
+    served_by: str | None = None  # the upstream it was last granted (kept after release)
     rejection: GatewayError | None = None  # set when rejected
     granted_at: float = 0.0
     charges: list[Charge] = field(default_factory=list)  # its token charges, corrected to its usage on release
@@ -81,6 +87,11 @@ class Ticket:
     @property
     def decided(self) -> bool:
         return self.upstream_id is not None or self.rejection is not None
+
+    @property
+    def arrived_at(self) -> float:
+        """Where its place and its aging count from: when its request first arrived."""
+        return self.enqueued_at if self.since is None else self.since
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,16 +203,22 @@ class SchedulerCore:
             ticket.rejection = self._unavailable(model, ticket)
             return [ticket]
         model_full = model.max_queue is not None and model.waiting >= model.max_queue
-        # When full, only a request that would be served at once may still come in.
-        if (self._waiting >= self.max_queue or model_full) and (model.waiting or not self._has_free_slot(model)):
+        # When full, only a request that would be served at once (or a next round: rule 4b) may still come in.
+        full = self._waiting >= self.max_queue or model_full
+        if full and ticket.since is None and (model.waiting or not self._has_free_slot(model)):
             limit = model.max_queue if model_full else self.max_queue
             raise QueueFull(f"the queue is full ({limit} requests waiting); retry later", retry_after_s=1)
         self._refuse_long_rate_wait(model, ticket, now)
         if ticket.key in self._key_limits:
             self._waiting_by_key[ticket.key] += 1
         queue = model.classes[self._rank[ticket.klass]]
-        queue.flows.setdefault(ticket.flow, {})[ticket] = None
-        queue.arrivals[ticket] = None
+        if ticket.since is None:
+            queue.flows.setdefault(ticket.flow, {})[ticket] = None
+            queue.arrivals[ticket] = None
+        else:  # a next round: the front of its class (its flow's turn first, and it first in its flow)
+            own = {ticket: None, **queue.flows.pop(ticket.flow, {})}
+            queue.flows = {ticket.flow: own, **queue.flows}
+            queue.arrivals = {ticket: None, **queue.arrivals}
         model.waiting += 1
         self._waiting += 1
         return self._dispatch(model, now)
@@ -340,10 +357,10 @@ class SchedulerCore:
             (
                 oldest
                 for q in queues[1:]
-                if now - (oldest := next(iter(q.arrivals))).enqueued_at >= self.policy.aging_s
-                and oldest.enqueued_at < normal.enqueued_at
+                if now - (oldest := next(iter(q.arrivals))).arrived_at >= self.policy.aging_s
+                and oldest.arrived_at < normal.arrived_at
             ),
-            key=lambda t: t.enqueued_at,
+            key=lambda t: t.arrived_at,
         )
         yield from aged
         for queue in queues:
@@ -357,8 +374,11 @@ class SchedulerCore:
         free = [s for s in free if self._within_upstream_limit(model, s, ticket, now)]
         if not free:
             return None
-        if ticket.affinity is not None and len(model.upstreams) > 1:
-            preferred = self._sticky_upstream(ticket.model, ticket.affinity, now)
+        if (ticket.affinity is not None or ticket.prefer is not None) and len(model.upstreams) > 1:
+            if ticket.prefer is not None:
+                preferred = self._upstreams.get(ticket.prefer)
+            else:
+                preferred = self._sticky_upstream(ticket.model, ticket.affinity, now)  # type: ignore[arg-type]
             usable = preferred is not None and preferred.id not in ticket.exclude
             if usable and preferred.state is not UpstreamState.DOWN:  # type: ignore[union-attr]
                 if preferred in free:
@@ -387,7 +407,7 @@ class SchedulerCore:
         self._in_service += 1
         model.in_service_by_class[ticket.klass] += 1
         model.in_service_by_flow[ticket.flow] += 1
-        ticket.upstream_id = slot.id
+        ticket.upstream_id = ticket.served_by = slot.id
         ticket.granted_at = now
         if ticket.affinity is not None and len(model.upstreams) > 1:
             self._remember(ticket.model, ticket.affinity, slot.id, now)
