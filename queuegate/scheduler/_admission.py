@@ -57,15 +57,13 @@ class Admission:
         exclude: frozenset[str] = frozenset(),
         key: str | None = None,
         tokens: int = 0,
-        resumes: Ticket | None = None,
+        since: float | None = None,
+        prefer: str | None = None,
     ) -> Ticket:
         """Submit a request; it may be decided at once. Raises QueueFull when there is no room, RateLimited when
         its key's or its upstreams' rate limits would hold it longer than the max wait. `tokens`: its estimated
-        size, for tokens-per-minute limits. `resumes`: the ticket of the request's previous round (the tool
-        loop): this one keeps its place and prefers its upstream (see the core's rule 4b)."""
-        since = prefer = None
-        if resumes is not None:
-            since, prefer = resumes.arrived_at, resumes.served_by
+        size, for tokens-per-minute limits. A request's next round (the tool loop) gives `since`, when the request
+        first arrived, and `prefer`, its previous round's upstream: it keeps its place (the core's rule 4b)."""
         ticket = Ticket(model, trio.current_time(), klass, flow, affinity, exclude, key, tokens, since, prefer)
         self._wake(self._core.submit(ticket, ticket.enqueued_at))
         return ticket

@@ -78,8 +78,7 @@ class Ticket:
     tokens: int = 0  # estimated tokens (prompt + max_tokens), for tokens-per-minute limits
     since: float | None = None  # a later round of one request (rule 4b): when the request first arrived
     prefer: str | None = None  # the upstream its previous round used (rule 4b)
-    upstream_id: str | None = None  # set when granted, cleared when its slot is given back
-    served_by: str | None = None  # the upstream it was last granted (kept after release)
+    upstream_id: str | None = None  # set when granted
     rejection: GatewayError | None = None  # set when rejected
     granted_at: float = 0.0
     charges: list[Charge] = field(default_factory=list)  # its token charges, corrected to its usage on release
@@ -407,7 +406,7 @@ class SchedulerCore:
         self._in_service += 1
         model.in_service_by_class[ticket.klass] += 1
         model.in_service_by_flow[ticket.flow] += 1
-        ticket.upstream_id = ticket.served_by = slot.id
+        ticket.upstream_id = slot.id
         ticket.granted_at = now
         if ticket.affinity is not None and len(model.upstreams) > 1:
             self._remember(ticket.model, ticket.affinity, slot.id, now)
