@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ from queuegate.proxy import (
     usage_row,
 )
 from queuegate.scheduler import Admission, Policy, RateLimit, SchedulerCore
+from queuegate.tools.loop import ToolPolicy
+from queuegate.tools.servers import ToolServers
 
 log = logging.getLogger("queuegate.daemon")
 
@@ -146,6 +149,10 @@ class Daemon:
         timeouts = Timeouts(
             up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s, up.answer_timeout_s
         )
+        self.metrics = Metrics(
+            self.admission.statistics, self.fleet.statistics, self.usage.statistics if self.usage else None
+        )
+        self.tool_servers = ToolServers(cfg.tools, os.environ)
         self.proxy = Proxy(
             catalog,
             self.admission,
@@ -154,9 +161,8 @@ class Daemon:
             _notice_policy(cfg),
             cfg.affinity.header,
             max_answer_bytes=int(up.max_answer_mb * 2**20),
-        )
-        self.metrics = Metrics(
-            self.admission.statistics, self.fleet.statistics, self.usage.statistics if self.usage else None
+            tools=ToolPolicy(cfg.tools, self.tool_servers),
+            tool_metrics=self.metrics,
         )
         self.fleet.add_listener(self.metrics.observe_transition)
         canonical = {name: catalog.canonical(name) for name in catalog.public_names()}
@@ -235,6 +241,8 @@ class Daemon:
             if self.launchers:
                 self.admission.add_listener(self.fleet.notify)
             await nursery.start(self.fleet.run)
+            if self.tool_servers.configured:
+                await nursery.start(self.tool_servers.run)  # a tool name two servers offer fails the start
             self._base_url = await nursery.start(self._serve, endpoints.http, nursery)
             self._started_at = time.time()
             admin = AdminServer(
@@ -270,6 +278,7 @@ class Daemon:
             requests_total=len(active),
             finished_total=active.finished,
             tokens_total=active.tokens,
+            tool_servers=self.tool_servers.statistics(),
         )
 
     def reload(self) -> str:
@@ -284,6 +293,8 @@ class Daemon:
             live = self.config = plan.live
             self.admission.set_policy(_policy(live, self.catalog))
             self.proxy.notices = _notice_policy(live)
+            self.proxy.tools.config = live.tools  # type: ignore[union-attr]
+            self.tool_servers.set_limits(live.tools)
             self.fleet.set_policy(_planner_policy(live))
             logging.getLogger("queuegate").setLevel(live.server.log_level.upper())
         log.info("config reloaded", extra={"fields": {"applied": plan.applied, "needs_restart": plan.needs_restart}})

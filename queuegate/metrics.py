@@ -67,6 +67,13 @@ class Metrics:
             "queuegate_model_load_duration_seconds", "Model loads, from launch to healthy.", ["model"],
             buckets=_LOAD_BUCKETS, registry=r,
         )  # fmt: skip
+        self._tool_calls = Counter(
+            "queuegate_tool_calls", "Tool calls QueueGate ran, by tool and outcome.", ["tool", "outcome"], registry=r,
+        )  # fmt: skip
+        self._tool_duration = Histogram(
+            "queuegate_tool_call_duration_seconds", "How long tool calls took, by tool.", ["tool"],
+            buckets=_WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
         r.register(_LiveState(scheduler, fleet, usage))
 
     def observe(self, record: RequestRecord, status: int) -> None:
@@ -86,9 +93,14 @@ class Metrics:
         if record.usage is not None:
             self._tokens.labels(model, "prompt").inc(record.usage.prompt_tokens)
             self._tokens.labels(model, "completion").inc(record.usage.completion_tokens)
-        if record.upstream_started_at is not None:
+        if record.upstream_started_at is not None and not record.tool_calls:  # (tool time is not the gateway's)
             in_upstream = now - record.upstream_started_at
             self._overhead.observe(max(0.0, (now - record.started_at) - record.queue_s - in_upstream))
+
+    def observe_tool_call(self, tool: str, outcome: str, duration_s: float) -> None:
+        """One tool call the execute loop ran."""
+        self._tool_calls.labels(tool, outcome).inc()
+        self._tool_duration.labels(tool).observe(duration_s)
 
     def observe_transition(self, transition: Transition) -> None:
         """A model state change (the fleet's listener): a finished load is timed."""

@@ -107,6 +107,19 @@ class RequestStatistics(msgspec.Struct, frozen=True):
     upstream: str | None  # None while queued
     elapsed_s: float
     chunks: int  # stream events relayed so far (about one token each)
+    step: str | None = None  # where a tool loop is: "round 2", "round 2: get_current_time"
+
+
+class ToolServerStatistics(msgspec.Struct, frozen=True):
+    """One OpenAPI tool server as the status shows it."""
+
+    name: str
+    url: str
+    up: bool
+    tools: list[str]
+    error: str | None  # why it is down, or a tool it offers that another server already offers
+    refreshed_at: float | None  # when its document was last read (unix time)
+    left_out: list[str]  # operations that are not tools, and why
 
 
 class ModelView(msgspec.Struct, frozen=True):

@@ -39,6 +39,7 @@ async def test_an_upstream_that_answers_503_while_loading_is_waited_out_not_a_50
     streamed = await in_thread(lambda: list(chat(gw.client(), max_tokens=3, stream=True)))
     assert answer.choices[0].message.content and "".join(c.choices[0].delta.content or "" for c in streamed)
     assert sim.stats.requests >= 3  # the first attempts got 503s
+    await wait_until(lambda: len(request_lines(caplog)) == 2)  # (a stream's line is written after its last byte)
     lines = request_lines(caplog)
     assert [line["status"] for line in lines] == [200, 200] and lines[0]["retries"] >= 1
     assert time.monotonic() - healthy_at < 4  # and went out soon after it was ready (retries back off to 2 s)

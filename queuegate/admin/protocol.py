@@ -13,7 +13,7 @@ from typing import Annotated
 
 import msgspec
 
-from queuegate.statistics import FleetStatistics, RequestStatistics, SchedulerStatistics
+from queuegate.statistics import FleetStatistics, RequestStatistics, SchedulerStatistics, ToolServerStatistics
 
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 64 * 1024
@@ -84,6 +84,7 @@ class DaemonStatus(msgspec.Struct, frozen=True):
     requests_total: int
     finished_total: int  # requests that ended since start (rates come from two snapshots)
     tokens_total: int  # completion tokens they produced
+    tool_servers: list[ToolServerStatistics] = []  # the OpenAPI tool servers, up or not, and their tools
 
 
 class Hello(_Message, tag="hello"):

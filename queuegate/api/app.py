@@ -62,6 +62,7 @@ log = logging.getLogger("queuegate.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CLEANUP_KEY = "queuegate.cleanup"
+TASKS_KEY = "queuegate.tasks"  # the request's own nursery: a streamed tool loop runs there, and ends with it
 USAGE_FLUSH_WAIT_S = 2.0  # a usage read first waits this long at most for rows not yet committed
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -121,7 +122,9 @@ def create_app(routes: Routes) -> ASGIApp:
     )
     created = int(time.time())
 
-    async def relay(endpoint: str, route_class: str = "user", session: str | None = None) -> Response:
+    async def relay(
+        endpoint: str, route_class: str = "user", session: str | None = None, tool_mode: str | None = None
+    ) -> Response:
         request_id = _request_id(request.headers.get("x-request-id"))
         client = request.remote_addr or ""
         record = RequestRecord(request_id, endpoint, client=client, on_finish=routes.on_finish, commit=routes.commit)
@@ -150,7 +153,9 @@ def create_app(routes: Routes) -> ASGIApp:
                     raise
                 record.session = session or _session_id(request.headers.get("x-session-id"))
                 record.flow = request_flow(key_name=key.name if key else None, session=record.session, client=client)
-                reply = await routes.proxy.handle(record, await _read_body(), request.headers)
+                reply = await routes.proxy.handle(
+                    record, await _read_body(), request.headers, tool_mode=tool_mode, tasks=request.scope[TASKS_KEY]
+                )
             except GatewayError as exc:
                 error, logged = exc, exc.message
             except Exception:
@@ -184,11 +189,11 @@ def create_app(routes: Routes) -> ASGIApp:
     @app.post("/v1/chat/completions_passthrough")
     async def chat_completions_passthrough() -> Response:
         # Same scheduling; tool calls always go back to the client (QueueGate runs no tools on this route).
-        return await relay("chat")
+        return await relay("chat", tool_mode="passthrough")
 
     @app.post("/v1/agent/chat/completions")
     async def agent_chat_completions() -> Response:
-        return await relay("chat", "agent")
+        return await relay("chat", "agent", tool_mode="execute")
 
     @app.post("/v1/session/<session_id>/chat/completions")
     async def session_chat_completions(session_id: str) -> Response:
@@ -364,7 +369,8 @@ def _json(doc: Any, status: int = 200) -> Response:
 
 
 def _with_request_lifetime(app: ASGIApp, in_flight: InFlight) -> ASGIApp:
-    """Count each HTTP request while it runs, and run its cleanups (close upstream, free slot) when it ends.
+    """Count each HTTP request while it runs, give it a nursery of its own (a streamed tool loop runs there, and
+    is cancelled when the request ends, however it ends), and run its cleanups (close upstream, free slot) then.
 
     Quart closes a streamed body only if it started sending it; a client that vanishes between the handler's
     return and the first byte would otherwise leak the upstream connection and the scheduler slot.
@@ -390,7 +396,12 @@ def _with_request_lifetime(app: ASGIApp, in_flight: InFlight) -> ASGIApp:
 
         in_flight.enter()
         try:
-            await app(scope, receive, send_the_end_whole)
+            async with trio.open_nursery() as tasks:
+                scope[TASKS_KEY] = tasks
+                try:
+                    await app(scope, receive, send_the_end_whole)
+                finally:
+                    tasks.cancel_scope.cancel()
         finally:
             if cleanups:
                 with trio.CancelScope(shield=True):

@@ -12,6 +12,7 @@ from queuegate.config.schema import Config, ConfigError, ModelConfig
 from queuegate.vocabulary import ROUTE_CLASSES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what OpenAI accepts as a function name
 
 
 def check_config(config: Config, source: str, env: Any) -> None:
@@ -59,6 +60,7 @@ def check_config(config: Config, source: str, env: Any) -> None:
         for key in ("model", "stream"):
             if key in model.defaults:
                 fail(f"models.{name}.defaults.{key}", f"`{key}` cannot have a default; the client sets it")
+    _check_tools(config, env, fail)
     _check_keys(config, owners, env, fail)
     try:
         usage_timezone(config)
@@ -86,6 +88,20 @@ def _check_keys(config: Config, model_names: Any, env: Any, fail: Any) -> None:
         for i, model in enumerate(key.models):
             if model not in model_names:
                 fail(f"{where}.models[{i}]", f"no model or alias {model!r}")
+
+
+def _check_tools(config: Config, env: Any, fail: Any) -> None:
+    for name, server in config.tools.servers.items():
+        where = f"tools.servers.{name}"
+        if not re.match(r"^https?://[^/\s]+", server.url):
+            fail(f"{where}.url", f"expected an http(s) base URL such as http://127.0.0.1:8000, got {server.url!r}")
+        if server.prefix and (not server.prefix.startswith("/") or server.prefix.endswith("/")):
+            fail(f"{where}.prefix", f'expected "" or a path such as /openapi (no trailing /), got {server.prefix!r}')
+        if server.api_key_env is not None and not env.get(server.api_key_env):
+            fail(f"{where}.api_key_env", f"environment variable {server.api_key_env} is not set")
+        for old, new in server.rename.items():
+            if not _TOOL_NAME.match(new):
+                fail(f"{where}.rename.{old}", f"a tool name may use letters, digits, _ and - (1-64), got {new!r}")
 
 
 def _check_launch(name: str, model: ModelConfig, config: Config, fail: Any) -> None:

@@ -32,6 +32,13 @@ LIVE_KEYS = frozenset(
         "fleet.failure_hold_s",
         "fleet.abandoned_load",
         "server.log_level",
+        "tools.mode",
+        "tools.max_rounds",
+        "tools.max_calls",
+        "tools.call_timeout_s",
+        "tools.loop_timeout_s",
+        "tools.max_result_chars",
+        "tools.text_tool_calls",
     }
 )
 

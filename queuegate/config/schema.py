@@ -106,6 +106,35 @@ class ContainerSpec(_Section):
     gpus: str = ""  # "" = none, "all", or device ids such as "0,1"
 
 
+ToolMode = Literal["execute", "passthrough", "suppress"]
+
+
+class ToolServerConfig(_Section):
+    """An OpenAPI tool server (mcpo in front of MCP servers, or any FastAPI app) whose operations the model may call."""
+
+    url: str
+    prefix: str = ""  # where its operations (and /openapi.json) live under `url`; mcpo serves at the root
+    api_key_env: str | None = None  # environment variable holding its API key (sent as a Bearer token)
+    allow: list[str] = []  # the tools it exposes (by their names here); empty = every operation
+    rename: dict[str, str] = {}  # tool name -> the name the model sees (two servers offering one name)
+    timeout_s: NonNegativeFloat = 0.0  # one call's bound; 0 = [tools].call_timeout_s
+
+
+class ToolsConfig(_Section):
+    """Tool calling: QueueGate runs the calls to its tool servers (execute), hands them back (passthrough) or drops
+    them (suppress)."""
+
+    mode: Literal["auto", "execute", "passthrough", "suppress"] = "auto"  # auto: execute with a tool server
+    max_rounds: PositiveInt = 8
+    max_calls: PositiveInt = 16
+    call_timeout_s: PositiveFloat = 30.0
+    loop_timeout_s: PositiveFloat = 120.0
+    max_result_chars: PositiveInt = 16000
+    text_tool_calls: bool = True
+    refresh_s: PositiveFloat = 300.0
+    servers: dict[str, ToolServerConfig] = {}
+
+
 class ModelConfig(_Section):
     upstreams: list[str] = []
     launcher: Literal["external", "process", "docker"] = "external"
@@ -131,6 +160,7 @@ class ModelConfig(_Section):
     endpoints: list[Endpoint] | None = None
     aliases: list[str] = []
     defaults: dict[str, Any] = {}
+    tools: ToolMode | None = None  # how its tool calls are handled; None = [tools].mode
 
 
 class UsageConfig(_Section):
@@ -166,6 +196,7 @@ class Config(_Section):
     affinity: AffinityConfig = msgspec.field(default_factory=AffinityConfig)
     fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
+    tools: ToolsConfig = msgspec.field(default_factory=ToolsConfig)
     devices: dict[str, DeviceConfig] = {}
     keys: dict[str, KeyConfig] = {}
     models: dict[str, ModelConfig] = {}

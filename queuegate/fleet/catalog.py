@@ -60,6 +60,7 @@ class ModelSpec:
     defaults: Mapping[str, Any]
     upstreams: tuple[Upstream, ...]
     launch: LaunchSpec | None = None  # None: external, always on
+    tools: str | None = None  # how its tool calls are handled (execute, passthrough, suppress); None: [tools].mode
 
 
 class Catalog:
@@ -158,6 +159,7 @@ def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str], free_port: C
         defaults=dict(mc.defaults),
         upstreams=upstreams,
         launch=launch,
+        tools=mc.tools,
     )
 
 

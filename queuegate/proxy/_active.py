@@ -103,6 +103,7 @@ class ActiveRequests:
                 e.record.upstream,
                 round(now - e.record.started_at, 3),
                 e.record.chunks,
+                e.record.tool_step,
             )
             for e in entries
         ]

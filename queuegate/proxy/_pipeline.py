@@ -25,6 +25,7 @@ from queuegate.proxy._reply import SSE_HEADERS, Reply
 from queuegate.proxy._request import echo, parse_request
 from queuegate.proxy._routing import chat_key
 from queuegate.scheduler import Admission, ModelUnavailable, NoUpstreamLeft, QueuePosition, Ticket
+from queuegate.tools.loop import ToolLoop, ToolMetrics, ToolPolicy
 
 # An upstream's own rate limit (429) is waited out, before any byte reached the client, at most this many times.
 UPSTREAM_BUSY_RETRIES = 3
@@ -55,6 +56,8 @@ class Proxy:
         notices: NoticePolicy | None = None,
         chat_header: str = "X-Chat-Id",
         max_answer_bytes: int = 64 * 2**20,
+        tools: ToolPolicy | None = None,
+        tool_metrics: ToolMetrics | None = None,
     ) -> None:
         self._catalog = catalog
         self._admission = admission
@@ -62,15 +65,37 @@ class Proxy:
         self._reports = reports
         self.notices = notices or NoticePolicy()
         self._chat_header = chat_header  # names the sticky chat (see `chat_key`)
+        self.tools = tools  # decides each chat request's tool mode (None: tools are passed through untouched)
+        self._tool_metrics = tool_metrics
 
-    async def handle(self, record: RequestRecord, raw_body: bytes, headers: Mapping[str, str]) -> Reply:
-        """Serve one OpenAI request. Raises GatewayError for anything the client should see as an error."""
+    async def handle(
+        self,
+        record: RequestRecord,
+        raw_body: bytes,
+        headers: Mapping[str, str],
+        *,
+        tool_mode: str | None = None,
+        tasks: trio.Nursery | None = None,
+    ) -> Reply:
+        """Serve one OpenAI request. Raises GatewayError for anything the client should see as an error.
+        `tool_mode`: the route's (None: the model's or `[tools].mode`); `tasks`: the request's own nursery, where
+        a streamed tool loop runs."""
         request = parse_request(raw_body, record.endpoint)
         spec = self._resolve(request.model, record)
         record.model = spec.name
         record.stream = request.stream
         record.wants_usage = request.wants_usage
         record.prompt_chars = request.prompt_chars
+        sticky = chat_key(headers, self._chat_header, request.body) if len(spec.upstreams) > 1 else None
+        plan = None
+        if self.tools is not None and record.endpoint == "chat":
+            plan = self.tools.plan(tool_mode, spec, request.body)
+        if plan is not None:
+            loop = ToolLoop(self, self.tools.servers, self._tool_metrics, plan, spec, record, request, sticky)  # type: ignore[union-attr]
+            if not record.stream:
+                return await loop.answer()
+            assert tasks is not None, "a streamed tool loop runs in the request's nursery"
+            return await loop.stream(tasks)
         upstream_body = {**spec.defaults, **request.body, "model": spec.upstream_model}
         if record.stream and spec.kind.stream_usage and record.endpoint != "embeddings" and not record.wants_usage:
             # Count the tokens of every stream: ask for the usage chunk, and keep it from the client who did not.
@@ -78,17 +103,49 @@ class Proxy:
             upstream_body["stream_options"] = {**options, "include_usage": True}
             record.usage_injected = True
         payload = msgspec.json.encode(upstream_body)
-        sticky = chat_key(headers, self._chat_header, request.body) if len(spec.upstreams) > 1 else None
-        key = record.key.name if record.key else None
-        ticket = self._admission.enqueue(
-            spec.name, klass=record.klass, flow=record.flow, affinity=sticky, key=key, tokens=request.tokens
+        ticket = self.enqueue(spec, record, request.tokens, affinity=sticky)
+        return await self.start(spec, record, payload, ticket)
+
+    def enqueue(
+        self,
+        spec: ModelSpec,
+        record: RequestRecord,
+        tokens: int,
+        *,
+        affinity: str | None = None,
+        since: float | None = None,
+        prefer: str | None = None,
+    ) -> Ticket:
+        """A place in the model's queue. A tool loop's later rounds give `since` and `prefer` (they keep the
+        request's place); its key's limits were charged once, for the client's request."""
+        key = record.key.name if record.key and since is None else None
+        return self._admission.enqueue(
+            spec.name,
+            klass=record.klass,
+            flow=record.flow,
+            affinity=affinity,
+            key=key,
+            tokens=tokens,
+            since=since,
+            prefer=prefer,
         )
+
+    async def start(self, spec: ModelSpec, record: RequestRecord, payload: bytes, ticket: Ticket) -> Reply:
+        """Wait for the ticket's slot and send (see `forward`); a streamed request that waits long enough gets
+        queue notices while it waits."""
         if self.notices.applies(record):
             deadline = ticket.enqueued_at + self.notices.min_wait_s
             if not await self.wait_for_slot(ticket, record, until=deadline):
                 # Still queued: answer now with an event stream that carries notices until the slot comes.
                 return Reply(200, dict(SSE_HEADERS), QueuedStream(self, spec, record, payload, ticket))
         return await self.forward(spec, record, payload, ticket)
+
+    def notices_apply(self, record: RequestRecord) -> bool:
+        return self.notices.applies(record)
+
+    @property
+    def keepalive_s(self) -> float:
+        return self.notices.keepalive_s
 
     async def wait_for_slot(self, ticket: Ticket, record: RequestRecord, *, until: float | None = None) -> bool:
         """Wait in the queue (see `Admission.wait`), counting the time in the request's record."""

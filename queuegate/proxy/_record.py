@@ -65,6 +65,11 @@ class RequestRecord:
     chunks: int = 0  # stream events relayed to the client (not counting `data: [DONE]`)
     usage: Usage | None = None
     error: str | None = None
+    tool_step: str | None = None  # where its tool loop is now ("round 2: get_current_time"), for the status
+    tool_rounds: int = 0  # model rounds of its tool loop (0: it had none)
+    tool_calls: int = 0  # tool calls QueueGate ran for it
+    tool_bound: str | None = None  # the bound that ended its tool loop (max_rounds, max_calls, ...)
+    quiet: bool = False  # one round of a tool loop: the request's own record logs and counts it
     cancelled: bool = False  # by an operator (admin socket), whatever the exit path then says
     finished: bool = False
     on_finish: Callable[[RequestRecord, int], None] | None = field(default=None, repr=False)  # metrics, usage
@@ -92,6 +97,8 @@ class RequestRecord:
             error = "cancelled by the operator"
         if error is not None:
             self.error = error
+        if self.quiet:
+            return
         usage = self.usage
         log.info(
             "request",
@@ -112,6 +119,9 @@ class RequestRecord:
                     "prompt_tokens": usage.prompt_tokens if usage else None,
                     "completion_tokens": usage.completion_tokens if usage else None,
                     "tokens_estimated": True if usage and usage.estimated else None,
+                    "tool_rounds": self.tool_rounds or None,
+                    "tool_calls": self.tool_calls or None,
+                    "tool_bound": self.tool_bound,
                     "client": self.client or None,
                     "error": self.error,
                 }

@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--health-ok-while-loading", action="store_true", help="/health answers 200 even while loading")
     parser.add_argument("--first-token-delay", type=float, default=defaults.first_token_delay_s)
     parser.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim)
+    parser.add_argument("--tool-server", action="store_true", help="also serve the demo tool server (OpenAPI)")
     args = parser.parse_args()
     config = SimConfig(
         host=args.host,
@@ -33,6 +34,7 @@ def main() -> None:
         health_ok_while_loading=args.health_ok_while_loading,
         first_token_delay_s=args.first_token_delay,
         embedding_dim=args.embedding_dim,
+        tool_server=args.tool_server,
     )
     trio.run(serve, Simulator(config))
 

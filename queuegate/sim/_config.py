@@ -40,6 +40,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
     embedding_dim: int = 8
     first_token_delay_s: float = 0.0  # "prompt processing" before the first token
     report_usage: bool = True  # False: answers and streams carry no `usage`, as some backends do
+    tool_server: bool = False  # also serve the demo tool server (GET /openapi.json, POST /<tool>)
+    test_tools: bool = False  # and its tools for tests (sleep, fail, garbage, big)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,8 @@ import struct
 import time
 from typing import Any
 
+from queuegate.sim._tools import ToolAnswer
+
 WORDS = (
     "Hello",
     " from",
@@ -53,12 +55,26 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
 class Completion:
     """One chat or text completion being generated, rendered in OpenAI's shapes."""
 
-    def __init__(self, chat: bool, model: str, n_tokens: int, limited: bool, prompt: int, served_by: str) -> None:
+    def __init__(
+        self,
+        chat: bool,
+        model: str,
+        n_tokens: int,
+        limited: bool,
+        prompt: int,
+        served_by: str,
+        tool_answer: ToolAnswer | None = None,
+    ) -> None:
         self.chat = chat
         self.model = model
         self.served_by = served_by  # the simulator's own model name, as `system_fingerprint`: which server answered
         self.tokens = tokens(n_tokens)
         self.finish_reason = "length" if limited else "stop"
+        self.calls: list[dict[str, Any]] = []  # structured tool calls, sent after the text
+        if tool_answer is not None:
+            self.tokens = [tool_answer.text[i : i + 4] for i in range(0, len(tool_answer.text), 4)]
+            self.calls = tool_answer.calls if tool_answer.form == "structured" else []
+            self.finish_reason = "tool_calls" if self.calls else "stop"
         self.prompt = prompt
         self.id = ("chatcmpl-" if chat else "cmpl-") + hashlib.sha1(str(time.monotonic_ns()).encode()).hexdigest()[:24]
         self.created = int(time.time())
@@ -67,7 +83,9 @@ class Completion:
         text = "".join(self.tokens)
         choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason, "logprobs": None}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = {"role": "assistant", "content": text or (None if self.calls else "")}
+            if self.calls:
+                choice["message"]["tool_calls"] = self.calls
         else:
             choice["text"] = text
         return {
@@ -86,6 +104,17 @@ class Completion:
             delta = {"role": "assistant", "content": token} if index == 0 else {"content": token}
             return self._chunk({"index": 0, "delta": delta, "finish_reason": None})
         return self._chunk({"index": 0, "text": token, "finish_reason": None})
+
+    def call_chunks(self) -> list[dict[str, Any]]:
+        """The tool calls as a stream sends them: each call's name first, its arguments in a second delta."""
+        chunks = []
+        for i, call in enumerate(self.calls):
+            head = {"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"]}}
+            head["function"]["arguments"] = ""
+            rest = {"index": i, "function": {"arguments": call["function"]["arguments"]}}
+            for part in (head, rest):
+                chunks.append(self._chunk({"index": 0, "delta": {"tool_calls": [part]}, "finish_reason": None}))
+        return chunks
 
     def final_chunk(self) -> dict[str, Any]:
         if self.chat:

@@ -17,6 +17,7 @@ import trio
 
 from queuegate.sim._config import FAULTS, ReceivedRequest, SimConfig, SimStats
 from queuegate.sim._content import Completion, embeddings_body, prompt_tokens
+from queuegate.sim._tools import ToolServerRoutes, tool_answer
 
 JSON = [("content-type", "application/json")]
 SSE = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
@@ -74,6 +75,12 @@ class Simulator:
             ("POST", "/sim/fault"): self._set_fault_route,
             ("GET", "/sim/stats"): self._stats_route,
         }
+        self.tools: ToolServerRoutes | None = None  # the demo tool server's routes, when it serves them
+        if config.tool_server:
+            self.tools = tools = ToolServerRoutes(test_tools=config.test_tools)
+            self._routes[("GET", "/openapi.json")] = self._tool_document
+            for name in tools.names():
+                self._routes[("POST", f"/{name}")] = self._tool_route(name)
 
     def set_fault(self, fault: str | None, *, health_status: int | None = None) -> None:
         """Make every request fail with `fault` (None: behave), and/or force /health to answer `health_status`."""
@@ -237,6 +244,7 @@ class Simulator:
             requested is not None,
             prompt_tokens(body),
             served_by=self.config.model,
+            tool_answer=tool_answer(body) if chat else None,
         )
         interval = 1.0 / self.config.tokens_per_s if self.config.tokens_per_s > 0 else 0.0
         first_delay = 30.0 if fault == "slow_first_token" else self.config.first_token_delay_s
@@ -290,6 +298,8 @@ class Simulator:
             await trio.sleep_until(next_at)
             next_at += interval
             await exchange.event(completion.chunk(index))
+        for chunk in completion.call_chunks():
+            await exchange.event(chunk)
         await exchange.event(completion.final_chunk())
         if include_usage:
             await exchange.event(completion.usage_chunk())
@@ -333,6 +343,18 @@ class Simulator:
             return
         doc = embeddings_body(inputs, str(body.get("model", self.config.model)), self.config.embedding_dim)
         await exchange.respond(200, msgspec.json.encode(doc))
+
+    async def _tool_document(self, exchange: _Exchange, _: Any) -> None:
+        assert self.tools is not None
+        await exchange.respond(200, msgspec.json.encode(self.tools.document()))
+
+    def _tool_route(self, name: str) -> Callable[[_Exchange, Any], Awaitable[None]]:
+        async def call(exchange: _Exchange, body: Any) -> None:
+            assert self.tools is not None
+            status, payload, content_type = await self.tools.call(name, body)
+            await exchange.respond(status, payload, [("content-type", content_type)])
+
+        return call
 
     async def _set_fault_route(self, exchange: _Exchange, body: Any) -> None:
         try:
