@@ -103,6 +103,7 @@ STATUS = msgspec.convert(
                 "upstream": "chat#0",
                 "elapsed_s": 4.2,
                 "chunks": 120,
+                "step": "round 2: get_current_time",
             },
             {
                 "id": "qg-bbbb",

@@ -106,4 +106,11 @@ def render_status(status: DaemonStatus) -> str:
         used = [f"{spent}/{allowed} {unit}" for unit, allowed, spent in windows if allowed is not None]
         wait = f"full for {lim.free_in_s:g} s more" if lim.free_in_s > 0 else "has room"
         lines.append(f"limit {lim.name}: {', '.join(used)} in the last minute; {wait}")
+    for server in status.tool_servers:
+        state = f"up, {len(server.tools)} tools" if server.up else "down"
+        why = f"; {server.error}" if server.error else ""
+        lines.append(f"tool server {server.name} ({server.url}): {state}{why}")
+    for request in status.requests:
+        if request.step is not None:
+            lines.append(f"request {request.id} ({request.model}): tool loop {request.step}")
     return "\n".join(lines)

@@ -301,7 +301,14 @@ def create_app(routes: Routes) -> ASGIApp:
             ready = sum(m["ready"] for m in models)
             return _json({"ready": ok, "models_ready": ready, "models": len(models)}, status=status)
         visible = [m for m in models if key is None or key.may_use(m["name"])]
-        return _json({"ready": ok, "models": visible}, status=status)
+        doc: dict[str, Any] = {"ready": ok, "models": visible}
+        if routes.proxy.tools is not None and routes.proxy.tools.servers.configured:
+            # Tool servers do not decide readiness (a model answers without them), but a caller should see them.
+            servers = routes.proxy.tools.servers.statistics()
+            doc["tool_servers"] = [
+                {"name": s.name, "up": s.up, "tools": len(s.tools), "error": s.error} for s in servers
+            ]
+        return _json(doc, status=status)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

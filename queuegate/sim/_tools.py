@@ -4,6 +4,7 @@ The model (`tool_answer`): when a request offers tools, the last user message ma
 
     CALL <round> <tool name> <JSON arguments>      e.g.  CALL 1 get_current_time {"timezone": "UTC"}
     TOOLFORM structured | mistral | mistral11 | hermes   (how it writes them: OpenAI's tool_calls, or as text)
+    UNOFFERED                                      (call them even when the request offers no such tool)
 
 Round k is the k-th answer since that user message; its CALL lines (for tools still offered) are its calls. An
 answer with no calls left says what the tools returned, so a test can see the results reached the model. Without
@@ -63,7 +64,8 @@ def tool_answer(body: dict[str, Any]) -> ToolAnswer | None:
     form = form_match.group(1) if form_match else "structured"
     scripted = _CALL.findall(prompt)
     if scripted:
-        wanted = [(name, arguments) for r, name, arguments in scripted if int(r) == round_no and name in offered]
+        anyway = "\nUNOFFERED" in prompt
+        wanted = [(n, a) for r, n, a in scripted if int(r) == round_no and (anyway or n in offered)]
     else:
         wanted = _demo_calls(prompt, offered) if round_no == 1 else []
     if wanted:

@@ -179,10 +179,7 @@ class ToolLoop:
         self._body = body
         self._usage = Usage()
         self._usage_estimated = False
-        self._round_count = 0
-        self._calls_made = 0
         self._seen_calls: set[tuple[str, str]] = set()
-        self._bound: str | None = None
         self._arrived_at: float | None = None  # when round 1 was queued (later rounds keep that place)
         self._last_upstream: str | None = None
         self._deadline = trio.current_time() + plan.limits.loop_timeout_s
@@ -195,7 +192,7 @@ class ToolLoop:
         """Run every round inline (a client that did not ask to stream) and give the one final answer."""
         contents: list[str] = []
         while True:
-            final = self._bound is not None
+            final = self._record.tool_bound is not None
             reply, record = await self._run_round(final)
             self._round_done(record)
             if reply.status != 200 or not isinstance(reply.body, bytes):
@@ -209,10 +206,11 @@ class ToolLoop:
             if said.content:
                 contents.append(said.content)
             server_calls, client_calls = self._split(said.calls, final)
-            if server_calls and not client_calls and self._within_bounds(server_calls):
-                self._remember_round(said, server_calls)
-                await self._run_calls(server_calls, progress=None)
-                continue
+            if server_calls and not client_calls:
+                if self._within_bounds(server_calls):
+                    self._remember_round(said, server_calls)
+                    await self._run_calls(server_calls, progress=None)
+                continue  # (past a bound: one last round, without tools)
             return self._final_answer(answer, message, contents, client_calls, said.finish_reason)
 
     def _whole_round(self, message: dict[str, Any], finish_reason: Any) -> _Round:
@@ -258,7 +256,7 @@ class ToolLoop:
         was an error, which the client gets as it is."""
         first = True
         while True:
-            final = self._bound is not None
+            final = self._record.tool_bound is not None
             reply, record = await self._run_round(final)
             if first:
                 first = False
@@ -270,10 +268,11 @@ class ToolLoop:
                 raise _RoundFailed(*_error_event(reply))
             said = await self._stream_round(reply, record, send)
             server_calls, client_calls = self._split(said.calls, final)
-            if server_calls and not client_calls and self._within_bounds(server_calls):
-                self._remember_round(said, server_calls)
-                await self._run_calls(server_calls, progress=send)
-                continue
+            if server_calls and not client_calls:
+                if self._within_bounds(server_calls):
+                    self._remember_round(said, server_calls)
+                    await self._run_calls(server_calls, progress=send)
+                continue  # (past a bound: one last round, without tools)
             if said.held_text:
                 await send(self._chunk({"content": said.held_text}))
             if client_calls:
@@ -381,8 +380,8 @@ class ToolLoop:
         )
         if self._arrived_at is None:
             self._arrived_at = ticket.enqueued_at
-        self._round_count += 1
-        self._record.tool_step = f"round {self._round_count}"
+        self._record.tool_rounds += 1
+        self._record.tool_step = f"round {self._record.tool_rounds}"
         return await self._rounds.start(self._spec, record, msgspec.json.encode(body), ticket), record
 
     def _round_record(self) -> RequestRecord:
@@ -438,20 +437,26 @@ class ToolLoop:
         """Whether these calls may run; if not, the bound that stops the loop is noted (the next round is final)."""
         limits = self._plan.limits
         repeated = any((_call_name(c), _canonical(c)) in self._seen_calls for c in calls)
-        if self._round_count > limits.max_rounds:
-            self._bound = "max_rounds"
-        elif self._calls_made + len(calls) > limits.max_calls:
-            self._bound = "max_calls"
+        if self._record.tool_rounds > limits.max_rounds:
+            self._record.tool_bound = "max_rounds"
+        elif self._record.tool_calls + len(calls) > limits.max_calls:
+            self._record.tool_bound = "max_calls"
         elif repeated:
-            self._bound = "repeated_call"
+            self._record.tool_bound = "repeated_call"
         elif trio.current_time() >= self._deadline:
-            self._bound = "loop_timeout"
-        if self._bound is not None:
+            self._record.tool_bound = "loop_timeout"
+        if self._record.tool_bound is not None:
             log.info(
                 "tool loop bound",
-                extra={"fields": {"rid": self._record.request_id, "bound": self._bound, "round": self._round_count}},
+                extra={
+                    "fields": {
+                        "rid": self._record.request_id,
+                        "bound": self._record.tool_bound,
+                        "round": self._record.tool_rounds,
+                    }
+                },
             )
-        return self._bound is None
+        return self._record.tool_bound is None
 
     def _remember_round(self, said: _Round, calls: list[dict[str, Any]]) -> None:
         self._messages.append({"role": "assistant", "content": said.content or None, "tool_calls": calls})
@@ -462,7 +467,7 @@ class ToolLoop:
         """Run one round's calls concurrently (each bounded; the loop's deadline cuts them all), then add their
         results in the order called. `progress` (streamed): where progress lines and keep-alives go meanwhile."""
         results: list[ToolResult | None] = [None] * len(calls)
-        self._record.tool_step = f"round {self._round_count}: {', '.join(_call_name(c) for c in calls)}"
+        self._record.tool_step = f"round {self._record.tool_rounds}: {', '.join(_call_name(c) for c in calls)}"
         shows = progress is not None and self._rounds.notices_apply(self._record)
         if shows:
             assert progress is not None
@@ -485,7 +490,7 @@ class ToolLoop:
                 for i, call in enumerate(calls):
                     running.start_soon(run, i, call)
             waiting.cancel_scope.cancel()  # the calls are done: no more keep-alives
-        self._calls_made += len(calls)
+        self._record.tool_calls += len(calls)
         for call, result in zip(calls, results, strict=True):
             text = result.text if result is not None else "error: the call did not finish"
             self._messages.append({"role": "tool", "tool_call_id": call.get("id") or "", "content": text})
@@ -504,7 +509,7 @@ class ToolLoop:
                     "rid": self._record.request_id,
                     "tool": name,
                     "server": self._servers.server_of(name),
-                    "round": self._round_count,
+                    "round": self._record.tool_rounds,
                     "outcome": result.outcome,
                     "status": result.status,
                     "duration_ms": round(result.duration_s * 1000, 1),
@@ -530,9 +535,13 @@ class ToolLoop:
         }
 
     def _metadata(self) -> dict[str, Any]:
-        if self._round_count <= 1 and self._bound is None:
+        if self._record.tool_rounds <= 1 and self._record.tool_bound is None:
             return {}
-        return {"tool_rounds": self._round_count, "tool_calls": self._calls_made, "bound": self._bound}
+        return {
+            "tool_rounds": self._record.tool_rounds,
+            "tool_calls": self._record.tool_calls,
+            "bound": self._record.tool_bound,
+        }
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         chunk: dict[str, Any] = {
@@ -547,11 +556,8 @@ class ToolLoop:
         return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
 
     def _note_end(self) -> None:
-        """What the request's log line says of its tools."""
+        """The loop is over: the status shows no step any more."""
         self._record.tool_step = None
-        self._record.tool_rounds = self._round_count
-        self._record.tool_calls = self._calls_made
-        self._record.tool_bound = self._bound
 
 
 class LoopStream:

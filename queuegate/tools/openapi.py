@@ -272,7 +272,9 @@ def _body(refs: _Refs, request: Any, properties: dict[str, Any], required: list[
     schema = refs.expand(media.get("schema", {}))
     schema = schema if isinstance(schema, dict) else {}
     fields = schema.get("properties")
-    if schema.get("type", "object") == "object" and isinstance(fields, dict) and fields:
+    # An object with named properties, or one that declares none (a tool without arguments: its body is {}).
+    declared = isinstance(fields, dict) and (bool(fields) or "additionalProperties" not in schema)
+    if schema.get("type", "object") == "object" and declared:
         clash = [name for name in fields if name in properties]
         if clash:
             raise _LeftOut(f"its body property {clash[0]!r} has the name of a path or query parameter")

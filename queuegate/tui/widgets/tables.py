@@ -107,13 +107,22 @@ class LimitsTable(_KeyedTable):
 class RequestsTable(_KeyedTable):
     """Requests in progress, oldest first (the daemon caps the list; the title shows the total)."""
 
-    COLUMNS = ("REQUEST", "MODEL", "CLASS", "FLOW", "UPSTREAM", "ELAPSED", "CHUNKS")
+    COLUMNS = ("REQUEST", "MODEL", "CLASS", "FLOW", "UPSTREAM", "ELAPSED", "CHUNKS", "TOOLS")
 
     def show(self, status: DaemonStatus) -> None:
         rows = [
             (
                 r.id,
-                (r.id, r.model or "-", r.klass, r.flow, r.upstream or "queued", f"{r.elapsed_s:.1f} s", str(r.chunks)),
+                (
+                    r.id,
+                    r.model or "-",
+                    r.klass,
+                    r.flow,
+                    r.upstream or "queued",
+                    f"{r.elapsed_s:.1f} s",
+                    str(r.chunks),
+                    r.step or "",
+                ),
             )
             for r in status.requests
         ]
