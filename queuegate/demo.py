@@ -3,7 +3,7 @@
 The fleet is a normal config file, `config/demo.toml` (shipped inside the package as `queuegate/demo.toml`). The
 simulators are real HTTP servers in child processes (`python -m queuegate.sim`), with llama-server-like health and
 load times and realistic token rates. Each external upstream the file writes with port 0 is a simulator this module
-starts on a free port; the models with a launcher are started by QueueGate itself and share one exclusive demo
+starts on a free port (and so is a tool server written with port 0); the models with a launcher are started by QueueGate itself and share one exclusive demo
 "GPU", so asking for one and then the other shows a swap.
 """
 
@@ -53,6 +53,11 @@ async def start_demo_fleet(nursery: trio.Nursery, *, listen: str, lifeline: Life
         argv = [sys.executable, "-m", "queuegate.sim", "--port", "0", "--model", name]
         child = ChildProcess(f"{name}#{i}", argv, lifeline=lifeline)
         raw["models"][name]["upstreams"][i] = await nursery.start(_run_demo_upstream, child)
+    for name, server in raw.get("tools", {}).get("servers", {}).items():
+        if urlsplit(server["url"]).port == 0:  # the demo tool server (the time, a calculator)
+            argv = [sys.executable, "-m", "queuegate.sim", "--port", "0", "--model", name, "--tool-server"]
+            child = ChildProcess(f"tools:{name}", argv, lifeline=lifeline)
+            server["url"] = (await nursery.start(_run_demo_upstream, child)).removesuffix("/v1")
     raw.setdefault("server", {})["listen"] = listen
     # The state folder is where the user started the demo (as `queuegate top` expects), not the package's folder.
     return build_config(raw, source=DEMO_CONFIG, base_dir=".")

@@ -72,6 +72,7 @@ async def test_streamed_loop_is_one_message_with_one_finish_reason(start_tools):
     chunks = await in_thread(run)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["stop"]
+    assert len({c.id for c in chunks}) == 1 and len({c.model for c in chunks}) == 1  # one message
     assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert '"result":4' in text

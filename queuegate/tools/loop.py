@@ -22,6 +22,7 @@ tools lets the model answer with what it has; the log line and the answer's `que
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ log = logging.getLogger("queuegate.tools")
 
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
 ARGUMENTS_SHOWN = 120  # characters of a call's arguments a progress line shows
+_ID = re.compile(rb'"id"\s*:\s*"([^"\\]*)"')
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]*)"')
 # An event with none of these is content or reasoning only, relayed as it is (unless text-form calls are read).
 _NOT_PLAIN = (b'"tool_calls"', b'"usage"', b'"error"', b'"finish_reason":"', b'"finish_reason": "')
 Send = Callable[[bytes], Awaitable[None]]
@@ -138,6 +141,7 @@ class _Round:
     calls: list[dict[str, Any]] = field(default_factory=list)  # every tool call, structured or read from text
     finish_reason: str | None = None
     saw_calls: bool = False  # an event carried structured tool calls
+    id_field: bytes | None = None  # `"id":"..."` as its events spell it, to give them the message's (b"": keep)
     held_text: str = ""  # text held back as a possible tool call that was not one (to send as content)
 
 
@@ -183,8 +187,11 @@ class ToolLoop:
         self._arrived_at: float | None = None  # when round 1 was queued (later rounds keep that place)
         self._last_upstream: str | None = None
         self._deadline = trio.current_time() + plan.limits.loop_timeout_s
+        # The one message's id and model: round 1's (later rounds' events are given its id).
         self._chunk_id = f"chatcmpl-{record.request_id}"
+        self._model_name = spec.upstream_model
         self._created = int(time.time())
+        self._id_field = b""  # `"id":"<the message's id>"`, once round 1's first event set it
 
     # -- the whole answer -----------------------------------------------------------------------------------------
 
@@ -280,7 +287,7 @@ class ToolLoop:
             await send(self._chunk({}, finish_reason=self._finish_reason(client_calls, said.finish_reason)))
             if self._record.wants_usage:
                 usage = {"id": self._chunk_id, "object": "chat.completion.chunk", "created": self._created}
-                usage |= {"model": self._spec.name, "choices": [], "usage": self._usage_doc()}
+                usage |= {"model": self._model_name, "choices": [], "usage": self._usage_doc()}
                 await send(b"data: " + msgspec.json.encode(usage) + b"\n\n")
             self._note_end()
             await self._record.finish_before_last_byte(200)
@@ -335,6 +342,10 @@ class ToolLoop:
         if payload == b"[DONE]":
             return b""
         events.append(payload)
+        if said.id_field is None:
+            self._adopt_id(payload, said)
+        if said.id_field:
+            event = event.replace(said.id_field, self._id_field, 1)  # one message: one id
         plain = not any(mark in payload for mark in _NOT_PLAIN)
         if plain and text is None:
             return event + b"\n\n"  # most events: content or reasoning, relayed as they are
@@ -364,6 +375,18 @@ class ToolLoop:
         if released:
             keep["content"] = released
         return self._chunk(keep) if "content" in keep or "reasoning_content" in keep else b""
+
+    def _adopt_id(self, payload: bytes, said: _Round) -> None:
+        """Note the id a round's events carry (b"": one to leave alone); round 1's becomes the message's."""
+        found = _ID.search(payload)
+        if self._id_field == b"":
+            if found is not None:
+                self._chunk_id = found.group(1).decode("utf-8", "replace")
+            model = _MODEL.search(payload)
+            if model is not None:
+                self._model_name = model.group(1).decode("utf-8", "replace")
+            self._id_field = msgspec.json.encode({"id": self._chunk_id})[1:-1]
+        said.id_field = b"" if found is None or found.group(0) == self._id_field else found.group(0)
 
     # -- rounds and calls -----------------------------------------------------------------------------------------
 
@@ -548,7 +571,7 @@ class ToolLoop:
             "id": self._chunk_id,
             "object": "chat.completion.chunk",
             "created": self._created,
-            "model": self._spec.name,
+            "model": self._model_name,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         }
         if finish_reason is not None and (meta := self._metadata()):
