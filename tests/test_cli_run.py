@@ -53,8 +53,8 @@ async def test_demo_fleet_serves_the_openai_client_survives_idling_and_stops_on_
     for model in ("coder", "writer"):  # the writer does not fit beside the coder: QueueGate swaps them
         assert await in_thread(lambda model=model: ask(model))
     fleet = children(daemon.process.pid)
-    # two chat upstreams, the embedder, the writer (the coder was swapped out), and the lifeline's reaper
-    assert len(fleet) == 5
+    # two chat upstreams, the embedder, the demo tool server, the writer (the coder was swapped out), the reaper
+    assert len(fleet) == 6
     writer = pids_named(fleet, b"demo-writer")
 
     # Idle longer than any timer in the stack: every child (simulators and the launched writer) lives on.
@@ -62,6 +62,11 @@ async def test_demo_fleet_serves_the_openai_client_survives_idling_and_stops_on_
     assert children(daemon.process.pid) == fleet, daemon.stderr
     assert await in_thread(lambda: ask("writer"))
     assert pids_named(children(daemon.process.pid), b"demo-writer") == writer  # answered without a new launch
+    # The tool loop after the idle gap: the model calls the demo tool server through QueueGate.
+    timed = await in_thread(
+        lambda: client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "What time is it?"}])
+    )
+    assert '"timezone":"UTC"' in timed.choices[0].message.content and timed.model_extra["queuegate"]["tool_calls"] == 1
     assert "exited" not in daemon.stderr
 
     streamed = await in_thread(

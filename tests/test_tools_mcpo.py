@@ -13,8 +13,9 @@ from datetime import datetime
 import httpx
 import msgspec
 import pytest
+import trio
 
-from tests.helpers import in_thread, running, wait_until
+from tests.helpers import IDLE_PAST_EVERY_TIMER_S, in_thread, running, wait_until
 from tests.toolservers import mcpo_time_server, tool_server_pids
 
 BERLIN = 'CALL 1 get_current_time {"timezone": "Europe/Berlin"}'
@@ -176,3 +177,17 @@ async def test_a_tool_server_down_at_start_is_picked_up_when_it_comes(start_sim,
     assert tool_sim.tools.calls == [("get_current_time", {"timezone": "Europe/Berlin"})]
     assert llm.stats.requests == 3
     assert "get_current_time" in offered(llm.stats.received[1].body)
+
+
+async def test_calls_through_mcpo_keep_working_across_idle_gaps(start_loop):
+    # mcpo (uvicorn) closes an idle keep-alive connection after 5 s; QueueGate's pooled connection to it must not
+    # turn the next call into an error (nor mark the server down).
+    async with mcpo_time_server() as tool_url:
+        gw, llm = await start_loop(tool_url)
+        for _ in range(2):
+            answer = await in_thread(lambda: gw.client().chat.completions.create(model="m", messages=script(BERLIN)))
+            assert time_result(answer.choices[0].message.content)["timezone"] == "Europe/Berlin"
+            await trio.sleep(IDLE_PAST_EVERY_TIMER_S)
+        assert all(s.up for s in gw.daemon.status().tool_servers)
+        (result,) = [m["content"] for m in llm.stats.received[-1].body["messages"] if m["role"] == "tool"]
+        assert result.startswith("{")  # the time itself, not an error

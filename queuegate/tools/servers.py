@@ -33,6 +33,7 @@ log = logging.getLogger("queuegate.tools")
 START_TIMEOUT_S = 10.0  # how long the start waits for the servers' documents (a slow one is picked up later)
 DOWN_RETRY_S = (2.0, 60.0)  # a server that is down is tried again after this, doubling up to the last
 MAX_DOCUMENT_BYTES = 8 * 2**20
+KEEPALIVE_S = 2.0
 READ_FACTOR = 4  # a result is read up to this many times `max_result_chars` bytes (the rest is cut unread)
 
 
@@ -90,7 +91,9 @@ class ToolServers:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read every server's document, then keep them fresh. Raises ConfigError at start when two servers offer
         one tool name."""
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+        # Idle connections are dropped before the usual 5 s server keep-alive, so a socket the server is closing is
+        # rarely reused (a call on it would fail).
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=KEEPALIVE_S)
         async with httpx.AsyncClient(limits=limits, follow_redirects=False) as client:
             self._client = client
             with trio.move_on_after(START_TIMEOUT_S):
@@ -172,6 +175,7 @@ class ToolServers:
             )
         except httpx.HTTPError as exc:
             self._mark_down(server, f"{type(exc).__name__}: {exc}")
+            self._refresh_now.set()  # its next read is sooner than the refresh loop is waiting for
             return ToolResult(
                 "error: the tool server could not be reached", "unreachable", duration_s=trio.current_time() - started
             )
