@@ -3,8 +3,9 @@
 The fleet is a normal config file, `config/demo.toml` (shipped inside the package as `queuegate/demo.toml`). The
 simulators are real HTTP servers in child processes (`python -m queuegate.sim`), with llama-server-like health and
 load times and realistic token rates. Each external upstream the file writes with port 0 is a simulator this module
-starts on a free port (and so is a tool server written with port 0); the models with a launcher are started by QueueGate itself and share one exclusive demo
-"GPU", so asking for one and then the other shows a swap.
+starts on a free port, and so is a tool server written with port 0 (the demo tool server: the time, a calculator).
+The models with a launcher are started by QueueGate itself and share one exclusive demo "GPU", so asking for one and
+then the other shows a swap.
 """
 
 from __future__ import annotations
