@@ -154,6 +154,12 @@ def _check(config: Config) -> int:
         print(f"  usage: {usage_db_path(config)} (committed every {usage.flush_ms:g} ms, days in {usage.timezone})")
     else:
         print("  usage: not recorded ([usage] enabled = false)")
+    tools = config.tools
+    mode = tools.mode if tools.mode != "auto" else ("execute" if tools.servers else "passthrough")
+    print(f"  tools: {mode} (at most {tools.max_rounds} rounds, {tools.max_calls} calls, {tools.loop_timeout_s:g} s)")
+    for name, server in tools.servers.items():
+        only = f", only {', '.join(server.allow)}" if server.allow else ""
+        print(f"    tool server {name}: {server.url}{server.prefix}/openapi.json{only}")
     return 0
 
 
@@ -178,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
     cannot_start: list[str] = []
     try:
         trio.run(_serve, config, listen, None if args.demo else Path(args.config))
-    except* (ListenError, AdminSocketError, UsageStoreError) as group:
+    except* (ListenError, AdminSocketError, UsageStoreError, ConfigError) as group:
         cannot_start.append(str(leaf_exceptions(group)[0]))
     if cannot_start:
         print(f"queuegate: {cannot_start[0]}", file=sys.stderr)

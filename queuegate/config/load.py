@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from queuegate.config.checks import check_config
-from queuegate.config.schema import Config, ConfigError, DeviceConfig, KeyConfig, ModelConfig
+from queuegate.config.schema import Config, ConfigError, DeviceConfig, KeyConfig, ModelConfig, ToolServerConfig
 
 _T = TypeVar("_T")
 
@@ -61,8 +61,12 @@ def build_config(
     models = _convert_named(data.pop("models", {}), ModelConfig, source, "models")
     devices = _convert_named(data.pop("devices", {}), DeviceConfig, source, "devices")
     keys = _convert_named(data.pop("keys", {}), KeyConfig, source, "keys")
+    tools = data.get("tools")
+    named = tools.pop("servers", {}) if isinstance(tools, dict) else {}
+    servers = _convert_named(named, ToolServerConfig, source, "tools.servers")
     config = _convert({**data, "base_dir": base_dir}, Config, source, "")
-    config = msgspec.structs.replace(config, models=models, devices=devices, keys=keys)
+    tools_config = msgspec.structs.replace(config.tools, servers=servers)
+    config = msgspec.structs.replace(config, models=models, devices=devices, keys=keys, tools=tools_config)
     check_config(config, source, env)
     return config
 

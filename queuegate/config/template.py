@@ -11,7 +11,15 @@ from typing import Any
 
 import tomli_w
 
-from queuegate.config import AffinityConfig, FleetConfig, QueueConfig, ServerConfig, UpstreamDefaults, UsageConfig
+from queuegate.config import (
+    AffinityConfig,
+    FleetConfig,
+    QueueConfig,
+    ServerConfig,
+    ToolsConfig,
+    UpstreamDefaults,
+    UsageConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,13 @@ def template_tables() -> list[Table]:
                 Key("tpm", 30000, "The same for tokens (prompt + completion) per minute.", True),
                 Key("aliases", ["coder"], "Other names for this model, e.g. roles such as planner or coder."),
                 Key(
+                    "tools",
+                    "passthrough",
+                    'How its tool calls are handled, overriding [tools].mode: "execute", "passthrough" or\n'
+                    '"suppress" (a pure chat backend: tools are not sent, tool calls are dropped).',
+                    True,
+                ),
+                Key(
                     "defaults",
                     {"temperature": 0.2},
                     "Request fields used when the client does not send them.",
@@ -211,6 +226,47 @@ def template_tables() -> list[Table]:
                     "finishing together share one commit; scripts/bench_usage.py measures the cost).",
                 },
             ),
+        ),
+        Table(
+            "tools",
+            "Tool calling. With a tool server configured, QueueGate offers its tools to the model beside the\n"
+            "client's own, runs the calls the model makes, feeds the results back and asks again until the model\n"
+            "answers (execute); the client sees one answer (streamed: one message, progress as reasoning).",
+            _defaults(
+                ToolsConfig(),
+                {
+                    "mode": '"auto" (execute when a tool server is configured, else passthrough), "execute",\n'
+                    '"passthrough" (tool calls go back to the client) or "suppress" (no tools upstream, tool calls\n'
+                    "dropped). POST /v1/chat/completions_passthrough always passes through; POST\n"
+                    "/v1/agent/chat/completions always executes. A model's `tools` overrides this.",
+                    "max_rounds": "Rounds of tool calls per request; then one last round without tools lets the\n"
+                    "model answer with what it has (the answer's `queuegate.bound` says which bound).",
+                    "max_calls": "Tool calls per request, all rounds together (the same when reached).",
+                    "call_timeout_s": "One call's bound; a call past it becomes an error result for the model.",
+                    "loop_timeout_s": "Rounds and calls together: calls are cut at it, and no round after it\n"
+                    "calls tools.",
+                    "max_result_chars": "A result longer than this is cut, with a note saying so.",
+                    "text_tool_calls": "Read tool calls a model writes as text ([TOOL_CALLS]..., <tool_call>...)\n"
+                    "into OpenAI tool_calls, for requests that offer tools.",
+                    "refresh_s": "How often the tool servers' OpenAPI documents are read again (a server that is\n"
+                    "down is retried within seconds; a call answered 404 triggers a read at once).",
+                },
+            ),
+        ),
+        Table(
+            "tools.servers.time",
+            "An OpenAPI tool server (mcpo in front of MCP servers, or any FastAPI app): each operation is a\n"
+            "tool, named after its path (mcpo's POST /get_current_time is get_current_time). One that is down\n"
+            "at start is a warning; it is picked up when it comes back.",
+            [
+                Key("url", "http://127.0.0.1:8000", "Required. The server's base URL."),
+                Key("prefix", "", 'Where its operations and /openapi.json live under url ("" = the root, as mcpo).'),
+                Key("api_key_env", "TOOLS_KEY", "Env var holding its API key, sent as a Bearer token.", True),
+                Key("allow", ["get_current_time"], "The tools it may offer (default: all).", True),
+                Key("rename", {"convert_time": "time_convert"}, "A tool's name -> the name the model sees.", True),
+                Key("timeout_s", 10.0, "One call's bound for this server (default: [tools].call_timeout_s).", True),
+            ],
+            optional=True,
         ),
         Table(
             "fleet",

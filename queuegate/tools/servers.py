@@ -180,8 +180,9 @@ class ToolServers:
                 "error: the tool server could not be reached", "unreachable", duration_s=trio.current_time() - started
             )
         took = trio.current_time() - started
-        if response.status_code == 404:
-            self._refresh_now.set()  # the server changed: read its document again
+        if response.status_code == 404:  # the server changed: read its document again, now
+            server.next_read = trio.current_time()
+            self._refresh_now.set()
         text = _result_text(body, response.headers.get("content-type", ""), cut)
         if text is None:
             return ToolResult("error: the tool answered something that is not valid JSON", "invalid", None, took)
