@@ -161,8 +161,7 @@ class Daemon:
             _notice_policy(cfg),
             cfg.affinity.header,
             max_answer_bytes=int(up.max_answer_mb * 2**20),
-            tools=ToolPolicy(cfg.tools, self.tool_servers),
-            tool_metrics=self.metrics,
+            tools=ToolPolicy(cfg.tools, self.tool_servers, self.metrics),
         )
         self.fleet.add_listener(self.metrics.observe_transition)
         canonical = {name: catalog.canonical(name) for name in catalog.public_names()}

@@ -88,7 +88,7 @@ class Metrics:
             self._first_token.labels(model).observe(record.first_token_at - record.started_at)
             usage = record.usage
             completion = usage.completion_tokens if usage else record.chunks
-            if record.stream and completion and now > record.first_token_at:
+            if record.stream and completion and now > record.first_token_at and not record.tool_calls:
                 self._rate.labels(model).observe(completion / (now - record.first_token_at))
         if record.usage is not None:
             self._tokens.labels(model, "prompt").inc(record.usage.prompt_tokens)

@@ -498,3 +498,17 @@ def test_a_full_queue_still_takes_a_next_round():
     again = ticket(0.4, flow="a", since=0.0)
     core.submit(again, 0.4)
     assert serve_all(core, holder, 1.0)[0] is again
+
+
+def test_a_next_round_does_not_hide_an_older_request_from_aging():
+    core = core_with(("m#0", "m", 1), aging_s=30.0, max_queue=50)
+    holder = ticket(0.0, flow="x")
+    core.submit(holder, 0.0)
+    old_agent = ticket(1.0, klass="agent", flow="a")
+    core.submit(old_agent, 1.0)
+    again = ticket(25.0, klass="agent", flow="b", since=20.0)  # a next round whose request arrived at 20
+    core.submit(again, 25.0)
+    users = [ticket(30.0 + i, flow=f"u{i}") for i in range(3)]
+    for t in users:
+        core.submit(t, t.enqueued_at)
+    assert serve_all(core, holder, 40.0)[0] is old_agent  # aged 39 s: first, before the users and the next round

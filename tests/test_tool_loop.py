@@ -277,6 +277,7 @@ async def test_a_client_that_leaves_during_a_tool_call_cancels_it_and_no_round_f
     ):
         async for line in response.aiter_lines():
             if "→ sleep" in line:
+                await wait_until(lambda: tools.active == 1, timeout=5)
                 break  # the tool is running: leave
     await wait_until(lambda: tools.cancelled == 1 and tools.active == 0, timeout=5)
     await wait_until(lambda: bool(request_lines(caplog)))
@@ -363,3 +364,23 @@ async def test_an_upstream_that_dies_in_a_later_round_ends_the_stream_with_an_er
     assert line["status"] == 502 and line["tool_rounds"] == 2
     assert gw.stats().in_service == 0  # (the line is written before the last event; the request ends after it)
     await wait_until(lambda: len(gw.daemon._active) == 0)
+
+
+async def test_text_before_a_server_call_is_never_lost_even_when_it_looks_like_a_marker(start_tools):
+    gw, _, _ = await start_tools()
+    messages = script("SAY Let me check <", 'CALL 1 calculate {"expression": "2+2"}')
+    chunks = await in_thread(lambda: stream(gw, messages))
+    assert content(chunks).startswith("Let me check <The tools said:")
+    answer = await in_thread(lambda: ask(gw, messages))
+    assert answer.choices[0].message.content.startswith("Let me check <The tools said:")
+
+
+async def test_requests_for_several_choices_or_with_legacy_functions_take_the_plain_way(start_tools):
+    gw, llm, tools = await start_tools()
+    messages = script('CALL 1 calculate {"expression": "1"}')
+    answer = await in_thread(lambda: ask(gw, messages, n=2))
+    assert "tools" not in llm.stats.received[-1].body and tools.calls == []  # untouched: no server tools
+    assert answer.choices[0].message.content
+    legacy = [{"name": "f", "parameters": {"type": "object", "properties": {}}}]
+    await in_thread(lambda: ask(gw, messages, functions=legacy))
+    assert llm.stats.received[-1].body["functions"] == legacy and "tools" not in llm.stats.received[-1].body

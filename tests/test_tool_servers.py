@@ -8,9 +8,10 @@ import httpx
 import pytest
 import trio
 
-from queuegate.config import ConfigError, load_config, parse_config
+from queuegate.config import ConfigError, ToolsConfig, ToolServerConfig, load_config, parse_config
 from queuegate.daemon import Daemon
 from queuegate.errors import leaf_exceptions
+from queuegate.tools.servers import ToolServers
 from tests.helpers import in_thread, wait_until
 
 
@@ -125,3 +126,12 @@ async def test_reload_applies_the_tools_bounds_and_names_what_needs_a_restart(
     assert answer["queuegate"]["bound"] == "max_rounds" and answer["queuegate"]["tool_calls"] == 1
     daemon.request_shutdown()
     await trio.sleep(0)
+
+
+async def test_a_server_that_keeps_failing_is_retried_at_most_a_minute_apart_for_ever():
+    config = ToolsConfig(servers={"t": ToolServerConfig(url="http://127.0.0.1:9")})
+    servers = ToolServers(config, {})
+    server = servers._servers["t"]
+    for _ in range(2000):  # (every failed call and read counts: a dead server sees thousands)
+        servers._mark_down(server, "connection refused")
+    assert 0 < server.next_read - trio.current_time() <= 60

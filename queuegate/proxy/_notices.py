@@ -130,7 +130,7 @@ class QueuedStream:
             await self._record.finish_before_last_byte(200)
             return reply.body
         # The upstream refused (a 4xx); the status is already sent.
-        return await self._fail(reply.status, UpstreamError(_error_message(reply.body), status=reply.status))
+        return await self._fail(reply.status, UpstreamError(error_message(reply.body), status=reply.status))
 
     async def _fail(self, status: int, exc: GatewayError) -> bytes:
         self._ended = True
@@ -173,7 +173,7 @@ class QueuedStream:
             self._record.finish(CLIENT_CLOSED, error="client closed the stream while queued")
 
 
-def _error_message(body: object) -> str:
+def error_message(body: object) -> str:
     if isinstance(body, bytes):
         try:
             error = msgspec.json.decode(body).get("error", {})

@@ -10,7 +10,7 @@ loading, overloaded) or 429 is waited out, bounded. After the first byte, never.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import trio
@@ -22,11 +22,16 @@ from queuegate.proxy._forwarder import Forwarder, RetryableFailure
 from queuegate.proxy._notices import NoticePolicy, QueuedStream
 from queuegate.proxy._record import RequestRecord
 from queuegate.proxy._reply import SSE_HEADERS, Reply
-from queuegate.proxy._request import echo, parse_request
+from queuegate.proxy._request import ParsedRequest, echo, parse_request
 from queuegate.proxy._routing import chat_key
 from queuegate.scheduler import Admission, ModelUnavailable, NoUpstreamLeft, QueuePosition, Ticket
-from queuegate.tools.loop import ToolLoop, ToolMetrics, ToolPolicy
 
+if TYPE_CHECKING:
+    from queuegate.tools.loop import ToolLoop
+    from queuegate.tools.servers import ToolServers
+
+# The request fields that offer the model tools (`suppress` keeps them from the upstream).
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
 # An upstream's own rate limit (429) is waited out, before any byte reached the client, at most this many times.
 UPSTREAM_BUSY_RETRIES = 3
 # An upstream's 503 is waited out: after its Retry-After, else after a backoff doubling from the first to the last.
@@ -46,6 +51,24 @@ class UpstreamReports(Protocol):
         from now."""
 
 
+class ToolHandling(Protocol):
+    """Who decides a chat request's tool handling (`tools.loop.ToolPolicy`), and makes its loop."""
+
+    servers: ToolServers
+
+    def loop_for(
+        self,
+        rounds: Any,
+        route_mode: str | None,
+        spec: ModelSpec,
+        record: RequestRecord,
+        request: ParsedRequest,
+        affinity: str | None,
+    ) -> ToolLoop | None: ...
+
+    def suppresses(self, route_mode: str | None, spec: ModelSpec) -> bool: ...
+
+
 class Proxy:
     def __init__(
         self,
@@ -56,8 +79,7 @@ class Proxy:
         notices: NoticePolicy | None = None,
         chat_header: str = "X-Chat-Id",
         max_answer_bytes: int = 64 * 2**20,
-        tools: ToolPolicy | None = None,
-        tool_metrics: ToolMetrics | None = None,
+        tools: ToolHandling | None = None,
     ) -> None:
         self._catalog = catalog
         self._admission = admission
@@ -66,7 +88,6 @@ class Proxy:
         self.notices = notices or NoticePolicy()
         self._chat_header = chat_header  # names the sticky chat (see `chat_key`)
         self.tools = tools  # decides each chat request's tool mode (None: tools are passed through untouched)
-        self._tool_metrics = tool_metrics
 
     async def handle(
         self,
@@ -87,16 +108,16 @@ class Proxy:
         record.wants_usage = request.wants_usage
         record.prompt_chars = request.prompt_chars
         sticky = chat_key(headers, self._chat_header, request.body) if len(spec.upstreams) > 1 else None
-        plan = None
-        if self.tools is not None and record.endpoint == "chat":
-            plan = self.tools.plan(tool_mode, spec, request.body)
-        if plan is not None:
-            loop = ToolLoop(self, self.tools.servers, self._tool_metrics, plan, spec, record, request, sticky)  # type: ignore[union-attr]
+        chat = self.tools is not None and record.endpoint == "chat"
+        loop = self.tools.loop_for(self, tool_mode, spec, record, request, sticky) if chat else None  # type: ignore[union-attr]
+        if loop is not None:
             if not record.stream:
                 return await loop.answer()
             assert tasks is not None, "a streamed tool loop runs in the request's nursery"
             return await loop.stream(tasks)
         upstream_body = {**spec.defaults, **request.body, "model": spec.upstream_model}
+        if chat and self.tools.suppresses(tool_mode, spec):  # type: ignore[union-attr]
+            upstream_body = {k: v for k, v in upstream_body.items() if k not in TOOL_FIELDS}
         if record.stream and spec.kind.stream_usage and record.endpoint != "embeddings" and not record.wants_usage:
             # Count the tokens of every stream: ask for the usage chunk, and keep it from the client who did not.
             options = request.body.get("stream_options") or {}
@@ -146,6 +167,10 @@ class Proxy:
     @property
     def keepalive_s(self) -> float:
         return self.notices.keepalive_s
+
+    @property
+    def max_answer_bytes(self) -> int:
+        return self._attempts.max_answer_bytes
 
     async def wait_for_slot(self, ticket: Ticket, record: RequestRecord, *, until: float | None = None) -> bool:
         """Wait in the queue (see `Admission.wait`), counting the time in the request's record."""
@@ -223,6 +248,7 @@ class Proxy:
                 affinity=ticket.affinity,
                 exclude=frozenset(tried),
                 tokens=ticket.tokens,
+                since=ticket.since,  # a tool loop's later round keeps its place when it is retried
             )
 
 

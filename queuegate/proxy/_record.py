@@ -70,6 +70,7 @@ class RequestRecord:
     tool_calls: int = 0  # tool calls QueueGate ran for it
     tool_bound: str | None = None  # the bound that ended its tool loop (max_rounds, max_calls, ...)
     quiet: bool = False  # one round of a tool loop: the request's own record logs and counts it
+    ended_with: int | None = None  # the status it finished with
     cancelled: bool = False  # by an operator (admin socket), whatever the exit path then says
     finished: bool = False
     on_finish: Callable[[RequestRecord, int], None] | None = field(default=None, repr=False)  # metrics, usage
@@ -93,6 +94,7 @@ class RequestRecord:
         if self.finished:
             return
         self.finished = True
+        self.ended_with = status
         if self.cancelled:
             error = "cancelled by the operator"
         if error is not None:

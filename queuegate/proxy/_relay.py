@@ -24,7 +24,7 @@ from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord, Usage
 log = logging.getLogger("queuegate.request")
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 _DONE = re.compile(rb"(?m)^data:[ \t]*\[DONE\]")
-_FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"')
+FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"')
 _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
 MAX_PENDING_EVENT = 1 << 20  # an "event" larger than this without an end is garbage, not a token
 TAIL_BYTES = 8192
@@ -195,7 +195,7 @@ class RelayStream:
     def _take(self, block: bytes) -> bytes:
         """Note what a block of events says about the stream's end; what of it goes to the client."""
         self._tail = (self._tail + block)[-TAIL_BYTES:]  # the usage chunk may come in the block before [DONE]
-        if not self._finish_seen and _FINISH_REASON.search(block):
+        if not self._finish_seen and FINISH_REASON.search(block):
             self._finish_seen = True
         if _DONE.search(block):
             self._done = True  # anything the upstream sends after [DONE] is not read

@@ -217,7 +217,10 @@ class SchedulerCore:
         else:  # a next round: the front of its class (its flow's turn first, and it first in its flow)
             own = {ticket: None, **queue.flows.pop(ticket.flow, {})}
             queue.flows = {ticket.flow: own, **queue.flows}
-            queue.arrivals = {ticket: None, **queue.arrivals}
+            # Arrivals stay oldest first (aging reads the oldest): it goes where its request's arrival puts it.
+            waiting = list(queue.arrivals)
+            at = next((i for i, t in enumerate(waiting) if t.arrived_at > ticket.arrived_at), len(waiting))
+            queue.arrivals = dict.fromkeys([*waiting[:at], ticket, *waiting[at:]])
         model.waiting += 1
         self._waiting += 1
         return self._dispatch(model, now)

@@ -5,6 +5,7 @@ The model (`tool_answer`): when a request offers tools, the last user message ma
     CALL <round> <tool name> <JSON arguments>      e.g.  CALL 1 get_current_time {"timezone": "UTC"}
     TOOLFORM structured | mistral | mistral11 | hermes   (how it writes them: OpenAI's tool_calls, or as text)
     UNOFFERED                                      (call them even when the request offers no such tool)
+    SAY <text>                                     (write this text before the calls)
 
 Round k is the k-th answer since that user message; its CALL lines (for tools still offered) are its calls. An
 answer with no calls left says what the tools returned, so a test can see the results reached the model. Without
@@ -31,6 +32,7 @@ import msgspec
 import trio
 
 _CALL = re.compile(r"^CALL (\d+) ([A-Za-z0-9_-]+) (\{.*\})\s*$", re.M)
+_SAY = re.compile(r"^SAY (.*)$", re.M)
 _FORM = re.compile(r"^TOOLFORM (structured|mistral|mistral11|hermes)\s*$", re.M)
 _TIME = re.compile(r"\btime\b", re.I)
 _ZONE = re.compile(r"\b([A-Z][a-z]+/[A-Za-z_]+)\b")
@@ -70,7 +72,8 @@ def tool_answer(body: dict[str, Any]) -> ToolAnswer | None:
         wanted = _demo_calls(prompt, offered) if round_no == 1 else []
     if wanted:
         calls = [_call(name, arguments) for name, arguments in wanted]
-        return ToolAnswer(calls, form, _as_text(calls, form) if form != "structured" else "")
+        said = say.group(1) if (say := _SAY.search(prompt)) else ""
+        return ToolAnswer(calls, form, said + (_as_text(calls, form) if form != "structured" else ""))
     results = [_text(m.get("content")) for m in since if m.get("role") == "tool"]
     if results:
         return ToolAnswer([], form, "The tools said: " + " | ".join(results))

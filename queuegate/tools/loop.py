@@ -22,9 +22,11 @@ tools lets the model answer with what it has; the log line and the answer's `que
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,7 +37,10 @@ from queuegate.config import ToolsConfig
 from queuegate.errors import GatewayError, InternalError, UpstreamError
 from queuegate.fleet.catalog import ModelSpec
 from queuegate.proxy._convert import DONE_EVENT, AnswerFromEvents
+from queuegate.proxy._notices import error_message
+from queuegate.proxy._pipeline import TOOL_FIELDS
 from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord, Usage, tokens_in
+from queuegate.proxy._relay import FINISH_REASON
 from queuegate.proxy._reply import SSE_HEADERS, Reply
 from queuegate.proxy._request import ParsedRequest, prompt_chars
 from queuegate.scheduler import Ticket
@@ -44,13 +49,14 @@ from queuegate.tools.textcalls import TextToolCallFilter, parse_text_tool_calls
 
 log = logging.getLogger("queuegate.tools")
 
-TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
 ARGUMENTS_SHOWN = 120  # characters of a call's arguments a progress line shows
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+_MARKER_STARTS = (b"[", b"<", b"\\u003c", b"\\u003C", b"\\u005b", b"\\u005B")  # as JSON may spell them
 _ID = re.compile(rb'"id"\s*:\s*"([^"\\]*)"')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]*)"')
 # An event with none of these is content or reasoning only, relayed as it is (unless text-form calls are read).
-_NOT_PLAIN = (b'"tool_calls"', b'"usage"', b'"error"', b'"finish_reason":"', b'"finish_reason": "')
-Send = Callable[[bytes], Awaitable[None]]
+_NOT_PLAIN = (b'"tool_calls"', b'"usage"', b'"error"')  # (and a finish reason: `_FINISH_REASON`)
+KEEPALIVE = b": tools running\n\n"
 
 
 class ToolMetrics(Protocol):
@@ -67,17 +73,14 @@ class ToolPlan:
     text_calls: bool  # read text-form tool calls out of the content
     limits: ToolsConfig
 
-    @property
-    def client_names(self) -> frozenset[str]:
-        return frozenset(_tool_name(t) for t in self.client_tools) - {""}
-
 
 class ToolPolicy:
     """Decides each request's mode (see the module); owns the `[tools]` settings, which a reload may change."""
 
-    def __init__(self, config: ToolsConfig, servers: ToolServers) -> None:
+    def __init__(self, config: ToolsConfig, servers: ToolServers, metrics: ToolMetrics | None = None) -> None:
         self.config = config
         self.servers = servers
+        self._metrics = metrics
 
     def mode_for(self, route_mode: str | None, model_mode: str | None) -> str:
         mode = route_mode or model_mode or self.config.mode
@@ -85,9 +88,32 @@ class ToolPolicy:
             return "execute" if self.servers.configured else "passthrough"
         return mode
 
+    def suppresses(self, route_mode: str | None, spec: ModelSpec) -> bool:
+        """Whether tools are kept from the upstream (also on the plain way)."""
+        return self.mode_for(route_mode, spec.tools) == "suppress"
+
+    def loop_for(
+        self,
+        rounds: Rounds,
+        route_mode: str | None,
+        spec: ModelSpec,
+        record: RequestRecord,
+        request: ParsedRequest,
+        affinity: str | None,
+    ) -> ToolLoop | None:
+        """A chat request's tool loop, or None: the plain way (nothing to do about tools)."""
+        plan = self.plan(route_mode, spec, request.body)
+        if plan is None:
+            return None
+        return ToolLoop(rounds, self.servers, self._metrics, plan, spec, record, request, affinity)
+
     def plan(self, route_mode: str | None, spec: ModelSpec, body: dict[str, Any]) -> ToolPlan | None:
-        """The request's plan, or None for the plain way (nothing to do about tools)."""
+        """The request's plan, or None for the plain way. The loop answers one choice in OpenAI's current tool
+        format: a request for several choices (`n`) or with the legacy `functions` takes the plain way."""
         mode = self.mode_for(route_mode, spec.tools)
+        n = body.get("n")
+        if (isinstance(n, int) and n > 1) or (mode != "suppress" and "functions" in body):
+            return None
         tools = body.get("tools")
         client_tools = [t for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
         if mode == "suppress":
@@ -124,13 +150,23 @@ class Rounds(Protocol):
     @property
     def keepalive_s(self) -> float: ...
 
+    @property
+    def max_answer_bytes(self) -> int: ...
+
 
 class _RoundFailed(Exception):
-    """A round ended in an error after bytes reached the client: `event` is the error event it ends with."""
+    """A round ended in an error after bytes reached the client: `event` is the error event it ends with. The
+    status is its round's, once that round's record is finished (`status_of`), else `status`."""
 
-    def __init__(self, event: bytes, status: int, message: str) -> None:
+    def __init__(self, event: bytes, status: int, message: str, *, status_of: RequestRecord | None = None) -> None:
         super().__init__(message)
-        self.event, self.status, self.message = event, status, message
+        self.event, self.message = event, message
+        self._status, self._status_of = status, status_of
+
+    @property
+    def status(self) -> int:
+        ended = self._status_of.ended_with if self._status_of is not None else None
+        return ended if ended is not None and ended >= 400 else self._status
 
 
 @dataclass(slots=True)
@@ -141,13 +177,14 @@ class _Round:
     calls: list[dict[str, Any]] = field(default_factory=list)  # every tool call, structured or read from text
     finish_reason: str | None = None
     saw_calls: bool = False  # an event carried structured tool calls
+    size: int = 0  # bytes of its events (bounded as a whole answer is: `max_answer_bytes`)
     id_field: bytes | None = None  # `"id":"..."` as its events spell it, to give them the message's (b"": keep)
     held_text: str = ""  # text held back as a possible tool call that was not one (to send as content)
 
 
 class ToolLoop:
-    """One request's rounds (see the module). `reply` runs it: inline for a whole answer, or as the producer of the
-    client's event stream."""
+    """One request's rounds (see the module): `answer` runs them inline for a whole answer; `stream` sends round 1
+    and gives the client's event stream, which runs the rest as it is read."""
 
     def __init__(
         self,
@@ -182,7 +219,6 @@ class ToolLoop:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         self._body = body
         self._usage = Usage()
-        self._usage_estimated = False
         self._seen_calls: set[tuple[str, str]] = set()
         self._arrived_at: float | None = None  # when round 1 was queued (later rounds keep that place)
         self._last_upstream: str | None = None
@@ -192,6 +228,11 @@ class ToolLoop:
         self._model_name = spec.upstream_model
         self._created = int(time.time())
         self._id_field = b""  # `"id":"<the message's id>"`, once round 1's first event set it
+        # An operator's stop: what it ended with, and what it interrupts (the round's body, its wait, its calls).
+        self.stopped: GatewayError | None = None
+        self._body_now: Any = None
+        self._record_now: RequestRecord | None = None  # the round streaming now
+        self._interruptible: trio.CancelScope | None = None
 
     # -- the whole answer -----------------------------------------------------------------------------------------
 
@@ -199,24 +240,25 @@ class ToolLoop:
         """Run every round inline (a client that did not ask to stream) and give the one final answer."""
         contents: list[str] = []
         while True:
-            final = self._record.tool_bound is not None
-            reply, record = await self._run_round(final)
+            reply, record = await self._run_round()
             self._round_done(record)
-            if reply.status != 200 or not isinstance(reply.body, bytes):
+            if reply.status != 200:
                 return reply  # an error before anything was sent: the client gets it as it is
             try:
-                answer = msgspec.json.decode(reply.body)
+                answer = msgspec.json.decode(reply.body)  # type: ignore[arg-type]  # a whole answer
                 message = answer["choices"][0]["message"]
             except (msgspec.DecodeError, KeyError, IndexError, TypeError):
                 raise UpstreamError(f"upstream {self._record.upstream} sent an answer without a message") from None
             said = self._whole_round(message, answer["choices"][0].get("finish_reason"))
             if said.content:
                 contents.append(said.content)
-            server_calls, client_calls = self._split(said.calls, final)
+            server_calls, client_calls = self._split(said.calls)
             if server_calls and not client_calls:
                 if self._within_bounds(server_calls):
                     self._remember_round(said, server_calls)
-                    await self._run_calls(server_calls, progress=None)
+                    results: list[ToolResult | None] = [None] * len(server_calls)
+                    await self._run_calls(server_calls, results, None, trio.CancelScope())
+                    self._add_results(server_calls, results)
                 continue  # (past a bound: one last round, without tools)
             return self._final_answer(answer, message, contents, client_calls, said.finish_reason)
 
@@ -252,64 +294,68 @@ class ToolLoop:
     # -- the event stream -----------------------------------------------------------------------------------------
 
     async def stream(self, tasks: trio.Nursery) -> Reply:
-        """Start the loop as the producer of the client's event stream, in the request's nursery `tasks`. Round 1's
-        failures before its first byte are the reply (a real HTTP status); after that the stream carries everything,
-        errors as error events."""
-        body = LoopStream(self._record)
-        return await tasks.start(body.produce, self._produce)
+        """Send round 1 here, in the request's own scope: an answer that is not a stream (a refusal, an error
+        before any byte) is the client's reply as it is. The client's event stream then relays round 1 and runs the
+        rounds after; their tool calls run in the request's nursery `tasks`, so they end with the request."""
+        reply, record = await self._run_round()
+        if reply.status != 200:
+            self._round_done(record)
+            return reply
+        return Reply(200, dict(SSE_HEADERS), LoopStream(self._record, self, self._events(reply, record, tasks)))
 
-    async def _produce(self, send: Send, started: Callable[[Reply | None], None]) -> None:
-        """Every round, streamed. `started(None)` once the stream begins, or `started(reply)`: round 1's answer
-        was an error, which the client gets as it is."""
-        first = True
+    async def _events(self, reply: Reply, record: RequestRecord, tasks: trio.Nursery) -> AsyncGenerator[bytes, None]:
+        """The client's stream: every round's events, progress while tools run, and the one end (see the module).
+        No cancel scope or nursery is open across a `yield` (the tool calls run in `tasks`)."""
         while True:
-            final = self._record.tool_bound is not None
-            reply, record = await self._run_round(final)
-            if first:
-                first = False
-                if reply.status != 200:
-                    started(reply)
-                    return
-                started(None)
-            elif reply.status != 200:
-                raise _RoundFailed(*_error_event(reply))
-            said = await self._stream_round(reply, record, send)
-            server_calls, client_calls = self._split(said.calls, final)
+            text = TextToolCallFilter() if self._plan.text_calls else None
+            events: list[bytes] = []  # the round's data events, folded at its end when it called tools
+            said = _Round()
+            source = self._body_now = reply.body
+            self._record_now = record
+            try:
+                if isinstance(source, bytes):  # a whole answer, already made into events
+                    if out := self._relay_block(source, text, events, said):
+                        yield out
+                else:
+                    async for block in source:
+                        if out := self._relay_block(block, text, events, said):
+                            yield out
+            finally:
+                self._body_now = None
+                if not isinstance(source, bytes):
+                    await source.aclose()  # closes the upstream, gives back the slot, settles the round's usage
+                self._round_done(record)
+            self._settle(said, text, events)
+            if said.held_text:
+                yield self._chunk({"content": said.held_text})
+            server_calls, client_calls = self._split(said.calls)
             if server_calls and not client_calls:
                 if self._within_bounds(server_calls):
                     self._remember_round(said, server_calls)
-                    await self._run_calls(server_calls, progress=send)
-                continue  # (past a bound: one last round, without tools)
-            if said.held_text:
-                await send(self._chunk({"content": said.held_text}))
+                    async with aclosing(self._calls_streamed(server_calls, tasks)) as progress:
+                        async for out in progress:
+                            yield out
+                    if self.stopped is not None:
+                        raise self.stopped
+                reply, record = await self._run_round()  # (past a bound: one last round, without tools)
+                if reply.status != 200:
+                    self._round_done(record)
+                    raise _RoundFailed(*_error_event(reply), status_of=record)
+                continue
             if client_calls:
-                await send(self._chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(client_calls)]}))
-            await send(self._chunk({}, finish_reason=self._finish_reason(client_calls, said.finish_reason)))
+                yield self._chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(client_calls)]})
+            yield self._chunk({}, finish_reason=self._finish_reason(client_calls, said.finish_reason))
             if self._record.wants_usage:
                 usage = {"id": self._chunk_id, "object": "chat.completion.chunk", "created": self._created}
                 usage |= {"model": self._model_name, "choices": [], "usage": self._usage_doc()}
-                await send(b"data: " + msgspec.json.encode(usage) + b"\n\n")
+                yield b"data: " + msgspec.json.encode(usage) + b"\n\n"
             self._note_end()
             await self._record.finish_before_last_byte(200)
-            await send(DONE_EVENT)
+            yield DONE_EVENT
             return
 
-    async def _stream_round(self, reply: Reply, record: RequestRecord, send: Send) -> _Round:
-        """Relay one round's events: content as it comes; tool calls, finish reasons and usage held back."""
-        text = TextToolCallFilter() if self._plan.text_calls else None
-        events: list[bytes] = []  # the round's data events, folded at the end when it called tools
-        said = _Round()
-        source = reply.body
-        try:
-            if isinstance(source, bytes):
-                await self._relay_block(source, text, events, said, send)
-            else:
-                async for block in source:
-                    await self._relay_block(block, text, events, said, send)
-        finally:
-            if not isinstance(source, bytes):
-                await source.aclose()  # closes the upstream, gives back the slot, settles the round's usage
-            self._round_done(record)
+    def _settle(self, said: _Round, text: TextToolCallFilter | None, events: list[bytes]) -> None:
+        """What a streamed round said, once it ended: its calls and content (folded only when it called tools)."""
         if said.saw_calls or (text is not None and text.seen_marker):
             folded = AnswerFromEvents(chat=True)
             folded.feed(b"".join(b"data: " + e + b"\n\n" for e in events))
@@ -324,30 +370,32 @@ class ToolLoop:
             elif not said.calls:
                 said.calls = found.calls
                 said.content = (parse_text_tool_calls(said.content) or found).text
-        return said
+                said.held_text = found.text  # text after the calls (what came before them is sent already)
 
-    async def _relay_block(
-        self, block: bytes, text: TextToolCallFilter | None, events: list[bytes], said: _Round, send: Send
-    ) -> None:
-        for event in block.replace(b"\r\n", b"\n").split(b"\n\n"):
-            event = event.strip(b"\n")
-            if event and (out := self._take_event(event, text, events, said)):
-                await send(out)
+    def _relay_block(self, block: bytes, text: TextToolCallFilter | None, events: list[bytes], said: _Round) -> bytes:
+        """What of a block of events goes to the client (one write for all of it)."""
+        return b"".join([self._take_event(event.strip(b"\n"), text, events, said) for event in _EVENT_END.split(block)])
 
     def _take_event(self, event: bytes, text: TextToolCallFilter | None, events: list[bytes], said: _Round) -> bytes:
         """What of one upstream event goes to the client now (b"": nothing)."""
+        if not event:
+            return b""
         if not event.startswith(b"data:"):
             return event + b"\n\n" if event.startswith(b":") else b""  # comments (keep-alives) pass
         payload = event[5:].strip()
         if payload == b"[DONE]":
             return b""
         events.append(payload)
+        said.size += len(payload)
+        if said.size > self._rounds.max_answer_bytes:
+            limit = self._rounds.max_answer_bytes / 2**20
+            raise _RoundFailed(*_failure(502, f"upstream {self._record.upstream} streamed more than {limit:g} MB"))
         if said.id_field is None:
             self._adopt_id(payload, said)
         if said.id_field:
             event = event.replace(said.id_field, self._id_field, 1)  # one message: one id
-        plain = not any(mark in payload for mark in _NOT_PLAIN)
-        if plain and text is None:
+        plain = not any(mark in payload for mark in _NOT_PLAIN) and not FINISH_REASON.search(payload)
+        if plain and (text is None or (not text.held() and not _may_start_a_call(payload))):
             return event + b"\n\n"  # most events: content or reasoning, relayed as they are
         try:
             chunk = msgspec.json.decode(payload)
@@ -357,7 +405,8 @@ class ToolLoop:
             return b""
         if "error" in chunk and not chunk.get("choices"):
             error = chunk["error"] if isinstance(chunk["error"], dict) else {}
-            raise _RoundFailed(b"data: " + payload + b"\n\n", 502, str(error.get("message", "upstream error")))
+            message = str(error.get("message", "upstream error"))
+            raise _RoundFailed(b"data: " + payload + b"\n\n", 502, message, status_of=self._record_now)
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return b""  # the usage chunk: the loop sends its own, summed over every round
@@ -390,10 +439,12 @@ class ToolLoop:
 
     # -- rounds and calls -----------------------------------------------------------------------------------------
 
-    async def _run_round(self, final: bool) -> tuple[Reply, RequestRecord]:
-        """Queue for a slot (round 1 as any request; later rounds keep its place) and send this round."""
+    async def _run_round(self) -> tuple[Reply, RequestRecord]:
+        """Queue for a slot (round 1 as any request; later rounds keep its place) and send this round (without
+        tools once a bound stopped the loop)."""
+        self._bound_before_round()
         body = {**self._body, "messages": self._messages}
-        if final:
+        if self._record.tool_bound is not None:
             for name in TOOL_FIELDS:
                 body.pop(name, None)
         record = self._round_record()
@@ -405,7 +456,21 @@ class ToolLoop:
             self._arrived_at = ticket.enqueued_at
         self._record.tool_rounds += 1
         self._record.tool_step = f"round {self._record.tool_rounds}"
-        return await self._rounds.start(self._spec, record, msgspec.json.encode(body), ticket), record
+        with trio.CancelScope() as self._interruptible:
+            reply = await self._rounds.start(self._spec, record, msgspec.json.encode(body), ticket)
+        self._interruptible = None
+        if self.stopped is not None:
+            raise self.stopped
+        return reply, record
+
+    def stop(self, error: GatewayError) -> None:
+        """An operator's stop (or the end of a shutdown): interrupt what the loop waits on; its stream ends with
+        `error`."""
+        self.stopped = error
+        if self._interruptible is not None:
+            self._interruptible.cancel()
+        if self._body_now is not None and not isinstance(self._body_now, bytes):
+            self._body_now.stop(error)
 
     def _round_record(self) -> RequestRecord:
         """A round's own record: the proxy fills it in as for any request; the request's record sums them up."""
@@ -444,9 +509,10 @@ class ToolLoop:
                 estimated=u.estimated or record.usage.estimated,
             )
 
-    def _split(self, calls: list[dict[str, Any]], final: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(calls QueueGate runs, calls that go back to the client): none of either in a final round or suppress."""
-        if final or self._plan.mode == "suppress":
+    def _split(self, calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(calls QueueGate runs, calls that go back to the client): none of either in the last round (past a
+        bound) or with suppress."""
+        if self._record.tool_bound is not None or self._plan.mode == "suppress":
             return [], []
         server = [c for c in calls if self._plan.mode == "execute" and _call_name(c) in self._server_names]
         client = [c for c in calls if c not in server]
@@ -460,41 +526,66 @@ class ToolLoop:
         """Whether these calls may run; if not, the bound that stops the loop is noted (the next round is final)."""
         limits = self._plan.limits
         repeated = any((_call_name(c), _canonical(c)) in self._seen_calls for c in calls)
-        if self._record.tool_rounds > limits.max_rounds:
-            self._record.tool_bound = "max_rounds"
-        elif self._record.tool_calls + len(calls) > limits.max_calls:
-            self._record.tool_bound = "max_calls"
+        if self._record.tool_calls + len(calls) > limits.max_calls:
+            self._note_bound("max_calls")
         elif repeated:
-            self._record.tool_bound = "repeated_call"
-        elif trio.current_time() >= self._deadline:
-            self._record.tool_bound = "loop_timeout"
-        if self._record.tool_bound is not None:
-            log.info(
-                "tool loop bound",
-                extra={
-                    "fields": {
-                        "rid": self._record.request_id,
-                        "bound": self._record.tool_bound,
-                        "round": self._record.tool_rounds,
-                    }
-                },
-            )
+            self._note_bound("repeated_call")
         return self._record.tool_bound is None
+
+    def _bound_before_round(self) -> None:
+        """Before a round is sent: past `max_rounds` rounds of calls, or the loop's deadline, it offers no tools."""
+        if self._record.tool_bound is not None:
+            return
+        if self._record.tool_rounds >= self._plan.limits.max_rounds:
+            self._note_bound("max_rounds")
+        elif trio.current_time() >= self._deadline:
+            self._note_bound("loop_timeout")
+
+    def _note_bound(self, bound: str) -> None:
+        """A bound stops the loop: the next round is its last, without tools."""
+        self._record.tool_bound = bound
+        fields = {"rid": self._record.request_id, "bound": bound, "round": self._record.tool_rounds}
+        log.info("tool loop bound", extra={"fields": fields})
 
     def _remember_round(self, said: _Round, calls: list[dict[str, Any]]) -> None:
         self._messages.append({"role": "assistant", "content": said.content or None, "tool_calls": calls})
         for call in calls:
             self._seen_calls.add((_call_name(call), _canonical(call)))
 
-    async def _run_calls(self, calls: list[dict[str, Any]], progress: Send | None) -> None:
-        """Run one round's calls concurrently (each bounded; the loop's deadline cuts them all), then add their
-        results in the order called. `progress` (streamed): where progress lines and keep-alives go meanwhile."""
+    async def _calls_streamed(self, calls: list[dict[str, Any]], tasks: trio.Nursery) -> AsyncGenerator[bytes, None]:
+        """Run one round's calls in the request's nursery; meanwhile the stream carries their progress lines (under
+        the queue-notice rules) and keep-alives. Closing this (the client left, an operator's stop) cancels them."""
+        shows = self._rounds.notices_apply(self._record)
         results: list[ToolResult | None] = [None] * len(calls)
+        lines, progress = trio.open_memory_channel[bytes](math.inf)
+        scope = self._interruptible = trio.CancelScope()
+        tasks.start_soon(self._run_calls, calls, results, lines if shows else None, scope)
+        try:
+            if shows:
+                yield self._chunk({"reasoning_content": "".join(_call_line(c) for c in calls)})
+            while True:
+                with trio.move_on_after(self._rounds.keepalive_s) as waiting:
+                    try:
+                        line = await progress.receive()
+                    except trio.EndOfChannel:
+                        break  # every call is done
+                yield KEEPALIVE if waiting.cancelled_caught else line
+        finally:
+            scope.cancel()
+            lines.close()
+            self._interruptible = None
+        self._add_results(calls, results)
+
+    async def _run_calls(
+        self,
+        calls: list[dict[str, Any]],
+        results: list[ToolResult | None],
+        progress: trio.MemorySendChannel[bytes] | None,
+        scope: trio.CancelScope,
+    ) -> None:
+        """Run one round's calls concurrently (each bounded; the loop's deadline cuts them all) into `results`;
+        `progress` gets a line as each ends (and is closed when all did)."""
         self._record.tool_step = f"round {self._record.tool_rounds}: {', '.join(_call_name(c) for c in calls)}"
-        shows = progress is not None and self._rounds.notices_apply(self._record)
-        if shows:
-            assert progress is not None
-            await progress(self._chunk({"reasoning_content": "".join(_call_line(c) for c in calls)}))
 
         async def run(i: int, call: dict[str, Any]) -> None:
             timeout = min(self._plan.limits.call_timeout_s, max(0.0, self._deadline - trio.current_time()))
@@ -502,26 +593,24 @@ class ToolLoop:
             arguments = function.get("arguments") if isinstance(function.get("arguments"), str) else "{}"
             results[i] = result = await self._servers.call(_call_name(call), arguments, timeout)
             self._observe(call, result)
-            if shows:
-                assert progress is not None
-                await progress(self._chunk({"reasoning_content": _result_line(call, result)}))
-
-        async with trio.open_nursery() as waiting:
             if progress is not None:
-                waiting.start_soon(self._keep_alive, progress)
-            async with trio.open_nursery() as running:
-                for i, call in enumerate(calls):
-                    running.start_soon(run, i, call)
-            waiting.cancel_scope.cancel()  # the calls are done: no more keep-alives
+                progress.send_nowait(self._chunk({"reasoning_content": _result_line(call, result)}))
+
+        try:
+            with scope:
+                async with trio.open_nursery() as running:
+                    for i, call in enumerate(calls):
+                        running.start_soon(run, i, call)
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _add_results(self, calls: list[dict[str, Any]], results: list[ToolResult | None]) -> None:
+        """The round's results, as tool messages in the order called (the model reads them next round)."""
         self._record.tool_calls += len(calls)
         for call, result in zip(calls, results, strict=True):
             text = result.text if result is not None else "error: the call did not finish"
             self._messages.append({"role": "tool", "tool_call_id": call.get("id") or "", "content": text})
-
-    async def _keep_alive(self, send: Send) -> None:
-        while True:
-            await trio.sleep(self._rounds.keepalive_s)
-            await send(b": tools running\n\n")
 
     def _observe(self, call: dict[str, Any], result: ToolResult) -> None:
         name = _call_name(call)
@@ -584,83 +673,59 @@ class ToolLoop:
 
 
 class LoopStream:
-    """The client's event stream of a tool loop (a StreamBody). The loop produces it in the request's nursery, so
-    its tool calls and upstream streams live and die with the request; this hands the bytes to the HTTP layer.
-    `stop` (operator, shutdown) cancels the loop and ends the stream with its error event."""
+    """The client's event stream of a tool loop (a StreamBody): the HTTP layer iterates it in the request's task,
+    and each step runs the loop's event generator on to its next bytes. `stop` (operator, shutdown) interrupts what
+    the loop waits on (`ToolLoop.stop`) and ends the stream with its error event."""
 
-    def __init__(self, record: RequestRecord) -> None:
+    def __init__(self, record: RequestRecord, loop: ToolLoop, events: AsyncGenerator[bytes, None]) -> None:
         self._record = record
-        self._send, self._receive = trio.open_memory_channel[bytes](8)
-        self._scope = trio.CancelScope()
-        self._done = trio.Event()
-        self._stop: GatewayError | None = None
-        self._stop_sent = False
-
-    async def produce(
-        self,
-        loop: Callable[[Send, Callable[[Reply | None], None]], Awaitable[None]],
-        *,
-        task_status: trio.TaskStatus[Reply] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Run the loop (see `ToolLoop._produce`); what it raises before the stream began is the caller's."""
-        began = False
-
-        def started(reply: Reply | None) -> None:
-            nonlocal began
-            began = reply is None
-            task_status.started(Reply(200, dict(SSE_HEADERS), self) if reply is None else reply)
-
-        try:
-            with self._scope:
-                async with self._send:
-                    try:
-                        await loop(self._send.send, started)
-                    except _RoundFailed as failed:
-                        await self._end_with(failed.event, failed.status, failed.message)
-                    except GatewayError as exc:
-                        if not began:
-                            raise
-                        await self._end_with(b"data: " + exc.body() + b"\n\n", exc.status, exc.message)
-                    except Exception:
-                        if not began:
-                            raise
-                        rid = self._record.request_id
-                        log.exception("unexpected error in a tool loop", extra={"fields": {"rid": rid}})
-                        error = InternalError("QueueGate failed while running the tool loop")
-                        await self._end_with(b"data: " + error.body() + b"\n\n", error.status, error.message)
-        finally:
-            self._done.set()
-
-    async def _end_with(self, event: bytes, status: int, message: str) -> None:
-        self._record.tool_step = None
-        await self._record.finish_before_last_byte(status, error=message)
-        await self._send.send(event)
+        self._loop = loop
+        self._events = events
+        self._ended = False
 
     def __aiter__(self) -> LoopStream:
         return self
 
     async def __anext__(self) -> bytes:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            if self._stop is not None and not self._stop_sent and not self._record.finished:
-                self._stop_sent = True
-                await self._record.finish_before_last_byte(self._stop.status, error=self._stop.message)
-                return b"data: " + self._stop.body() + b"\n\n"
-            raise StopAsyncIteration from None
+        if self._ended:
+            raise StopAsyncIteration
+        if self._loop.stopped is None:
+            try:
+                return await self._events.__anext__()
+            except StopAsyncIteration:
+                self._ended = True
+                raise
+            except _RoundFailed as failed:
+                if self._loop.stopped is None:
+                    return await self._end_with(failed.event, failed.status, failed.message)
+            except GatewayError as exc:
+                if self._loop.stopped is None:
+                    return await self._end_with(b"data: " + exc.body() + b"\n\n", exc.status, exc.message)
+            except Exception:
+                log.exception("unexpected error in a tool loop", extra={"fields": {"rid": self._record.request_id}})
+                error = InternalError("QueueGate failed while running the tool loop")
+                return await self._end_with(b"data: " + error.body() + b"\n\n", error.status, error.message)
+        stop = self._loop.stopped
+        assert stop is not None
+        await self._events.aclose()
+        return await self._end_with(b"data: " + stop.body() + b"\n\n", stop.status, stop.message)
+
+    async def _end_with(self, event: bytes, status: int, message: str) -> bytes:
+        self._ended = True
+        self._record.tool_step = None
+        await self._record.finish_before_last_byte(status, error=message)
+        return event
 
     def stop(self, error: GatewayError) -> None:
-        if self._stop is None and not self._record.finished:
-            self._stop = error
-            self._scope.cancel()
+        if not self._ended and self._loop.stopped is None:
+            self._loop.stop(error)
 
     async def aclose(self) -> None:
-        """End the loop (tool calls and upstream closed) and log the request if nothing else did."""
-        self._scope.cancel()
-        await self._done.wait()
-        self._receive.close()
-        if self._stop is not None:
-            self._record.finish(self._stop.status, error=self._stop.message)
+        """End the loop (its round's upstream closed, its calls cancelled) and log the request if nothing did."""
+        await self._events.aclose()
+        stop = self._loop.stopped
+        if stop is not None:
+            self._record.finish(stop.status, error=stop.message)
         self._record.finish(CLIENT_CLOSED, error="client closed the stream")
 
 
@@ -712,13 +777,12 @@ def _failure(status: int, message: str) -> tuple[bytes, int, str]:
 
 
 def _error_event(reply: Reply) -> tuple[bytes, int, str]:
-    """A later round's error answer (nothing of it sent yet) as the stream's error event."""
-    message = "upstream refused the request"
-    if isinstance(reply.body, bytes):
-        try:
-            error = msgspec.json.decode(reply.body).get("error")
-            if isinstance(error, dict) and isinstance(error.get("message"), str):
-                message = error["message"]
-        except (msgspec.DecodeError, AttributeError):
-            pass
-    return _failure(reply.status, message)
+    """A later round's refusal (nothing of it sent yet) as the stream's error event."""
+    return _failure(reply.status, error_message(reply.body))
+
+
+def _may_start_a_call(payload: bytes) -> bool:
+    """Whether an event's text may hold (the start of) a text-form tool call: a `[` or `<` after its content key
+    (the keys before it never hold one). Events without are relayed without being decoded."""
+    at = payload.find(b'"content"')
+    return at >= 0 and any(payload.find(mark, at) >= 0 for mark in _MARKER_STARTS)

@@ -127,15 +127,12 @@ class ToolServers:
             return self._definitions
         return [d for d in self._definitions if d["function"]["name"] not in leave_out]
 
-    def offers(self, name: str) -> bool:
-        return name in self._owner
-
     def server_of(self, name: str) -> str | None:
         return self._owner.get(name)
 
     async def call(self, name: str, arguments: str, timeout_s: float) -> ToolResult:
-        """Call tool `name` with the model's arguments (a JSON string). Never raises but Cancelled: every failure
-        is a result that says what went wrong, for the model to read."""
+        """Call tool `name` with the model's arguments (a JSON string), within `timeout_s` (the server's own
+        `timeout_s` may make it shorter). Every failure is a result that says what went wrong, for the model."""
         started = trio.current_time()
         server_name = self._owner.get(name)
         if server_name is None or self._client is None:
@@ -150,7 +147,7 @@ class ToolServers:
         except (msgspec.DecodeError, ToolArgumentError) as exc:
             why = exc if isinstance(exc, ToolArgumentError) else "the arguments are not valid JSON"
             return ToolResult(f"error: {why}", "invalid")
-        bound = server.config.timeout_s or timeout_s
+        bound = min(server.config.timeout_s or self._settings.call_timeout_s, timeout_s)
         url = server.config.url.rstrip("/") + server.config.prefix + request.path
         headers = {"accept": "application/json"}
         if secret := self._secrets[server_name]:
@@ -233,27 +230,27 @@ class ToolServers:
         server.up, server.error = False, error
         server.failures += 1
         first, most = DOWN_RETRY_S
-        server.next_read = trio.current_time() + min(most, first * 2 ** (server.failures - 1))
+        server.next_read = trio.current_time() + min(most, first * 2 ** min(server.failures - 1, 10))
 
     def _rebuild(self, *, at_start: bool) -> None:
-        """Which server answers each tool name, from what the servers offer now (config order decides a clash)."""
-        owner: dict[str, str] = {}
-        definitions = []
+        """Which server answers each tool name, from what the servers offer now. A name keeps the server that had
+        it; a new clash (a server that came back offering a name another has) leaves the newcomer's out."""
+        owner = {name: by for name, by in self._owner.items() if name in self._servers[by].tools}
         for server in self._servers.values():
-            for name, operation in sorted(server.tools.items()):
-                if name in owner:
-                    why = (
-                        f"tool {name!r} is offered by tool servers {owner[name]!r} and {server.name!r}: rename one "
-                        f'([tools.servers.{server.name}].rename = {{ {name} = "..." }}) or leave it out (`allow`)'
-                    )
-                    if at_start:
-                        raise ConfigError(why)
-                    log.error("tool name clash", extra={"fields": {"server": server.name, "error": why}})
-                    server.error = why
+            for name in sorted(server.tools):
+                if owner.setdefault(name, server.name) == server.name:
                     continue
-                owner[name] = server.name
-                definitions.append(operation.tool())
-        self._owner, self._definitions = owner, definitions
+                why = (
+                    f"tool {name!r} is offered by tool servers {owner[name]!r} and {server.name!r}: rename it on "
+                    f"one ([tools.servers.{server.name}].rename) or leave it out there (`allow`)"
+                )
+                if at_start:
+                    raise ConfigError(why)
+                if server.error != why:
+                    log.error("tool name clash", extra={"fields": {"server": server.name, "error": why}})
+                server.error = why
+        self._owner = owner
+        self._definitions = [self._servers[by].tools[name].tool() for name, by in sorted(owner.items())]
 
 
 async def _read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
