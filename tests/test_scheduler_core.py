@@ -512,3 +512,17 @@ def test_a_next_round_does_not_hide_an_older_request_from_aging():
     for t in users:
         core.submit(t, t.enqueued_at)
     assert serve_all(core, holder, 40.0)[0] is old_agent  # aged 39 s: first, before the users and the next round
+
+
+def test_a_next_round_counts_against_its_keys_tokens_but_is_not_a_new_request():
+    limits = {"k": RateLimit(rpm=1, tpm=1000)}
+    core = core_with(("m#0", "m", 4), key_limits=limits, max_wait_s=600)
+    first = ticket(0.0, flow="k", key="k", tokens=600)
+    assert core.submit(first, 0.0) == [first]
+    core.release(first, 0.5, tokens=600)
+    fresh = ticket(1.0, flow="k", key="k", tokens=10)
+    assert core.submit(fresh, 1.0) == []  # the key's one request per minute is spent
+    again = ticket(1.0, flow="k", key="k", tokens=300, since=0.0)
+    assert core.submit(again, 1.0) == [again]  # not a new request: only its tokens count (900 of 1000)
+    more = ticket(2.0, flow="k", key="k", tokens=300, since=0.0)
+    assert core.submit(more, 2.0) == []  # 1200 > 1000 tokens: it waits for the window

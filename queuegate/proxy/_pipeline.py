@@ -138,8 +138,8 @@ class Proxy:
         prefer: str | None = None,
     ) -> Ticket:
         """A place in the model's queue. A tool loop's later rounds give `since` and `prefer` (they keep the
-        request's place); its key's limits were charged once, for the client's request."""
-        key = record.key.name if record.key and since is None else None
+        request's place; their tokens count against the key's tpm, but they are not new requests for its rpm)."""
+        key = record.key.name if record.key else None
         return self._admission.enqueue(
             spec.name,
             klass=record.klass,

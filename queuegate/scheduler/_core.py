@@ -207,7 +207,8 @@ class SchedulerCore:
         if full and ticket.since is None and (model.waiting or not self._has_free_slot(model)):
             limit = model.max_queue if model_full else self.max_queue
             raise QueueFull(f"the queue is full ({limit} requests waiting); retry later", retry_after_s=1)
-        self._refuse_long_rate_wait(model, ticket, now)
+        if ticket.since is None:  # (a later round was admitted once: it waits for room, it is not refused)
+            self._refuse_long_rate_wait(model, ticket, now)
         if ticket.key in self._key_limits:
             self._waiting_by_key[ticket.key] += 1
         queue = model.classes[self._rank[ticket.klass]]
@@ -333,7 +334,7 @@ class SchedulerCore:
             for ticket in self._candidates(model, now):
                 limiter = self._key_limits.get(ticket.key)
                 if limiter is not None:
-                    allowed_at = limiter.wait_until(ticket.tokens, now)
+                    allowed_at = limiter.wait_until(ticket.tokens, now, request=ticket.since is None)
                     if allowed_at > now:
                         self._holds[ticket] = allowed_at  # its key's window: others go first
                         continue
@@ -400,10 +401,13 @@ class SchedulerCore:
 
     def _grant(self, model: _Model, ticket: Ticket, slot: _Upstream, now: float) -> None:
         self._unqueue(model, ticket, rotate=True)
-        for limiter in (self._key_limits.get(ticket.key), self._upstream_limits.get(slot.id)):
-            charge = limiter.charge(ticket.tokens, now) if limiter is not None else None
-            if charge is not None:
-                ticket.charges.append(charge)
+        key_limiter = self._key_limits.get(ticket.key)
+        # A later round (rule 4b) is not a new request of its key, but its tokens count; upstreams count every round.
+        charges = [
+            key_limiter.charge(ticket.tokens, now, request=ticket.since is None) if key_limiter is not None else None,
+            limiter.charge(ticket.tokens, now) if (limiter := self._upstream_limits.get(slot.id)) is not None else None,
+        ]
+        ticket.charges += [charge for charge in charges if charge is not None]
         model.next_turn = (model.upstreams.index(slot) + 1) % len(model.upstreams)
         slot.in_flight += 1
         self._in_service += 1
@@ -536,7 +540,10 @@ class SchedulerCore:
         limited_until = self._model_wakeups.get(model.name, now)
         key_limiter = self._key_limits.get(ticket.key)
         if key_limiter is not None:
-            limited_until = max(limited_until, key_limiter.wait_until(ticket.tokens, now, ahead_in_flow))
+            later = ticket.since is not None
+            limited_until = max(
+                limited_until, key_limiter.wait_until(ticket.tokens, now, ahead_in_flow, request=not later)
+            )
         if limited_until > now:
             return QueuePosition(ahead + 1, round(max(eta or 0.0, limited_until - now), 1), rate_limited=True)
         return QueuePosition(ahead + 1, eta)

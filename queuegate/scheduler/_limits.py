@@ -98,10 +98,11 @@ class RateLimiter:
         self._requests = _Window(limit.rpm) if limit.rpm is not None else None
         self._tokens = _Window(limit.tpm) if limit.tpm is not None else None
 
-    def wait_until(self, tokens: int, now: float, ahead: int = 0) -> float:
-        """When a request of about `tokens` tokens may go (`now`: at once); see `_Window.wait_until`."""
+    def wait_until(self, tokens: int, now: float, ahead: int = 0, *, request: bool = True) -> float:
+        """When a request of about `tokens` tokens may go (`now`: at once); see `_Window.wait_until`. `request`:
+        False for a request's later round (the tool loop), which counts its tokens but is not a new request."""
         at = now
-        if self._requests is not None:
+        if self._requests is not None and request:
             at = max(at, self._requests.wait_until(1, ahead, now))
         if self._tokens is not None:
             at = max(at, self._tokens.wait_until(tokens, ahead, now))
@@ -118,8 +119,9 @@ class RateLimiter:
             round(self.wait_until(tokens.typical() if tokens is not None else 0, now) - now, 1),
         )
 
-    def charge(self, tokens: int, now: float) -> Charge | None:
-        """Count a granted request; returns its token charge (to correct later), if tokens are limited."""
-        if self._requests is not None:
+    def charge(self, tokens: int, now: float, *, request: bool = True) -> Charge | None:
+        """Count a granted request (`request`: as in `wait_until`); returns its token charge (to correct later),
+        if tokens are limited."""
+        if self._requests is not None and request:
             self._requests.charge(1, now)
         return self._tokens.charge(tokens, now) if self._tokens is not None else None
