@@ -10,7 +10,10 @@ QueueGate must restart it by itself. At the end it reports, and exits 1 on any f
 - requests by outcome as the clients saw them, and the usage rows the daemon wrote for them, request id by
   request id (a request answered 200 must have an `ok` row with the very token counts the client was told);
 - memory (RSS) and open file descriptors of the daemon after warm-up and at the end, after an idle gap;
-- requests in flight and waiting at the end (must be 0).
+- requests in flight and waiting at the end (must be 0);
+- tools (the demo's tool server): a share of the chat requests ask the time or a sum, so QueueGate runs a tool loop;
+  each answered one must say it called a tool, each streamed answer must end with exactly one finish_reason, and
+  every tool call the daemon logged must have gone well.
 
     python scripts/soak.py                      # the demo, 10 minutes
     python scripts/soak.py --minutes 3 --gap 11:14
@@ -25,6 +28,7 @@ import collections
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -42,6 +46,7 @@ from queuegate.admin.client import AdminClient
 
 LISTENING = "QueueGate listening on "
 DEMO_MODELS = "chat,coder,writer,embed"
+TOOL_QUESTIONS = ("What time is it in Europe/Berlin?", "What time is it?", "What is 12*7?", "What is (3+4)/2?")
 
 
 @dataclass
@@ -54,6 +59,9 @@ class Sent:
     usage: tuple[int, int] | None = None  # (prompt, completion) as the client was told
     detail: str = ""
     at: float = 0.0
+    tool: bool = False  # it asked something the demo's models answer with a tool call
+    tool_ran: bool = False  # its answer says QueueGate ran a tool for it
+    finishes: int = 0  # finish reasons in its stream (exactly one when it ended whole)
 
 
 @dataclass
@@ -66,6 +74,7 @@ class Soak:
     sent: list[Sent] = field(default_factory=list)
     killed: list[tuple[int, float]] = field(default_factory=list)  # (pid, when)
     counter: int = 0
+    tool_share: float = 0.0
 
 
 def child_pids(pid: int) -> dict[int, str]:
@@ -88,7 +97,8 @@ def open_fds(pid: int) -> int:
 async def one_request(soak: Soak, http: httpx.AsyncClient, model: str, abort_after: float | None) -> None:
     soak.counter += 1
     stream = model != "embed" and random.random() < 0.6
-    sent = Sent(f"soak-{soak.counter}", model, stream, at=time.monotonic())
+    tool = model != "embed" and random.random() < soak.tool_share
+    sent = Sent(f"soak-{soak.counter}", model, stream, at=time.monotonic(), tool=tool)
     soak.sent.append(sent)
     headers = {"x-request-id": sent.request_id, "x-chat-id": f"chat-{random.randint(1, 5)}"}
     if model == "embed":
@@ -98,7 +108,9 @@ async def one_request(soak: Soak, http: httpx.AsyncClient, model: str, abort_aft
         body = {
             "model": model,
             "max_tokens": random.randint(4, 40),
-            "messages": [{"role": "user", "content": f"soak {soak.counter}"}],
+            "messages": [
+                {"role": "user", "content": random.choice(TOOL_QUESTIONS) if tool else f"soak {soak.counter}"}
+            ],
             "stream": stream,
         }
         if stream:
@@ -111,9 +123,12 @@ async def one_request(soak: Soak, http: httpx.AsyncClient, model: str, abort_aft
                 response = await http.post(soak.url + path, json=body, headers=headers)
                 sent.status = response.status_code
                 if response.status_code == 200:
-                    usage = response.json().get("usage") or {}
+                    answer = response.json()
+                    usage = answer.get("usage") or {}
                     sent.usage = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
                     sent.outcome = "ok"
+                    if tool and not (answer.get("queuegate") or {}).get("tool_calls"):
+                        sent.outcome, sent.detail = "broken", "asked a tool question; the answer says no tool ran"
                 else:
                     sent.outcome, sent.detail = "error", response.text[:200]
         if aborting.cancelled_caught:
@@ -142,9 +157,15 @@ async def _streamed(http: httpx.AsyncClient, url: str, body: dict, headers: dict
                 return
             if event.get("usage"):
                 sent.usage = (event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"])
-        sent.outcome = "ok" if done else "broken"
+            sent.finishes += sum(1 for c in event.get("choices") or [] if c.get("finish_reason"))
+            sent.tool_ran = sent.tool_ran or bool((event.get("queuegate") or {}).get("tool_calls"))
+        sent.outcome = "ok" if done and sent.finishes == 1 and sent.tool_ran >= sent.tool else "broken"
         if not done:
             sent.detail = "the stream ended without [DONE] or an error event"
+        elif sent.finishes != 1:
+            sent.detail = f"{sent.finishes} finish reasons in one stream"
+        elif sent.tool and not sent.tool_ran:
+            sent.detail = "asked a tool question; the stream says no tool ran"
 
 
 async def burst(soak: Soak, http: httpx.AsyncClient, size: int, swap_to: str | None) -> None:
@@ -223,7 +244,7 @@ async def run(args: argparse.Namespace) -> int:
     url = line.split(LISTENING, 1)[1].split()[0]
     state_dir = Path(args.state_dir) if args.state_dir else workdir / ".queuegate"
     models = args.models.split(",")
-    soak = Soak(url, daemon, state_dir, models, log_path)
+    soak = Soak(url, daemon, state_dir, models, log_path, tool_share=args.tool_share)
     print(f"soak: {url}, {args.minutes:g} min, gaps {args.gap} s; log {log_path}", flush=True)
 
     gap_low, gap_high = (float(x) for x in args.gap.split(":"))
@@ -284,6 +305,9 @@ def report(soak, args, alive, lost, failures, status, problems, rss, fds, log_te
     print(f"errors within 10 s of the kill: {len(near_kill)}; other errors: {len(other_errors)}")
     for s in (other_errors + broken)[:10]:
         print(f"  {s.request_id} {s.model} stream={s.stream} {s.outcome} {s.status}: {s.detail}")
+    tool_calls = collections.Counter(re.findall(r"tool call .*? outcome=(\w+)", log_text))
+    asked = collections.Counter(s.outcome for s in soak.sent if s.tool)
+    print(f"tool questions: {dict(asked)}; tool calls logged by outcome: {dict(tool_calls)}")
     print(f"usage rows vs answers: {len(problems)} miscounted")
     for problem in problems[:10]:
         print(f"  {problem}")
@@ -303,6 +327,7 @@ def report(soak, args, alive, lost, failures, status, problems, rss, fds, log_te
         and in_flight_zero
         and fds[1] <= fds[0] + args.fd_slack
         and "Traceback" not in log_text
+        and set(tool_calls) <= {"ok"}
     )
     print("RESULT: " + ("ok" if ok else "FAILED"))
     return 0 if ok else 1
@@ -323,6 +348,9 @@ def main() -> None:
         help="names in the command lines of model servers QueueGate starts and stops (they may come and go)",
     )
     parser.add_argument("--kill-model", default="demo-coder", help="a name in the command line of the server to kill")
+    parser.add_argument(
+        "--tool-share", type=float, default=0.25, help="share of chat requests that ask a tool question"
+    )
     parser.add_argument("--fd-slack", type=int, default=8, help="open descriptors allowed above the warm-up count")
     args = parser.parse_args()
     sys.exit(trio.run(run, args))
