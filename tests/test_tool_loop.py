@@ -384,3 +384,24 @@ async def test_requests_for_several_choices_or_with_legacy_functions_take_the_pl
     legacy = [{"name": "f", "parameters": {"type": "object", "properties": {}}}]
     await in_thread(lambda: ask(gw, messages, functions=legacy))
     assert llm.stats.received[-1].body["functions"] == legacy and "tools" not in llm.stats.received[-1].body
+
+
+async def test_an_operator_cancel_while_a_later_round_streams_ends_it_and_frees_the_slot(start_sim, start_gateway):
+    llm, url = await start_sim(tokens_per_s=20)
+    _, tool_url = await start_sim(tool_server=True)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "kind": "llamacpp"}},
+        tools={"servers": {"demo": {"url": tool_url.removesuffix("/v1")}}},
+    )
+
+    async def cancel_in_round_two():
+        await wait_until(lambda: llm.stats.requests == 2 and llm.stats.active == 1, timeout=10)
+        (entry,) = gw.daemon._active._requests.values()
+        gw.daemon._active.cancel(entry.record.request_id)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancel_in_round_two)
+        with pytest.raises(openai.APIError, match="cancelled by the operator"):
+            await in_thread(lambda: stream(gw, script('CALL 1 calculate {"expression": "1"}'), max_tokens=200))
+    await wait_until(lambda: llm.stats.active == 0 and len(gw.daemon._active) == 0, timeout=5)
+    assert gw.stats().in_service == 0 and llm.stats.disconnects == 1

@@ -55,7 +55,7 @@ _MARKER_STARTS = (b"[", b"<", b"\\u003c", b"\\u003C", b"\\u005b", b"\\u005B")  #
 _ID = re.compile(rb'"id"\s*:\s*"([^"\\]*)"')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]*)"')
 # An event with none of these is content or reasoning only, relayed as it is (unless text-form calls are read).
-_NOT_PLAIN = (b'"tool_calls"', b'"usage"', b'"error"')  # (and a finish reason: `_FINISH_REASON`)
+_NOT_PLAIN = (b'"tool_calls"', b'"usage"', b'"error"')  # (and a finish reason: `FINISH_REASON`)
 KEEPALIVE = b": tools running\n\n"
 
 
@@ -456,11 +456,16 @@ class ToolLoop:
             self._arrived_at = ticket.enqueued_at
         self._record.tool_rounds += 1
         self._record.tool_step = f"round {self._record.tool_rounds}"
+        reply: Reply | None = None
         with trio.CancelScope() as self._interruptible:
             reply = await self._rounds.start(self._spec, record, msgspec.json.encode(body), ticket)
         self._interruptible = None
-        if self.stopped is not None:
+        if self.stopped is not None:  # stopped while it waited, or just as its answer came
+            if reply is not None and not isinstance(reply.body, bytes):
+                await reply.body.aclose()
+            self._round_done(record)
             raise self.stopped
+        assert reply is not None
         return reply, record
 
     def stop(self, error: GatewayError) -> None:
