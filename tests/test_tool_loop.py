@@ -405,3 +405,26 @@ async def test_an_operator_cancel_while_a_later_round_streams_ends_it_and_frees_
             await in_thread(lambda: stream(gw, script('CALL 1 calculate {"expression": "1"}'), max_tokens=200))
     await wait_until(lambda: llm.stats.active == 0 and len(gw.daemon._active) == 0, timeout=5)
     assert gw.stats().in_service == 0 and llm.stats.disconnects == 1
+
+
+async def test_malformed_tools_are_a_400_naming_the_field_and_break_nothing(start_tools):
+    gw, llm, _ = await start_tools()
+    for route in ("/chat/completions", "/chat/completions_passthrough"):
+        for tools, param in ((5, "tools"), ([{"type": "function"}], "tools[0]"), (["f"], "tools[0]")):
+            body = {"model": "m", "stream": True, "messages": script(), "tools": tools}
+            answer = await in_thread(lambda b=body, r=route: httpx.post(gw.api + r, json=b, timeout=10))
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+    assert llm.stats.requests == 0
+    assert (await in_thread(lambda: ask(gw, script('CALL 1 calculate {"expression": "(3+4)/2"}')))).choices[0]
+
+
+async def test_the_simulated_model_survives_a_bug_of_its_own(start_sim, monkeypatch):
+    # (The demo's models are simulators: a bug hit by one odd request must not take a model down for good.)
+    _, url = await start_sim(tokens_per_s=0)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(timeout=5) as client:
+        with monkeypatch.context() as patched:
+            patched.setattr("queuegate.sim._server.tool_answer", lambda _: 1 / 0)
+            with pytest.raises(httpx.HTTPError):
+                await client.post(url + "/chat/completions", json=body)
+        assert (await client.post(url + "/chat/completions", json=body)).status_code == 200

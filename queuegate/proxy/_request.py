@@ -2,8 +2,9 @@
 through untouched to the upstream.
 
 What QueueGate reads: `model`, the endpoint's required field, `stream` and `stream_options` (streaming and usage),
-`max_tokens` / `max_completion_tokens` (tokens-per-minute limits), and the prompt's text (`messages[].content`,
-`prompt`, `input`; token estimates). A wrong type there is a 400 naming the field, as OpenAI answers, never a 500.
+`max_tokens` / `max_completion_tokens` (tokens-per-minute limits), the prompt's text (`messages[].content`,
+`prompt`, `input`; token estimates), and `tools` (tool calling). A wrong type there is a 400 naming the field, as
+OpenAI answers, never a 500.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
             raise BadRequest(f"`{name}` must be a whole number of at least 0", param=name)
     if endpoint == "chat":
         _check_messages(body["messages"])
+        _check_tools(body.get("tools"))
     else:
         _check_text_input(body[required], required)
     return body
@@ -99,6 +101,21 @@ def _check_messages(messages: Any) -> None:
                 raise BadRequest(f"`{where}.text` must be a string", param=f"{where}.text")
 
 
+def _check_tools(tools: Any) -> None:
+    """`tools`: an array of tool objects, each naming its function (QueueGate reads them: tool calling)."""
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise BadRequest("`tools` must be an array of tool objects", param="tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest(
+                f'`tools[{i}]` must be an object such as {{"type": "function", "function": {{"name": ...}}}}',
+                param=f"tools[{i}]",
+            )
+
+
 def _check_text_input(value: Any, name: str) -> None:
     """`prompt` or `input`: a string or an array (of strings, or of token ids, which QueueGate does not read)."""
     if not isinstance(value, str | list):
@@ -106,19 +123,23 @@ def _check_text_input(value: Any, name: str) -> None:
 
 
 def prompt_chars(body: dict[str, Any]) -> int:
-    """Characters of prompt text in a checked chat, completion or embeddings request (for a token estimate)."""
-    prompt = body.get("prompt", body.get("input"))
+    """Characters of prompt text in a checked chat, completion or embeddings request (for a token estimate). Only
+    the endpoint's own field was checked: the others are read only when they have the right shape."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        prompt = body.get("input")
     if isinstance(prompt, str):
         return len(prompt)
     if isinstance(prompt, list):
         return sum(len(p) for p in prompt if isinstance(p, str))
     total = 0
-    for message in body.get("messages") or []:
-        content = message.get("content")
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
             total += len(content)
         elif isinstance(content, list):
-            total += sum(len(p.get("text", "")) for p in content)
+            total += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return total
 
 

@@ -8,6 +8,7 @@ response is produced, a second task watches the socket so a client that goes awa
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -113,6 +114,10 @@ class Simulator:
                     return
                 conn.start_next_cycle()
         except (_Drop, h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception:
+            # A bug in the simulator must cost one connection, not the server (a demo's model would be gone).
+            traceback.print_exc()
             return
         finally:
             with trio.CancelScope(shield=True):

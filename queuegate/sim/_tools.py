@@ -36,7 +36,7 @@ _SAY = re.compile(r"^SAY (.*)$", re.M)
 _FORM = re.compile(r"^TOOLFORM (structured|mistral|mistral11|hermes)\s*$", re.M)
 _TIME = re.compile(r"\btime\b", re.I)
 _ZONE = re.compile(r"\b([A-Z][a-z]+/[A-Za-z_]+)\b")
-_SUM = re.compile(r"(-?\d+(?:\.\d+)?\s*[-+*/]\s*-?\d+(?:\.\d+)?(?:\s*[-+*/]\s*-?\d+(?:\.\d+)?)*)")
+_SUM = re.compile(r"([-(\d][-+*/().\d\s]*[-+*/][-+*/().\d\s]*[\d)])")  # numbers, + - * /, parentheses
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +56,10 @@ def tool_answer(body: dict[str, Any]) -> ToolAnswer | None:
         return None
     since = messages[last_user + 1 :]
     prompt = _text(messages[last_user].get("content"))
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
     offered = {
         t["function"]["name"]
-        for t in body.get("tools") or []
+        for t in tools
         if isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
     }
     round_no = 1 + sum(1 for m in since if m.get("role") == "assistant" and m.get("tool_calls"))

@@ -567,7 +567,7 @@ class ToolLoop:
         tasks.start_soon(self._run_calls, calls, results, lines if shows else None, scope)
         try:
             if shows:
-                yield self._chunk({"reasoning_content": "".join(_call_line(c) for c in calls)})
+                yield self._chunk({"role": "assistant", "reasoning_content": "".join(_call_line(c) for c in calls)})
             while True:
                 with trio.move_on_after(self._rounds.keepalive_s) as waiting:
                     try:
