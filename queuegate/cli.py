@@ -23,6 +23,7 @@ from queuegate.config import (
     admin_socket_path,
     build_config,
     load_config,
+    memory_db_path,
     usage_db_path,
 )
 from queuegate.config.template import render_template
@@ -154,6 +155,10 @@ def _check(config: Config) -> int:
         print(f"  usage: {usage_db_path(config)} (committed every {usage.flush_ms:g} ms, days in {usage.timezone})")
     else:
         print("  usage: not recorded ([usage] enabled = false)")
+    memory = config.memory
+    if memory.enabled:
+        cut = f"forwards the last {memory.keep_last} messages" if memory.truncate_history else "forwards every message"
+        print(f"  memory: {memory_db_path(config)} (recalls {memory.query_k} snippets, {cut})")
     tools = config.tools
     mode = tools.mode if tools.mode != "auto" else ("execute" if tools.servers else "passthrough")
     print(f"  tools: {mode} (at most {tools.max_rounds} rounds, {tools.max_calls} calls, {tools.loop_timeout_s:g} s)")

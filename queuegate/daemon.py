@@ -30,6 +30,7 @@ from queuegate.config import (
     Config,
     admin_socket_path,
     load_config,
+    memory_db_path,
     parse_listen,
     usage_db_path,
     usage_timezone,
@@ -44,6 +45,8 @@ from queuegate.fleet.launchers.lifeline import Lifeline
 from queuegate.fleet.launchers.process import ChildProcess
 from queuegate.fleet.manager import Fleet
 from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
+from queuegate.memory.service import Memory
+from queuegate.memory.store import MemoryStore
 from queuegate.metrics import Metrics
 from queuegate.proxy import (
     ActiveRequests,
@@ -149,8 +152,13 @@ class Daemon:
         timeouts = Timeouts(
             up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s, up.answer_timeout_s
         )
+        memory_store = MemoryStore(memory_db_path(cfg), cfg.memory.retention_days)
+        self.memory = Memory(cfg.memory, memory_store) if cfg.memory.enabled else None
         self.metrics = Metrics(
-            self.admission.statistics, self.fleet.statistics, self.usage.statistics if self.usage else None
+            self.admission.statistics,
+            self.fleet.statistics,
+            self.usage.statistics if self.usage else None,
+            (lambda: self.memory.counts) if self.memory is not None else None,
         )
         self.tool_servers = ToolServers(cfg.tools, os.environ)
         self.proxy = Proxy(
@@ -162,6 +170,7 @@ class Daemon:
             cfg.affinity.header,
             max_answer_bytes=int(up.max_answer_mb * 2**20),
             tools=ToolPolicy(cfg.tools, self.tool_servers, self.metrics),
+            memory=self.memory,
         )
         self.fleet.add_listener(self.metrics.observe_transition)
         canonical = {name: catalog.canonical(name) for name in catalog.public_names()}
@@ -241,7 +250,9 @@ class Daemon:
                 self.admission.add_listener(self.fleet.notify)
             await nursery.start(self.fleet.run)
             if self.tool_servers.configured:
-                await nursery.start(self.tool_servers.run)  # a tool name two servers offer fails the start
+                await nursery.start(self.tool_servers.run)
+            if self.memory is not None:
+                await nursery.start(self.memory.run)  # a tool name two servers offer fails the start
             self._base_url = await nursery.start(self._serve, endpoints.http, nursery)
             self._started_at = time.time()
             admin = AdminServer(
@@ -252,6 +263,7 @@ class Daemon:
                 self.admission,
                 self._active,
                 self.reload,
+                self.memory,
             )
             self.admission.add_listener(admin.note_change)
             await nursery.start(admin.run)

@@ -9,7 +9,7 @@ store's rows (pending, written, dropped, write errors).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -37,6 +37,7 @@ class Metrics:
         scheduler: Callable[[], SchedulerStatistics],
         fleet: Callable[[], FleetStatistics],
         usage: UsageSource = None,
+        memory: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -74,7 +75,7 @@ class Metrics:
             "queuegate_tool_call_duration_seconds", "How long tool calls took, by tool.", ["tool"],
             buckets=_WAIT_BUCKETS, registry=r,
         )  # fmt: skip
-        r.register(_LiveState(scheduler, fleet, usage))
+        r.register(_LiveState(scheduler, fleet, usage, memory))
 
     def observe(self, record: RequestRecord, status: int) -> None:
         """One finished request (RequestRecord's `on_finish`)."""
@@ -115,11 +116,16 @@ class _LiveState(Collector):
     """Gauges read from the scheduler and the fleet at scrape time, so nothing is counted twice."""
 
     def __init__(
-        self, scheduler: Callable[[], SchedulerStatistics], fleet: Callable[[], FleetStatistics], usage: UsageSource
+        self,
+        scheduler: Callable[[], SchedulerStatistics],
+        fleet: Callable[[], FleetStatistics],
+        usage: UsageSource,
+        memory: Callable[[], Mapping[str, int]] | None,
     ) -> None:
         self._scheduler = scheduler
         self._fleet = fleet
         self._usage = usage
+        self._memory = memory
 
     def collect(self) -> Iterator[Metric]:
         stats, fleet = self._scheduler(), self._fleet()
@@ -169,3 +175,10 @@ class _LiveState(Collector):
             yield CounterMetricFamily("queuegate_usage_late_commits",
                                       "Durable usage: answers sent before their row could be committed in time.",
                                       usage.late_commits)  # fmt: skip
+        if self._memory is not None:
+            memory = CounterMetricFamily(
+                "queuegate_memory_operations", "Chat memory recalls and remembers, by outcome.", labels=["outcome"]
+            )
+            for outcome, count in sorted(self._memory().items()):
+                memory.add_metric([outcome], count)
+            yield memory

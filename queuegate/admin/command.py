@@ -1,6 +1,7 @@
 """`queuegate admin ACTION [TARGET] [--json]`: the admin socket from scripts and shells.
 
-status | preload MODEL | evict MODEL | drain UPSTREAM | undrain UPSTREAM | pause CLASS | resume CLASS
+status | preload MODEL | evict MODEL | drain UPSTREAM | undrain UPSTREAM | pause CLASS | resume CLASS | cancel ID |
+reload | memory list [TEXT] | memory show CHAT | memory forget CHAT
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from queuegate.admin.protocol import (
     DaemonStatus,
     Drain,
     Evict,
+    Memory,
     Ok,
     Pause,
     Preload,
@@ -45,15 +47,21 @@ _COMMANDS: dict[str, tuple[Callable[[str], Request], str]] = {
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     admin = commands.add_parser("admin", help="talk to a running daemon over its admin socket")
-    admin.add_argument("action", choices=["status", "reload", *_COMMANDS])
-    admin.add_argument("target", nargs="?", help="the model, upstream (model#index) or class to act on")
+    admin.add_argument("action", choices=["status", "reload", "memory", *_COMMANDS])
+    admin.add_argument(
+        "target", nargs="?", help="the model, upstream (model#index), class or request id; for memory: list|show|forget"
+    )
+    admin.add_argument("chat", nargs="?", default="", help="memory show|forget: the chat (as memory list shows it)")
     admin.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
     admin.add_argument("--socket", help="admin socket path (default: from the config's [server] section)")
     return admin
 
 
 def run(args: argparse.Namespace, socket_path: Path) -> int:
-    if args.action not in ("status", "reload") and not args.target:
+    if args.action == "memory" and args.target not in ("list", "show", "forget"):
+        print("queuegate admin memory: say list, show CHAT or forget CHAT", file=sys.stderr)
+        return 2
+    if args.action not in ("status", "reload", "memory") and not args.target:
         print(f"queuegate admin {args.action}: name the {_COMMANDS[args.action][1]}", file=sys.stderr)
         return 2
     try:
@@ -72,7 +80,13 @@ async def _run(args: argparse.Namespace, socket_path: Path) -> int:
             status = await client.status()
             print(msgspec.json.encode(status).decode() if args.json else render_status(status))
             return 0
-        reply = await client.request(Reload() if args.action == "reload" else _COMMANDS[args.action][0](args.target))
+        if args.action == "reload":
+            request: Request = Reload()
+        elif args.action == "memory":
+            request = Memory(action=args.target, namespace=args.chat)
+        else:
+            request = _COMMANDS[args.action][0](args.target)
+        reply = await client.request(request)
         assert isinstance(reply, Ok)
         print(msgspec.json.encode(reply).decode() if args.json else reply.message)
         return 0

@@ -9,7 +9,7 @@ and at least every second (durations tick). A malformed or unknown message gets 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -71,7 +71,15 @@ class Reload(_Message, tag="reload"):
     """Read the config file again; the reply says what was applied and what needs a restart."""
 
 
-Request = Status | Subscribe | Preload | Evict | Drain | Undrain | Pause | Resume | Cancel | Reload
+class Memory(_Message, tag="memory"):
+    """Chat memory: list its chats (namespaces), show one's remembered turns, or forget one (a user's "delete my
+    chat")."""
+
+    action: Literal["list", "show", "forget"]
+    namespace: str = ""
+
+
+Request = Status | Subscribe | Preload | Evict | Drain | Undrain | Pause | Resume | Cancel | Reload | Memory
 
 
 class DaemonStatus(msgspec.Struct, frozen=True):

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import socket
+import sqlite3
 import stat
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from queuegate.admin.protocol import (
     Error,
     Evict,
     Hello,
+    Memory,
     Ok,
     Pause,
     Preload,
@@ -46,6 +48,7 @@ from queuegate.admin.protocol import (
 )
 from queuegate.config import ConfigError
 from queuegate.fleet.manager import Fleet
+from queuegate.memory.service import Memory as MemoryService
 from queuegate.proxy import ActiveRequests
 from queuegate.scheduler import Admission
 
@@ -125,6 +128,7 @@ class AdminServer:
         admission: Admission,
         active: ActiveRequests,
         reload: Callable[[], str],
+        memory: MemoryService | None = None,
     ) -> None:
         self._listener = listener  # from `claim_admin_socket`
         self.path = path
@@ -133,6 +137,7 @@ class AdminServer:
         self._admission = admission
         self._active = active
         self._reload = reload
+        self._memory = memory
         self._version = 0  # bumped on every change worth showing
         self._changed = trio.Event()
         self._cached: tuple[int, float, DaemonStatus] | None = None
@@ -185,10 +190,18 @@ class AdminServer:
         except msgspec.DecodeError as exc:
             await lines.send(encode_line(Error(message=f"bad message: {exc}")))
             return
-        reply = self._handle(request)
+        reply = await self._memory_reply(request) if isinstance(request, Memory) else self._handle(request)
         await lines.send(encode_line(reply))
         if isinstance(request, Subscribe):
             nursery.start_soon(self._push_updates, lines, request.interval_ms / 1000)
+
+    async def _memory_reply(self, request: Memory) -> Reply:
+        if self._memory is None:
+            return Error(id=request.id, message="chat memory is off ([memory] enabled = false)")
+        try:
+            return Ok(id=request.id, message=await self._memory.answer(request.action, request.namespace))
+        except (ValueError, sqlite3.Error) as exc:
+            return Error(id=request.id, message=str(exc))
 
     def _handle(self, request: Request) -> Reply:
         try:

@@ -4,7 +4,7 @@ may change live (`reload.py`), and the commented template `queuegate init` write
 
 from queuegate.config.checks import parse_listen
 from queuegate.config.load import build_config, load_config, parse_config
-from queuegate.config.paths import admin_socket_path, usage_db_path, usage_timezone
+from queuegate.config.paths import admin_socket_path, memory_db_path, usage_db_path, usage_timezone
 from queuegate.config.schema import (
     AffinityConfig,
     Config,
@@ -15,6 +15,7 @@ from queuegate.config.schema import (
     FleetConfig,
     KeyConfig,
     Kind,
+    MemoryConfig,
     ModelConfig,
     QueueConfig,
     ServerConfig,
@@ -35,6 +36,7 @@ __all__ = [
     "FleetConfig",
     "KeyConfig",
     "Kind",
+    "MemoryConfig",
     "ModelConfig",
     "QueueConfig",
     "ServerConfig",
@@ -46,6 +48,7 @@ __all__ = [
     "admin_socket_path",
     "build_config",
     "load_config",
+    "memory_db_path",
     "parse_config",
     "parse_listen",
     "usage_db_path",

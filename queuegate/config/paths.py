@@ -31,3 +31,11 @@ def usage_db_path(config: Config) -> Path:
     if config.usage.path:
         return base / config.usage.path
     return base / config.server.state_dir / "usage.sqlite3"
+
+
+def memory_db_path(config: Config) -> Path:
+    """Where the built-in memory store is: `[memory].path`, else <state_dir>/memory.sqlite3."""
+    base = Path(config.base_dir)
+    if config.memory.path:
+        return base / config.memory.path
+    return base / config.server.state_dir / "memory.sqlite3"

@@ -135,6 +135,23 @@ class ToolsConfig(_Section):
     servers: dict[str, ToolServerConfig] = {}
 
 
+class MemoryConfig(_Section):
+    """Chat memory: recall earlier turns for each chat turn, forward only the last few, remember the new one."""
+
+    enabled: bool = False
+    backend: Literal["builtin"] = "builtin"  # SQLite with full-text ranking, under state_dir
+    path: str = ""  # "" = <state_dir>/memory.sqlite3
+    truncate_history: bool = True
+    keep_last: Annotated[int, msgspec.Meta(ge=0)] = 4
+    query_k: PositiveInt = 8
+    inject_role: Literal["system", "user"] = "system"
+    upsert: bool = True
+    max_upsert_chars: PositiveInt = 12000
+    for_agents: bool = False
+    timeout_ms: PositiveFloat = 200.0
+    retention_days: NonNegativeFloat = 0.0
+
+
 class ModelConfig(_Section):
     upstreams: list[str] = []
     launcher: Literal["external", "process", "docker"] = "external"
@@ -161,6 +178,7 @@ class ModelConfig(_Section):
     aliases: list[str] = []
     defaults: dict[str, Any] = {}
     tools: ToolMode | None = None  # how its tool calls are handled; None = [tools].mode
+    memory: bool = True  # false: [memory] leaves this model's chats alone
 
 
 class UsageConfig(_Section):
@@ -197,6 +215,7 @@ class Config(_Section):
     fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     tools: ToolsConfig = msgspec.field(default_factory=ToolsConfig)
+    memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
     devices: dict[str, DeviceConfig] = {}
     keys: dict[str, KeyConfig] = {}
     models: dict[str, ModelConfig] = {}

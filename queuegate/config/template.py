@@ -14,6 +14,7 @@ import tomli_w
 from queuegate.config import (
     AffinityConfig,
     FleetConfig,
+    MemoryConfig,
     QueueConfig,
     ServerConfig,
     ToolsConfig,
@@ -152,6 +153,7 @@ def template_tables() -> list[Table]:
                 ),
                 Key("tpm", 30000, "The same for tokens (prompt + completion) per minute.", True),
                 Key("aliases", ["coder"], "Other names for this model, e.g. roles such as planner or coder."),
+                Key("memory", False, "false: [memory] leaves this model's chats alone (default true).", True),
                 Key(
                     "tools",
                     "passthrough",
@@ -267,6 +269,33 @@ def template_tables() -> list[Table]:
                 Key("timeout_s", 10.0, "One call's bound for this server (default: [tools].call_timeout_s).", True),
             ],
             optional=True,
+        ),
+        Table(
+            "memory",
+            "Chat memory: for each chat turn QueueGate recalls what matters from earlier in the chat, forwards\n"
+            "only the system prompt and the last few messages plus what it recalled, and remembers the answered\n"
+            "turn afterwards (off the request path). A chat is its sticky-chat id (the [affinity] header, Open\n"
+            "WebUI's chat id, body chat_id, else the hash of its start), scoped by API key and session.",
+            _defaults(
+                MemoryConfig(),
+                {
+                    "enabled": "true: recall and remember for every chat model (a model's `memory = false` opts out).",
+                    "backend": '"builtin": a SQLite file with full-text ranking (FTS5, BM25).',
+                    "path": '"" = <state_dir>/memory.sqlite3 (created 0600: it holds what users said).',
+                    "truncate_history": "Forward only the system messages and the last keep_last messages (a tool\n"
+                    "call and its result stay together).",
+                    "keep_last": "User/assistant messages forwarded as they are.",
+                    "query_k": "Snippets recalled per turn, the most relevant first.",
+                    "inject_role": 'The role of the one recalled-context message ("system" or "user"), placed right\n'
+                    "after the system prompt and labelled as data, not instructions.",
+                    "upsert": "Remember each answered turn (a streamed one only when it ended whole).",
+                    "max_upsert_chars": "A remembered turn is cut to this many characters.",
+                    "for_agents": "Also for the agent class (by default agents manage their own context).",
+                    "timeout_ms": "A recall slower than this is skipped: the turn goes on untouched (never cut\n"
+                    "without recall), the outage is logged once and counted in /metrics.",
+                    "retention_days": "Remembered turns older than this are deleted (hourly); 0 = keep for ever.",
+                },
+            ),
         ),
         Table(
             "fleet",

@@ -61,6 +61,7 @@ class ModelSpec:
     upstreams: tuple[Upstream, ...]
     launch: LaunchSpec | None = None  # None: external, always on
     tools: str | None = None  # how its tool calls are handled (execute, passthrough, suppress); None: [tools].mode
+    memory: bool = True  # [memory] applies to its chats
 
 
 class Catalog:
@@ -160,6 +161,7 @@ def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str], free_port: C
         upstreams=upstreams,
         launch=launch,
         tools=mc.tools,
+        memory=mc.memory,
     )
 
 

@@ -22,11 +22,13 @@ from queuegate.proxy._forwarder import Forwarder, RetryableFailure
 from queuegate.proxy._notices import NoticePolicy, QueuedStream
 from queuegate.proxy._record import RequestRecord
 from queuegate.proxy._reply import SSE_HEADERS, Reply
-from queuegate.proxy._request import ParsedRequest, echo, parse_request
+from queuegate.proxy._request import ParsedRequest, echo, forwarding, parse_request
 from queuegate.proxy._routing import chat_key
+from queuegate.proxy._tap import TappedStream, answer_text
 from queuegate.scheduler import Admission, ModelUnavailable, NoUpstreamLeft, QueuePosition, Ticket
 
 if TYPE_CHECKING:
+    from queuegate.memory.service import Memory
     from queuegate.tools.loop import ToolLoop
     from queuegate.tools.servers import ToolServers
 
@@ -80,6 +82,7 @@ class Proxy:
         chat_header: str = "X-Chat-Id",
         max_answer_bytes: int = 64 * 2**20,
         tools: ToolHandling | None = None,
+        memory: Memory | None = None,
     ) -> None:
         self._catalog = catalog
         self._admission = admission
@@ -88,6 +91,7 @@ class Proxy:
         self.notices = notices or NoticePolicy()
         self._chat_header = chat_header  # names the sticky chat (see `chat_key`)
         self.tools = tools  # decides each chat request's tool mode (None: tools are passed through untouched)
+        self.memory = memory  # chat memory (None: off)
 
     async def handle(
         self,
@@ -106,7 +110,33 @@ class Proxy:
         record.model = spec.name
         record.stream = request.stream
         record.wants_usage = request.wants_usage
+        memory = self.memory
+        if memory is None or record.endpoint != "chat" or not memory.applies(record.klass, spec.memory):
+            record.prompt_chars = request.prompt_chars
+            return await self._serve(record, request, spec, headers, tool_mode, tasks)
+        # Chat memory: recall before the turn is sent, remember it once it was answered whole.
+        key = record.key.name if record.key else None
+        namespace = memory.namespace(key, record.session, chat_key(headers, self._chat_header, request.body))
+        recall = await memory.prepare(namespace, request.body["messages"])
+        request = forwarding(request, {**request.body, "messages": recall.messages})
         record.prompt_chars = request.prompt_chars
+        reply = await self._serve(record, request, spec, headers, tool_mode, tasks)
+        if isinstance(reply.body, bytes):
+            if (text := answer_text(reply, record.stream)) is not None:
+                memory.remember(recall, text)
+            return reply
+        return Reply(reply.status, reply.headers, TappedStream(reply.body, lambda text: memory.remember(recall, text)))
+
+    async def _serve(
+        self,
+        record: RequestRecord,
+        request: ParsedRequest,
+        spec: ModelSpec,
+        headers: Mapping[str, str],
+        tool_mode: str | None,
+        tasks: trio.Nursery | None,
+    ) -> Reply:
+        """The request as it goes upstream: through its tool loop, or the plain way."""
         sticky = chat_key(headers, self._chat_header, request.body) if len(spec.upstreams) > 1 else None
         chat = self.tools is not None and record.endpoint == "chat"
         loop = self.tools.loop_for(self, tool_mode, spec, record, request, sticky) if chat else None  # type: ignore[union-attr]

@@ -9,7 +9,7 @@ OpenAI answers, never a 500.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
@@ -45,6 +45,12 @@ def parse_request(raw: bytes, endpoint: str) -> ParsedRequest:
         prompt_chars=chars,
         tokens=request_tokens(body, chars),
     )
+
+
+def forwarding(request: ParsedRequest, body: dict[str, Any]) -> ParsedRequest:
+    """The request with the body QueueGate forwards instead (memory's messages): its estimates follow the body."""
+    chars = prompt_chars(body)
+    return replace(request, body=body, prompt_chars=chars, tokens=request_tokens(body, chars))
 
 
 def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:

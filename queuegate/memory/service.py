@@ -1,0 +1,143 @@
+"""Memory for chat requests: recall before a turn is sent, remember after it was answered, never in the way.
+
+`prepare` (on the request path, bounded by `timeout_ms`): recall the namespace's snippets for the latest user
+message, cut the history to its last turns, and put the snippets in. A store that is slow or failing is skipped:
+the request goes on with its messages untouched (a cut without recall would lose what the chat said), the outage is
+logged once, and counted. `remember` (off the request path): the answered turn is queued, and the writer task
+(`run`) stores it; a full queue drops it (counted), never the client's answer.
+
+The namespace is the chat (its sticky-chat key: header, Open WebUI's chat id, body fields, or the hash of its
+start), scoped by API key and by session, so one key never recalls another key's memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from queuegate.config import MemoryConfig
+from queuegate.memory.context import inject, latest_user_text, query_text, truncate, turn_text
+from queuegate.memory.store import MemoryStore
+
+log = logging.getLogger("queuegate.memory")
+QUEUE_SIZE = 1000  # answered turns waiting to be stored
+EXPIRE_EVERY_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Recall:
+    """A chat request's memory: its namespace, its messages as forwarded, and the user's latest words."""
+
+    namespace: str
+    messages: list[Any]
+    user_text: str
+
+
+class Memory:
+    def __init__(self, config: MemoryConfig, store: MemoryStore) -> None:
+        self.config = config
+        self._store = store
+        self._send, self._receive = trio.open_memory_channel[tuple[str, str]](QUEUE_SIZE)
+        self.counts: Counter[str] = Counter()  # outcome -> how many (recalls, remembers), for /metrics
+        self._down = False  # an outage is being logged (once)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the store, then store answered turns as they come; close it on the way out."""
+        await trio.to_thread.run_sync(self._store.open)
+        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_old_turns)
+                async for namespace, text in self._receive:
+                    try:
+                        await trio.to_thread.run_sync(self._store.remember, namespace, text)
+                        self._ok("remembered")
+                    except Exception as exc:  # a failing disk must not stop the writer
+                        self._failed("remember_failed", exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._store.close)
+
+    async def _expire_old_turns(self) -> None:
+        """`retention_days`: old turns are deleted at start and every hour."""
+        while True:
+            try:
+                await trio.to_thread.run_sync(self._store.expire)
+            except Exception as exc:  # (the next hour tries again)
+                self._failed("expire_failed", exc)
+            await trio.sleep(EXPIRE_EVERY_S)
+
+    def applies(self, klass: str, model_memory: bool) -> bool:
+        return self.config.enabled and model_memory and (klass != "agent" or self.config.for_agents)
+
+    @staticmethod
+    def namespace(key: str | None, session: str | None, chat: str) -> str:
+        return f"key={key or '-'} session={session or '-'} {chat}"
+
+    async def prepare(self, namespace: str, messages: list[Any]) -> Recall:
+        """The messages to forward (see the module)."""
+        user = latest_user_text(messages)
+        question = query_text(messages)
+        snippets: list[str] | None = None
+        if question:
+            with trio.move_on_after(self.config.timeout_ms / 1000) as waiting:
+                try:
+                    snippets = await trio.to_thread.run_sync(
+                        self._store.recall, namespace, question, self.config.query_k, abandon_on_cancel=True
+                    )
+                    self._ok("recalled")
+                except Exception as exc:  # memory never breaks a chat
+                    self._failed("recall_failed", exc)
+            if waiting.cancelled_caught:
+                self._failed("recall_timeout", TimeoutError(f"no answer within {self.config.timeout_ms:g} ms"))
+        if snippets is None and question:
+            return Recall(namespace, messages, user)  # no recall: nothing is cut either
+        forwarded = truncate(messages, self.config.keep_last) if self.config.truncate_history else messages
+        return Recall(namespace, inject(forwarded, snippets or [], self.config.inject_role), user)
+
+    def remember(self, recall: Recall, answer: str) -> None:
+        """Queue an answered turn for the store (dropped, and counted, when the queue is full)."""
+        if not self.config.upsert or not (recall.user_text or answer):
+            return
+        try:
+            turn = turn_text(recall.user_text, answer, self.config.max_upsert_chars)
+            self._send.send_nowait((recall.namespace, turn))
+        except trio.WouldBlock:
+            self.counts["remember_dropped"] += 1
+
+    async def answer(self, action: str, namespace: str) -> str:
+        """An operator's look at the store (`queuegate admin memory list|show|forget`), as text."""
+        if action == "list":
+            rows = await trio.to_thread.run_sync(self._store.namespaces)
+            lines = [f"{count:6} turns, last {_when(at)}  {ns}" for ns, count, at in rows if namespace in ns]
+            return "\n".join(lines) or "no chat remembered" + (f" matching {namespace!r}" if namespace else "")
+        if not namespace:
+            raise ValueError(f"memory {action}: name the chat (a namespace, as `queuegate admin memory list` shows)")
+        if action == "show":
+            turns = await trio.to_thread.run_sync(self._store.turns, namespace)
+            shown = "\n\n".join(f"[{_when(at)}]\n{text}" for at, text in turns)
+            return shown or f"nothing remembered for {namespace!r}"
+        forgotten = await trio.to_thread.run_sync(self._store.forget, namespace)
+        log.info("memory forgotten", extra={"fields": {"namespace": namespace, "turns": forgotten}})
+        return f"forgot {forgotten} turns of {namespace!r}"
+
+    def _ok(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+        if self._down:
+            self._down = False
+            log.info("memory store answering again")
+
+    def _failed(self, outcome: str, exc: BaseException) -> None:
+        self.counts[outcome] += 1
+        if not self._down:
+            self._down = True
+            log.warning("memory store failing; chats go on without memory", extra={"fields": {"error": str(exc)}})
+
+
+def _when(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
