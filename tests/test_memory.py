@@ -51,9 +51,13 @@ def test_the_store_ranks_isolates_forgets_expires_and_survives_a_reopen(tmp_path
     path = tmp_path / "memory.sqlite3"
     store = MemoryStore(path)
     store.open()
-    store.remember("chat-a", turn_text("my cat is called Pixel", "ok", 1000))
-    store.remember("chat-a", turn_text("the weather is nice", "ok", 1000))
-    store.remember("chat-b", turn_text("my cat is called Tom", "ok", 1000))
+    store.remember([("chat-a", turn_text("my cat is called Pixel", "ok", 1000))])
+    store.remember(
+        [
+            ("chat-a", turn_text("the weather is nice", "ok", 1000)),
+            ("chat-b", turn_text("my cat is called Tom", "ok", 1000)),
+        ]
+    )
     assert store.recall("chat-a", "What is my cat called?", 1)[0].startswith("User: my cat is called Pixel")
     assert all("Tom" not in s for s in store.recall("chat-a", "cat called Tom", 8))  # namespaces never mix
     assert store.recall("chat-a", "?!", 8) == []

@@ -12,6 +12,7 @@ start), scoped by API key and by session, so one key never recalls another key's
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 from collections import Counter
@@ -26,6 +27,7 @@ from queuegate.memory.store import MemoryStore
 
 log = logging.getLogger("queuegate.memory")
 QUEUE_SIZE = 1000  # answered turns waiting to be stored
+WRITE_BATCH = 100  # turns stored in one transaction at most
 EXPIRE_EVERY_S = 3600.0
 
 
@@ -53,12 +55,16 @@ class Memory:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._expire_old_turns)
-                async for namespace, text in self._receive:
+                async for turn in self._receive:
+                    turns = [turn]
+                    with contextlib.suppress(trio.WouldBlock):
+                        while len(turns) < WRITE_BATCH:
+                            turns.append(self._receive.receive_nowait())  # the ones waiting: one transaction
                     try:
-                        await trio.to_thread.run_sync(self._store.remember, namespace, text)
-                        self._ok("remembered")
+                        await trio.to_thread.run_sync(self._store.remember, turns)
+                        self._ok("remembered", len(turns))
                     except Exception as exc:  # a failing disk must not stop the writer
-                        self._failed("remember_failed", exc)
+                        self._failed("remember_failed", exc, len(turns))
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._store.close)
@@ -126,14 +132,14 @@ class Memory:
         log.info("memory forgotten", extra={"fields": {"namespace": namespace, "turns": forgotten}})
         return f"forgot {forgotten} turns of {namespace!r}"
 
-    def _ok(self, outcome: str) -> None:
-        self.counts[outcome] += 1
+    def _ok(self, outcome: str, count: int = 1) -> None:
+        self.counts[outcome] += count
         if self._down:
             self._down = False
             log.info("memory store answering again")
 
-    def _failed(self, outcome: str, exc: BaseException) -> None:
-        self.counts[outcome] += 1
+    def _failed(self, outcome: str, exc: BaseException, count: int = 1) -> None:
+        self.counts[outcome] += count
         if not self._down:
             self._down = True
             log.warning("memory store failing; chats go on without memory", extra={"fields": {"error": str(exc)}})
