@@ -45,6 +45,7 @@ from queuegate.fleet.launchers.lifeline import Lifeline
 from queuegate.fleet.launchers.process import ChildProcess
 from queuegate.fleet.manager import Fleet
 from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
+from queuegate.memory.backends import Backend, BuiltinBackend, ToolServerBackend
 from queuegate.memory.service import Memory
 from queuegate.memory.store import MemoryStore
 from queuegate.metrics import Metrics
@@ -152,15 +153,14 @@ class Daemon:
         timeouts = Timeouts(
             up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s, up.answer_timeout_s
         )
-        memory_store = MemoryStore(memory_db_path(cfg), cfg.memory.retention_days)
-        self.memory = Memory(cfg.memory, memory_store) if cfg.memory.enabled else None
+        self.tool_servers = ToolServers(cfg.tools, os.environ)
+        self.memory = Memory(cfg.memory, _memory_backend(cfg, self.tool_servers)) if cfg.memory.enabled else None
         self.metrics = Metrics(
             self.admission.statistics,
             self.fleet.statistics,
             self.usage.statistics if self.usage else None,
             (lambda: self.memory.counts) if self.memory is not None else None,
         )
-        self.tool_servers = ToolServers(cfg.tools, os.environ)
         self.proxy = Proxy(
             catalog,
             self.admission,
@@ -460,3 +460,10 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _memory_backend(cfg: Config, tools: ToolServers) -> Backend:
+    memory = cfg.memory
+    if memory.backend == "toolserver":
+        return ToolServerBackend(tools, memory.query_tool, memory.upsert_tool, memory.timeout_ms / 1000)
+    return BuiltinBackend(MemoryStore(memory_db_path(cfg), memory.retention_days))

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import trio
 
-from queuegate.config import admin_socket_path
+from queuegate.config import ConfigError, admin_socket_path, parse_config
 from queuegate.memory.context import RECALLED_HEADER, inject, query_text, truncate, turn_text
 from queuegate.memory.store import MemoryStore
 from tests.helpers import in_thread, wait_until
@@ -132,14 +132,14 @@ async def test_a_streamed_answer_is_remembered_once_whole_and_a_cut_one_never(me
         async with client.stream("POST", gw.api + "/chat/completions", json=body, headers={"x-chat-id": "s"}) as r:
             assert "[DONE]" in (await r.aread()).decode()
     await wait_until(lambda: gw.daemon.memory.counts["remembered"] == 1)
-    store = gw.daemon.memory._store
+    store = gw.daemon.memory.backend.store
     assert any("418" in text for text in store.recall(gw.daemon.memory.namespace(None, None, "id:s"), "number", 8))
 
 
 async def test_a_broken_store_never_breaks_a_chat(memory_gateway, caplog):
     caplog.set_level("INFO", logger="queuegate")
     gw, llm = await memory_gateway()
-    gw.daemon.memory._store.close()  # every recall and remember fails from now on
+    gw.daemon.memory.backend.store.close()  # every recall and remember fails from now on
     question = [*chat_history(6), user("What is my cat called?")]
     for _ in range(3):
         answer = await post(gw, question, {"x-chat-id": "c1"})
@@ -160,7 +160,7 @@ async def test_memory_survives_a_restart_and_models_or_agents_can_be_left_out(st
     await post(gw, [user("my cat is called Pixel")], {"x-chat-id": "r"})
     await wait_until(lambda: gw.daemon.memory.counts["remembered"] == 1)
     gw.daemon.request_shutdown()
-    await wait_until(lambda: gw.daemon.memory._store._db is None, timeout=10)
+    await wait_until(lambda: gw.daemon.memory.backend.store._db is None, timeout=10)
     again = await start_gateway(models, memory={"enabled": True, "keep_last": 2}, server={"state_dir": state})
     question = [*chat_history(3), user("What is my cat called?")]
     await post(again, question, {"x-chat-id": "r"})
@@ -200,3 +200,31 @@ async def test_operators_list_show_and_forget_a_chat_from_the_command_line(memor
     question = [*chat_history(3), user("What is my cat called?")]
     await post(gw, question, {"x-chat-id": "c1"})
     assert "Pixel" not in str(llm.stats.received[-1].body["messages"][1:-2])  # forgotten is forgotten
+
+
+async def test_a_tool_server_can_hold_the_memory_and_a_slow_or_missing_one_breaks_nothing(start_sim, start_gateway):
+    # The memory tool server is the simulator's (a real OpenAPI server on loopback; its memory tools are a fake).
+    llm, url = await start_sim(tokens_per_s=0)
+    tool_sim, tool_url = await start_sim(tool_server=True, test_tools=True)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "kind": "llamacpp", "tools": "passthrough"}},
+        tools={"servers": {"mem": {"url": tool_url.removesuffix("/v1")}}},
+        memory={"enabled": True, "backend": "toolserver", "server": "mem", "keep_last": 2, "timeout_ms": 300},
+    )
+    await post(gw, [user("my cat is called Pixel")], {"x-chat-id": "t"})
+    await wait_until(lambda: gw.daemon.memory.counts["remembered"] == 1)
+    ((namespace, snippets),) = tool_sim.tools.memory.items()
+    assert namespace == "key=- session=- id:t" and "Pixel" in snippets[0]
+    question = [*chat_history(3), user("What is my cat called?")]
+    await post(gw, question, {"x-chat-id": "t"})
+    assert "Pixel" in llm.stats.received[-1].body["messages"][1]["content"]
+    tool_sim.tools.memory_delay_s = 2.0  # slower than timeout_ms: skipped, the turn goes on untouched
+    started = trio.current_time()
+    assert (await post(gw, question, {"x-chat-id": "t"})).status_code == 200
+    assert trio.current_time() - started < 1.5 and llm.stats.received[-1].body["messages"] == question
+    assert gw.daemon.memory.counts["recall_timeout"] == 1
+
+
+def test_a_toolserver_memory_must_name_a_tool_server():
+    with pytest.raises(ConfigError, match=r"at `memory\.server`: backend toolserver needs"):
+        parse_config('[memory]\nenabled = true\nbackend = "toolserver"\nserver = "nope"', source="q.toml")

@@ -61,6 +61,7 @@ def check_config(config: Config, source: str, env: Any) -> None:
             if key in model.defaults:
                 fail(f"models.{name}.defaults.{key}", f"`{key}` cannot have a default; the client sets it")
     _check_tools(config, env, fail)
+    _check_memory(config, fail)
     _check_keys(config, owners, env, fail)
     try:
         usage_timezone(config)
@@ -88,6 +89,15 @@ def _check_keys(config: Config, model_names: Any, env: Any, fail: Any) -> None:
         for i, model in enumerate(key.models):
             if model not in model_names:
                 fail(f"{where}.models[{i}]", f"no model or alias {model!r}")
+
+
+def _check_memory(config: Config, fail: Any) -> None:
+    memory = config.memory
+    if memory.backend == "toolserver" and memory.server not in config.tools.servers:
+        known = ", ".join(config.tools.servers) or "none configured"
+        fail(
+            "memory.server", f"backend toolserver needs a [tools.servers] entry's name, got {memory.server!r} ({known})"
+        )
 
 
 def _check_tools(config: Config, env: Any, fail: Any) -> None:

@@ -139,7 +139,10 @@ class MemoryConfig(_Section):
     """Chat memory: recall earlier turns for each chat turn, forward only the last few, remember the new one."""
 
     enabled: bool = False
-    backend: Literal["builtin"] = "builtin"  # SQLite with full-text ranking, under state_dir
+    backend: Literal["builtin", "toolserver"] = "builtin"  # builtin: SQLite with full-text ranking, under state_dir
+    server: str = ""  # backend toolserver: the [tools.servers] entry with the memory operations
+    query_tool: str = "memory_query"
+    upsert_tool: str = "memory_upsert"
     path: str = ""  # "" = <state_dir>/memory.sqlite3
     truncate_history: bool = True
     keep_last: Annotated[int, msgspec.Meta(ge=0)] = 4

@@ -280,7 +280,12 @@ def template_tables() -> list[Table]:
                 MemoryConfig(),
                 {
                     "enabled": "true: recall and remember for every chat model (a model's `memory = false` opts out).",
-                    "backend": '"builtin": a SQLite file with full-text ranking (FTS5, BM25).',
+                    "backend": '"builtin": a SQLite file with full-text ranking (FTS5, BM25); "toolserver": the\n'
+                    "memory operations of a [tools.servers] entry (see `server`).",
+                    "server": "backend toolserver: the [tools.servers] entry whose operations hold the memory.",
+                    "query_tool": 'Its recall operation: gets {"namespace", "query", "k"}, answers a list of snippets\n'
+                    '(strings, or objects with a "text", "document" or "content" field).',
+                    "upsert_tool": 'Its remember operation: gets {"namespace", "text"}.',
                     "path": '"" = <state_dir>/memory.sqlite3 (created 0600: it holds what users said).',
                     "truncate_history": "Forward only the system messages and the last keep_last messages (a tool\n"
                     "call and its result stay together).",

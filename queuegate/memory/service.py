@@ -22,8 +22,8 @@ from typing import Any
 import trio
 
 from queuegate.config import MemoryConfig
+from queuegate.memory.backends import Backend
 from queuegate.memory.context import inject, latest_user_text, query_text, truncate, turn_text
-from queuegate.memory.store import MemoryStore
 
 log = logging.getLogger("queuegate.memory")
 QUEUE_SIZE = 1000  # answered turns waiting to be stored
@@ -41,16 +41,16 @@ class Recall:
 
 
 class Memory:
-    def __init__(self, config: MemoryConfig, store: MemoryStore) -> None:
+    def __init__(self, config: MemoryConfig, backend: Backend) -> None:
         self.config = config
-        self._store = store
+        self.backend = backend
         self._send, self._receive = trio.open_memory_channel[tuple[str, str]](QUEUE_SIZE)
         self.counts: Counter[str] = Counter()  # outcome -> how many (recalls, remembers), for /metrics
         self._down = False  # an outage is being logged (once)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the store, then store answered turns as they come; close it on the way out."""
-        await trio.to_thread.run_sync(self._store.open)
+        await self.backend.open()
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
@@ -61,19 +61,19 @@ class Memory:
                         while len(turns) < WRITE_BATCH:
                             turns.append(self._receive.receive_nowait())  # the ones waiting: one transaction
                     try:
-                        await trio.to_thread.run_sync(self._store.remember, turns)
+                        await self.backend.remember(turns)
                         self._ok("remembered", len(turns))
                     except Exception as exc:  # a failing disk must not stop the writer
                         self._failed("remember_failed", exc, len(turns))
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._store.close)
+                await self.backend.close()
 
     async def _expire_old_turns(self) -> None:
         """`retention_days`: old turns are deleted at start and every hour."""
         while True:
             try:
-                await trio.to_thread.run_sync(self._store.expire)
+                await self.backend.expire()
             except Exception as exc:  # (the next hour tries again)
                 self._failed("expire_failed", exc)
             await trio.sleep(EXPIRE_EVERY_S)
@@ -93,9 +93,7 @@ class Memory:
         if question:
             with trio.move_on_after(self.config.timeout_ms / 1000) as waiting:
                 try:
-                    snippets = await trio.to_thread.run_sync(
-                        self._store.recall, namespace, question, self.config.query_k, abandon_on_cancel=True
-                    )
+                    snippets = await self.backend.recall(namespace, question, self.config.query_k)
                     self._ok("recalled")
                 except Exception as exc:  # memory never breaks a chat
                     self._failed("recall_failed", exc)
@@ -119,16 +117,16 @@ class Memory:
     async def answer(self, action: str, namespace: str) -> str:
         """An operator's look at the store (`queuegate admin memory list|show|forget`), as text."""
         if action == "list":
-            rows = await trio.to_thread.run_sync(self._store.namespaces)
+            rows = await self.backend.namespaces()
             lines = [f"{count:6} turns, last {_when(at)}  {ns}" for ns, count, at in rows if namespace in ns]
             return "\n".join(lines) or "no chat remembered" + (f" matching {namespace!r}" if namespace else "")
         if not namespace:
             raise ValueError(f"memory {action}: name the chat (a namespace, as `queuegate admin memory list` shows)")
         if action == "show":
-            turns = await trio.to_thread.run_sync(self._store.turns, namespace)
+            turns = await self.backend.turns(namespace)
             shown = "\n\n".join(f"[{_when(at)}]\n{text}" for at, text in turns)
             return shown or f"nothing remembered for {namespace!r}"
-        forgotten = await trio.to_thread.run_sync(self._store.forget, namespace)
+        forgotten = await self.backend.forget(namespace)
         log.info("memory forgotten", extra={"fields": {"namespace": namespace, "turns": forgotten}})
         return f"forgot {forgotten} turns of {namespace!r}"
 

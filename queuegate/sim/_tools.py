@@ -146,6 +146,19 @@ _TEST_OPERATIONS: dict[str, dict[str, Any]] = {
         "properties": {"size": {"type": "integer"}},
         "required": ["size"],
     },
+    # A chat memory in the shape QueueGate's `[memory] backend = "toolserver"` calls (kept in this process).
+    "memory_query": {
+        "summary": "Memory Query",
+        "description": "The snippets of a namespace that share the most words with the query.",
+        "properties": {"namespace": {"type": "string"}, "query": {"type": "string"}, "k": {"type": "integer"}},
+        "required": ["namespace", "query"],
+    },
+    "memory_upsert": {
+        "summary": "Memory Upsert",
+        "description": "Remember a snippet in a namespace.",
+        "properties": {"namespace": {"type": "string"}, "text": {"type": "string"}},
+        "required": ["namespace", "text"],
+    },
 }
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -159,6 +172,8 @@ class ToolServerRoutes:
         self.calls: list[tuple[str, Any]] = []
         self.active = 0
         self.cancelled = 0
+        self.memory: dict[str, list[str]] = {}  # namespace -> snippets (the memory tools)
+        self.memory_delay_s = 0.0  # a slow memory, for tests
 
     def document(self) -> dict[str, Any]:
         """The OpenAPI document (as mcpo shapes it: one POST per tool, a JSON body schema per tool)."""
@@ -215,6 +230,15 @@ class ToolServerRoutes:
         if name == "sleep":
             await trio.sleep(float(body.get("seconds", 1)))
             return 200, msgspec.json.encode({"slept": body.get("seconds")}), json
+        if name in ("memory_query", "memory_upsert"):
+            await trio.sleep(self.memory_delay_s)
+            snippets = self.memory.setdefault(str(body.get("namespace")), [])
+            if name == "memory_upsert":
+                snippets.append(str(body.get("text", "")))
+                return 200, b'{"ok":true}', json
+            words = set(str(body.get("query", "")).lower().split())
+            ranked = sorted(snippets, key=lambda text: -len(words & set(text.lower().split())))
+            return 200, msgspec.json.encode([{"text": t} for t in ranked[: int(body.get("k", 8))]]), json
         if name == "fail":
             return 500, msgspec.json.encode({"detail": "the tool failed"}), json
         if name == "garbage":

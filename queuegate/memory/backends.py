@@ -1,0 +1,132 @@
+"""Where memory lives: the built-in SQLite store, or a tool server's `memory_query` / `memory_upsert` operations.
+
+Both answer the same few async calls (`Backend`); `Memory` bounds how long a request waits for them and survives
+their failures. The built-in store's calls run in a worker thread (SQLite blocks). A tool server is called like any
+tool (`ToolServers.call`): `memory_query` gets `{"namespace", "query", "k"}` and answers a list of snippets (strings,
+or objects with a `text`, `document` or `content` field; or an object whose `results` is such a list), and
+`memory_upsert` gets `{"namespace", "text"}`. Listing, showing and forgetting chats are for the built-in store.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import msgspec
+import trio
+
+from queuegate.memory.store import MemoryStore
+from queuegate.tools.servers import ToolServers
+
+SNIPPET_FIELDS = ("text", "document", "content")
+
+
+class BackendError(Exception):
+    """The backend failed; the message says how (for the log, once per outage)."""
+
+
+class Backend(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def recall(self, namespace: str, question: str, k: int) -> list[str]: ...
+
+    async def remember(self, turns: list[tuple[str, str]]) -> None: ...
+
+    async def expire(self) -> int: ...
+
+    async def namespaces(self) -> list[tuple[str, int, float]]: ...
+
+    async def turns(self, namespace: str) -> list[tuple[float, str]]: ...
+
+    async def forget(self, namespace: str) -> int: ...
+
+
+class BuiltinBackend:
+    """The built-in store (`store.MemoryStore`), its calls in a worker thread."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def open(self) -> None:
+        await trio.to_thread.run_sync(self.store.open)
+
+    async def close(self) -> None:
+        await trio.to_thread.run_sync(self.store.close)
+
+    async def recall(self, namespace: str, question: str, k: int) -> list[str]:
+        # A request that stops waiting leaves the thread to finish on its own (it cannot be interrupted).
+        return await trio.to_thread.run_sync(self.store.recall, namespace, question, k, abandon_on_cancel=True)
+
+    async def remember(self, turns: list[tuple[str, str]]) -> None:
+        await trio.to_thread.run_sync(self.store.remember, turns)
+
+    async def expire(self) -> int:
+        return await trio.to_thread.run_sync(self.store.expire)
+
+    async def namespaces(self) -> list[tuple[str, int, float]]:
+        return await trio.to_thread.run_sync(self.store.namespaces)
+
+    async def turns(self, namespace: str) -> list[tuple[float, str]]:
+        return await trio.to_thread.run_sync(self.store.turns, namespace)
+
+    async def forget(self, namespace: str) -> int:
+        return await trio.to_thread.run_sync(self.store.forget, namespace)
+
+
+class ToolServerBackend:
+    """A tool server's memory operations (see the module). Each call is bounded by `timeout_s`."""
+
+    def __init__(self, tools: ToolServers, query_tool: str, upsert_tool: str, timeout_s: float) -> None:
+        self._tools = tools
+        self._query = query_tool
+        self._upsert = upsert_tool
+        self._timeout_s = timeout_s
+
+    async def open(self) -> None:
+        """(The tool servers are read by their own task; a memory tool that is missing fails its calls.)"""
+
+    async def close(self) -> None:
+        """(Nothing to close: the tool servers' connections are theirs.)"""
+
+    async def recall(self, namespace: str, question: str, k: int) -> list[str]:
+        answer = await self._call(self._query, {"namespace": namespace, "query": question, "k": k})
+        try:
+            found = msgspec.json.decode(answer)
+        except msgspec.DecodeError:
+            raise BackendError(f"{self._query} answered something that is not JSON: {answer[:120]!r}") from None
+        if isinstance(found, dict):
+            found = found.get("results")
+        if not isinstance(found, list):
+            raise BackendError(f"{self._query} answered no list of snippets: {answer[:120]!r}")
+        return [text for item in found[:k] if (text := _snippet(item))]
+
+    async def remember(self, turns: list[tuple[str, str]]) -> None:
+        for namespace, text in turns:
+            await self._call(self._upsert, {"namespace": namespace, "text": text})
+
+    async def expire(self) -> int:
+        return 0  # (the tool server keeps its own retention)
+
+    async def namespaces(self) -> list[tuple[str, int, float]]:
+        raise ValueError("memory list|show|forget work with the built-in store; this memory is in a tool server")
+
+    async def turns(self, namespace: str) -> list[tuple[float, str]]:
+        return await self.namespaces()  # type: ignore[return-value]  # (raises the same)
+
+    async def forget(self, namespace: str) -> int:
+        return await self.namespaces()  # type: ignore[return-value]  # (raises the same)
+
+    async def _call(self, tool: str, arguments: dict[str, Any]) -> str:
+        result = await self._tools.call(tool, msgspec.json.encode(arguments).decode(), self._timeout_s)
+        if result.outcome != "ok":
+            raise BackendError(f"{tool}: {result.text}")
+        return result.text
+
+
+def _snippet(item: Any) -> str | None:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        return next((item[f] for f in SNIPPET_FIELDS if isinstance(item.get(f), str)), None)
+    return None
