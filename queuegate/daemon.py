@@ -153,7 +153,7 @@ class Daemon:
         timeouts = Timeouts(
             up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s, up.answer_timeout_s
         )
-        self.tool_servers = ToolServers(cfg.tools, os.environ)
+        self.tool_servers = ToolServers(cfg.tools, os.environ, _reserved_tools(cfg))
         self.memory = Memory(cfg.memory, _memory_backend(cfg, self.tool_servers)) if cfg.memory.enabled else None
         self.metrics = Metrics(
             self.admission.statistics,
@@ -462,8 +462,17 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _reserved_tools(cfg: Config) -> dict[str, set[str]]:
+    """The tool servers' operations for QueueGate only: chat memory's (a model must not read any chat's memory)."""
+    memory = cfg.memory
+    if memory.enabled and memory.backend == "toolserver":
+        return {memory.server: {memory.query_tool, memory.upsert_tool}}
+    return {}
+
+
 def _memory_backend(cfg: Config, tools: ToolServers) -> Backend:
     memory = cfg.memory
     if memory.backend == "toolserver":
-        return ToolServerBackend(tools, memory.query_tool, memory.upsert_tool, memory.timeout_ms / 1000)
+        timeout_s = memory.timeout_ms / 1000
+        return ToolServerBackend(tools, memory.server, memory.query_tool, memory.upsert_tool, timeout_s)
     return BuiltinBackend(MemoryStore(memory_db_path(cfg), memory.retention_days))

@@ -10,8 +10,9 @@ import pytest
 import trio
 
 from queuegate.config import ConfigError, admin_socket_path, parse_config
-from queuegate.memory.context import RECALLED_HEADER, inject, query_text, truncate, turn_text
+from queuegate.memory.context import RECALLED_HEADER, cut_at, inject, query_text, truncate, turn_text
 from queuegate.memory.store import MemoryStore
+from queuegate.proxy._tap import TappedStream
 from tests.helpers import in_thread, wait_until
 
 
@@ -23,28 +24,33 @@ def assistant(text: str, **extra) -> dict:
     return {"role": "assistant", "content": text, **extra}
 
 
-def test_truncate_keeps_system_messages_and_the_last_turns_never_a_tool_result_without_its_call():
+def test_the_cut_starts_at_a_user_message_so_roles_alternate_and_tool_results_keep_their_calls():
     system = {"role": "system", "content": "be brief"}
     call = assistant(None, tool_calls=[{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}])
     result = {"role": "tool", "tool_call_id": "c1", "content": "42"}
     history = [system, user("a"), assistant("b"), user("c"), call, result, assistant("d"), user("e")]
-    assert truncate(history, 2) == [system, assistant("d"), user("e")]
-    assert truncate(history, 3) == [system, call, result, assistant("d"), user("e")]  # the call comes with its result
-    assert truncate(history, 100) == history
-    assert truncate(history, 0) == [system]
+    assert truncate(history, cut_at(history, 2)) == [system, user("e")]  # (keep_last 2 would start at an answer)
+    assert truncate(history, cut_at(history, 4)) == [system, user("c"), call, result, assistant("d"), user("e")]
+    assert truncate(history, cut_at(history, 100)) == history
+    assert truncate(history, cut_at(history, 0)) == [system, user("e")]  # the latest question always stays
+    assert cut_at([system], 4) == 0
 
 
-def test_inject_puts_one_labelled_message_after_the_system_prompt_and_skips_what_is_still_there():
+def test_recalled_context_joins_the_system_prompt_or_the_first_user_message_and_skips_what_is_still_there():
     system = {"role": "system", "content": "be brief"}
     messages = [system, user("what is my cat called?")]
     old = turn_text("my cat is called Pixel", "Nice name.", 1000)
     recent = turn_text("what is my cat called?", "", 1000)
     out = inject(messages, [old, recent], "system")
-    assert out[0] == system and out[2] == messages[1]
-    assert out[1]["role"] == "system" and out[1]["content"].startswith(RECALLED_HEADER)
-    assert "Pixel" in out[1]["content"] and "what is my cat called" not in out[1]["content"]
+    assert len(out) == 2 and out[1] == messages[1] and messages[0] == system  # (the caller's messages untouched)
+    assert out[0]["content"].startswith("be brief\n\n" + RECALLED_HEADER)  # the prompt's start stays the same
+    assert "Pixel" in out[0]["content"] and "what is my cat called" not in out[0]["content"]
+    as_user = inject(messages, [old], "user")
+    assert as_user[0] == system and as_user[1]["content"].startswith(RECALLED_HEADER)
+    assert as_user[1]["content"].endswith("what is my cat called?")
+    assert inject([user("q")], [old], "system")[0]["role"] == "system"  # no system prompt: one is made
     assert inject(messages, [], "user") == messages
-    assert query_text([user("hi"), assistant("Hello there"), user("and then?")]) == "Hello there\nand then?"
+    assert query_text([user("hi"), assistant("Hello there"), user("and then?")]) == "and then?\nHello there"
 
 
 def test_the_store_ranks_isolates_forgets_expires_and_survives_a_reopen(tmp_path):
@@ -101,18 +107,19 @@ async def post(gw, messages, headers=None, **body) -> httpx.Response:
 async def test_a_fact_cut_from_a_long_chat_is_recalled_and_the_forwarded_prompt_stays_small(memory_gateway):
     gw, llm = await memory_gateway()
     chat = {"x-chat-id": "c1"}
-    first = [{"role": "system", "content": "You are helpful."}, user("my cat is called Pixel")]
-    assert (await post(gw, first, chat)).status_code == 200
-    await wait_until(lambda: gw.daemon.memory.counts["remembered"] == 1)
-    question = [*chat_history(6), user("What is my cat called?")]
+    history = chat_history(6)
+    for turn, at in enumerate(range(2, len(history), 2)):  # the chat as a client has it: each turn sent, answered
+        assert (await post(gw, history[:at], chat)).status_code == 200
+        await wait_until(lambda turn=turn: gw.daemon.memory.counts["remembered"] == turn + 1)
+    question = [*history, user("What is my cat called?")]
     assert (await post(gw, question, chat)).status_code == 200
     sent = llm.stats.received[-1].body["messages"]
-    assert len(sent) == 4  # system, recalled, the last assistant message and the question (of 16)
-    assert sent[0]["content"] == "You are helpful." and sent[-1]["content"] == "What is my cat called?"
-    assert sent[1]["role"] == "system" and "Pixel" in sent[1]["content"] and RECALLED_HEADER in sent[1]["content"]
+    assert [m["role"] for m in sent] == ["system", "user"]  # of 16 messages: the prompt and the question
+    assert sent[0]["content"].startswith("You are helpful.\n\n" + RECALLED_HEADER) and "Pixel" in sent[0]["content"]
+    assert sent[-1]["content"] == "What is my cat called?"
     # Another chat, or another caller, recalls nothing of it.
-    await post(gw, question, {"x-chat-id": "c2"})
-    assert "Pixel" not in str(llm.stats.received[-1].body["messages"][1:-1])
+    await post(gw, [user("What is my cat called?")], {"x-chat-id": "c2"})
+    assert "Pixel" not in str(llm.stats.received[-1].body["messages"])
 
 
 async def test_a_streamed_answer_is_remembered_once_whole_and_a_cut_one_never(memory_gateway):
@@ -146,8 +153,8 @@ async def test_a_broken_store_never_breaks_a_chat(memory_gateway, caplog):
         assert answer.status_code == 200
     assert llm.stats.received[-1].body["messages"] == question  # untouched: no recall, so nothing cut either
     assert gw.daemon.memory.counts["recall_failed"] == 3
-    warnings = [r for r in caplog.records if r.getMessage().startswith("memory store failing")]
-    assert len(warnings) == 1  # logged once per outage
+    warnings = [r.fields["operation"] for r in caplog.records if r.getMessage().startswith("memory store failing")]
+    assert sorted(warnings) == ["recall", "remember"]  # each logged once per outage
     metrics = (await in_thread(lambda: httpx.get(gw.base_url + "/metrics"))).text
     assert 'queuegate_memory_operations_total{outcome="recall_failed"} 3.0' in metrics
 
@@ -164,7 +171,7 @@ async def test_memory_survives_a_restart_and_models_or_agents_can_be_left_out(st
     again = await start_gateway(models, memory={"enabled": True, "keep_last": 2}, server={"state_dir": state})
     question = [*chat_history(3), user("What is my cat called?")]
     await post(again, question, {"x-chat-id": "r"})
-    assert "Pixel" in llm.stats.received[-1].body["messages"][1]["content"]
+    assert "Pixel" in llm.stats.received[-1].body["messages"][0]["content"]
     await post(again, question, {"x-chat-id": "r"}, model="plain")
     assert llm.stats.received[-1].body["messages"] == question  # memory = false: left alone
     async with httpx.AsyncClient(timeout=10) as client:
@@ -197,9 +204,8 @@ async def test_operators_list_show_and_forget_a_chat_from_the_command_line(memor
     code, forgot = await admin("memory", "forget", namespace)
     assert code == 0 and "forgot 1 turns" in forgot
     assert (await admin("memory", "list"))[1].strip() == "no chat remembered"
-    question = [*chat_history(3), user("What is my cat called?")]
-    await post(gw, question, {"x-chat-id": "c1"})
-    assert "Pixel" not in str(llm.stats.received[-1].body["messages"][1:-2])  # forgotten is forgotten
+    await post(gw, [user("What is my cat called?")], {"x-chat-id": "c1"})
+    assert "Pixel" not in str(llm.stats.received[-1].body["messages"])  # forgotten is forgotten
 
 
 async def test_a_tool_server_can_hold_the_memory_and_a_slow_or_missing_one_breaks_nothing(start_sim, start_gateway):
@@ -217,7 +223,7 @@ async def test_a_tool_server_can_hold_the_memory_and_a_slow_or_missing_one_break
     assert namespace == "key=- session=- id:t" and "Pixel" in snippets[0]
     question = [*chat_history(3), user("What is my cat called?")]
     await post(gw, question, {"x-chat-id": "t"})
-    assert "Pixel" in llm.stats.received[-1].body["messages"][1]["content"]
+    assert "Pixel" in llm.stats.received[-1].body["messages"][0]["content"]
     tool_sim.tools.memory_delay_s = 2.0  # slower than timeout_ms: skipped, the turn goes on untouched
     started = trio.current_time()
     assert (await post(gw, question, {"x-chat-id": "t"})).status_code == 200
@@ -228,3 +234,61 @@ async def test_a_tool_server_can_hold_the_memory_and_a_slow_or_missing_one_break
 def test_a_toolserver_memory_must_name_a_tool_server():
     with pytest.raises(ConfigError, match=r"at `memory\.server`: backend toolserver needs"):
         parse_config('[memory]\nenabled = true\nbackend = "toolserver"\nserver = "nope"', source="q.toml")
+
+
+class _Blocks:
+    """A stream body that yields given blocks (a fake: the shapes upstreams send that are hard to provoke)."""
+
+    def __init__(self, *blocks: bytes) -> None:
+        self._blocks = list(blocks)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._blocks:
+            raise StopAsyncIteration
+        return self._blocks.pop(0)
+
+    def stop(self, error) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("blocks", "remembered"),
+    [
+        ((b'data: {"choices":[{"index":0,"delta":{"content":"whole"}}]}\n\n', b"data: [DONE]\n\n"), ["whole"]),
+        ((b'data: {"choices":[{"index":0,"delta":{"content":"tail"}}]}\r\n\r\ndata: [DONE]',), ["tail"]),
+        (
+            (
+                b'data: {"choices":[{"index":0,"delta":{"content":"half"}}]}\n\n',
+                b'data: {"error": {"message": "x"}}\n\n',
+                b"data: [DONE]\n\n",
+            ),
+            [],
+        ),
+        ((b'data: {"choices":[{"index":0,"delta":{"content":"cut"}}]}\n\n',), []),
+        ((b"data: " + b"[" * 100_000 + b"\n\n", b"data: [DONE]\n\n"), []),
+    ],
+)
+async def test_a_stream_is_remembered_only_when_it_ended_whole_and_nothing_breaks_it(blocks, remembered):
+    got: list[str] = []
+    tapped = TappedStream(_Blocks(*blocks), got.append)
+    assert [block async for block in tapped] == list(blocks)  # the client gets everything, as it was
+    await tapped.aclose()
+    await tapped.aclose()
+    assert got == remembered
+
+
+async def test_a_memory_tool_server_never_offers_its_memory_to_a_model(start_sim, start_gateway):
+    llm, url = await start_sim(tokens_per_s=0)
+    _, tool_url = await start_sim(tool_server=True, test_tools=True)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "kind": "llamacpp"}},
+        tools={"servers": {"mem": {"url": tool_url.removesuffix("/v1")}}},
+        memory={"enabled": True, "backend": "toolserver", "server": "mem"},
+    )
+    await post(gw, [user('CALL 1 memory_query {"namespace": "key=alice session=- id:x", "query": "cat"}')])
+    offered = [t["function"]["name"] for t in llm.stats.received[0].body["tools"]]
+    assert "calculate" in offered and not any(name.startswith("memory_") for name in offered)

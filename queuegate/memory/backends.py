@@ -9,6 +9,7 @@ or objects with a `text`, `document` or `content` field; or an object whose `res
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 import msgspec
@@ -29,7 +30,8 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    async def recall(self, namespace: str, question: str, k: int) -> list[str]: ...
+    async def recall(self, namespace: str, question: str, k: int, timeout_s: float) -> tuple[list[str], int | None]:
+        """The `k` snippets most relevant to `question`, and how many turns the chat remembers (None: unknown)."""
 
     async def remember(self, turns: list[tuple[str, str]]) -> None: ...
 
@@ -47,6 +49,8 @@ class BuiltinBackend:
 
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
+        # Recalls have their own thread: one a request stopped waiting for never holds trio's shared threads.
+        self._recalling = trio.CapacityLimiter(1)
 
     async def open(self) -> None:
         await trio.to_thread.run_sync(self.store.open)
@@ -54,9 +58,14 @@ class BuiltinBackend:
     async def close(self) -> None:
         await trio.to_thread.run_sync(self.store.close)
 
-    async def recall(self, namespace: str, question: str, k: int) -> list[str]:
-        # A request that stops waiting leaves the thread to finish on its own (it cannot be interrupted).
-        return await trio.to_thread.run_sync(self.store.recall, namespace, question, k, abandon_on_cancel=True)
+    async def recall(self, namespace: str, question: str, k: int, timeout_s: float) -> tuple[list[str], int | None]:
+        # A request that stops waiting leaves the thread behind; SQLite stops the query itself at the deadline.
+        deadline = time.monotonic() + timeout_s
+
+        def both() -> tuple[list[str], int]:
+            return self.store.recall(namespace, question, k, deadline), self.store.count(namespace)
+
+        return await trio.to_thread.run_sync(both, abandon_on_cancel=True, limiter=self._recalling)
 
     async def remember(self, turns: list[tuple[str, str]]) -> None:
         await trio.to_thread.run_sync(self.store.remember, turns)
@@ -77,8 +86,9 @@ class BuiltinBackend:
 class ToolServerBackend:
     """A tool server's memory operations (see the module). Each call is bounded by `timeout_s`."""
 
-    def __init__(self, tools: ToolServers, query_tool: str, upsert_tool: str, timeout_s: float) -> None:
+    def __init__(self, tools: ToolServers, server: str, query_tool: str, upsert_tool: str, timeout_s: float) -> None:
         self._tools = tools
+        self._server = server  # its memory operations are for QueueGate only: never offered to a model
         self._query = query_tool
         self._upsert = upsert_tool
         self._timeout_s = timeout_s
@@ -89,17 +99,17 @@ class ToolServerBackend:
     async def close(self) -> None:
         """(Nothing to close: the tool servers' connections are theirs.)"""
 
-    async def recall(self, namespace: str, question: str, k: int) -> list[str]:
+    async def recall(self, namespace: str, question: str, k: int, timeout_s: float) -> tuple[list[str], int | None]:
         answer = await self._call(self._query, {"namespace": namespace, "query": question, "k": k})
         try:
             found = msgspec.json.decode(answer)
         except msgspec.DecodeError:
-            raise BackendError(f"{self._query} answered something that is not JSON: {answer[:120]!r}") from None
+            raise BackendError(f"{self._query} answered something that is not JSON") from None
         if isinstance(found, dict):
             found = found.get("results")
         if not isinstance(found, list):
-            raise BackendError(f"{self._query} answered no list of snippets: {answer[:120]!r}")
-        return [text for item in found[:k] if (text := _snippet(item))]
+            raise BackendError(f"{self._query} answered no list of snippets")
+        return [text for item in found[:k] if (text := _snippet(item))], None
 
     async def remember(self, turns: list[tuple[str, str]]) -> None:
         for namespace, text in turns:
@@ -118,9 +128,11 @@ class ToolServerBackend:
         return await self.namespaces()  # type: ignore[return-value]  # (raises the same)
 
     async def _call(self, tool: str, arguments: dict[str, Any]) -> str:
-        result = await self._tools.call(tool, msgspec.json.encode(arguments).decode(), self._timeout_s)
-        if result.outcome != "ok":
-            raise BackendError(f"{tool}: {result.text}")
+        result = await self._tools.call_reserved(
+            self._server, tool, msgspec.json.encode(arguments).decode(), self._timeout_s
+        )
+        if result.outcome != "ok":  # (what it answered may hold what users said: it is not logged)
+            raise BackendError(f"{self._server}/{tool}: {result.outcome} (status {result.status})")
         return result.text
 
 

@@ -1,10 +1,10 @@
 """What memory does to a chat's messages, as pure functions: the text to recall by, the history cut to its last
 turns, the recalled snippets put in, and the turn to remember.
 
-The cut keeps every system message and the last `keep_last` user/assistant messages, and never separates a tool
-call from its result: a kept tool message keeps the assistant message that called it. The recalled snippets go in
-as ONE message right after the leading system messages (the stable part of the prompt, so a backend's prompt cache
-still holds), labelled as recalled context that is data, not instructions.
+The cut keeps every system message and the last turns, starting at a user message: the roles still alternate (as
+Gemma's or Mistral's chat templates insist) and no tool result loses the call it answers. The recalled snippets go
+into the system message (the stable part of the prompt, first: a backend's prompt cache still holds its start), or
+before the first kept user message's text, labelled as recalled context that is data, not instructions.
 """
 
 from __future__ import annotations
@@ -32,41 +32,55 @@ def latest_user_text(messages: list[Any]) -> str:
 
 
 def query_text(messages: list[Any]) -> str:
-    """The latest user message, plus the end of the assistant message before it (a little recent context)."""
+    """The latest user message, then the end of the assistant message before it (a little recent context; the
+    user's own words come first, as the store reads a bounded number of words)."""
     latest = len(messages) - 1
     while latest >= 0 and _role(messages[latest]) != "user":
         latest -= 1
     if latest < 0:
         return ""
     before = next((text_of(m) for m in reversed(messages[:latest]) if _role(m) == "assistant"), "")
-    return (before[-QUERY_CONTEXT_CHARS:] + "\n" + text_of(messages[latest])).strip()
+    return (text_of(messages[latest]) + "\n" + before[-QUERY_CONTEXT_CHARS:]).strip()
 
 
-def truncate(messages: list[Any], keep_last: int) -> list[Any]:
-    """The system messages and the last `keep_last` user/assistant messages (with the tool calls and results
-    between them, never one without the other)."""
-    cut, seen = len(messages), 0
-    while cut > 0 and seen < keep_last:
-        cut -= 1
-        if _role(messages[cut]) in ("user", "assistant"):
-            seen += 1
-    while 0 < cut < len(messages) and _role(messages[cut]) == "tool":
-        cut -= 1  # a kept tool result keeps the assistant message that called it
+def cut_at(messages: list[Any], keep_last: int) -> int:
+    """Where the kept part starts: at a user message (so roles still alternate and no tool result loses its call),
+    far enough back for `keep_last` user/assistant messages where it can be, and never after the latest user
+    message. `len(messages)`: nothing to cut (no user message)."""
+    users = [i for i, m in enumerate(messages) if _role(m) == "user"]
+    if not users:
+        return 0
+    spoken = [i for i, m in enumerate(messages) if _role(m) in ("user", "assistant")]
+    wanted = spoken[-keep_last] if 0 < keep_last <= len(spoken) else (0 if keep_last else users[-1])
+    return next((i for i in users if i >= wanted), users[-1])
+
+
+def truncate(messages: list[Any], cut: int) -> list[Any]:
+    """The system messages before `cut` (see `cut_at`), then everything from it on."""
     return [m for m in messages[:cut] if _role(m) in ("system", "developer")] + messages[cut:]
 
 
 def inject(messages: list[Any], snippets: list[str], role: str) -> list[Any]:
-    """`messages` with the recalled snippets as one labelled message after the leading system messages; snippets
-    already in the messages (recent turns) are left out."""
+    """`messages` with the recalled snippets, labelled as data, added to the first system message (role "system";
+    one is made at the start if there is none) or before the text of the first user message (role "user"), so the
+    roles still alternate as chat templates require. Snippets still in the messages (recent turns) are left out."""
     present = "\n".join(text_of(m) for m in messages)
     fresh = [s for s in snippets if s.strip() and not _already_there(s, present)]
     if not fresh:
         return messages
-    at = 0
-    while at < len(messages) and _role(messages[at]) in ("system", "developer"):
-        at += 1
-    recalled = {"role": role, "content": RECALLED_HEADER + "\n" + "\n".join(f"- {s}" for s in fresh)}
-    return [*messages[:at], recalled, *messages[at:]]
+    recalled = RECALLED_HEADER + "\n" + "\n".join(f"- {s}" for s in fresh)
+    at = next((i for i, m in enumerate(messages) if _role(m) == role), None)
+    if at is None:
+        return [{"role": role, "content": recalled}, *messages] if role == "system" else messages
+    target = dict(messages[at])
+    content = target.get("content")
+    if role == "system":
+        target["content"] = f"{text_of(target)}\n\n{recalled}".strip()
+    elif isinstance(content, list):
+        target["content"] = [{"type": "text", "text": recalled + "\n\n"}, *content]
+    else:
+        target["content"] = f"{recalled}\n\n{content or ''}"
+    return [*messages[:at], target, *messages[at + 1 :]]
 
 
 def turn_text(user: str, assistant: str, limit: int) -> str:

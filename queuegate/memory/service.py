@@ -23,11 +23,13 @@ import trio
 
 from queuegate.config import MemoryConfig
 from queuegate.memory.backends import Backend
-from queuegate.memory.context import inject, latest_user_text, query_text, truncate, turn_text
+from queuegate.memory.context import cut_at, inject, latest_user_text, query_text, truncate, turn_text
 
 log = logging.getLogger("queuegate.memory")
 QUEUE_SIZE = 1000  # answered turns waiting to be stored
 WRITE_BATCH = 100  # turns stored in one transaction at most
+SHOW_LIMIT = 40_000  # characters `memory show` prints at most (the admin protocol's lines are bounded)
+LIST_LIMIT = 300  # chats `memory list` prints at most
 EXPIRE_EVERY_S = 3600.0
 
 
@@ -46,11 +48,14 @@ class Memory:
         self.backend = backend
         self._send, self._receive = trio.open_memory_channel[tuple[str, str]](QUEUE_SIZE)
         self.counts: Counter[str] = Counter()  # outcome -> how many (recalls, remembers), for /metrics
-        self._down = False  # an outage is being logged (once)
+        self._failing: set[str] = set()  # operations (recall, remember) in an outage, logged once each
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the store, then store answered turns as they come; close it on the way out."""
-        await self.backend.open()
+        try:
+            await self.backend.open()
+        except Exception as exc:  # a store that cannot open: chats go on without memory (every recall fails fast)
+            self._down("open", "open_failed", exc)
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
@@ -62,9 +67,9 @@ class Memory:
                             turns.append(self._receive.receive_nowait())  # the ones waiting: one transaction
                     try:
                         await self.backend.remember(turns)
-                        self._ok("remembered", len(turns))
+                        self._up("remember", "remembered", len(turns))
                     except Exception as exc:  # a failing disk must not stop the writer
-                        self._failed("remember_failed", exc, len(turns))
+                        self._down("remember", "remember_failed", exc, len(turns))
         finally:
             with trio.CancelScope(shield=True):
                 await self.backend.close()
@@ -75,34 +80,46 @@ class Memory:
             try:
                 await self.backend.expire()
             except Exception as exc:  # (the next hour tries again)
-                self._failed("expire_failed", exc)
+                self._down("expire", "expire_failed", exc)
             await trio.sleep(EXPIRE_EVERY_S)
 
     def applies(self, klass: str, model_memory: bool) -> bool:
         return self.config.enabled and model_memory and (klass != "agent" or self.config.for_agents)
 
     @staticmethod
-    def namespace(key: str | None, session: str | None, chat: str) -> str:
-        return f"key={key or '-'} session={session or '-'} {chat}"
+    def namespace(key: str | None, session: str | None, chat: str, scope: str | None = None) -> str:
+        """A chat's memory: its key's and session's; `scope` narrows it further (who asks, for a chat known only
+        by its start)."""
+        who = f" by={scope}" if scope else ""
+        return f"key={key or '-'} session={session or '-'}{who} {chat}"
 
     async def prepare(self, namespace: str, messages: list[Any]) -> Recall:
         """The messages to forward (see the module)."""
         user = latest_user_text(messages)
         question = query_text(messages)
-        snippets: list[str] | None = None
-        if question:
-            with trio.move_on_after(self.config.timeout_ms / 1000) as waiting:
-                try:
-                    snippets = await self.backend.recall(namespace, question, self.config.query_k)
-                    self._ok("recalled")
-                except Exception as exc:  # memory never breaks a chat
-                    self._failed("recall_failed", exc)
-            if waiting.cancelled_caught:
-                self._failed("recall_timeout", TimeoutError(f"no answer within {self.config.timeout_ms:g} ms"))
-        if snippets is None and question:
+        if not question:
+            return Recall(namespace, messages, user)
+        recalled: tuple[list[str], int | None] | None = None
+        timeout_s = self.config.timeout_ms / 1000
+        with trio.move_on_after(timeout_s) as waiting:
+            try:
+                recalled = await self.backend.recall(namespace, question, self.config.query_k, timeout_s)
+                self._up("recall", "recalled")
+            except Exception as exc:  # memory never breaks a chat
+                self._down("recall", "recall_failed", exc)
+        if waiting.cancelled_caught:
+            self._down("recall", "recall_timeout", TimeoutError(f"no answer within {self.config.timeout_ms:g} ms"))
+        if recalled is None:
             return Recall(namespace, messages, user)  # no recall: nothing is cut either
-        forwarded = truncate(messages, self.config.keep_last) if self.config.truncate_history else messages
-        return Recall(namespace, inject(forwarded, snippets or [], self.config.inject_role), user)
+        snippets, remembered = recalled
+        forwarded = messages
+        if self.config.truncate_history:
+            cut = cut_at(messages, self.config.keep_last)
+            # Never cut turns that were never remembered (memory just turned on, or turns it could not store).
+            cut_turns = sum(1 for m in messages[:cut] if isinstance(m, dict) and m.get("role") == "user")
+            if remembered is None or remembered >= cut_turns:
+                forwarded = truncate(messages, cut)
+        return Recall(namespace, inject(forwarded, snippets, self.config.inject_role), user)
 
     def remember(self, recall: Recall, answer: str) -> None:
         """Queue an answered turn for the store (dropped, and counted, when the queue is full)."""
@@ -119,28 +136,33 @@ class Memory:
         if action == "list":
             rows = await self.backend.namespaces()
             lines = [f"{count:6} turns, last {_when(at)}  {ns}" for ns, count, at in rows if namespace in ns]
+            if len(lines) > LIST_LIMIT:
+                lines = [*lines[:LIST_LIMIT], f"... and {len(lines) - LIST_LIMIT} more (narrow it: memory list TEXT)"]
             return "\n".join(lines) or "no chat remembered" + (f" matching {namespace!r}" if namespace else "")
         if not namespace:
             raise ValueError(f"memory {action}: name the chat (a namespace, as `queuegate admin memory list` shows)")
         if action == "show":
             turns = await self.backend.turns(namespace)
             shown = "\n\n".join(f"[{_when(at)}]\n{text}" for at, text in turns)
+            if len(shown) > SHOW_LIMIT:  # (an answer is one line of the admin protocol, which is bounded)
+                shown = f"... ({len(turns)} turns; the last {SHOW_LIMIT} characters)\n" + shown[-SHOW_LIMIT:]
             return shown or f"nothing remembered for {namespace!r}"
         forgotten = await self.backend.forget(namespace)
         log.info("memory forgotten", extra={"fields": {"namespace": namespace, "turns": forgotten}})
         return f"forgot {forgotten} turns of {namespace!r}"
 
-    def _ok(self, outcome: str, count: int = 1) -> None:
+    def _up(self, operation: str, outcome: str, count: int = 1) -> None:
         self.counts[outcome] += count
-        if self._down:
-            self._down = False
-            log.info("memory store answering again")
+        if operation in self._failing:
+            self._failing.discard(operation)
+            log.info("memory store answering again", extra={"fields": {"operation": operation}})
 
-    def _failed(self, outcome: str, exc: BaseException, count: int = 1) -> None:
+    def _down(self, operation: str, outcome: str, exc: BaseException, count: int = 1) -> None:
         self.counts[outcome] += count
-        if not self._down:
-            self._down = True
-            log.warning("memory store failing; chats go on without memory", extra={"fields": {"error": str(exc)}})
+        if operation not in self._failing:
+            self._failing.add(operation)
+            fields = {"operation": operation, "error": str(exc)}
+            log.warning("memory store failing; chats go on without memory", extra={"fields": fields})
 
 
 def _when(at: float) -> str:

@@ -11,6 +11,7 @@ time. The file is created 0600: it holds what users said.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import sqlite3
@@ -23,6 +24,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS turns USING fts5(ns, namespace UNINDEXED, at 
 """
 _WORD = re.compile(r"\w{2,}", re.UNICODE)
 MAX_QUERY_WORDS = 32
+PROGRESS_STEPS = 1000  # SQLite steps between two looks at a query's deadline
 # Words nearly every turn has: they rank nothing and make a query read most of the index.
 STOP_WORDS = frozenset(
     [
@@ -146,8 +148,15 @@ class MemoryStore:
                 raise
             db.execute("COMMIT")
 
-    def recall(self, namespace: str, question: str, k: int) -> list[str]:
-        """The namespace's `k` turns most relevant to `question` (best first; none when it has no words)."""
+    def count(self, namespace: str) -> int:
+        """How many turns a namespace remembers."""
+        with self._lock:
+            query = "SELECT count(*) FROM turns WHERE turns MATCH ?"
+            return int(self._connection().execute(query, (f'ns : "{_token(namespace)}"',)).fetchone()[0])
+
+    def recall(self, namespace: str, question: str, k: int, deadline: float = math.inf) -> list[str]:
+        """The namespace's `k` turns most relevant to `question` (best first; none when it has no words). A query
+        still running at `deadline` (time.monotonic) is interrupted (sqlite3.OperationalError)."""
         found = (w.lower() for w in _WORD.findall(question))
         words = list(dict.fromkeys(w for w in found if w not in STOP_WORDS))[:MAX_QUERY_WORDS]
         if not words:
@@ -158,20 +167,26 @@ class MemoryStore:
             + ")"
         )
         with self._lock:
-            rows = self._connection().execute(
-                "SELECT text FROM turns WHERE turns MATCH ? ORDER BY bm25(turns, 0.0, 0.0, 0.0, 1.0) LIMIT ?",
-                (match, k),
-            )
-            return [text for (text,) in rows]
+            db = self._connection()
+            db.set_progress_handler(lambda: time.monotonic() > deadline, PROGRESS_STEPS)
+            try:
+                rows = db.execute(
+                    "SELECT text FROM turns WHERE turns MATCH ? ORDER BY bm25(turns, 0.0, 0.0, 0.0, 1.0) LIMIT ?",
+                    (match, k),
+                )
+                return [text for (text,) in rows]
+            finally:
+                db.set_progress_handler(None, 0)
 
     def forget(self, namespace: str) -> int:
         """Delete everything a namespace remembered; how many turns."""
         with self._lock:
-            found = self._connection().execute(
-                "SELECT rowid FROM turns WHERE turns MATCH ?", (f'ns : "{_token(namespace)}"',)
-            )
+            db = self._connection()
+            db.execute("BEGIN")  # one transaction: all of it, or none
+            found = db.execute("SELECT rowid FROM turns WHERE turns MATCH ?", (f'ns : "{_token(namespace)}"',))
             rowids = [(rowid,) for (rowid,) in found]
-            self._connection().executemany("DELETE FROM turns WHERE rowid = ?", rowids)
+            db.executemany("DELETE FROM turns WHERE rowid = ?", rowids)
+            db.execute("COMMIT")
             return len(rowids)
 
     def namespaces(self) -> list[tuple[str, int, float]]:

@@ -113,14 +113,16 @@ class Proxy:
         memory = self.memory
         if memory is None or record.endpoint != "chat" or not memory.applies(record.klass, spec.memory):
             record.prompt_chars = request.prompt_chars
-            return await self._serve(record, request, spec, headers, tool_mode, tasks)
+            return await self._serve(record, request, spec, headers, tool_mode, tasks)  # (no memory)
         # Chat memory: recall before the turn is sent, remember it once it was answered whole.
+        chat = chat_key(headers, self._chat_header, request.body)  # (from the chat as the client sent it)
         key = record.key.name if record.key else None
-        namespace = memory.namespace(key, record.session, chat_key(headers, self._chat_header, request.body))
-        recall = await memory.prepare(namespace, request.body["messages"])
+        # A chat known only by its start (the same "hi" opens many) is also scoped by who asks.
+        scope = record.flow if chat.startswith("hash:") else None
+        recall = await memory.prepare(memory.namespace(key, record.session, chat, scope), request.body["messages"])
         request = forwarding(request, {**request.body, "messages": recall.messages})
         record.prompt_chars = request.prompt_chars
-        reply = await self._serve(record, request, spec, headers, tool_mode, tasks)
+        reply = await self._serve(record, request, spec, headers, tool_mode, tasks, chat)
         if isinstance(reply.body, bytes):
             if (text := answer_text(reply, record.stream)) is not None:
                 memory.remember(recall, text)
@@ -135,9 +137,13 @@ class Proxy:
         headers: Mapping[str, str],
         tool_mode: str | None,
         tasks: trio.Nursery | None,
+        chat: str | None = None,
     ) -> Reply:
-        """The request as it goes upstream: through its tool loop, or the plain way."""
-        sticky = chat_key(headers, self._chat_header, request.body) if len(spec.upstreams) > 1 else None
+        """The request as it goes upstream: through its tool loop, or the plain way. `chat`: its sticky-chat key,
+        when it is known already (memory cuts the body it would be computed from)."""
+        sticky = None
+        if len(spec.upstreams) > 1:
+            sticky = chat or chat_key(headers, self._chat_header, request.body)
         chat = self.tools is not None and record.endpoint == "chat"
         loop = self.tools.loop_for(self, tool_mode, spec, record, request, sticky) if chat else None  # type: ignore[union-attr]
         if loop is not None:

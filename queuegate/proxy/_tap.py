@@ -1,11 +1,13 @@
 """An answer's text as it goes to the client, for whoever needs it once the answer is whole (chat memory).
 
-A whole answer is read at once; a stream is read event by event as it passes (content deltas of choice 0), and its
-text is handed on only if the stream reached `[DONE]`: a client that left mid-answer leaves no half answer behind.
+A whole answer is read at once; a stream is read event by event as it passes (the content of its first choice), and
+its text is handed on only if the stream reached `[DONE]` without an error event: a client that left mid-answer, or
+an upstream that failed half-way, leaves no half answer behind.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +35,9 @@ def answer_text(reply: Reply, streamed: bool) -> str | None:
     return content if isinstance(content, str) else None
 
 
+_ERROR_EVENT = re.compile(rb'(?m)^data:\s*\{\s*"error"')
+
+
 class TappedStream:
     """A StreamBody that passes `inner` through and hands the answer's text to `done` when it ended whole."""
 
@@ -51,11 +56,18 @@ class TappedStream:
         block = await self._inner.__anext__()
         if not self._broken:
             complete, _, self._pending = (self._pending + block.replace(b"\r\n", b"\n")).rpartition(b"\n\n")
-            try:
-                self._events.feed(complete)
-            except msgspec.DecodeError:
-                self._broken = True  # (an error event or garbage: nothing to hand on)
+            self._take(complete)
         return block
+
+    def _take(self, events: bytes) -> None:
+        """Fold whole events; an error event or anything unreadable means there is nothing to hand on."""
+        if _ERROR_EVENT.search(events):
+            self._broken = True
+            return
+        try:
+            self._events.feed(events)
+        except Exception:  # garbage, or nesting too deep to read: the client still gets it, memory does not
+            self._broken = True
 
     def stop(self, error: GatewayError) -> None:
         self._inner.stop(error)
@@ -63,6 +75,9 @@ class TappedStream:
     async def aclose(self) -> None:
         """Close the inner stream; hand the text on, once (closing may happen more than once)."""
         await self._inner.aclose()
+        if self._pending and not self._broken:
+            self._take(self._pending)  # (a last event without its blank line)
+            self._pending = b""
         if self._events.done and not self._broken and not self._handed:
             self._handed = True
             choices = self._events.answer()["choices"]

@@ -68,8 +68,12 @@ class _Server:
 class ToolServers:
     """Every configured tool server and the tools they offer (see the module)."""
 
-    def __init__(self, config: ToolsConfig, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, config: ToolsConfig, env: Mapping[str, str], reserved: Mapping[str, set[str]] | None = None
+    ) -> None:
+        """`reserved`: per server, operations for QueueGate only (chat memory's), never offered to a model."""
         self._settings = config
+        self._reserved = dict(reserved or {})
         self._servers = {name: _Server(name, server) for name, server in config.servers.items()}
         self._secrets = {
             name: env.get(server.api_key_env, "") if server.api_key_env else ""
@@ -133,12 +137,20 @@ class ToolServers:
     async def call(self, name: str, arguments: str, timeout_s: float) -> ToolResult:
         """Call tool `name` with the model's arguments (a JSON string), within `timeout_s` (the server's own
         `timeout_s` may make it shorter). Every failure is a result that says what went wrong, for the model."""
-        started = trio.current_time()
         server_name = self._owner.get(name)
-        if server_name is None or self._client is None:
+        if server_name is None:
             return ToolResult(f"error: there is no tool named {name!r}", "invalid")
-        server = self._servers[server_name]
+        return await self._call(self._servers[server_name], name, arguments, timeout_s)
+
+    async def call_reserved(self, server_name: str, name: str, arguments: str, timeout_s: float) -> ToolResult:
+        """Call one of QueueGate's own operations of a server (`reserved`: chat memory's), as `call` does."""
+        return await self._call(self._servers[server_name], name, arguments, timeout_s)
+
+    async def _call(self, server: _Server, name: str, arguments: str, timeout_s: float) -> ToolResult:
+        started = trio.current_time()
         operation = server.tools.get(name)
+        if self._client is None:
+            return ToolResult("error: the tool servers are not running", "unreachable")
         if operation is None:
             return ToolResult(f"error: the tool {name!r} is not available right now", "unreachable")
         try:
@@ -150,7 +162,7 @@ class ToolServers:
         bound = min(server.config.timeout_s or self._settings.call_timeout_s, timeout_s)
         url = server.config.url.rstrip("/") + server.config.prefix + request.path
         headers = {"accept": "application/json"}
-        if secret := self._secrets[server_name]:
+        if secret := self._secrets[server.name]:
             headers["authorization"] = f"Bearer {secret}"
         limit = self._settings.max_result_chars
         try:
@@ -237,7 +249,7 @@ class ToolServers:
         it; a new clash (a server that came back offering a name another has) leaves the newcomer's out."""
         owner = {name: by for name, by in self._owner.items() if name in self._servers[by].tools}
         for server in self._servers.values():
-            for name in sorted(server.tools):
+            for name in sorted(set(server.tools) - self._reserved.get(server.name, set())):
                 if owner.setdefault(name, server.name) == server.name:
                     continue
                 why = (
