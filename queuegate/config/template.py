@@ -287,12 +287,12 @@ def template_tables() -> list[Table]:
                     '(strings, or objects with a "text", "document" or "content" field).',
                     "upsert_tool": 'Its remember operation: gets {"namespace", "text"}.',
                     "path": '"" = <state_dir>/memory.sqlite3 (created 0600: it holds what users said).',
-                    "truncate_history": "Forward only the system messages and the last keep_last messages (a tool\n"
-                    "call and its result stay together).",
+                    "truncate_history": "Forward only the system messages and the last turns (from a user message,\n"
+                    "so roles alternate; never turns the store does not hold).",
                     "keep_last": "User/assistant messages forwarded as they are.",
                     "query_k": "Snippets recalled per turn, the most relevant first.",
-                    "inject_role": 'The role of the one recalled-context message ("system" or "user"), placed right\n'
-                    "after the system prompt and labelled as data, not instructions.",
+                    "inject_role": '"system": the recalled context (labelled as data, not instructions) is added to\n'
+                    'the end of the system prompt; "user": before the text of the first forwarded user message.',
                     "upsert": "Remember each answered turn (a streamed one only when it ended whole).",
                     "max_upsert_chars": "A remembered turn is cut to this many characters.",
                     "for_agents": "Also for the agent class (by default agents manage their own context).",
