@@ -29,6 +29,7 @@ import trio
 from benchlib import start_server
 
 from queuegate.config import MemoryConfig
+from queuegate.memory.backends import BuiltinBackend
 from queuegate.memory.context import turn_text
 from queuegate.memory.service import Memory
 from queuegate.memory.store import MemoryStore
@@ -118,7 +119,7 @@ async def prompt_size() -> None:
     messages = chat(50)[:-1]  # 50 turns, the last question open
     with tempfile.TemporaryDirectory() as tmp:
         store = MemoryStore(Path(tmp) / "memory.sqlite3")
-        memory = Memory(MemoryConfig(enabled=True), store)
+        memory = Memory(MemoryConfig(enabled=True), BuiltinBackend(store))
         await trio.to_thread.run_sync(store.open)
         for i in range(0, len(messages) - 2, 2):
             store.remember([("ns", turn_text(messages[i + 1]["content"], messages[i + 2]["content"], 12000))])
