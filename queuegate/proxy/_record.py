@@ -40,6 +40,15 @@ class Usage(msgspec.Struct):
         prompt = tokens_in(prompt_chars)
         return cls(prompt, completion_tokens, prompt + completion_tokens, estimated=True)
 
+    def __add__(self, other: Usage) -> Usage:
+        """Two requests' usage together (a tool loop's rounds); estimated if either was."""
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+            estimated=self.estimated or other.estimated,
+        )
+
 
 @dataclass(slots=True)
 class RequestRecord:

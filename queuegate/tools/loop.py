@@ -218,7 +218,6 @@ class ToolLoop:
         if record.stream and spec.kind.stream_usage:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         self._body = body
-        self._usage = Usage()
         self._seen_calls: set[tuple[str, str]] = set()
         self._arrived_at: float | None = None  # when round 1 was queued (later rounds keep that place)
         self._last_upstream: str | None = None
@@ -506,13 +505,7 @@ class ToolLoop:
         parent.retries += record.retries
         parent.chunks += record.chunks
         if record.usage is not None:
-            u = self._usage
-            self._usage = parent.usage = Usage(
-                u.prompt_tokens + record.usage.prompt_tokens,
-                u.completion_tokens + record.usage.completion_tokens,
-                u.total_tokens + record.usage.total_tokens,
-                estimated=u.estimated or record.usage.estimated,
-            )
+            parent.usage = record.usage if parent.usage is None else parent.usage + record.usage
 
     def _split(self, calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(calls QueueGate runs, calls that go back to the client): none of either in the last round (past a
@@ -644,7 +637,8 @@ class ToolLoop:
         return "stop" if said in (None, "tool_calls", "function_call") else said
 
     def _usage_doc(self) -> dict[str, int]:
-        u = self._usage
+        """Every round's usage together (the request's record sums them: `_round_done`)."""
+        u = self._record.usage or Usage()
         return {
             "prompt_tokens": u.prompt_tokens,
             "completion_tokens": u.completion_tokens,
