@@ -19,6 +19,7 @@ from queuegate.memory.store import MemoryStore
 from queuegate.tools.servers import ToolServers
 
 SNIPPET_FIELDS = ("text", "document", "content")
+BUILTIN_ONLY = "memory list|show|forget work with the built-in store; this memory is in a tool server"
 
 
 class BackendError(Exception):
@@ -119,13 +120,13 @@ class ToolServerBackend:
         return 0  # (the tool server keeps its own retention)
 
     async def namespaces(self) -> list[tuple[str, int, float]]:
-        raise ValueError("memory list|show|forget work with the built-in store; this memory is in a tool server")
+        raise ValueError(BUILTIN_ONLY)
 
     async def turns(self, namespace: str) -> list[tuple[float, str]]:
-        return await self.namespaces()  # type: ignore[return-value]  # (raises the same)
+        raise ValueError(BUILTIN_ONLY)
 
     async def forget(self, namespace: str) -> int:
-        return await self.namespaces()  # type: ignore[return-value]  # (raises the same)
+        raise ValueError(BUILTIN_ONLY)
 
     async def _call(self, tool: str, arguments: dict[str, Any]) -> str:
         result = await self._tools.call_reserved(
