@@ -144,15 +144,15 @@ class Proxy:
         sticky = None
         if len(spec.upstreams) > 1:
             sticky = chat or chat_key(headers, self._chat_header, request.body)
-        chat = self.tools is not None and record.endpoint == "chat"
-        loop = self.tools.loop_for(self, tool_mode, spec, record, request, sticky) if chat else None  # type: ignore[union-attr]
+        tools = self.tools if record.endpoint == "chat" else None  # (tools are for chats)
+        loop = tools.loop_for(self, tool_mode, spec, record, request, sticky) if tools is not None else None
         if loop is not None:
             if not record.stream:
                 return await loop.answer()
             assert tasks is not None, "a streamed tool loop runs in the request's nursery"
             return await loop.stream(tasks)
         upstream_body = {**spec.defaults, **request.body, "model": spec.upstream_model}
-        if chat and self.tools.suppresses(tool_mode, spec):  # type: ignore[union-attr]
+        if tools is not None and tools.suppresses(tool_mode, spec):
             upstream_body = {k: v for k, v in upstream_body.items() if k not in TOOL_FIELDS}
         if record.stream and spec.kind.stream_usage and record.endpoint != "embeddings" and not record.wants_usage:
             # Count the tokens of every stream: ask for the usage chunk, and keep it from the client who did not.
