@@ -59,6 +59,10 @@ class _Server:
     failures: int = 0
     left_out: list[str] = field(default_factory=list)  # why some operations are not tools
 
+    def url(self, path: str) -> str:
+        """Where `path` (an operation's, or /openapi.json) is on this server."""
+        return self.config.url.rstrip("/") + self.config.prefix + path
+
     def statistics(self) -> ToolServerStatistics:
         return ToolServerStatistics(
             self.name, self.config.url, self.up, sorted(self.tools), self.error, self.refreshed_at, self.left_out[:20]
@@ -160,10 +164,8 @@ class ToolServers:
             why = exc if isinstance(exc, ToolArgumentError) else "the arguments are not valid JSON"
             return ToolResult(f"error: {why}", "invalid")
         bound = min(server.config.timeout_s or self._settings.call_timeout_s, timeout_s)
-        url = server.config.url.rstrip("/") + server.config.prefix + request.path
-        headers = {"accept": "application/json"}
-        if secret := self._secrets[server.name]:
-            headers["authorization"] = f"Bearer {secret}"
+        url = server.url(request.path)
+        headers = {"accept": "application/json", **self._auth(server)}
         limit = self._settings.max_result_chars
         try:
             with trio.fail_after(bound):
@@ -206,8 +208,8 @@ class ToolServers:
     async def _read(self, server: _Server) -> None:
         """Read one server's OpenAPI document; on failure it is down until a later read works."""
         assert self._client is not None
-        url = server.config.url.rstrip("/") + server.config.prefix + "/openapi.json"
-        headers = {"authorization": f"Bearer {s}"} if (s := self._secrets[server.name]) else {}
+        url = server.url("/openapi.json")
+        headers = self._auth(server)
         try:
             with trio.fail_after(self._settings.call_timeout_s):
                 async with self._client.stream("GET", url, headers=headers) as response:
@@ -235,6 +237,11 @@ class ToolServers:
         server.next_read = trio.current_time() + self._settings.refresh_s
         if not was_up:
             log.info("tool server up", extra={"fields": {"server": server.name, "tools": len(tools)}})
+
+    def _auth(self, server: _Server) -> dict[str, str]:
+        """The server's API key as a Bearer token (no header when it has none)."""
+        secret = self._secrets[server.name]
+        return {"authorization": f"Bearer {secret}"} if secret else {}
 
     def _mark_down(self, server: _Server, error: str) -> None:
         if server.up or server.error != error:
