@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ from queuegate.fleet.launchers.process import ChildProcess
 from queuegate.fleet.manager import Fleet
 from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
 from queuegate.memory.backends import Backend, BuiltinBackend, ToolServerBackend
+from queuegate.memory.embedder import FleetEmbedder
+from queuegate.memory.outcomes import Outcomes
 from queuegate.memory.service import Memory
 from queuegate.memory.store import MemoryStore
 from queuegate.metrics import Metrics
@@ -154,12 +157,11 @@ class Daemon:
             up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s, up.answer_timeout_s
         )
         self.tool_servers = ToolServers(cfg.tools, os.environ, _reserved_tools(cfg))
-        self.memory = Memory(cfg.memory, _memory_backend(cfg, self.tool_servers)) if cfg.memory.enabled else None
         self.metrics = Metrics(
             self.admission.statistics,
             self.fleet.statistics,
             self.usage.statistics if self.usage else None,
-            (lambda: self.memory.counts) if self.memory is not None else None,
+            (lambda: self.memory.counts if self.memory is not None else {}) if cfg.memory.enabled else None,
         )
         self.proxy = Proxy(
             catalog,
@@ -170,7 +172,10 @@ class Daemon:
             cfg.affinity.header,
             max_answer_bytes=int(up.max_answer_mb * 2**20),
             tools=ToolPolicy(cfg.tools, self.tool_servers, self.metrics),
-            memory=self.memory,
+        )
+        # Chat memory goes through the proxy it serves (its embeddings are requests like any other).
+        self.memory = self.proxy.memory = _memory(
+            cfg, self.tool_servers, self.proxy, self.admission, catalog, self._request_finished
         )
         self.fleet.add_listener(self.metrics.observe_transition)
         canonical = {name: catalog.canonical(name) for name in catalog.public_names()}
@@ -470,9 +475,28 @@ def _reserved_tools(cfg: Config) -> dict[str, set[str]]:
     return {}
 
 
-def _memory_backend(cfg: Config, tools: ToolServers) -> Backend:
+def _memory(
+    cfg: Config,
+    tools: ToolServers,
+    proxy: Proxy,
+    admission: Admission,
+    catalog: Catalog,
+    on_finish: Callable[[RequestRecord, int], None],
+) -> Memory | None:
+    """Chat memory (None: off): its backend, and the fleet's embedding model for the built-in store."""
     memory = cfg.memory
+    if not memory.enabled:
+        return None
+    outcomes = Outcomes()
+    backend: Backend
     if memory.backend == "toolserver":
         timeout_s = memory.timeout_ms / 1000
-        return ToolServerBackend(tools, memory.server, memory.query_tool, memory.upsert_tool, timeout_s)
-    return BuiltinBackend(MemoryStore(memory_db_path(cfg), memory.retention_days))
+        backend = ToolServerBackend(tools, memory.server, memory.query_tool, memory.upsert_tool, timeout_s)
+    else:
+        embedder = None
+        if memory.embed_model:
+            model = catalog.canonical(memory.embed_model)
+            embedder = FleetEmbedder(proxy, model, admission.serving, on_finish)
+        store = MemoryStore(memory_db_path(cfg), memory.retention_days, embedder.model if embedder else "")
+        backend = BuiltinBackend(store, outcomes, embedder, fill_class=cfg.queue.classes[-1])
+    return Memory(memory, backend, outcomes)

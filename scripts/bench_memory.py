@@ -31,6 +31,7 @@ from benchlib import start_server
 from queuegate.config import MemoryConfig
 from queuegate.memory.backends import BuiltinBackend
 from queuegate.memory.context import turn_text
+from queuegate.memory.outcomes import Outcomes
 from queuegate.memory.service import Memory
 from queuegate.memory.store import MemoryStore
 
@@ -119,11 +120,12 @@ async def prompt_size() -> None:
     messages = chat(50)[:-1]  # 50 turns, the last question open
     with tempfile.TemporaryDirectory() as tmp:
         store = MemoryStore(Path(tmp) / "memory.sqlite3")
-        memory = Memory(MemoryConfig(enabled=True), BuiltinBackend(store))
+        outcomes = Outcomes()
+        memory = Memory(MemoryConfig(enabled=True), BuiltinBackend(store, outcomes), outcomes)
         await trio.to_thread.run_sync(store.open)
         for i in range(0, len(messages) - 2, 2):
             store.remember([("ns", turn_text(messages[i + 1]["content"], messages[i + 2]["content"], 12000))])
-        kept = await memory.prepare("ns", messages)
+        kept = await memory.prepare("ns", messages, "user")
         store.close()
     full, forwarded = len(msgspec.json.encode(messages)), len(msgspec.json.encode(kept.messages))
     print("forwarded prompt of a 50-turn chat (its last turn)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from queuegate.config import build_config
 from queuegate.daemon import Daemon
 from queuegate.sim import SimConfig, Simulator
 from tests.helpers import SECRETS, Gateway
+from tests.realparts import llama_server_binary, test_model_path
 
 
 @pytest.fixture
@@ -51,3 +53,16 @@ def start_gateway(nursery, tmp_path):
         return Gateway(daemon, started.base_url)
 
     return start
+
+
+@pytest.fixture
+def llama_parts():
+    """(binary, model) of the real llama-server and its small model; skipped without them, failed in CI."""
+    binary, why_binary = llama_server_binary()
+    model, why_model = test_model_path()
+    if binary and model:
+        return binary, model
+    reason = "; ".join(why for path, why in ((binary, why_binary), (model, why_model)) if not path)
+    if os.environ.get("CI"):
+        pytest.fail(f"real llama-server parts missing in CI: {reason}")
+    pytest.skip(f"real llama-server not available: {reason}")

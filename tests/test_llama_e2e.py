@@ -15,21 +15,9 @@ import pytest
 import trio
 
 from tests.helpers import IDLE_PAST_EVERY_TIMER_S, assert_never_together, in_thread, wait_until
-from tests.realparts import llama_server_binary, start_llama_server, test_model_path
+from tests.realparts import start_llama_server
 
 pytestmark = pytest.mark.llama
-
-
-@pytest.fixture
-def llama_parts():
-    binary, why_binary = llama_server_binary()
-    model, why_model = test_model_path()
-    if binary and model:
-        return binary, model
-    reason = "; ".join(why for path, why in ((binary, why_binary), (model, why_model)) if not path)
-    if os.environ.get("CI"):
-        pytest.fail(f"real llama-server parts missing in CI: {reason}")
-    pytest.skip(f"real llama-server not available: {reason}")
 
 
 @pytest.fixture

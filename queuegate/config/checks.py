@@ -61,7 +61,7 @@ def check_config(config: Config, source: str, env: Any) -> None:
             if key in model.defaults:
                 fail(f"models.{name}.defaults.{key}", f"`{key}` cannot have a default; the client sets it")
     _check_tools(config, env, fail)
-    _check_memory(config, fail)
+    _check_memory(config, owners, fail)
     _check_keys(config, owners, env, fail)
     try:
         usage_timezone(config)
@@ -91,13 +91,32 @@ def _check_keys(config: Config, model_names: Any, env: Any, fail: Any) -> None:
                 fail(f"{where}.models[{i}]", f"no model or alias {model!r}")
 
 
-def _check_memory(config: Config, fail: Any) -> None:
+def _check_memory(config: Config, model_names: Any, fail: Any) -> None:
     memory = config.memory
     if memory.backend == "toolserver" and memory.server not in config.tools.servers:
         known = ", ".join(config.tools.servers) or "none configured"
         fail(
             "memory.server", f"backend toolserver needs a [tools.servers] entry's name, got {memory.server!r} ({known})"
         )
+    if not memory.embed_model:
+        return
+    embedding = [name for name in config.models if "embeddings" in _endpoints(config.models[name])]
+    model = model_names.get(memory.embed_model)
+    if memory.backend != "builtin":
+        fail("memory.embed_model", "is for the builtin backend (a tool server ranks its memory itself)")
+    elif model not in embedding:
+        what = "is a model that serves no embeddings" if model else "is no model or alias"
+        fail(
+            "memory.embed_model",
+            f"{memory.embed_model!r} {what}; expected one of the models with the embeddings endpoint: "
+            f"{', '.join(embedding) or 'none configured'}",
+        )
+
+
+def _endpoints(model: ModelConfig) -> frozenset[str]:
+    from queuegate.fleet.kinds import PROFILES  # (here, not at the top: the fleet's modules import the config)
+
+    return frozenset(model.endpoints) if model.endpoints is not None else PROFILES[model.kind].endpoints
 
 
 def _check_tools(config: Config, env: Any, fail: Any) -> None:

@@ -147,6 +147,7 @@ class MemoryConfig(_Section):
     truncate_history: bool = True
     keep_last: Annotated[int, msgspec.Meta(ge=0)] = 4
     query_k: PositiveInt = 8
+    embed_model: str = ""  # builtin: one of the fleet's embedding models, for ranking by meaning too ("": words only)
     inject_role: Literal["system", "user"] = "system"
     upsert: bool = True
     max_upsert_chars: PositiveInt = 12000

@@ -291,6 +291,10 @@ def template_tables() -> list[Table]:
                     "so roles alternate; never turns the store does not hold).",
                     "keep_last": "User/assistant messages forwarded as they are.",
                     "query_k": "Snippets recalled per turn, the most relevant first.",
+                    "embed_model": "builtin: one of [models] with the embeddings endpoint; turns are then ranked by\n"
+                    "meaning too (sqlite-vec), fused with the words' ranking. Turns are embedded in the lowest class\n"
+                    "(that may load the model); a question only while the model is loaded (a recall never waits for\n"
+                    'a load: give it `preload = true`). "" = rank by words alone.',
                     "inject_role": '"system": the recalled context (labelled as data, not instructions) is added to\n'
                     'the end of the system prompt; "user": before the text of the first forwarded user message.',
                     "upsert": "Remember each answered turn (a streamed one only when it ended whole).",

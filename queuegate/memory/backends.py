@@ -5,6 +5,10 @@ their failures. The built-in store's calls run in a worker thread (SQLite blocks
 tool (`ToolServers.call`): `memory_query` gets `{"namespace", "query", "k"}` and answers a list of snippets (strings,
 or objects with a `text`, `document` or `content` field; or an object whose `results` is such a list), and
 `memory_upsert` gets `{"namespace", "text"}`. Listing, showing and forgetting chats are for the built-in store.
+
+With an embedding model (`embedder`), the built-in store also ranks by meaning: a recall embeds the question when
+the model is serving now, within a share of the recall's time (else it ranks by words alone), and `upkeep` embeds
+remembered turns in batches as they come (`MemoryStore.pending`), backing off while the model fails.
 """
 
 from __future__ import annotations
@@ -15,11 +19,16 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
+from queuegate.memory.embedder import EmbeddingFailed, FleetEmbedder
+from queuegate.memory.outcomes import Outcomes
 from queuegate.memory.store import MemoryStore
 from queuegate.tools.servers import ToolServers
 
 SNIPPET_FIELDS = ("text", "document", "content")
 BUILTIN_ONLY = "memory list|show|forget work with the built-in store; this memory is in a tool server"
+EMBED_SHARE = 0.7  # of a recall's time, what embedding the question may take (the rest is the store's)
+FILL_BATCH = 32  # remembered turns embedded in one request
+FILL_RETRY_S = (1.0, 60.0)  # while the embedding model fails: first wait, doubling up to the last
 
 
 class BackendError(Exception):
@@ -31,8 +40,11 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    async def recall(self, namespace: str, question: str, k: int, timeout_s: float) -> tuple[list[str], int | None]:
-        """The `k` snippets most relevant to `question`, and how many turns the chat remembers (None: unknown)."""
+    async def recall(
+        self, namespace: str, question: str, k: int, timeout_s: float, klass: str
+    ) -> tuple[list[str], int | None]:
+        """The `k` snippets most relevant to `question`, and how many turns the chat remembers (None: unknown).
+        `klass`: the asking request's (for work the recall queues, such as embedding the question)."""
 
     async def remember(self, turns: list[tuple[str, str]]) -> None: ...
 
@@ -44,12 +56,26 @@ class Backend(Protocol):
 
     async def forget(self, namespace: str) -> int: ...
 
+    async def upkeep(self) -> None:
+        """The backend's own work for the daemon's life (returns when it has none)."""
+
 
 class BuiltinBackend:
-    """The built-in store (`store.MemoryStore`), its calls in a worker thread."""
+    """The built-in store (`store.MemoryStore`), its calls in a worker thread; vectors from `embedder` (None:
+    ranked by words alone), remembered turns embedded in `fill_class`."""
 
-    def __init__(self, store: MemoryStore) -> None:
+    def __init__(
+        self,
+        store: MemoryStore,
+        outcomes: Outcomes,
+        embedder: FleetEmbedder | None = None,
+        fill_class: str = "batch",
+    ) -> None:
         self.store = store
+        self._outcomes = outcomes
+        self._embedder = embedder
+        self._fill_class = fill_class
+        self._stored = trio.Event()  # turns were stored (that may be owed their vectors)
         # Recalls have their own thread: one a request stopped waiting for never holds trio's shared threads.
         self._recalling = trio.CapacityLimiter(1)
 
@@ -59,17 +85,88 @@ class BuiltinBackend:
     async def close(self) -> None:
         await trio.to_thread.run_sync(self.store.close)
 
-    async def recall(self, namespace: str, question: str, k: int, timeout_s: float) -> tuple[list[str], int | None]:
+    async def recall(
+        self, namespace: str, question: str, k: int, timeout_s: float, klass: str
+    ) -> tuple[list[str], int | None]:
         # A request that stops waiting leaves the thread behind; SQLite stops the query itself at the deadline.
         deadline = time.monotonic() + timeout_s
+        vector = await self._question_vector(question, klass, timeout_s * EMBED_SHARE)
 
         def both() -> tuple[list[str], int]:
-            return self.store.recall(namespace, question, k, deadline), self.store.count(namespace)
+            return self.store.recall(namespace, question, k, deadline, vector), self.store.count(namespace)
 
         return await trio.to_thread.run_sync(both, abandon_on_cancel=True, limiter=self._recalling)
 
+    async def _question_vector(self, question: str, klass: str, timeout_s: float) -> list[float] | None:
+        """The question's embedding, or None (no model, not serving now, failing or late: words alone rank)."""
+        embedder = self._embedder
+        if embedder is None:
+            return None
+        if not embedder.ready():
+            self._outcomes.count("question_not_embedded")  # (its model is not loaded: a recall never loads it)
+            return None
+        with trio.move_on_after(timeout_s):
+            try:
+                [vector] = await embedder.embed([question], klass)
+            except EmbeddingFailed as exc:
+                self._outcomes.failed("embed_question", "question_embed_failed", exc)
+                return None
+            self._outcomes.ok("embed_question", "question_embedded")
+            return vector
+        self._outcomes.failed("embed_question", "question_embed_timeout", TimeoutError(f"{embedder.model}: late"))
+        return None
+
     async def remember(self, turns: list[tuple[str, str]]) -> None:
         await trio.to_thread.run_sync(self.store.remember, turns)
+        self._stored.set()
+
+    async def upkeep(self) -> None:
+        """Embed remembered turns that have no vector yet (those of before a restart too), in batches, as they
+        come; while the model fails, back off (they are found by their words meanwhile)."""
+        if self._embedder is None:
+            return
+        first, most = FILL_RETRY_S
+        delay = first
+        while True:
+            try:
+                if not await self._fill_some(self._embedder):
+                    await self._stored.wait()
+                    self._stored = trio.Event()
+                delay = first
+            except Exception as exc:  # the model or the disk failing: try again later, never stop
+                self._outcomes.failed("embed_turns", "turn_embed_failed", exc)
+                await trio.sleep(delay)
+                delay = min(most, delay * 2)
+
+    async def _fill_some(self, embedder: FleetEmbedder) -> bool:
+        """Embed one batch of the turns still owed a vector; False when none is."""
+        rows = await trio.to_thread.run_sync(self.store.pending, FILL_BATCH)
+        if not rows:
+            return False
+        vectors = await self._embed_rows(embedder, [text for _, text in rows])
+        turns = [turn for turn, _ in rows]
+        await trio.to_thread.run_sync(self.store.add_vectors, list(zip(turns, vectors, strict=True)))
+        self._outcomes.ok("embed_turns", "turn_embedded", sum(v is not None for v in vectors))
+        if skipped := sum(v is None for v in vectors):
+            self._outcomes.count("turn_not_embeddable", skipped)
+        return True
+
+    async def _embed_rows(self, embedder: FleetEmbedder, texts: list[str]) -> list[list[float] | None]:
+        """The texts' vectors; when the model refuses the batch, each text alone (None: it refused that one)."""
+        try:
+            return list(await embedder.embed(texts, self._fill_class))
+        except EmbeddingFailed as exc:
+            if not exc.rejected:
+                raise
+        vectors: list[list[float] | None] = []
+        for text in texts:
+            try:
+                vectors.append((await embedder.embed([text], self._fill_class))[0])
+            except EmbeddingFailed as exc:
+                if not exc.rejected:
+                    raise
+                vectors.append(None)
+        return vectors
 
     async def expire(self) -> int:
         return await trio.to_thread.run_sync(self.store.expire)
@@ -100,7 +197,9 @@ class ToolServerBackend:
     async def close(self) -> None:
         """(Nothing to close: the tool servers' connections are theirs.)"""
 
-    async def recall(self, namespace: str, question: str, k: int, timeout_s: float) -> tuple[list[str], int | None]:
+    async def recall(
+        self, namespace: str, question: str, k: int, timeout_s: float, klass: str
+    ) -> tuple[list[str], int | None]:
         answer = await self._call(self._query, {"namespace": namespace, "query": question, "k": k})
         try:
             found = msgspec.json.decode(answer)
@@ -127,6 +226,9 @@ class ToolServerBackend:
 
     async def forget(self, namespace: str) -> int:
         raise ValueError(BUILTIN_ONLY)
+
+    async def upkeep(self) -> None:
+        """(The tool server keeps its own index.)"""
 
     async def _call(self, tool: str, arguments: dict[str, Any]) -> str:
         result = await self._tools.call_reserved(

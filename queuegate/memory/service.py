@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ import trio
 from queuegate.config import MemoryConfig
 from queuegate.memory.backends import Backend
 from queuegate.memory.context import cut_at, inject, latest_user_text, query_text, truncate, turn_text
+from queuegate.memory.outcomes import Outcomes
 
 log = logging.getLogger("queuegate.memory")
 QUEUE_SIZE = 1000  # answered turns waiting to be stored
@@ -43,23 +43,25 @@ class Recall:
 
 
 class Memory:
-    def __init__(self, config: MemoryConfig, backend: Backend) -> None:
+    def __init__(self, config: MemoryConfig, backend: Backend, outcomes: Outcomes) -> None:
+        """`outcomes`: shared with the backend, which counts its own (embeddings)."""
         self.config = config
         self.backend = backend
         self._send, self._receive = trio.open_memory_channel[tuple[str, str]](QUEUE_SIZE)
-        self.counts: Counter[str] = Counter()  # outcome -> how many (recalls, remembers), for /metrics
-        self._failing: set[str] = set()  # operations (recall, remember) in an outage, logged once each
+        self.outcomes = outcomes
+        self.counts = outcomes.counts  # outcome -> how many (recalls, remembers, embeddings), for /metrics
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the store, then store answered turns as they come; close it on the way out."""
         try:
             await self.backend.open()
         except Exception as exc:  # a store that cannot open: chats go on without memory (every recall fails fast)
-            self._down("open", "open_failed", exc)
+            self.outcomes.failed("open", "open_failed", exc)
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._expire_old_turns)
+                nursery.start_soon(self.backend.upkeep)
                 async for turn in self._receive:
                     turns = [turn]
                     with contextlib.suppress(trio.WouldBlock):
@@ -67,9 +69,9 @@ class Memory:
                             turns.append(self._receive.receive_nowait())  # the ones waiting: one transaction
                     try:
                         await self.backend.remember(turns)
-                        self._up("remember", "remembered", len(turns))
+                        self.outcomes.ok("remember", "remembered", len(turns))
                     except Exception as exc:  # a failing disk must not stop the writer
-                        self._down("remember", "remember_failed", exc, len(turns))
+                        self.outcomes.failed("remember", "remember_failed", exc, len(turns))
         finally:
             with trio.CancelScope(shield=True):
                 await self.backend.close()
@@ -80,7 +82,7 @@ class Memory:
             try:
                 await self.backend.expire()
             except Exception as exc:  # (the next hour tries again)
-                self._down("expire", "expire_failed", exc)
+                self.outcomes.failed("expire", "expire_failed", exc)
             await trio.sleep(EXPIRE_EVERY_S)
 
     def applies(self, klass: str, model_memory: bool) -> bool:
@@ -93,8 +95,8 @@ class Memory:
         who = f" by={scope}" if scope else ""
         return f"key={key or '-'} session={session or '-'}{who} {chat}"
 
-    async def prepare(self, namespace: str, messages: list[Any]) -> Recall:
-        """The messages to forward (see the module)."""
+    async def prepare(self, namespace: str, messages: list[Any], klass: str) -> Recall:
+        """The messages to forward (see the module); `klass`: the request's (for what the recall queues)."""
         user = latest_user_text(messages)
         question = query_text(messages)
         if not question:
@@ -103,12 +105,13 @@ class Memory:
         timeout_s = self.config.timeout_ms / 1000
         with trio.move_on_after(timeout_s) as waiting:
             try:
-                recalled = await self.backend.recall(namespace, question, self.config.query_k, timeout_s)
-                self._up("recall", "recalled")
+                recalled = await self.backend.recall(namespace, question, self.config.query_k, timeout_s, klass)
+                self.outcomes.ok("recall", "recalled")
             except Exception as exc:  # memory never breaks a chat
-                self._down("recall", "recall_failed", exc)
+                self.outcomes.failed("recall", "recall_failed", exc)
         if waiting.cancelled_caught:
-            self._down("recall", "recall_timeout", TimeoutError(f"no answer within {self.config.timeout_ms:g} ms"))
+            late = TimeoutError(f"no answer within {self.config.timeout_ms:g} ms")
+            self.outcomes.failed("recall", "recall_timeout", late)
         if recalled is None:
             return Recall(namespace, messages, user)  # no recall: nothing is cut either
         snippets, remembered = recalled
@@ -129,7 +132,7 @@ class Memory:
             turn = turn_text(recall.user_text, answer, self.config.max_upsert_chars)
             self._send.send_nowait((recall.namespace, turn))
         except trio.WouldBlock:
-            self.counts["remember_dropped"] += 1
+            self.outcomes.count("remember_dropped")
 
     async def answer(self, action: str, namespace: str) -> str:
         """An operator's look at the store (`queuegate admin memory list|show|forget`), as text."""
@@ -150,19 +153,6 @@ class Memory:
         forgotten = await self.backend.forget(namespace)
         log.info("memory forgotten", extra={"fields": {"namespace": namespace, "turns": forgotten}})
         return f"forgot {forgotten} turns of {namespace!r}"
-
-    def _up(self, operation: str, outcome: str, count: int = 1) -> None:
-        self.counts[outcome] += count
-        if operation in self._failing:
-            self._failing.discard(operation)
-            log.info("memory store answering again", extra={"fields": {"operation": operation}})
-
-    def _down(self, operation: str, outcome: str, exc: BaseException, count: int = 1) -> None:
-        self.counts[outcome] += count
-        if operation not in self._failing:
-            self._failing.add(operation)
-            fields = {"operation": operation, "error": str(exc)}
-            log.warning("memory store failing; chats go on without memory", extra={"fields": fields})
 
 
 def _when(at: float) -> str:

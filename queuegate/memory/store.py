@@ -1,27 +1,46 @@
-"""The built-in memory store: remembered turns in a SQLite file, ranked by full-text relevance (FTS5, BM25).
+"""The built-in memory store: remembered turns in a SQLite file, ranked by full-text relevance (FTS5, BM25) and,
+when an embedding model is configured, by vector similarity too (sqlite-vec), the two fused into one ranking.
 
 One row per remembered turn, with its namespace (which chat of which key) and when. A query ranks the namespace's
 turns by BM25 against the words of the question; a namespace never sees another's rows. The namespace is also
 indexed as one token (`ns`, a hash of it), so a query intersects the chat's rows with the words' inside the full-text
-index: its cost follows the chat's size, not the store's. Calls are blocking and run
-in a worker thread (`Memory` bounds how long a request waits for them); one connection, used by one thread at a
-time. The file is created 0600: it holds what users said.
+index: its cost follows the chat's size, not the store's.
+
+Vectors: sqlite-vec's `vec0` table, partitioned by the namespace token (a nearest-neighbour search reads one chat's
+vectors, not the store's), rowid = the turn's. Turns are stored at once and embedded later (`pending`, then
+`add_vectors`), so a slow or missing embedding model never holds a turn back; a turn without a vector is still found
+by its words. Keyword and vector rankings are fused by reciprocal rank (each list gives 1/(60 + rank)): a turn found
+both ways ranks first, one that shares no word with the question can still be found by its meaning. A different
+embedding model (or dimension) drops the vectors and embeds every turn again.
+
+SQLite comes from `sqlean` (the stdlib module's API, with FTS5 and extension loading, which many Python builds lack).
+Calls are blocking and run in a worker thread (`Memory` bounds how long a request waits for them); one connection,
+used by one thread at a time. The file is created 0600: it holds what users said.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import re
-import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import sqlean as sqlite3
+import sqlite_vec
 
 _SCHEMA = """
 CREATE VIRTUAL TABLE IF NOT EXISTS turns USING fts5(ns, namespace UNINDEXED, at UNINDEXED, text);
+CREATE TABLE IF NOT EXISTS pending (turn INTEGER PRIMARY KEY);  -- turns waiting for their vector
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+FUSION_K = 60  # reciprocal rank fusion's constant (the usual one): rank r scores 1 / (FUSION_K + r)
+CANDIDATES = 4  # each ranking offers `CANDIDATES * k` turns to the fusion
+NO_WEIGHT = 1e-4  # a BM25 score this close to 0: its words are in most turns (FTS5 floors their weight at 1e-6)
 _WORD = re.compile(r"\w{2,}", re.UNICODE)
 MAX_QUERY_WORDS = 32
 PROGRESS_STEPS = 1000  # SQLite steps between two looks at a query's deadline
@@ -105,11 +124,14 @@ STOP_WORDS = frozenset(
 class MemoryStore:
     """Remembered turns (see the module). `path`: the SQLite file; `retention_days`: 0 keeps rows for ever."""
 
-    def __init__(self, path: Path, retention_days: float = 0.0) -> None:
+    def __init__(self, path: Path, retention_days: float = 0.0, embed_model: str = "") -> None:
+        """`embed_model`: the model whose vectors are kept ("": keyword ranking only, no vectors)."""
         self.path = path
         self._retention_s = retention_days * 86400
+        self._embed_model = embed_model
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._dimensions: int | None = None  # of the vectors table, once there is one
 
     def open(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (a new state folder: private)
@@ -126,7 +148,28 @@ class MemoryStore:
                 " DROP TABLE turns_before; COMMIT;"
             )  # fmt: skip
         db.executescript(_SCHEMA)
+        db.enable_load_extension(True)
+        sqlite_vec.load(db)
+        db.enable_load_extension(False)
         self._db = db
+        self._use_embed_model()
+
+    def _use_embed_model(self) -> None:
+        """Vectors are of one model: another (or none) drops them; a new one is owed every turn's vector."""
+        db = self._connection()
+        stored = dict(db.execute("SELECT name, value FROM settings").fetchall())
+        if stored.get("embed_model", "") == self._embed_model:
+            self._dimensions = int(stored["dimensions"]) if "dimensions" in stored else None
+            return
+        db.execute("BEGIN")
+        db.execute("DROP TABLE IF EXISTS vectors")
+        db.execute("DELETE FROM settings WHERE name = 'dimensions'")
+        db.execute("DELETE FROM pending")
+        db.execute("INSERT OR REPLACE INTO settings VALUES ('embed_model', ?)", (self._embed_model,))
+        if self._embed_model:
+            db.execute("INSERT INTO pending SELECT rowid FROM turns")
+        db.execute("COMMIT")
+        self._dimensions = None
 
     def close(self) -> None:
         with self._lock:
@@ -138,15 +181,43 @@ class MemoryStore:
         """Store (namespace, text) turns, in one transaction."""
         now = time.time()
         rows = [(_token(namespace), namespace, now, text) for namespace, text in turns]
+        with self._lock, self._transaction() as db:
+            for row in rows:
+                rowid = db.execute("INSERT INTO turns VALUES (?, ?, ?, ?)", row).lastrowid
+                if self._embed_model:
+                    db.execute("INSERT OR REPLACE INTO pending VALUES (?)", (rowid,))
+
+    def pending(self, limit: int) -> list[tuple[int, str]]:
+        """Up to `limit` (turn, text) still waiting for their vector, oldest first."""
         with self._lock:
-            db = self._connection()
-            db.execute("BEGIN")
-            try:
-                db.executemany("INSERT INTO turns VALUES (?, ?, ?, ?)", rows)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            query = "SELECT turn, text FROM pending JOIN turns ON turns.rowid = pending.turn ORDER BY turn LIMIT ?"
+            return [(int(turn), text) for turn, text in self._connection().execute(query, (limit,))]
+
+    def add_vectors(self, vectors: list[tuple[int, list[float] | None]]) -> None:
+        """Store the vectors of pending turns (None: the model could not embed it; it stays keyword-only). A
+        dimension other than the table's starts it again (every turn is owed its vector anew)."""
+        with self._lock, self._transaction() as db:
+            dimensions = next((len(v) for _, v in vectors if v), None)
+            if dimensions is not None and dimensions != self._dimensions:
+                db.execute("DROP TABLE IF EXISTS vectors")
+                db.execute(
+                    "CREATE VIRTUAL TABLE vectors USING vec0("
+                    f"ns TEXT PARTITION KEY, embedding FLOAT[{dimensions}] DISTANCE_METRIC=cosine)"
+                )
+                db.execute("INSERT OR REPLACE INTO settings VALUES ('dimensions', ?)", (str(dimensions),))
+                db.execute("INSERT OR REPLACE INTO pending SELECT rowid FROM turns")
+                self._dimensions = dimensions
+            for turn, vector in vectors:
+                db.execute("DELETE FROM pending WHERE turn = ?", (turn,))
+                if vector is None or len(vector) != self._dimensions:
+                    continue
+                found = db.execute("SELECT ns FROM turns WHERE rowid = ?", (turn,)).fetchone()
+                if found is not None:  # (a turn forgotten meanwhile gets no vector)
+                    db.execute("DELETE FROM vectors WHERE rowid = ?", (turn,))
+                    vector_blob = sqlite_vec.serialize_float32(vector)
+                    db.execute(
+                        "INSERT INTO vectors(rowid, ns, embedding) VALUES (?, ?, ?)", (turn, found[0], vector_blob)
+                    )
 
     def count(self, namespace: str) -> int:
         """How many turns a namespace remembers."""
@@ -154,39 +225,49 @@ class MemoryStore:
             query = "SELECT count(*) FROM turns WHERE turns MATCH ?"
             return int(self._connection().execute(query, (f'ns : "{_token(namespace)}"',)).fetchone()[0])
 
-    def recall(self, namespace: str, question: str, k: int, deadline: float = math.inf) -> list[str]:
-        """The namespace's `k` turns most relevant to `question` (best first; none when it has no words). A query
-        still running at `deadline` (time.monotonic) is interrupted (sqlite3.OperationalError)."""
+    def recall(
+        self, namespace: str, question: str, k: int, deadline: float = math.inf, vector: list[float] | None = None
+    ) -> list[str]:
+        """The namespace's `k` turns most relevant to `question` (best first): by its words, and by `vector` (the
+        question's embedding) when given, fused (see the module). A query still running at `deadline`
+        (time.monotonic) is interrupted (sqlite3.OperationalError)."""
         found = (w.lower() for w in _WORD.findall(question))
         words = list(dict.fromkeys(w for w in found if w not in STOP_WORDS))[:MAX_QUERY_WORDS]
-        if not words:
+        token = _token(namespace)
+        use_vector = vector is not None and len(vector) == self._dimensions
+        if not words and not use_vector:
             return []
-        match = (
-            f'ns : "{_token(namespace)}" AND text : ('
-            + " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
-            + ")"
-        )
+        candidates = k * CANDIDATES if use_vector else k
         with self._lock:
             db = self._connection()
             db.set_progress_handler(lambda: time.monotonic() > deadline, PROGRESS_STEPS)
             try:
-                rows = db.execute(
-                    "SELECT text FROM turns WHERE turns MATCH ? ORDER BY bm25(turns, 0.0, 0.0, 0.0, 1.0) LIMIT ?",
-                    (match, k),
+                rankings: list[list[int]] = []
+                if words:
+                    match = f'ns : "{token}" AND text : (' + " OR ".join('"' + w + '"' for w in words) + ")"
+                    query = "SELECT rowid, bm25(turns, 0.0, 0.0, 0.0, 1.0) AS score FROM turns WHERE turns MATCH ?"
+                    ranked = db.execute(query + " ORDER BY score LIMIT ?", (match, candidates)).fetchall()
+                    # Fused with vectors, a match BM25 gives no weight (only words most turns have) is no rank.
+                    weight = -NO_WEIGHT if use_vector else math.inf
+                    rankings.append([rowid for rowid, score in ranked if score < weight])
+                if use_vector:
+                    query = "SELECT rowid FROM vectors WHERE embedding MATCH ? AND k = ? AND ns = ? ORDER BY distance"
+                    blob = sqlite_vec.serialize_float32(vector)
+                    rankings.append([rowid for (rowid,) in db.execute(query, (blob, candidates, token))])
+                best = _fused(rankings)[:k]
+                texts = dict(
+                    db.execute(f"SELECT rowid, text FROM turns WHERE rowid IN ({','.join('?' * len(best))})", best)
                 )
-                return [text for (text,) in rows]
+                return [texts[rowid] for rowid in best if rowid in texts]
             finally:
                 db.set_progress_handler(None, 0)
 
     def forget(self, namespace: str) -> int:
         """Delete everything a namespace remembered; how many turns."""
-        with self._lock:
-            db = self._connection()
-            db.execute("BEGIN")  # one transaction: all of it, or none
+        with self._lock, self._transaction() as db:  # one transaction: all of it, or none
             found = db.execute("SELECT rowid FROM turns WHERE turns MATCH ?", (f'ns : "{_token(namespace)}"',))
-            rowids = [(rowid,) for (rowid,) in found]
-            db.executemany("DELETE FROM turns WHERE rowid = ?", rowids)
-            db.execute("COMMIT")
+            rowids = [rowid for (rowid,) in found]
+            self._delete(db, rowids)
             return len(rowids)
 
     def namespaces(self) -> list[tuple[str, int, float]]:
@@ -208,14 +289,44 @@ class MemoryStore:
         """Delete turns older than the retention; how many."""
         if not self._retention_s:
             return 0
-        with self._lock:
+        with self._lock, self._transaction() as db:
             cutoff = time.time() - self._retention_s
-            return self._connection().execute("DELETE FROM turns WHERE at < ?", (cutoff,)).rowcount
+            rowids = [rowid for (rowid,) in db.execute("SELECT rowid FROM turns WHERE at < ?", (cutoff,))]
+            self._delete(db, rowids)
+            return len(rowids)
+
+    def _delete(self, db: sqlite3.Connection, rowids: list[int]) -> None:
+        """Delete turns with their vectors and their place among the pending."""
+        rows = [(rowid,) for rowid in rowids]
+        db.executemany("DELETE FROM turns WHERE rowid = ?", rows)
+        db.executemany("DELETE FROM pending WHERE turn = ?", rows)
+        if self._dimensions is not None:
+            db.executemany("DELETE FROM vectors WHERE rowid = ?", rows)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        db.execute("BEGIN")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
             raise sqlite3.OperationalError("the memory store is not open")
         return self._db
+
+
+def _fused(rankings: list[list[int]]) -> list[int]:
+    """Reciprocal rank fusion of rowid rankings (best first): ties keep the first ranking's order."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, rowid in enumerate(ranking, 1):
+            scores[rowid] = scores.get(rowid, 0.0) + 1.0 / (FUSION_K + rank)
+    return sorted(scores, key=lambda rowid: -scores[rowid])
 
 
 def _token(namespace: str) -> str:

@@ -119,7 +119,8 @@ class Proxy:
         key = record.key.name if record.key else None
         # A chat known only by its start (the same "hi" opens many) is also scoped by who asks.
         scope = record.flow if chat.startswith("hash:") else None
-        recall = await memory.prepare(memory.namespace(key, record.session, chat, scope), request.body["messages"])
+        namespace = memory.namespace(key, record.session, chat, scope)
+        recall = await memory.prepare(namespace, request.body["messages"], record.klass)
         request = forwarding(request, {**request.body, "messages": recall.messages})
         record.prompt_chars = request.prompt_chars
         reply = await self._serve(record, request, spec, headers, tool_mode, tasks, chat)

@@ -133,6 +133,10 @@ class Admission:
         """ValueError: no such class."""
         self._wake(self._core.set_paused(klass, paused, trio.current_time()))
 
+    def serving(self, model: str) -> bool:
+        """Whether the model has an upstream taking requests now (no load to wait for)."""
+        return self._core.serving(model)
+
     def statistics(self) -> SchedulerStatistics:
         return self._core.statistics(trio.current_time())
 

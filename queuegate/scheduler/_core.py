@@ -548,6 +548,11 @@ class SchedulerCore:
             return QueuePosition(ahead + 1, round(max(eta or 0.0, limited_until - now), 1), rate_limited=True)
         return QueuePosition(ahead + 1, eta)
 
+    def serving(self, model: str) -> bool:
+        """Whether one of the model's upstreams is ready and not drained (its queue aside)."""
+        found = self._models.get(model)
+        return found is not None and any(u.state is UpstreamState.READY and not u.drained for u in found.upstreams)
+
     def statistics(self, now: float) -> SchedulerStatistics:
         models = []
         for name, model in self._models.items():
