@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from queuegate.config import ConfigError, admin_socket_path, parse_config
-from queuegate.memory.context import RECALLED_HEADER, cut_at, inject, query_text, truncate, turn_text
+from queuegate.memory.context import HINT, RECALLED_HEADER, cut_at, inject, query_text, truncate, turn_text
 from queuegate.memory.store import MemoryStore
 from queuegate.proxy._tap import TappedStream
 from tests.helpers import in_thread, wait_until
@@ -290,5 +290,40 @@ async def test_a_memory_tool_server_never_offers_its_memory_to_a_model(start_sim
         memory={"enabled": True, "backend": "toolserver", "server": "mem"},
     )
     await post(gw, [user('CALL 1 memory_query {"namespace": "key=alice session=- id:x", "query": "cat"}')])
-    offered = [t["function"]["name"] for t in llm.stats.received[0].body["tools"]]
-    assert "calculate" in offered and not any(name.startswith("memory_") for name in offered)
+    offered = {t["function"]["name"]: t["function"] for t in llm.stats.received[0].body["tools"]}
+    assert "calculate" in offered and "memory_upsert" not in offered
+    # The one memory tool a model gets is QueueGate's, bound to its own chat: it names no namespace.
+    assert "namespace" not in offered["memory_query"]["parameters"]["properties"]
+    tool_round = llm.stats.received[1].body["messages"][-1]
+    assert tool_round["role"] == "tool" and "key=alice" not in tool_round["content"]
+
+
+async def test_in_execute_mode_the_model_can_search_its_own_chats_memory(start_sim, start_gateway, caplog):
+    caplog.set_level("INFO", logger="queuegate")
+    llm, url = await start_sim(tokens_per_s=0)
+    tool_sim, tool_url = await start_sim(tool_server=True)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "kind": "llamacpp"}},
+        tools={"servers": {"demo": {"url": tool_url.removesuffix("/v1")}}},  # (tools run here: execute mode)
+        memory={"enabled": True, "keep_last": 2},
+    )
+    for chat in ("c1", "c2"):
+        assert await post(gw, [user(f"my cat is called {'Pixel' if chat == 'c1' else 'Tom'}")], {"x-chat-id": chat})
+    await wait_until(lambda: gw.daemon.memory.counts["remembered"] == 2)
+    ask = [*chat_history(3), user('look it up\nCALL 1 memory_query {"query": "cat name"}')]
+    answer = await post(gw, ask, {"x-chat-id": "c1"})
+    first, second = (r.body for r in list(llm.stats.received)[-2:])
+    assert "memory_query" in {t["function"]["name"] for t in first["tools"]}  # offered beside the demo's tools
+    assert HINT.format(tool="memory_query") in first["messages"][0]["content"]
+    assert second["messages"][-1]["role"] == "tool" and "Pixel" in second["messages"][-1]["content"]
+    assert "Tom" not in second["messages"][-1]["content"]  # its own chat's memory, no other
+    assert "Pixel" in answer.json()["choices"][0]["message"]["content"]
+    calls = [r.fields for r in caplog.records if r.getMessage() == "tool call"]
+    assert calls[-1]["tool"] == "memory_query" and calls[-1]["server"] == "queuegate"
+    assert tool_sim.tools.calls == []  # (the demo tool server was never asked)
+    # Where tool calls go back to the client, the model is not offered it, nor told of it.
+    async with httpx.AsyncClient(timeout=10) as client:
+        body = {"model": "m", "messages": [*chat_history(3), user("what is my cat called?")]}
+        await client.post(gw.api + "/chat/completions_passthrough", json=body, headers={"x-chat-id": "c1"})
+    sent = llm.stats.received[-1].body
+    assert "tools" not in sent and HINT.format(tool="memory_query") not in sent["messages"][0]["content"]

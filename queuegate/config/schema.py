@@ -149,6 +149,7 @@ class MemoryConfig(_Section):
     query_k: PositiveInt = 8
     embed_model: str = ""  # builtin: one of the fleet's embedding models, for ranking by meaning too ("": words only)
     inject_role: Literal["system", "user"] = "system"
+    hint: bool = True  # execute mode: offer the model a memory_query tool for its chat, and say so in one line
     upsert: bool = True
     max_upsert_chars: PositiveInt = 12000
     for_agents: bool = False

@@ -297,6 +297,8 @@ def template_tables() -> list[Table]:
                     'a load: give it `preload = true`). "" = rank by words alone.',
                     "inject_role": '"system": the recalled context (labelled as data, not instructions) is added to\n'
                     'the end of the system prompt; "user": before the text of the first forwarded user message.',
+                    "hint": "In execute mode (QueueGate runs the tools): offer the model a `memory_query` tool that\n"
+                    "searches this chat's memory, and add one line saying more can be recalled with it.",
                     "upsert": "Remember each answered turn (a streamed one only when it ended whole).",
                     "max_upsert_chars": "A remembered turn is cut to this many characters.",
                     "for_agents": "Also for the agent class (by default agents manage their own context).",

@@ -18,12 +18,23 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import trio
 
 from queuegate.config import MemoryConfig
 from queuegate.memory.backends import Backend
-from queuegate.memory.context import cut_at, inject, latest_user_text, query_text, truncate, turn_text
+from queuegate.memory.context import (
+    RECALLED_HEADER,
+    cut_at,
+    inject,
+    latest_user_text,
+    query_text,
+    truncate,
+    turn_text,
+)
 from queuegate.memory.outcomes import Outcomes
+from queuegate.tools.gateway import GatewayTool
+from queuegate.tools.servers import ToolResult
 
 log = logging.getLogger("queuegate.memory")
 QUEUE_SIZE = 1000  # answered turns waiting to be stored
@@ -31,6 +42,24 @@ WRITE_BATCH = 100  # turns stored in one transaction at most
 SHOW_LIMIT = 40_000  # characters `memory show` prints at most (the admin protocol's lines are bounded)
 LIST_LIMIT = 300  # chats `memory list` prints at most
 EXPIRE_EVERY_S = 3600.0
+MEMORY_TOOL = "memory_query"  # the tool a model gets (hint) to recall more of its own chat
+MAX_TOOL_K = 20  # snippets one memory_query call answers at most
+_MEMORY_TOOL_DEFINITION = {
+    "type": "function",
+    "function": {
+        "name": MEMORY_TOOL,
+        "description": "Search earlier parts of this conversation that are no longer shown (what the user said, "
+        "and what was answered). Returns the most relevant remembered turns.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "description": "What to look for: a topic, a name, a question."},
+                "k": {"type": "integer", "description": f"How many turns at most (1-{MAX_TOOL_K}, default 5)."},
+            },
+            "required": ["query"],
+        },
+    },
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +124,9 @@ class Memory:
         who = f" by={scope}" if scope else ""
         return f"key={key or '-'} session={session or '-'}{who} {chat}"
 
-    async def prepare(self, namespace: str, messages: list[Any], klass: str) -> Recall:
-        """The messages to forward (see the module); `klass`: the request's (for what the recall queues)."""
+    async def prepare(self, namespace: str, messages: list[Any], klass: str, *, hint: bool = False) -> Recall:
+        """The messages to forward (see the module); `klass`: the request's (for what the recall queues); `hint`:
+        the model is offered `recall_tool` (one line tells it, when the chat remembers anything)."""
         user = latest_user_text(messages)
         question = query_text(messages)
         if not question:
@@ -122,7 +152,18 @@ class Memory:
             cut_turns = sum(1 for m in messages[:cut] if isinstance(m, dict) and m.get("role") == "user")
             if remembered is None or remembered >= cut_turns:
                 forwarded = truncate(messages, cut)
-        return Recall(namespace, inject(forwarded, snippets, self.config.inject_role), user)
+        hint_tool = MEMORY_TOOL if hint and remembered != 0 else ""
+        return Recall(namespace, inject(forwarded, snippets, self.config.inject_role, hint_tool), user)
+
+    def recall_tool(self, namespace: str, klass: str) -> GatewayTool:
+        """`memory_query` for one chat: the model searches that chat's memory (and no other)."""
+
+        async def run(arguments: str, timeout_s: float) -> ToolResult:
+            started = trio.current_time()
+            text, outcome = await self._tool_recall(namespace, klass, arguments, timeout_s)
+            return ToolResult(text, outcome, 200 if outcome == "ok" else None, trio.current_time() - started)
+
+        return GatewayTool(_MEMORY_TOOL_DEFINITION, run)
 
     def remember(self, recall: Recall, answer: str) -> None:
         """Queue an answered turn for the store (dropped, and counted, when the queue is full)."""
@@ -133,6 +174,28 @@ class Memory:
             self._send.send_nowait((recall.namespace, turn))
         except trio.WouldBlock:
             self.outcomes.count("remember_dropped")
+
+    async def _tool_recall(self, namespace: str, klass: str, arguments: str, timeout_s: float) -> tuple[str, str]:
+        """(what the model reads, outcome) of one `memory_query` call."""
+        try:
+            given = msgspec.json.decode(arguments or "{}")
+            query, k = given["query"], given.get("k", 5)
+            if not isinstance(query, str) or not query.strip() or not isinstance(k, int):
+                raise TypeError
+        except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
+            return 'error: expected {"query": "what to look for", "k": 5}', "invalid"
+        with trio.move_on_after(timeout_s):
+            try:
+                snippets, _ = await self.backend.recall(namespace, query, max(1, min(k, MAX_TOOL_K)), timeout_s, klass)
+            except Exception as exc:  # (the model is told; the chat goes on)
+                self.outcomes.failed("recall", "tool_recall_failed", exc)
+                return "error: memory is not answering", "error"
+            self.outcomes.ok("recall", "tool_recalled")
+            if not snippets:
+                return "nothing found", "ok"
+            return RECALLED_HEADER + "\n" + "\n".join(f"- {s}" for s in snippets), "ok"
+        self.outcomes.failed("recall", "tool_recall_timeout", TimeoutError("memory_query: no answer in time"))
+        return "error: memory did not answer in time", "timeout"
 
     async def answer(self, action: str, namespace: str) -> str:
         """An operator's look at the store (`queuegate admin memory list|show|forget`), as text."""

@@ -9,7 +9,7 @@ loading, overloaded) or 429 is waited out, bounded. After the first byte, never.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -29,6 +29,7 @@ from queuegate.scheduler import Admission, ModelUnavailable, NoUpstreamLeft, Que
 
 if TYPE_CHECKING:
     from queuegate.memory.service import Memory
+    from queuegate.tools.gateway import GatewayTool
     from queuegate.tools.loop import ToolLoop
     from queuegate.tools.servers import ToolServers
 
@@ -66,9 +67,12 @@ class ToolHandling(Protocol):
         record: RequestRecord,
         request: ParsedRequest,
         affinity: str | None,
+        gateway_tools: Sequence[GatewayTool] = (),
     ) -> ToolLoop | None: ...
 
     def suppresses(self, route_mode: str | None, spec: ModelSpec) -> bool: ...
+
+    def executes(self, route_mode: str | None, spec: ModelSpec, body: dict[str, Any]) -> bool: ...
 
 
 class Proxy:
@@ -120,10 +124,13 @@ class Proxy:
         # A chat known only by its start (the same "hi" opens many) is also scoped by who asks.
         scope = record.flow if chat.startswith("hash:") else None
         namespace = memory.namespace(key, record.session, chat, scope)
-        recall = await memory.prepare(namespace, request.body["messages"], record.klass)
+        # In execute mode the model may also search the chat's memory itself (`hint`).
+        hint = memory.config.hint and self.tools is not None and self.tools.executes(tool_mode, spec, request.body)
+        recall = await memory.prepare(namespace, request.body["messages"], record.klass, hint=hint)
         request = forwarding(request, {**request.body, "messages": recall.messages})
         record.prompt_chars = request.prompt_chars
-        reply = await self._serve(record, request, spec, headers, tool_mode, tasks, chat)
+        own_tools = [memory.recall_tool(namespace, record.klass)] if hint else []
+        reply = await self._serve(record, request, spec, headers, tool_mode, tasks, chat, own_tools)
         if isinstance(reply.body, bytes):
             if (text := answer_text(reply, record.stream)) is not None:
                 memory.remember(recall, text)
@@ -139,14 +146,16 @@ class Proxy:
         tool_mode: str | None,
         tasks: trio.Nursery | None,
         chat: str | None = None,
+        gateway_tools: Sequence[GatewayTool] = (),
     ) -> Reply:
         """The request as it goes upstream: through its tool loop, or the plain way. `chat`: its sticky-chat key,
-        when it is known already (memory cuts the body it would be computed from)."""
+        when it is known already (memory cuts the body it would be computed from); `gateway_tools`: tools
+        QueueGate answers itself for this request (execute mode)."""
         sticky = None
         if len(spec.upstreams) > 1:
             sticky = chat or chat_key(headers, self._chat_header, request.body)
         tools = self.tools if record.endpoint == "chat" else None  # (tools are for chats)
-        loop = tools.loop_for(self, tool_mode, spec, record, request, sticky) if tools is not None else None
+        loop = tools.loop_for(self, tool_mode, spec, record, request, sticky, gateway_tools) if tools else None
         if loop is not None:
             if not record.stream:
                 return await loop.answer()

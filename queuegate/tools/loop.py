@@ -25,7 +25,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -44,6 +44,7 @@ from queuegate.proxy._relay import FINISH_REASON
 from queuegate.proxy._reply import SSE_HEADERS, Reply
 from queuegate.proxy._request import ParsedRequest, prompt_chars
 from queuegate.scheduler import Ticket
+from queuegate.tools.gateway import GATEWAY, GatewayTool
 from queuegate.tools.servers import ToolResult, ToolServers
 from queuegate.tools.textcalls import TextToolCallFilter, parse_text_tool_calls
 
@@ -68,10 +69,11 @@ class ToolPlan:
     """How one request's tool calls are handled."""
 
     mode: str  # execute | passthrough | suppress
-    server_tools: list[dict[str, Any]]  # offered to the model (execute)
+    server_tools: list[dict[str, Any]]  # offered to the model (execute): the tool servers' and the gateway's
     client_tools: list[dict[str, Any]]
     text_calls: bool  # read text-form tool calls out of the content
     limits: ToolsConfig
+    gateway_tools: dict[str, GatewayTool] = field(default_factory=dict)  # by name: those QueueGate answers itself
 
 
 class ToolPolicy:
@@ -92,6 +94,11 @@ class ToolPolicy:
         """Whether tools are kept from the upstream (also on the plain way)."""
         return self.mode_for(route_mode, spec.tools) == "suppress"
 
+    def executes(self, route_mode: str | None, spec: ModelSpec, body: dict[str, Any]) -> bool:
+        """Whether the request's tool calls run here (so gateway tools may be offered to it)."""
+        mode = self.mode_for(route_mode, spec.tools)
+        return mode == "execute" and _loop_answers(mode, body)
+
     def loop_for(
         self,
         rounds: Rounds,
@@ -100,19 +107,22 @@ class ToolPolicy:
         record: RequestRecord,
         request: ParsedRequest,
         affinity: str | None,
+        gateway_tools: Sequence[GatewayTool] = (),
     ) -> ToolLoop | None:
-        """A chat request's tool loop, or None: the plain way (nothing to do about tools)."""
-        plan = self.plan(route_mode, spec, request.body)
+        """A chat request's tool loop, or None: the plain way (nothing to do about tools). `gateway_tools`: the
+        request's own, offered in execute mode."""
+        plan = self.plan(route_mode, spec, request.body, gateway_tools)
         if plan is None:
             return None
         return ToolLoop(rounds, self.servers, self._metrics, plan, spec, record, request, affinity)
 
-    def plan(self, route_mode: str | None, spec: ModelSpec, body: dict[str, Any]) -> ToolPlan | None:
+    def plan(
+        self, route_mode: str | None, spec: ModelSpec, body: dict[str, Any], gateway_tools: Sequence[GatewayTool] = ()
+    ) -> ToolPlan | None:
         """The request's plan, or None for the plain way. The loop answers one choice in OpenAI's current tool
         format: a request for several choices (`n`) or with the legacy `functions` takes the plain way."""
         mode = self.mode_for(route_mode, spec.tools)
-        n = body.get("n")
-        if (isinstance(n, int) and n > 1) or (mode != "suppress" and "functions" in body):
+        if not _loop_answers(mode, body):
             return None
         tools = body.get("tools")
         client_tools = [t for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
@@ -121,11 +131,15 @@ class ToolPolicy:
                 return None
             return ToolPlan(mode, [], client_tools, True, self.config)
         server_tools: list[dict[str, Any]] = []
+        own: dict[str, GatewayTool] = {}
         if mode == "execute":
             server_tools = self.servers.definitions(frozenset(_tool_name(t) for t in client_tools))
+            taken = {_tool_name(t) for t in client_tools + server_tools}  # (a name offered already keeps its tool)
+            own = {tool.name: tool for tool in gateway_tools if tool.name not in taken}
+            server_tools = [*server_tools, *(tool.definition for tool in own.values())]  # (a new list)
         if not server_tools and not (client_tools and self.config.text_tool_calls):
             return None
-        return ToolPlan(mode, server_tools, client_tools, self.config.text_tool_calls, self.config)
+        return ToolPlan(mode, server_tools, client_tools, self.config.text_tool_calls, self.config, own)
 
 
 class Rounds(Protocol):
@@ -589,7 +603,10 @@ class ToolLoop:
             timeout = min(self._plan.limits.call_timeout_s, max(0.0, self._deadline - trio.current_time()))
             function = call.get("function") if isinstance(call.get("function"), dict) else {}
             arguments = function.get("arguments") if isinstance(function.get("arguments"), str) else "{}"
-            results[i] = result = await self._servers.call(_call_name(call), arguments, timeout)
+            if (own := self._plan.gateway_tools.get(_call_name(call))) is not None:
+                results[i] = result = await own.run(arguments, timeout)
+            else:
+                results[i] = result = await self._servers.call(_call_name(call), arguments, timeout)
             self._observe(call, result)
             if progress is not None:
                 progress.send_nowait(self._chunk({"reasoning_content": _result_line(call, result)}))
@@ -618,7 +635,7 @@ class ToolLoop:
                 "fields": {
                     "rid": self._record.request_id,
                     "tool": name,
-                    "server": self._servers.server_of(name),
+                    "server": GATEWAY if name in self._plan.gateway_tools else self._servers.server_of(name),
                     "round": self._record.tool_rounds,
                     "outcome": result.outcome,
                     "status": result.status,
@@ -726,6 +743,13 @@ class LoopStream:
         if stop is not None:
             self._record.finish(stop.status, error=stop.message)
         self._record.finish(CLIENT_CLOSED, error="client closed the stream")
+
+
+def _loop_answers(mode: str, body: dict[str, Any]) -> bool:
+    """Whether the loop can answer the request: one choice (`n`), and (but to suppress them) tools in OpenAI's
+    current format, not the legacy `functions`."""
+    n = body.get("n")
+    return not (isinstance(n, int) and n > 1) and (mode == "suppress" or "functions" not in body)
 
 
 def _tool_name(tool: Any) -> str:
