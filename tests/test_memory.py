@@ -78,6 +78,18 @@ def test_the_store_ranks_isolates_forgets_expires_and_survives_a_reopen(tmp_path
     again.close()
 
 
+def test_a_long_chat_still_recalls_its_oldest_turn_and_common_words_rank_below_rare_ones(tmp_path):
+    store = MemoryStore(tmp_path / "memory.sqlite3")
+    store.open()
+    filler = [
+        ("long", turn_text(f"topic {i} is fine, tell me more about the cat food aisle", "ok", 1000)) for i in range(700)
+    ]
+    store.remember([("long", turn_text("my cat is called Pixel", "ok", 1000)), *filler])  # (past MATCHED_MAX)
+    store.remember([("other", turn_text("cat Pixel", "ok", 1000))] * 3)
+    assert store.recall("long", "the cat called Pixel?", 1)[0].startswith("User: my cat is called Pixel")
+    store.close()
+
+
 @pytest.fixture
 def memory_gateway(start_sim, start_gateway, tmp_path):
     async def start(**memory):

@@ -1,10 +1,11 @@
 """The built-in memory store: remembered turns in a SQLite file, ranked by full-text relevance (FTS5, BM25) and,
 when an embedding model is configured, by vector similarity too (sqlite-vec), the two fused into one ranking.
 
-One row per remembered turn, with its namespace (which chat of which key) and when. A query ranks the namespace's
-turns by BM25 against the words of the question; a namespace never sees another's rows. The namespace is also
-indexed as one token (`ns`, a hash of it), so a query intersects the chat's rows with the words' inside the full-text
-index: its cost follows the chat's size, not the store's.
+One row per remembered turn, with its namespace (which chat of which key) and when. The namespace is also indexed as
+one token (`ns`, a hash of it): a query intersects the chat's rows with the rows that have any of the question's
+words, inside the full-text index, and ranks those by BM25 computed over the chat itself (its own turn count and
+word frequencies; FTS5's own bm25() would count each word's rows in the whole store, which costs what the store's
+size does). A namespace never sees another's rows, and a recall's cost follows the chat's size.
 
 Vectors: sqlite-vec's `vec0` table, partitioned by the namespace token (a nearest-neighbour search reads one chat's
 vectors, not the store's), rowid = the turn's. Turns are stored at once and embedded later (`pending`, then
@@ -25,8 +26,10 @@ import hashlib
 import math
 import os
 import re
+import string
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +43,12 @@ CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)
 """
 FUSION_K = 60  # reciprocal rank fusion's constant (the usual one): rank r scores 1 / (FUSION_K + r)
 CANDIDATES = 4  # each ranking offers `CANDIDATES * k` turns to the fusion
-NO_WEIGHT = 1e-4  # a BM25 score this close to 0: its words are in most turns (FTS5 floors their weight at 1e-6)
+MATCHED_MAX = 500  # a chat's turns with any of the question's words that are ranked: its latest ones
+SCANNED_CHARS = 4000  # of a matched turn, what BM25 counts words in (its start: the question and its answer's start)
+BM25_K1, BM25_B = 1.2, 0.75  # the usual BM25 parameters (FTS5's too)
+# Punctuation (and typographic quotes and dashes) to spaces, then split: the words a turn has, faster than a regex.
+_PUNCTUATION = string.punctuation + "\u201c\u201d\u2018\u2019\u00ab\u00bb\u2026\u2013\u2014\u00bf\u00a1"
+_WORDS_OF = str.maketrans(dict.fromkeys(_PUNCTUATION, " "))
 _WORD = re.compile(r"\w{2,}", re.UNICODE)
 MAX_QUERY_WORDS = 32
 PROGRESS_STEPS = 1000  # SQLite steps between two looks at a query's deadline
@@ -222,8 +230,35 @@ class MemoryStore:
     def count(self, namespace: str) -> int:
         """How many turns a namespace remembers."""
         with self._lock:
-            query = "SELECT count(*) FROM turns WHERE turns MATCH ?"
-            return int(self._connection().execute(query, (f'ns : "{_token(namespace)}"',)).fetchone()[0])
+            return self._count(self._connection(), _token(namespace))
+
+    def _turns_to_rank(
+        self, db: sqlite3.Connection, token: str, words: list[str]
+    ) -> tuple[list[tuple[int, str]], dict[str, int]]:
+        """(rowid, start of text) of the chat's turns to rank, and for each word how many of the chat's turns have
+        it. A chat of up to MATCHED_MAX turns: all of them (reading them is cheaper than matching words whose rows
+        fill the store). A longer chat: each word's latest turns, a share of MATCHED_MAX each (a word every turn has
+        cannot crowd out a rare one)."""
+        query = "SELECT rowid, substr(text, 1, ?) FROM turns WHERE turns MATCH ? ORDER BY rowid DESC LIMIT ?"
+        chat = f'ns : "{token}"'
+        if self._count(db, token) <= MATCHED_MAX:
+            rows = db.execute(query, (SCANNED_CHARS, chat, MATCHED_MAX)).fetchall()
+            return rows, {}
+        share = max(MATCHED_MAX // len(words), 20)
+        found: dict[int, str] = {}
+        having: dict[str, int] = {}
+        for word in words:
+            match = f'{chat} AND text : "{word}"'
+            rows = db.execute(query, (SCANNED_CHARS, match, share)).fetchall()
+            found.update(rows)
+            having[word] = len(rows) if len(rows) < share else self._count(db, token, match)
+        return sorted(found.items(), reverse=True), having
+
+    @staticmethod
+    def _count(db: sqlite3.Connection, token: str, match: str = "") -> int:
+        """How many of the chat's turns match (all of them, without `match`)."""
+        query = "SELECT count(*) FROM turns WHERE turns MATCH ?"
+        return int(db.execute(query, (match or f'ns : "{token}"',)).fetchone()[0])
 
     def recall(
         self, namespace: str, question: str, k: int, deadline: float = math.inf, vector: list[float] | None = None
@@ -244,12 +279,10 @@ class MemoryStore:
             try:
                 rankings: list[list[int]] = []
                 if words:
-                    match = f'ns : "{token}" AND text : (' + " OR ".join('"' + w + '"' for w in words) + ")"
-                    query = "SELECT rowid, bm25(turns, 0.0, 0.0, 0.0, 1.0) AS score FROM turns WHERE turns MATCH ?"
-                    ranked = db.execute(query + " ORDER BY score LIMIT ?", (match, candidates)).fetchall()
-                    # Fused with vectors, a match BM25 gives no weight (only words most turns have) is no rank.
-                    weight = -NO_WEIGHT if use_vector else math.inf
-                    rankings.append([rowid for rowid, score in ranked if score < weight])
+                    # Fused with vectors, words most of the chat's turns have rank nothing (the meaning decides).
+                    matched, having = self._turns_to_rank(db, token, words)
+                    total = self._count(db, token)
+                    rankings.append(_bm25(matched, words, total, having, common_rank=not use_vector))
                 if use_vector:
                     query = "SELECT rowid FROM vectors WHERE embedding MATCH ? AND k = ? AND ns = ? ORDER BY distance"
                     blob = sqlite_vec.serialize_float32(vector)
@@ -318,6 +351,34 @@ class MemoryStore:
         if self._db is None:
             raise sqlite3.OperationalError("the memory store is not open")
         return self._db
+
+
+def _bm25(
+    matched: list[tuple[int, str]], words: list[str], total: int, having: dict[str, int], *, common_rank: bool
+) -> list[int]:
+    """The matched turns (rowid, text; latest first) that have any of the words, best first by BM25 over the chat:
+    `total` turns, a word's weight from how many of them have it (`having`, else counted in `matched`).
+    `common_rank`: words that most of the chat's turns have still rank (a little); else they rank nothing. Ties:
+    the latest first."""
+    counted = [(rowid, Counter(text.lower().translate(_WORDS_OF).split())) for rowid, text in matched]
+    if not counted:
+        return []
+    average = sum(sum(c.values()) for _, c in counted) / len(counted) or 1.0
+    weights = {}
+    for word in words:
+        turns = having.get(word) or sum(1 for _, c in counted if word in c)
+        if turns and (common_rank or turns <= total / 2):
+            weights[word] = math.log(1 + (total - turns + 0.5) / (turns + 0.5))
+    scores: dict[int, float] = {}
+    for rowid, counts in counted:
+        length = sum(counts.values())
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * length / average)
+        score = sum(
+            w * counts[word] * (BM25_K1 + 1) / (counts[word] + norm) for word, w in weights.items() if word in counts
+        )
+        if score > 0:
+            scores[rowid] = score
+    return sorted(scores, key=lambda rowid: -scores[rowid])
 
 
 def _fused(rankings: list[list[int]]) -> list[int]:
