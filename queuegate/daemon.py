@@ -22,7 +22,7 @@ import httpx
 import trio
 
 from queuegate.accounting import UsageStore
-from queuegate.accounting.keys import KeyRing
+from queuegate.accounting.keys import KeyRing, NodeKeyRing
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.admin.server import AdminServer, claim_admin_socket
 from queuegate.api import InFlight, Routes, create_app
@@ -52,6 +52,7 @@ from queuegate.memory.outcomes import Outcomes
 from queuegate.memory.service import Memory
 from queuegate.memory.store import MemoryStore
 from queuegate.metrics import Metrics
+from queuegate.nodes.registry import NodeRegistry
 from queuegate.proxy import (
     ActiveRequests,
     Forwarder,
@@ -157,11 +158,15 @@ class Daemon:
             up.connect_timeout_s, up.first_byte_timeout_s, up.idle_timeout_s, up.total_timeout_s, up.answer_timeout_s
         )
         self.tool_servers = ToolServers(cfg.tools, os.environ, _reserved_tools(cfg))
+        # Nodes add and remove upstreams at runtime (in the catalog, the scheduler and the health checks).
+        self.nodes = NodeRegistry(cfg.nodes, catalog, self.admission, self.health)
+        self.node_keys = NodeKeyRing.from_config(cfg)
         self.metrics = Metrics(
             self.admission.statistics,
             self.fleet.statistics,
             self.usage.statistics if self.usage else None,
             (lambda: self.memory.counts if self.memory is not None else {}) if cfg.memory.enabled else None,
+            self.nodes.statistics,
         )
         self.proxy = Proxy(
             catalog,
@@ -172,6 +177,7 @@ class Daemon:
             cfg.affinity.header,
             max_answer_bytes=int(up.max_answer_mb * 2**20),
             tools=ToolPolicy(cfg.tools, self.tool_servers, self.metrics),
+            nodes=self.nodes,
         )
         # Chat memory goes through the proxy it serves (its embeddings are requests like any other).
         self.memory = self.proxy.memory = _memory(
@@ -191,6 +197,8 @@ class Daemon:
                 proxy=self.proxy,
                 active=self._active,
                 keyring=self.keyring,
+                node_keys=self.node_keys,
+                nodes=self.nodes,
                 metrics=self.metrics,
                 in_flight=self._in_flight,
                 classes=cfg.queue.classes,
@@ -251,6 +259,7 @@ class Daemon:
         async with self._pool, self._health_client, trio.open_nursery() as nursery:
             await nursery.start(self.admission.run)
             await nursery.start(self.health.run)
+            await nursery.start(self.nodes.run)
             if self.launchers:
                 self.admission.add_listener(self.fleet.notify)
             await nursery.start(self.fleet.run)
@@ -295,6 +304,7 @@ class Daemon:
             finished_total=active.finished,
             tokens_total=active.tokens,
             tool_servers=self.tool_servers.statistics(),
+            nodes=self.nodes.statistics(),
         )
 
     def reload(self) -> str:
@@ -312,6 +322,7 @@ class Daemon:
             self.proxy.tools.config = live.tools  # type: ignore[union-attr]
             self.tool_servers.set_limits(live.tools)
             self.fleet.set_policy(_planner_policy(live))
+            self.nodes.set_config(live.nodes)
             logging.getLogger("queuegate").setLevel(live.server.log_level.upper())
         log.info("config reloaded", extra={"fields": {"applied": plan.applied, "needs_restart": plan.needs_restart}})
         return plan.summary()
@@ -379,7 +390,8 @@ class _HealthWatchers:
         self._watcher(upstream).report_not_ready(upstream, reason, retry_in_s)
 
     def _watcher(self, upstream: Upstream) -> Fleet | HealthMonitor:
-        return self.fleet if self.catalog.models[upstream.model].launch is not None else self.health
+        spec = self.catalog.models.get(upstream.model)  # (a node's model may be gone by now)
+        return self.fleet if spec is not None and spec.launch is not None else self.health
 
 
 def _usage_store(config: Config) -> UsageStore | None:
@@ -407,7 +419,7 @@ def _policy(config: Config, catalog: Catalog) -> Policy:
         key_limits={name: RateLimit(key.rpm, key.tpm) for name, key in config.keys.items()},
         upstream_limits={
             upstream.id: RateLimit(config.models[upstream.model].rpm, config.models[upstream.model].tpm)
-            for upstream in catalog.upstreams.values()
+            for upstream in catalog.configured_upstreams  # (a node's upstreams have no limits of their own)
         },
         max_wait_s=queue.max_wait_s,
     )

@@ -20,6 +20,7 @@ from queuegate.accounting import UsageStoreStatistics
 from queuegate.fleet.planner import FleetStatistics, Transition
 from queuegate.proxy import RequestRecord
 from queuegate.scheduler import SchedulerStatistics
+from queuegate.statistics import NodeStatistics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _WAIT_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -38,6 +39,7 @@ class Metrics:
         fleet: Callable[[], FleetStatistics],
         usage: UsageSource = None,
         memory: Callable[[], Mapping[str, int]] | None = None,
+        nodes: Callable[[], list[NodeStatistics]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -75,7 +77,7 @@ class Metrics:
             "queuegate_tool_call_duration_seconds", "How long tool calls took, by tool.", ["tool"],
             buckets=_WAIT_BUCKETS, registry=r,
         )  # fmt: skip
-        r.register(_LiveState(scheduler, fleet, usage, memory))
+        r.register(_LiveState(scheduler, fleet, usage, memory, nodes))
 
     def observe(self, record: RequestRecord, status: int) -> None:
         """One finished request (RequestRecord's `on_finish`)."""
@@ -121,11 +123,13 @@ class _LiveState(Collector):
         fleet: Callable[[], FleetStatistics],
         usage: UsageSource,
         memory: Callable[[], Mapping[str, int]] | None,
+        nodes: Callable[[], list[NodeStatistics]] | None,
     ) -> None:
         self._scheduler = scheduler
         self._fleet = fleet
         self._usage = usage
         self._memory = memory
+        self._nodes = nodes
 
     def collect(self) -> Iterator[Metric]:
         stats, fleet = self._scheduler(), self._fleet()
@@ -182,3 +186,11 @@ class _LiveState(Collector):
             for outcome, count in sorted(self._memory().items()):
                 memory.add_metric([outcome], count)
             yield memory
+        if self._nodes is not None:
+            up = GaugeMetricFamily("queuegate_node_up", "1 while the node sends heartbeats.", labels=["node"])
+            age = GaugeMetricFamily("queuegate_node_heartbeat_age_seconds", "Since the node's last heartbeat.",
+                                    labels=["node"])  # fmt: skip
+            for node in self._nodes():
+                up.add_metric([node.name], 0.0 if node.stale else 1.0)
+                age.add_metric([node.name], node.last_heartbeat_s)
+            yield from (up, age)

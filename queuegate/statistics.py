@@ -99,6 +99,21 @@ class FleetStatistics(msgspec.Struct, frozen=True):
     swaps: int  # models stopped to make room for another
 
 
+class NodeModelStatistics(msgspec.Struct, frozen=True):
+    model: str
+    upstream: str  # its upstream's id (<model>@<node>)
+    url: str  # (credentials redacted)
+
+
+class NodeStatistics(msgspec.Struct, frozen=True):
+    name: str
+    address: str  # where its last registration came from
+    stale: bool  # no heartbeat within ttl_s: its upstreams take no requests
+    last_heartbeat_s: float  # seconds ago
+    ttl_s: float
+    models: list[NodeModelStatistics]
+
+
 class RequestStatistics(msgspec.Struct, frozen=True):
     id: str
     model: str | None
@@ -142,12 +157,15 @@ class ModelView(msgspec.Struct, frozen=True):
     drained: list[str]  # upstreams an operator took out
 
 
+_NOT_PLANNED = FleetModelStatistics("", "", "", False, None, 0.0, 0.0, None, None, None)
+
+
 def model_views(scheduler: SchedulerStatistics, fleet: FleetStatistics) -> list[ModelView]:
-    """Every model's view, in config order."""
+    """Every model's view, in config order (then the models nodes registered)."""
     planned = {m.name: m for m in fleet.models}
     views = []
     for model in scheduler.models:
-        plan = planned[model.name]
+        plan = planned.get(model.name, _NOT_PLANNED)  # (a node's model: external, like an unmanaged one)
         upstream_states = {u.state for u in model.upstreams}
         if plan.managed:
             state, reason, available = plan.state, plan.reason, plan.state != "failed"

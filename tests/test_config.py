@@ -78,7 +78,7 @@ def test_defaults_are_safe():
         ('[keys.a]\nkey = "short"', "at `keys.a`: the secret must be at least 8 characters"),
         (
             '[keys.a]\nkey = "sk-0123456789"\n[keys.b]\nkey = "sk-0123456789"',
-            "at `keys.b`: the same secret as key 'a'",
+            "at `keys.b`: the same secret as 'keys.a'",
         ),
         (
             '[models.llama-3.3-70b]\nupstreams = ["http://h/v1"]',  # TOML reads `llama-3` holding `3-70b`

@@ -526,3 +526,41 @@ def test_a_next_round_counts_against_its_keys_tokens_but_is_not_a_new_request():
     assert core.submit(again, 1.0) == [again]  # not a new request: only its tokens count (900 of 1000)
     more = ticket(2.0, flow="k", key="k", tokens=300, since=0.0)
     assert core.submit(more, 2.0) == []  # 1200 > 1000 tokens: it waits for the window
+
+
+def test_upstreams_join_and_leave_at_runtime_without_cutting_requests_in_flight():
+    core = core_with(("m#0", "m", 1))
+    assert core.add_upstream("n@box", "n", 1, 0.0) == [] and core.serves("n")  # a new model, loading at first
+    waiting = ticket(0.0, model="n")
+    assert core.submit(waiting, 0.0) == [] and not waiting.decided  # it waits for the upstream to be ready
+    assert core.set_upstream_state("n@box", READY, "ok", 1.0) == [waiting] and waiting.upstream_id == "n@box"
+    queued = ticket(1.0, model="n")
+    assert core.submit(queued, 1.0) == []  # (the one slot is busy)
+    # The node leaves: the waiting request can go nowhere (told now); the one in flight keeps its slot.
+    assert core.remove_upstream("n@box", 2.0) == [queued] and isinstance(queued.rejection, ModelUnavailable)
+    assert "has no upstream now" in str(queued.rejection)
+    assert core.serves("n")  # (until its request in flight is done)
+    assert core.release(waiting, 3.0) == [] and not core.serves("n")
+    late = ticket(4.0, model="n")
+    assert core.submit(late, 4.0) == [late] and isinstance(late.rejection, ModelUnavailable)
+    with pytest.raises(KeyError):
+        core.remove_upstream("n@box", 5.0)
+
+
+def test_an_upstream_that_comes_back_before_its_requests_finished_keeps_counting_them():
+    core = core_with(("m#0", "m", 1))
+    core.add_upstream("m@box", "m", 1, 0.0)
+    core.set_upstream_state("m@box", READY, "ok", 0.0)
+    a, b = ticket(0.0, flow="a"), ticket(0.0, flow="b")
+    core.submit(a, 0.0)
+    core.submit(b, 0.0)
+    assert {a.upstream_id, b.upstream_id} == {"m#0", "m@box"}
+    on_box = a if a.upstream_id == "m@box" else b
+    core.remove_upstream("m@box", 1.0)
+    core.add_upstream("m@box", "m", 1, 1.0)  # back (re-registered) while its request is still in flight
+    core.set_upstream_state("m@box", READY, "ok", 1.0)
+    c = ticket(1.0, flow="c")
+    assert core.submit(c, 1.0) == []  # its one slot is still taken by the request in flight
+    assert core.release(on_box, 2.0) == [c] and c.upstream_id == "m@box"
+    with pytest.raises(ValueError, match="exists already"):
+        core.add_upstream("m#0", "m", 1, 2.0)

@@ -1,4 +1,5 @@
-"""Client API keys: who is calling, in which class, and which models they may use.
+"""Client API keys: who is calling, in which class, and which models they may use; and node keys, which let a host
+register the upstreams it serves (`NodeKeyRing`), never call the API.
 
 With no `[keys]` configured the gateway is open (it listens on loopback by default). With keys, every API request
 needs one, as `Authorization: Bearer <key>` or `X-Api-Key: <key>`: none or a wrong one is 401, a model the key may not
@@ -11,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from queuegate.config import Config
-from queuegate.errors import Unauthorized
+from queuegate.errors import Forbidden, Unauthorized
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +62,57 @@ class KeyRing:
             raise Unauthorized(
                 "this gateway needs an API key: send `Authorization: Bearer <key>` or `X-Api-Key: <key>`"
             )
-        digest = _digest(presented)
-        found = None
-        for key in self._keys:  # no early exit: the time taken does not depend on which key matched
-            if hmac.compare_digest(key.digest, digest):
-                found = key
+        found = _matching(presented, self._keys)
         if found is None:
             raise Unauthorized("the API key is not valid")
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class NodeKey:
+    name: str
+    digest: bytes = field(repr=False)
+
+
+class NodeKeyRing:
+    """The node keys (`[node_keys]`): with none, node registration is off."""
+
+    def __init__(self, keys: list[NodeKey]) -> None:
+        self._keys = keys
+
+    @classmethod
+    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> NodeKeyRing:
+        env = os.environ if environ is None else environ
+        return cls(
+            [
+                NodeKey(name, _digest(nk.key if nk.key is not None else env[nk.key_env or ""]))
+                for name, nk in config.node_keys.items()
+            ]
+        )
+
+    def authenticate(self, headers: Mapping[str, str]) -> str:
+        """The name of the node key the request carries (as `Authorization: Bearer <key>`). Forbidden when no node
+        key is configured; Unauthorized when it carries none, or one that matches none."""
+        if not self._keys:
+            raise Forbidden("node registration is off: this gateway has no [node_keys]")
+        presented = _presented_key(headers)
+        if presented is None:
+            raise Unauthorized("node registration needs a node key: send `Authorization: Bearer <node key>`")
+        found = _matching(presented, self._keys)
+        if found is None:
+            raise Unauthorized("the node key is not valid")
+        return found.name
+
+
+def _matching(presented: str, keys: Sequence[ApiKey] | Sequence[NodeKey]) -> Any:
+    """The key whose secret was presented, or None. Every key is compared, digest against digest, with no early
+    exit: the time taken does not depend on which key matched."""
+    digest = _digest(presented)
+    found = None
+    for key in keys:
+        if hmac.compare_digest(key.digest, digest):
+            found = key
+    return found
 
 
 def _presented_key(headers: Mapping[str, str]) -> str | None:

@@ -124,6 +124,12 @@ def render_status(status: DaemonStatus) -> str:
         state = f"up, {len(server.tools)} tools" if server.up else "down"
         why = f"; {server.error}" if server.error else ""
         lines.append(f"tool server {server.name} ({server.url}): {state}{why}")
+    for node in status.nodes:
+        state = "stale" if node.stale else "live"
+        served = ", ".join(f"{m.model} ({m.url})" for m in node.models) or "nothing"
+        lines.append(
+            f"node {node.name} at {node.address}: {state}, last heartbeat {node.last_heartbeat_s:g} s ago; {served}"
+        )
     for request in status.requests:
         if request.step is not None:
             lines.append(f"request {request.id} ({request.model}): tool loop {request.step}")

@@ -13,7 +13,13 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from queuegate.statistics import FleetStatistics, RequestStatistics, SchedulerStatistics, ToolServerStatistics
+from queuegate.statistics import (
+    FleetStatistics,
+    NodeStatistics,
+    RequestStatistics,
+    SchedulerStatistics,
+    ToolServerStatistics,
+)
 
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 64 * 1024
@@ -93,6 +99,7 @@ class DaemonStatus(msgspec.Struct, frozen=True):
     finished_total: int  # requests that ended since start (rates come from two snapshots)
     tokens_total: int  # completion tokens they produced
     tool_servers: list[ToolServerStatistics] = []  # the OpenAPI tool servers, up or not, and their tools
+    nodes: list[NodeStatistics] = []  # the registered nodes, live or stale
 
 
 class Hello(_Message, tag="hello"):

@@ -26,7 +26,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from queuegate.accounting import UsageQuery, UsageStore, sessions_status, usage_report
-from queuegate.accounting.keys import KeyRing
+from queuegate.accounting.keys import KeyRing, NodeKeyRing
 from queuegate.api.server import CONNECTION_KEY
 from queuegate.config import ServerConfig
 from queuegate.errors import (
@@ -44,6 +44,7 @@ from queuegate.fleet.catalog import Catalog
 from queuegate.fleet.manager import Fleet
 from queuegate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from queuegate.metrics import Metrics
+from queuegate.nodes.registry import NodeRegistry, Registration
 from queuegate.proxy import (
     CLIENT_CLOSED,
     ActiveRequests,
@@ -102,6 +103,8 @@ class Routes:
     proxy: Proxy
     active: ActiveRequests
     keyring: KeyRing
+    node_keys: NodeKeyRing
+    nodes: NodeRegistry
     metrics: Metrics
     in_flight: InFlight
     classes: Sequence[str]
@@ -222,12 +225,17 @@ def create_app(routes: Routes) -> ASGIApp:
             return _error_response(exc, _request_id(request.headers.get("x-request-id")))
         views = models_now()
         data = []
+        unavailable = []
         for name in routes.catalog.public_names():
             spec = routes.catalog.resolve(name)
             assert spec is not None
             if key is not None and not key.may_use(spec.name):
                 continue
-            view = views[spec.name]
+            view = views.get(spec.name)
+            if view is None or view.state in ("down", "failed"):  # neither usable now nor loadable on demand
+                reason = view.reason if view is not None else "no upstream now"
+                unavailable.append({"id": name, "object": "model", "state": "unavailable", "reason": reason})
+                continue
             entry: dict[str, Any] = {
                 "id": name,
                 "object": "model",
@@ -239,7 +247,7 @@ def create_app(routes: Routes) -> ASGIApp:
             if name != spec.name:
                 entry["alias_for"] = spec.name
             data.append(entry)
-        return _json({"object": "list", "data": data})
+        return _json({"object": "list", "data": data, "unavailable": unavailable})
 
     async def usage_view(report: Callable[[Path, UsageQuery], dict[str, Any]]) -> Response:
         """Run a usage report for the caller: a key sees its own usage only, unless it is a usage admin."""
@@ -278,6 +286,35 @@ def create_app(routes: Routes) -> ASGIApp:
     @app.get("/healthz")
     async def healthz() -> Response:
         return _json({"status": "ok"})
+
+    @app.post("/v1/nodes/register")
+    async def register_node() -> Response:
+        """A node registers the models it serves, or sends its heartbeat (the same request again)."""
+        request_id = _request_id(request.headers.get("x-request-id"))
+        try:
+            key = routes.node_keys.authenticate(request.headers)
+            try:
+                registration = msgspec.json.decode(await _read_body(), type=Registration)
+            except msgspec.DecodeError as exc:
+                raise BadRequest(f"not a node registration: {exc}") from None
+            answer = await routes.nodes.register(key, request.remote_addr or "", registration)
+        except GatewayError as exc:
+            return _error_response(exc, request_id)
+        return _json(answer)
+
+    @app.delete("/v1/nodes/<name>")
+    async def deregister_node(name: str) -> Response:
+        """A node leaves (it is shutting down): its upstreams go now, not when it turns stale."""
+        request_id = _request_id(request.headers.get("x-request-id"))
+        try:
+            key = routes.node_keys.authenticate(request.headers)
+            try:
+                routes.nodes.deregister(key, name)
+            except KeyError:
+                raise NotFound(f"no node {echo(name)!r} is registered", param="name") from None
+        except GatewayError as exc:
+            return _error_response(exc, request_id)
+        return _json({"node": name, "deleted": True})
 
     @app.get("/readyz")
     async def readyz() -> Response:

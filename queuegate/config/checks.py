@@ -3,6 +3,7 @@ devices, keys, environment variables that must be set. Each failure names the ke
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import zoneinfo
 from typing import Any
@@ -62,6 +63,7 @@ def check_config(config: Config, source: str, env: Any) -> None:
                 fail(f"models.{name}.defaults.{key}", f"`{key}` cannot have a default; the client sets it")
     _check_tools(config, env, fail)
     _check_memory(config, owners, fail)
+    _check_nodes(config, fail)
     _check_keys(config, owners, env, fail)
     try:
         usage_timezone(config)
@@ -70,20 +72,25 @@ def check_config(config: Config, source: str, env: Any) -> None:
 
 
 def _check_keys(config: Config, model_names: Any, env: Any, fail: Any) -> None:
-    """Each key has one secret source that resolves, a known class, known models, and a secret of its own."""
+    """Each key (client or node key) has one secret source that resolves, and a secret of its own; a client key a
+    known class and known models."""
     owners: dict[str, str] = {}
-    for name, key in config.keys.items():
-        where = f"keys.{name}"
-        if (key.key is None) == (key.key_env is None):
+    for where, secret_config in [
+        *((f"keys.{name}", key) for name, key in config.keys.items()),
+        *((f"node_keys.{name}", key) for name, key in config.node_keys.items()),
+    ]:
+        if (secret_config.key is None) == (secret_config.key_env is None):
             fail(where, "set exactly one of `key` (the secret) or `key_env` (the environment variable holding it)")
-        if key.key_env is not None and not env.get(key.key_env):
-            fail(f"{where}.key_env", f"environment variable {key.key_env} is not set")
-        secret = key.key if key.key is not None else env.get(key.key_env, "")
+        if secret_config.key_env is not None and not env.get(secret_config.key_env):
+            fail(f"{where}.key_env", f"environment variable {secret_config.key_env} is not set")
+        secret = secret_config.key if secret_config.key is not None else env.get(secret_config.key_env, "")
         if len(secret) < 8:
             fail(where, "the secret must be at least 8 characters")
         if secret in owners:
-            fail(where, f"the same secret as key {owners[secret]!r}: each key needs its own")
-        owners[secret] = name
+            fail(where, f"the same secret as {owners[secret]!r}: each key needs its own")
+        owners[secret] = where
+    for name, key in config.keys.items():
+        where = f"keys.{name}"
         if key.klass not in config.queue.classes:
             fail(f"{where}.class", f"expected one of the classes {config.queue.classes}, got {key.klass!r}")
         for i, model in enumerate(key.models):
@@ -111,6 +118,14 @@ def _check_memory(config: Config, model_names: Any, fail: Any) -> None:
             f"{memory.embed_model!r} {what}; expected one of the models with the embeddings endpoint: "
             f"{', '.join(embedding) or 'none configured'}",
         )
+
+
+def _check_nodes(config: Config, fail: Any) -> None:
+    for i, network in enumerate(config.nodes.allow_networks):
+        try:
+            ipaddress.ip_network(network)
+        except ValueError:
+            fail(f"nodes.allow_networks[{i}]", f"expected a network such as 10.0.0.0/8 or ::1/128, got {network!r}")
 
 
 def _endpoints(model: ModelConfig) -> frozenset[str]:

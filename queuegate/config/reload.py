@@ -39,6 +39,10 @@ LIVE_KEYS = frozenset(
         "tools.loop_timeout_s",
         "tools.max_result_chars",
         "tools.text_tool_calls",
+        "nodes.stale_after_s",
+        "nodes.forget_after_s",
+        "nodes.wait_s",
+        "nodes.allow_networks",
     }
 )
 

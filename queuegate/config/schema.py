@@ -197,11 +197,36 @@ class UsageConfig(_Section):
     durable: bool = False  # commit each request's row before its answer's last byte is sent
 
 
-class KeyConfig(_Section):
-    """A client API key: its secret (inline or, better, from the environment), its class and the models it may use."""
+class _SecretConfig(_Section):
+    """A secret, inline or (better) from the environment; exactly one of the two."""
 
     key: str | None = msgspec.field(default=None)
     key_env: str | None = None
+
+    def __repr__(self) -> str:  # the secret never reaches a log or an error
+        return f"{type(self).__name__}(key_env={self.key_env!r})"
+
+
+class NodeKeyConfig(_SecretConfig):
+    """A node key: what a GPU host (or anything registering upstreams) presents to POST /v1/nodes/register. Never a
+    client key: it opens registration, not the API."""
+
+
+class NodesConfig(_Section):
+    """Hosts that register their models at runtime (`queuegate node`, or anything speaking POST /v1/nodes/register)."""
+
+    stale_after_s: PositiveFloat = 30.0  # no heartbeat this long: the node's upstreams take no requests
+    forget_after_s: PositiveFloat = 3600.0  # stale this long: its upstreams (and models only it served) are removed
+    wait_s: NonNegativeFloat = 0.0  # a request whose model only stale nodes serve waits this long for one (0: fails)
+    # Where registered upstreams may point (a stolen node key cannot send traffic elsewhere): loopback, private.
+    allow_networks: list[str] = msgspec.field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+    )
+
+
+class KeyConfig(_SecretConfig):
+    """A client API key: its secret (inline or, better, from the environment), its class and the models it may use."""
+
     klass: str = msgspec.field(default="user", name="class")
     models: list[str] = []  # names or aliases; empty = every model
     rpm: PositiveInt | None = None  # requests per minute; over it, requests wait for the window
@@ -221,8 +246,10 @@ class Config(_Section):
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     tools: ToolsConfig = msgspec.field(default_factory=ToolsConfig)
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
+    nodes: NodesConfig = msgspec.field(default_factory=NodesConfig)
     devices: dict[str, DeviceConfig] = {}
     keys: dict[str, KeyConfig] = {}
+    node_keys: dict[str, NodeKeyConfig] = {}
     models: dict[str, ModelConfig] = {}
     # Where the config came from; relative paths (state_dir) resolve against its folder.
     base_dir: str = "."

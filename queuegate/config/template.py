@@ -15,6 +15,7 @@ from queuegate.config import (
     AffinityConfig,
     FleetConfig,
     MemoryConfig,
+    NodesConfig,
     QueueConfig,
     ServerConfig,
     ToolsConfig,
@@ -207,6 +208,32 @@ def template_tables() -> list[Table]:
                     "true: it may read every key's usage (GET /v1/usage, /sessions/status), not only its own.",
                 ),
             ],
+            optional=True,
+        ),
+        Table(
+            "nodes",
+            "Nodes: hosts that register the models they serve at runtime with POST /v1/nodes/register and a node\n"
+            "key, then send the same registration as their heartbeat. Their upstreams join the models of that name\n"
+            "(or models of their own) until the node goes stale.",
+            _defaults(
+                NodesConfig(),
+                {
+                    "stale_after_s": "A node without a heartbeat this long (or its registration's ttl_s) is stale:\n"
+                    "its upstreams take no requests (the error names the node) until its next heartbeat.",
+                    "forget_after_s": "Stale this long, a node is forgotten: its upstreams are removed, with the\n"
+                    "models only it served, and its name is free again.",
+                    "wait_s": "A request whose model only stale nodes serve waits this long for one to come back;\n"
+                    "0 = 503 at once (with Retry-After and the node's name).",
+                    "allow_networks": "Where a registered base URL may point (its host must resolve only to these):\n"
+                    "a stolen node key cannot send traffic elsewhere. Default: loopback and private ranges.",
+                },
+            ),
+        ),
+        Table(
+            "node_keys.box1",
+            "Node keys: what a node presents to register (`Authorization: Bearer <node key>`). Separate from\n"
+            "client keys (a node key calls no API; a client key registers no node). With none, registration is off.",
+            [Key("key_env", "BOX1_NODE_KEY", 'Environment variable holding the secret (or `key = "..."` inline).')],
             optional=True,
         ),
         Table(

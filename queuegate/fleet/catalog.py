@@ -1,10 +1,13 @@
-"""The catalog: what each configured model is, under which names clients may ask for it, and its upstreams.
+"""The catalog: what each model is, under which names clients may ask for it, and its upstreams.
 
-Built once from the config by the composition root; immutable afterwards, so every component may read it freely.
+Built from the config by the composition root. Only the node registry changes it afterwards, on the trio thread:
+it adds the upstreams nodes register (to configured models, or as models of their own) and removes them when their
+node is gone. A model's spec is never changed in place: it is replaced, so a request keeps the spec it resolved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -68,13 +71,51 @@ class Catalog:
     """Resolves a requested name (model or alias) to its `ModelSpec`."""
 
     def __init__(self, models: Mapping[str, ModelSpec]) -> None:
-        self.models = dict(models)
+        self.models: dict[str, ModelSpec] = {}
         self._by_name: dict[str, ModelSpec] = {}
-        for spec in self.models.values():
-            self._by_name[spec.name] = spec
-            for alias in spec.aliases:
-                self._by_name[alias] = spec
-        self.upstreams: dict[str, Upstream] = {u.id: u for m in self.models.values() for u in m.upstreams}
+        self.upstreams: dict[str, Upstream] = {}
+        for spec in models.values():
+            self._put(spec)
+        self.configured = frozenset(self.models)  # the models of the config (nodes add others, for a while)
+        self.configured_upstreams = tuple(self.upstreams.values())  # the config's (nodes add others)
+
+    def owner(self, name: str) -> str | None:
+        """The model whose name or alias `name` is (None: neither)."""
+        spec = self._by_name.get(name)
+        return spec.name if spec is not None else None
+
+    def add_upstream(self, upstream: Upstream, new_model: ModelSpec) -> None:
+        """Add an upstream to its model; a model the catalog does not have is `new_model` (with the upstream).
+        ValueError: a name or alias of the new model is another model's, or the upstream's id is taken."""
+        if upstream.id in self.upstreams:
+            raise ValueError(f"upstream {upstream.id!r} exists already")
+        spec = self.models.get(upstream.model)
+        if spec is None:
+            taken = [n for n in (new_model.name, *new_model.aliases) if n in self._by_name]
+            if taken:
+                raise ValueError(f"{', '.join(taken)}: already the name or alias of another model")
+            self._put(dataclasses.replace(new_model, upstreams=(upstream,)))
+        else:
+            self._put(dataclasses.replace(spec, upstreams=(*spec.upstreams, upstream)))
+
+    def remove_upstream(self, upstream_id: str) -> None:
+        """Remove an upstream; a model only nodes served goes when its last upstream does. KeyError: unknown."""
+        upstream = self.upstreams.pop(upstream_id)
+        spec = self.models[upstream.model]
+        left = tuple(u for u in spec.upstreams if u.id != upstream_id)
+        if left or spec.name in self.configured:
+            self._put(dataclasses.replace(spec, upstreams=left))
+            return
+        del self.models[spec.name]
+        for name in (spec.name, *spec.aliases):
+            del self._by_name[name]
+
+    def _put(self, spec: ModelSpec) -> None:
+        self.models[spec.name] = spec
+        for name in (spec.name, *spec.aliases):
+            self._by_name[name] = spec
+        for upstream in spec.upstreams:
+            self.upstreams[upstream.id] = upstream
 
     @classmethod
     def from_config(
@@ -134,22 +175,9 @@ def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str], free_port: C
             stop_timeout_s=mc.stop_timeout_s,
         )
     health_path = profile.health_path if mc.health_path is None else mc.health_path
-    headers: list[tuple[bytes, bytes]] = [
-        (b"content-type", b"application/json"),
-        (b"user-agent", b"queuegate"),
-    ]
-    if mc.api_key_env:
-        headers.append((b"authorization", b"Bearer " + env[mc.api_key_env].encode()))
+    api_key = env[mc.api_key_env] if mc.api_key_env else None
     upstreams = tuple(
-        Upstream(
-            id=f"{name}#{i}",
-            model=name,
-            base_url=url.rstrip("/"),
-            health_url=(server_root(url) + health_path) if health_path else None,
-            capacity=mc.max_concurrency,
-            headers=((b"host", urlsplit(url).netloc.rsplit("@", 1)[-1].encode()), *headers),
-        )
-        for i, url in enumerate(urls)
+        make_upstream(f"{name}#{i}", name, url, health_path, mc.max_concurrency, api_key) for i, url in enumerate(urls)
     )
     return ModelSpec(
         name=name,
@@ -162,6 +190,27 @@ def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str], free_port: C
         launch=launch,
         tools=mc.tools,
         memory=mc.memory,
+    )
+
+
+def make_upstream(
+    upstream_id: str, model: str, url: str, health_path: str, capacity: int, api_key: str | None = None
+) -> Upstream:
+    """An upstream at base URL `url` ("" health path: not checked), its request headers made once."""
+    headers = [
+        (b"host", urlsplit(url).netloc.rsplit("@", 1)[-1].encode()),
+        (b"content-type", b"application/json"),
+        (b"user-agent", b"queuegate"),
+    ]
+    if api_key:
+        headers.append((b"authorization", b"Bearer " + api_key.encode()))
+    return Upstream(
+        id=upstream_id,
+        model=model,
+        base_url=url.rstrip("/"),
+        health_url=(server_root(url) + health_path) if health_path else None,
+        capacity=capacity,
+        headers=tuple(headers),
     )
 
 

@@ -3,7 +3,8 @@
 One loop per upstream polls its health URL: every `interval_s` while ready, every `retry_interval_s` while loading or
 down. Requests report what they saw: `report_failure` (it cannot be reached) takes the upstream out at once and
 re-checks it straight away instead of waiting for the next poll; `report_not_ready` (it answered 503) holds it out
-until a check after the delay the request was told to wait.
+until a check after the delay the request was told to wait. The node registry starts and stops watching the
+upstreams nodes register (`watch`, `unwatch`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class HealthMonitor:
         self._recheck = {u.id: trio.Event() for u in self._upstreams}
         self._state: dict[str, UpstreamState] = {}
         self._hold_until: dict[str, float] = {}  # upstreams that answered 503: no check before then
+        self._nursery: trio.Nursery | None = None
+        self._watching: dict[str, trio.CancelScope] = {}  # the upstreams added at runtime (`watch`)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check every upstream once (concurrently), report ready, then keep watching until cancelled."""
@@ -53,15 +56,44 @@ class HealthMonitor:
                     first_round.start_soon(self._check, upstream)
             for upstream in self._upstreams:
                 nursery.start_soon(self._watch, upstream)
+            self._nursery = nursery
             task_status.started()
+            await trio.sleep_forever()  # (open for the upstreams nodes add, even when there is none yet)
+
+    def watch(self, upstream: Upstream) -> None:
+        """Start watching an upstream added at runtime: checked at once, then as any other."""
+        assert self._nursery is not None, "watch() after run() started"
+        self.unwatch(upstream.id)
+        scope = self._watching[upstream.id] = trio.CancelScope()
+        self._recheck[upstream.id] = trio.Event()
+
+        async def watch_until_unwatched() -> None:
+            with scope:
+                await self._check(upstream)
+                await self._watch(upstream)
+
+        self._nursery.start_soon(watch_until_unwatched)
+
+    def unwatch(self, upstream_id: str) -> None:
+        """Stop watching an upstream added at runtime (its node is stale or gone); its state is the caller's."""
+        scope = self._watching.pop(upstream_id, None)
+        if scope is not None:
+            scope.cancel()
+        self._recheck.pop(upstream_id, None)
+        self._state.pop(upstream_id, None)
+        self._hold_until.pop(upstream_id, None)
 
     def report_failure(self, upstream: Upstream, reason: str) -> None:
         """A request could not reach `upstream`: take it out now and re-check it at once."""
+        if upstream.id not in self._recheck:
+            return  # (no longer watched: its node is stale or gone)
         self._set(upstream, UpstreamState.DOWN, reason)
         self._recheck[upstream.id].set()
 
     def report_not_ready(self, upstream: Upstream, reason: str, retry_in_s: float) -> None:
         """A request got a 503 from `upstream`: requests wait for it (not down) until a check in `retry_in_s`."""
+        if upstream.id not in self._recheck:
+            return
         self._set(upstream, UpstreamState.LOADING, reason)
         self._hold_until[upstream.id] = trio.current_time() + retry_in_s
         self._recheck[upstream.id].set()

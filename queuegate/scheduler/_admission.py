@@ -133,6 +133,14 @@ class Admission:
         """ValueError: no such class."""
         self._wake(self._core.set_paused(klass, paused, trio.current_time()))
 
+    def add_upstream(self, upstream_id: str, model: str, capacity: int) -> None:
+        """An upstream joins at runtime (see `SchedulerCore.add_upstream`)."""
+        self._wake(self._core.add_upstream(upstream_id, model, capacity, trio.current_time()))
+
+    def remove_upstream(self, upstream_id: str) -> None:
+        """An upstream leaves at runtime; its requests in flight finish (see `SchedulerCore.remove_upstream`)."""
+        self._wake(self._core.remove_upstream(upstream_id, trio.current_time()))
+
     def serving(self, model: str) -> bool:
         """Whether the model has an upstream taking requests now (no load to wait for)."""
         return self._core.serving(model)

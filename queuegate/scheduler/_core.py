@@ -127,6 +127,7 @@ class _Upstream:
     reason: str = "not checked yet"
     in_flight: int = 0
     drained: bool = False  # an operator took it out: no new requests, those in flight finish
+    left: bool = False  # removed at runtime (its node is gone): kept only until its requests in flight are done
 
     @property
     def takes_requests(self) -> bool:
@@ -169,15 +170,10 @@ class SchedulerCore:
         self.policy = policy or Policy()
         self.max_queue = self.policy.max_queue
         self._rank = {name: i for i, name in enumerate(self.policy.classes)}
-        self._upstreams: dict[str, _Upstream] = {}
+        self._upstreams: dict[str, _Upstream] = {}  # (one that left stays until its requests in flight are done)
         self._models: dict[str, _Model] = {}
         for uid, model, capacity in upstreams:
-            slot = _Upstream(uid, model, capacity)
-            self._upstreams[uid] = slot
-            if model not in self._models:
-                queues = [_ClassQueue(name) for name in self.policy.classes]
-                self._models[model] = _Model(model, [], queues, self.policy.model_max_queue.get(model))
-            self._models[model].upstreams.append(slot)
+            self._join(uid, model, capacity)
         self._waiting = 0
         self._in_service = 0
         # Sticky chats: (model, key) -> (upstream id, last used), least recently used first.
@@ -195,9 +191,12 @@ class SchedulerCore:
 
     def submit(self, ticket: Ticket, now: float) -> list[Ticket]:
         """A request arrives: granted or rejected at once when possible, else queued (or refused: queue full)."""
-        model = self._models[ticket.model]
         if ticket.klass not in self._rank:
             raise ValueError(f"unknown class {ticket.klass!r}")
+        model = self._models.get(ticket.model)
+        if model is None:  # (its last upstream left: a node's model, gone with its node)
+            ticket.rejection = ModelUnavailable(f"model {ticket.model!r} has no upstream now", retry_after_s=5)
+            return [ticket]
         if not self._usable(model, ticket):
             ticket.rejection = self._unavailable(model, ticket)
             return [ticket]
@@ -249,6 +248,8 @@ class SchedulerCore:
         slot = self._upstreams[uid]
         model = self._models[slot.model]
         slot.in_flight -= 1
+        if slot.left and not slot.in_flight:
+            del self._upstreams[uid]
         self._in_service -= 1
         _decrement(model.in_service_by_class, ticket.klass)
         _decrement(model.in_service_by_flow, ticket.flow)
@@ -256,9 +257,60 @@ class SchedulerCore:
         model.service_s = (
             held if model.service_s is None else model.service_s + _SERVICE_SMOOTHING * (held - model.service_s)
         )
-        if ticket.affinity is not None and len(model.upstreams) > 1:
+        if ticket.affinity is not None and len(model.upstreams) > 1 and not slot.left:
             self._remember(ticket.model, ticket.affinity, uid, now)
-        return self._dispatch(model, now)
+        decided = self._dispatch(model, now)
+        self._forget_if_empty(model)
+        return decided
+
+    def add_upstream(self, upstream_id: str, model: str, capacity: int, now: float) -> list[Ticket]:
+        """An upstream joins at runtime (a node registered it), loading until its health is known; a model new to
+        the scheduler gets its queues; one that left and still has requests in flight comes back with them.
+        ValueError: the id is taken."""
+        slot = self._upstreams.get(upstream_id)
+        if slot is None:
+            return self._dispatch(self._join(upstream_id, model, capacity), now)
+        if not slot.left or slot.model != model:
+            raise ValueError(f"upstream {upstream_id!r} exists already")
+        slot.left, slot.capacity = False, capacity
+        slot.state, slot.reason = UpstreamState.LOADING, "not checked yet"
+        self._models[model].upstreams.append(slot)
+        return self._dispatch(self._models[model], now)
+
+    def remove_upstream(self, upstream_id: str, now: float) -> list[Ticket]:
+        """An upstream leaves (its node is gone). Requests in flight on it are not cut: their slots are given back
+        as usual. Waiting requests no other upstream can serve are rejected; a model left with no upstream and no
+        request is forgotten. KeyError: no such upstream."""
+        slot = self._upstreams[upstream_id]
+        if slot.left:
+            raise KeyError(upstream_id)
+        model = self._models[slot.model]
+        model.upstreams.remove(slot)
+        slot.left = True
+        if not slot.in_flight:
+            del self._upstreams[upstream_id]
+        for key in [key for key, (uid, _) in self._affinity.items() if uid == upstream_id]:
+            del self._affinity[key]
+        decided = self._reject_unusable(model)
+        self._forget_if_empty(model)
+        return decided
+
+    def serves(self, model: str) -> bool:
+        """Whether the scheduler knows the model (it has upstreams, or requests still on ones that left)."""
+        return model in self._models
+
+    def _join(self, upstream_id: str, model: str, capacity: int) -> _Model:
+        slot = _Upstream(upstream_id, model, capacity)
+        self._upstreams[upstream_id] = slot
+        if model not in self._models:
+            queues = [_ClassQueue(name) for name in self.policy.classes]
+            self._models[model] = _Model(model, [], queues, self.policy.model_max_queue.get(model))
+        self._models[model].upstreams.append(slot)
+        return self._models[model]
+
+    def _forget_if_empty(self, model: _Model) -> None:
+        if not model.upstreams and not model.waiting and not sum(model.in_service_by_class.values()):
+            self._models.pop(model.name, None)
 
     def set_upstream_state(self, upstream_id: str, state: UpstreamState, reason: str, now: float) -> list[Ticket]:
         slot = self._upstreams[upstream_id]
@@ -266,15 +318,18 @@ class SchedulerCore:
             return []
         slot.state, slot.reason = state, reason
         model = self._models[slot.model]
-        decided = []
-        if state is UpstreamState.DOWN:
-            # Requests that can no longer be served anywhere are told now rather than at their deadline.
-            for queue in model.classes:
-                for ticket in [t for t in queue.arrivals if not self._usable(model, t)]:
-                    self._unqueue(model, ticket, rotate=False)
-                    ticket.rejection = self._unavailable(model, ticket)
-                    decided.append(ticket)
+        decided = self._reject_unusable(model) if state is UpstreamState.DOWN else []
         return decided + self._dispatch(model, now)
+
+    def _reject_unusable(self, model: _Model) -> list[Ticket]:
+        """Requests that can no longer be served anywhere are told now rather than at their deadline."""
+        decided = []
+        for queue in model.classes:
+            for ticket in [t for t in queue.arrivals if not self._usable(model, t)]:
+                self._unqueue(model, ticket, rotate=False)
+                ticket.rejection = self._unavailable(model, ticket)
+                decided.append(ticket)
+        return decided
 
     def set_policy(self, policy: Policy, now: float) -> list[Ticket]:
         """Take new policy knobs (a config reload). The classes and per-model bounds must stay as they are."""
@@ -477,7 +532,7 @@ class SchedulerCore:
     def _unavailable(self, model: _Model, ticket: Ticket) -> GatewayError:
         if any(slot.id in ticket.exclude for slot in model.upstreams):
             return NoUpstreamLeft(f"model {ticket.model!r}: every upstream failed")
-        reasons = "; ".join(f"{slot.id}: {slot.reason}" for slot in model.upstreams)
+        reasons = "; ".join(f"{slot.id}: {slot.reason}" for slot in model.upstreams) or "it has no upstream now"
         return ModelUnavailable(f"model {ticket.model!r} is unavailable: {reasons}", retry_after_s=5)
 
     # -- sticky chats -------------------------------------------------------------------------------------------
@@ -490,7 +545,7 @@ class SchedulerCore:
         if now - last_used > self.policy.affinity_ttl_s:
             del self._affinity[model, key]
             return None
-        return self._upstreams[uid]
+        return self._upstreams[uid]  # (an upstream that leaves takes its sticky chats with it)
 
     def _remember(self, model: str, key: str, upstream_id: str, now: float) -> None:
         self._affinity.pop((model, key), None)  # re-insert at the end: most recently used

@@ -1,0 +1,213 @@
+"""Nodes that register their upstreams at runtime (`POST /v1/nodes/register`, the plain shape without a node agent):
+the real daemon on loopback, simulated model servers (real HTTP) as what the nodes serve, and httpx as the node."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import httpx
+import pytest
+import trio
+
+from queuegate.admin.client import AdminClient
+from queuegate.admin.command import render_status
+from queuegate.config import admin_socket_path
+from tests.helpers import in_thread, wait_until
+
+NODE_KEY = "node-secret-1"
+OTHER_KEY = "node-secret-2"
+NODE_KEYS = {"box1": {"key": NODE_KEY}, "box2": {"key": OTHER_KEY}}
+
+
+async def register(gw, node: str, models: list[dict], key: str = NODE_KEY, **extra) -> httpx.Response:
+    body = {"node": node, "models": models, **extra}
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.post(
+            gw.api + "/nodes/register", json=body, headers={"authorization": f"Bearer {key}"} if key else {}
+        )
+
+
+def served(name: str, url: str, **extra) -> dict:
+    return {"name": name, "base_url": url, "kind": "llamacpp", **extra}
+
+
+async def chat(gw, model: str = "m", timeout: float = 10, say: str = "hi") -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": say}], "max_tokens": 2}
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        return await client.post(gw.api + "/chat/completions", json=body)
+
+
+async def models(gw) -> dict:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return (await client.get(gw.api + "/models")).json()
+
+
+def ready(gw, model: str) -> bool:
+    return gw.daemon.admission.serving(model)
+
+
+async def test_a_registered_model_is_served_and_listed_and_a_heartbeat_changes_nothing(start_sim, start_gateway):
+    llm, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({}, node_keys=NODE_KEYS)
+    answer = await register(gw, "box1", [served("m", url, aliases=["tiny"], max_concurrency=2)])
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["models"] == [{"name": "m", "upstream": "m@box1"}]
+    assert answer.json()["heartbeat_s"] == 10.0  # a third of [nodes].stale_after_s
+    await wait_until(lambda: ready(gw, "m"))
+    completion = await in_thread(
+        lambda: gw.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    )
+    assert completion.choices[0].message.content and llm.stats.requests == 1
+    listed = await models(gw)
+    assert {m["id"] for m in listed["data"]} == {"m", "tiny"} and listed["unavailable"] == []
+    # A heartbeat (the same registration again) keeps the upstream as it is.
+    assert (await register(gw, "box1", [served("m", url, aliases=["tiny"], max_concurrency=2)])).status_code == 200
+    [model] = gw.stats().models
+    assert [u.id for u in model.upstreams] == ["m@box1"] and model.upstreams[0].state == "ready"
+    async with AdminClient(admin_socket_path(gw.daemon.config)) as admin:
+        status = await admin.status()
+    [node] = status.nodes
+    assert node.name == "box1" and not node.stale and [m.upstream for m in node.models] == ["m@box1"]
+    shown = render_status(status)
+    assert "node box1 at 127.0.0.1: live, last heartbeat " in shown and f" s ago; m ({url})" in shown
+    # What it no longer lists goes; a changed base URL replaces the upstream.
+    other, other_url = await start_sim(tokens_per_s=0)
+    assert (await register(gw, "box1", [served("m2", other_url)])).status_code == 200
+    assert (await chat(gw, "m")).status_code == 404
+    await wait_until(lambda: ready(gw, "m2"))
+    assert (await chat(gw, "m2")).status_code == 200 and other.stats.requests == 1
+
+
+async def test_node_keys_names_and_networks_guard_registration(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    closed = await start_gateway({})
+    refused = await register(closed, "box1", [served("m", url)])
+    assert refused.status_code == 403 and "no [node_keys]" in refused.json()["error"]["message"]
+    gw = await start_gateway(
+        {"local": {"upstreams": [url], "kind": "llamacpp", "aliases": ["loc"]}}, node_keys=NODE_KEYS
+    )
+    assert (await register(gw, "box1", [served("m", url)], key="")).status_code == 401
+    assert (await register(gw, "box1", [served("m", url)], key="wrong-key-123")).status_code == 401
+    # A client key's place is the API; a node key only registers (and the other way round).
+    outside = await register(gw, "box1", [served("m", url), served("evil", "http://8.8.8.8:80/v1")])
+    assert outside.status_code == 403
+    assert "8.8.8.8" in outside.json()["error"]["message"] and "allow_networks" in outside.json()["error"]["message"]
+    assert gw.daemon.catalog.resolve("m") is None  # all or nothing: the good model was not added either
+    for bad, why in [
+        ({"node": "box 1", "models": []}, "node name"),
+        ({"node": "box1", "models": [served("loc", url)]}, "alias of model 'local'"),
+        ({"node": "box1", "models": [served("m", url, aliases=["local"])]}, "already the name or alias"),
+        ({"node": "box1", "models": [served("m", url), served("m", url)]}, "listed twice"),
+        ({"node": "box1", "models": [served("m", "ftp://127.0.0.1/v1")]}, "http(s) base URL"),
+        ({"node": "box1", "models": [{"name": "m"}]}, "base_url"),
+    ]:
+        answer = await register(gw, bad["node"], bad["models"])
+        assert answer.status_code == 400 and why in answer.json()["error"]["message"], answer.text
+    assert (await register(gw, "box1", [served("m", url)])).status_code == 200
+    taken = await register(gw, "box1", [served("m", url)], key=OTHER_KEY)
+    assert taken.status_code == 403 and "another node key" in taken.json()["error"]["message"]
+    # A node adds its upstream to a configured model of the same name.
+    assert (await register(gw, "box2", [served("local", url)], key=OTHER_KEY)).status_code == 200
+    assert [u.id for u in gw.daemon.catalog.models["local"].upstreams] == ["local#0", "local@box2"]
+
+
+async def test_a_stale_node_takes_its_models_out_and_its_heartbeat_brings_them_back(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({}, node_keys=NODE_KEYS, nodes={"stale_after_s": 1.0})
+    assert (await register(gw, "box1", [served("m", url)])).status_code == 200
+    await wait_until(lambda: ready(gw, "m"))
+    assert (await chat(gw)).status_code == 200
+    await wait_until(lambda: not ready(gw, "m"), timeout=3)  # no heartbeat for 1 s
+    refused = await chat(gw)
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert "node box1 stopped sending heartbeats" in refused.json()["error"]["message"]
+    listed = await models(gw)
+    assert listed["data"] == [] and listed["unavailable"][0]["id"] == "m"
+    assert "node box1: no heartbeat" in listed["unavailable"][0]["reason"]
+    metrics = (await in_thread(lambda: httpx.get(gw.base_url + "/metrics"))).text
+    assert 'queuegate_node_up{node="box1"} 0.0' in metrics and "queuegate_node_heartbeat_age_seconds" in metrics
+    assert (await register(gw, "box1", [served("m", url)])).status_code == 200  # back: checked, then served
+    assert (await chat(gw)).status_code == 200
+
+
+async def test_a_request_waits_for_a_stale_node_up_to_wait_s(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({}, node_keys=NODE_KEYS, nodes={"stale_after_s": 0.5, "wait_s": 1.5})
+    for node, key in (("box1", NODE_KEY), ("box2", OTHER_KEY)):
+        assert (await register(gw, node, [served(f"m-{node}", url)], key=key)).status_code == 200
+    await wait_until(lambda: not ready(gw, "m-box1") and not ready(gw, "m-box2"), timeout=3)
+    results = {}
+
+    async def ask(model: str) -> None:
+        started = trio.current_time()
+        answer = await chat(gw, model)
+        results[model] = (answer, trio.current_time() - started)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask, "m-box1")
+        nursery.start_soon(ask, "m-box2")
+        await trio.sleep(0.5)
+        assert (await register(gw, "box1", [served("m-box1", url)])).status_code == 200  # box1 comes back in time
+    answer, took = results["m-box1"]
+    assert answer.status_code == 200 and 0.4 < took < 1.5
+    answer, took = results["m-box2"]
+    assert answer.status_code == 503 and took >= 1.5 and "(waited 1.5 s)" in answer.json()["error"]["message"]
+
+
+async def test_a_model_on_two_nodes_is_shared_and_one_leaving_does_not_cut_its_requests(start_sim, start_gateway):
+    first, first_url = await start_sim(tokens_per_s=0)
+    second, second_url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({}, node_keys=NODE_KEYS, nodes={"forget_after_s": 0.5})
+    assert (await register(gw, "box1", [served("m", first_url, max_concurrency=1)])).status_code == 200
+    assert (await register(gw, "box2", [served("m", second_url, max_concurrency=1)], key=OTHER_KEY)).status_code == 200
+    await wait_until(lambda: all(u.state == "ready" for u in gw.stats().models[0].upstreams))
+    first.config.tokens_per_s = second.config.tokens_per_s = 5  # (each answer takes a while: both are busy)
+    async with trio.open_nursery() as nursery:
+        for i in range(6):  # (six chats: the same one would stick to one node)
+            nursery.start_soon(partial(chat, gw, say=f"chat {i}"))
+    assert first.stats.requests >= 2 and second.stats.requests >= 2  # one slot each: both served
+    # The node a stream is on leaves: the stream ends whole, and nothing new goes there.
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    async with (
+        httpx.AsyncClient(timeout=10) as client,
+        client.stream("POST", gw.api + "/chat/completions", json=body) as streaming,
+    ):
+        lines = streaming.aiter_lines()
+        await lines.__anext__()
+        leaving, key = ("box1", NODE_KEY) if first.stats.active else ("box2", OTHER_KEY)  # where the stream went
+        deleted = await client.delete(gw.api + f"/nodes/{leaving}", headers={"authorization": f"Bearer {key}"})
+        assert deleted.status_code == 200
+        rest = [line async for line in lines]
+    assert rest[-1] == "data: [DONE]" or "data: [DONE]" in rest
+    [model] = gw.stats().models
+    assert [u.id for u in model.upstreams] == [f"m@{'box2' if leaving == 'box1' else 'box1'}"]
+    assert model.in_service == 0 and (await chat(gw)).status_code == 200
+
+
+async def test_a_forgotten_node_takes_its_own_models_away_and_can_register_again(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({}, node_keys=NODE_KEYS, nodes={"stale_after_s": 0.3, "forget_after_s": 0.3})
+    assert (await register(gw, "box1", [served("m", url)])).status_code == 200
+    await wait_until(lambda: gw.daemon.catalog.resolve("m") is None, timeout=3)
+    assert (await chat(gw)).status_code == 404 and gw.stats().models == []
+    async with AdminClient(admin_socket_path(gw.daemon.config)) as admin:
+        assert (await admin.status()).nodes == []
+    # Forgotten, the name is free again (for any node key).
+    assert (await register(gw, "box1", [served("m", url)], key=OTHER_KEY)).status_code == 200
+    await wait_until(lambda: ready(gw, "m"))
+    assert (await chat(gw)).status_code == 200
+
+
+@pytest.mark.parametrize("secret", ["client-key-123"])
+async def test_a_client_key_cannot_register_and_a_node_key_cannot_call_the_api(start_sim, start_gateway, secret):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway(
+        {"local": {"upstreams": [url], "kind": "llamacpp"}}, keys={"alice": {"key": secret}}, node_keys=NODE_KEYS
+    )
+    assert (await register(gw, "box1", [served("m", url)], key=secret)).status_code == 401
+    async with httpx.AsyncClient(timeout=10) as client:
+        body = {"model": "local", "messages": [{"role": "user", "content": "hi"}]}
+        answer = await client.post(
+            gw.api + "/chat/completions", json=body, headers={"authorization": f"Bearer {NODE_KEY}"}
+        )
+    assert answer.status_code == 401
