@@ -339,3 +339,25 @@ async def test_in_execute_mode_the_model_can_search_its_own_chats_memory(start_s
         await client.post(gw.api + "/chat/completions_passthrough", json=body, headers={"x-chat-id": "c1"})
     sent = llm.stats.received[-1].body
     assert "tools" not in sent and HINT.format(tool="memory_query") not in sent["messages"][0]["content"]
+
+
+async def test_the_memory_tool_answers_bad_arguments_plainly_and_hint_false_offers_nothing(start_sim, start_gateway):
+    llm, url = await start_sim(tokens_per_s=0)
+    _, tool_url = await start_sim(tool_server=True)
+    tools = {"servers": {"demo": {"url": tool_url.removesuffix("/v1")}}}
+    models = {"m": {"upstreams": [url], "kind": "llamacpp"}}
+    gw = await start_gateway(models, tools=tools, memory={"enabled": True, "keep_last": 2})
+    await post(gw, [user("my cat is called Pixel")], {"x-chat-id": "c"})
+    await wait_until(lambda: gw.daemon.memory.counts["remembered"] == 1)
+    await post(gw, [user('go\nCALL 1 memory_query {"k": "many"}')], {"x-chat-id": "c"})
+    assert llm.stats.received[-1].body["messages"][-1]["content"].startswith('error: expected {"query"')
+    # A chat that remembers nothing yet is offered no memory tool (and no line about it).
+    await post(gw, [user("hello")], {"x-chat-id": "fresh"})
+    assert "memory_query" not in {t["function"]["name"] for t in llm.stats.received[-1].body["tools"]}
+    quiet = await start_gateway(models, tools=tools, memory={"enabled": True, "keep_last": 2, "hint": False})
+    await post(quiet, [user("my cat is called Pixel")], {"x-chat-id": "c"})
+    await wait_until(lambda: quiet.daemon.memory.counts["remembered"] == 1)
+    await post(quiet, [*chat_history(3), user("what is my cat called?")], {"x-chat-id": "c"})
+    sent = llm.stats.received[-1].body
+    assert "memory_query" not in {t["function"]["name"] for t in sent["tools"]}
+    assert "Pixel" in sent["messages"][0]["content"] and HINT.format(tool="memory_query") not in str(sent)

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import trio
 
 from queuegate.config import ConfigError, parse_config
+from queuegate.memory.backends import BuiltinBackend
 from queuegate.memory.context import RECALLED_HEADER
+from queuegate.memory.embedder import EmbeddingFailed
+from queuegate.memory.outcomes import Outcomes
+from queuegate.memory.store import MemoryStore
 from tests.helpers import request_lines, wait_until
 from tests.realparts import start_llama_server
 
@@ -101,10 +106,15 @@ async def test_an_embedding_model_that_fails_or_is_not_loaded_never_holds_a_chat
     await wait_until(lambda: memory.counts["turn_embed_failed"] >= 1 and memory.counts["remembered"] == 2)
     answer = await post(gw, [*history, user("tell me about Pixel")])
     assert answer.status_code == 200 and "Pixel" in llm.stats.received[-1].body["messages"][0]["content"]
-    assert memory.counts["question_embed_failed"] >= 1
     embed.set_fault(None)  # back: the turns owed their vectors get them (the filler retries with a backoff)
     await wait_until(lambda: memory.counts["turn_embedded"] == 3, timeout=10)  # (the question's turn too)
     assert memory.backend.store.pending(10) == []
+    # Failing while loaded: the question's embedding fails, the recall ranks by words.
+    embed.set_fault("status_500")
+    answer = await post(gw, [*history, user("tell me about Pixel")])
+    assert answer.status_code == 200 and "Pixel" in llm.stats.received[-1].body["messages"][0]["content"]
+    assert memory.counts["question_embed_failed"] == 1
+    embed.set_fault(None)
     # Not loaded (its upstream down): a recall does not wait for it, it ranks by words alone.
     embed.set_fault(None, health_status=500)
     await wait_until(lambda: not gw.daemon.admission.serving("embed"))
@@ -151,3 +161,80 @@ def test_an_embed_model_must_be_one_of_the_fleets_embedding_models():
     toolserver += '[tools.servers.t]\nurl = "http://127.0.0.1:9"\n'
     with pytest.raises(ConfigError, match="is for the builtin backend"):
         parse_config(toolserver, source="t.toml")
+
+
+def test_the_store_fuses_words_and_vectors_and_keeps_vectors_with_their_turns(tmp_path):
+    """The store alone, with hand-made vectors (a fake for what a model would answer)."""
+    store = MemoryStore(tmp_path / "memory.sqlite3", embed_model="e")
+    store.open()
+    store.remember([("a", "User: my cat is called Pixel"), ("a", "User: I live in Lisbon"), ("b", "User: cat Tom")])
+    pending = store.pending(10)
+    assert [text for _, text in pending] == ["User: my cat is called Pixel", "User: I live in Lisbon", "User: cat Tom"]
+    assert not store.has_vectors
+    vectors = {"Pixel": [1.0, 0.0, 0.0], "Lisbon": [0.0, 1.0, 0.0], "Tom": [1.0, 0.0, 0.0]}
+    store.add_vectors([(turn, text, next(v for w, v in vectors.items() if w in text)) for turn, text in pending])
+    assert store.pending(10) == [] and store.has_vectors
+    # By meaning alone (no word in common), by words alone, and fused: a turn found both ways ranks first.
+    assert store.recall("a", "pet?", 1, vector=[0.9, 0.1, 0.0]) == ["User: my cat is called Pixel"]
+    assert store.recall("a", "Lisbon", 2) == ["User: I live in Lisbon"]
+    assert store.recall("a", "Lisbon", 2, vector=[0.9, 0.1, 0.0])[0] == "User: I live in Lisbon"
+    assert all("Tom" not in text for text in store.recall("a", "cat Tom", 5, vector=[1.0, 0.0, 0.0]))  # by chat
+    # With no vector found, a word most of the chat's turns have still ranks (here: the only turn with one).
+    assert store.recall("b", "cat", 1, vector=[0.0, 0.0, 1.0]) == ["User: cat Tom"]
+    # Forgetting a chat takes its vectors; a turn that takes a forgotten turn's rowid is still owed its own.
+    [(turn, text)] = [(t, x) for t, x in pending if "Lisbon" in x]
+    assert store.forget("a") == 2
+    store.remember([("c", "User: a new turn")])
+    store.add_vectors([(turn, text, [0.0, 1.0, 0.0])])  # (the filler, late, with the forgotten turn's vector)
+    assert [text for _, text in store.pending(10)] == ["User: a new turn"]
+    assert store.recall("c", "anything", 5, vector=[0.0, 1.0, 0.0]) == []  # the forgotten vector went nowhere
+    # Another dimension (another model) starts the vectors again: every turn is owed one.
+    [(new_turn, new_text)] = store.pending(10)
+    store.add_vectors([(new_turn, new_text, [0.5, 0.5])])
+    assert {text for _, text in store.pending(10)} == {"User: cat Tom"}
+    assert store.recall("c", "x", 1, vector=[0.5, 0.5]) == ["User: a new turn"]
+    store.close()
+    # Opened with no embedding model, the vectors go, and nothing is owed.
+    plain = MemoryStore(tmp_path / "memory.sqlite3")
+    plain.open()
+    assert plain.pending(10) == [] and not plain.has_vectors and plain.recall("b", "cat", 1) == ["User: cat Tom"]
+    plain.close()
+
+
+async def test_a_text_the_model_cannot_embed_never_holds_the_others_back(tmp_path):
+    """The filler against a fake embedder (a fault a real server gives only for some texts: too long for its batch)."""
+
+    class Embedder:
+        model = "fake"
+        serving = True
+        calls = 0
+
+        def ready(self) -> bool:
+            return self.serving
+
+        async def embed(self, texts, klass):
+            self.calls += 1
+            if "too long" in texts[0] or not self.serving:
+                raise EmbeddingFailed("input is too large to process")
+            return [[1.0, float(len(texts[0]))]]
+
+    store = MemoryStore(tmp_path / "memory.sqlite3", embed_model="fake")
+    embedder = Embedder()
+    outcomes = Outcomes()
+    backend = BuiltinBackend(store, outcomes, embedder)  # type: ignore[arg-type]
+    await backend.open()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend.upkeep)
+        await backend.remember([("a", "User: too long 1"), ("a", "User: too long 2"), ("a", "User: fine")])
+        await wait_until(lambda: outcomes.counts["turn_embedded"] == 1 and not store.pending(10))
+        assert outcomes.counts["turn_not_embeddable"] == 2
+        # A model that fails everything (or is down) keeps the turns waiting, with a backoff.
+        embedder.serving = False
+        await backend.remember([("a", "User: later")])
+        await wait_until(lambda: outcomes.counts["turn_embed_failed"] >= 1)
+        await trio.sleep(0.5)
+        assert [text for _, text in store.pending(10)] == ["User: later"] and embedder.calls <= 5
+        embedder.serving = True
+        await wait_until(lambda: outcomes.counts["turn_embedded"] == 2, timeout=5)
+        nursery.cancel_scope.cancel()
+    await backend.close()

@@ -146,7 +146,7 @@ class MemoryConfig(_Section):
     path: str = ""  # "" = <state_dir>/memory.sqlite3
     truncate_history: bool = True
     keep_last: Annotated[int, msgspec.Meta(ge=0)] = 4
-    query_k: PositiveInt = 8
+    query_k: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
     embed_model: str = ""  # builtin: one of the fleet's embedding models, for ranking by meaning too ("": words only)
     inject_role: Literal["system", "user"] = "system"
     hint: bool = True  # execute mode: offer the model a memory_query tool for its chat, and say so in one line

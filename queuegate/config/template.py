@@ -320,12 +320,13 @@ def template_tables() -> list[Table]:
                     "query_k": "Snippets recalled per turn, the most relevant first.",
                     "embed_model": "builtin: one of [models] with the embeddings endpoint; turns are then ranked by\n"
                     "meaning too (sqlite-vec), fused with the words' ranking. Turns are embedded in the lowest class\n"
-                    "(that may load the model); a question only while the model is loaded (a recall never waits for\n"
-                    'a load: give it `preload = true`). "" = rank by words alone.',
+                    "while the model is loaded (at most every 5 minutes one may load it); a question only while it\n"
+                    'is loaded (a recall never waits for a load: give it `preload = true`). "" = by words alone.',
                     "inject_role": '"system": the recalled context (labelled as data, not instructions) is added to\n'
                     'the end of the system prompt; "user": before the text of the first forwarded user message.',
-                    "hint": "In execute mode (QueueGate runs the tools): offer the model a `memory_query` tool that\n"
-                    "searches this chat's memory, and add one line saying more can be recalled with it.",
+                    "hint": "In execute mode (QueueGate runs the tools): offer a chat that remembers something a\n"
+                    "`memory_query` tool that searches its memory, and add one line saying more can be recalled\n"
+                    "with it (not when the client or a tool server offers a tool of that name).",
                     "upsert": "Remember each answered turn (a streamed one only when it ended whole).",
                     "max_upsert_chars": "A remembered turn is cut to this many characters.",
                     "for_agents": "Also for the agent class (by default agents manage their own context).",

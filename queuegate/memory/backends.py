@@ -13,6 +13,7 @@ remembered turns in batches as they come (`MemoryStore.pending`), backing off wh
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Protocol
 
@@ -27,8 +28,10 @@ from queuegate.tools.servers import ToolServers
 SNIPPET_FIELDS = ("text", "document", "content")
 BUILTIN_ONLY = "memory list|show|forget work with the built-in store; this memory is in a tool server"
 EMBED_SHARE = 0.7  # of a recall's time, what embedding the question may take (the rest is the store's)
-FILL_BATCH = 32  # remembered turns embedded in one request
+FILL_BATCH = 32  # remembered turns read from the store at a time (each is embedded in a request of its own)
 FILL_RETRY_S = (1.0, 60.0)  # while the embedding model fails: first wait, doubling up to the last
+LOAD_TRY_EVERY_S = 300.0  # while the embedding model is not loaded, turns owed a vector may load it this often
+READY_POLL_S = 1.0
 
 
 class BackendError(Exception):
@@ -76,6 +79,7 @@ class BuiltinBackend:
         self._embedder = embedder
         self._fill_class = fill_class
         self._stored = trio.Event()  # turns were stored (that may be owed their vectors)
+        self._last_load_try = -math.inf  # when embedding turns last ran while the model was not loaded
         # Recalls have their own thread: one a request stopped waiting for never holds trio's shared threads.
         self._recalling = trio.CapacityLimiter(1)
 
@@ -100,7 +104,7 @@ class BuiltinBackend:
     async def _question_vector(self, question: str, klass: str, timeout_s: float) -> list[float] | None:
         """The question's embedding, or None (no model, not serving now, failing or late: words alone rank)."""
         embedder = self._embedder
-        if embedder is None:
+        if embedder is None or not self.store.has_vectors:  # (no turn has a vector yet: it would find nothing)
             return None
         if not embedder.ready():
             self._outcomes.count("question_not_embedded")  # (its model is not loaded: a recall never loads it)
@@ -122,50 +126,65 @@ class BuiltinBackend:
 
     async def upkeep(self) -> None:
         """Embed remembered turns that have no vector yet (those of before a restart too), in batches, as they
-        come; while the model fails, back off (they are found by their words meanwhile)."""
+        come, while the embedding model is loaded (see `_until_it_may_embed`); while it fails, back off (the turns
+        wait, found by their words meanwhile)."""
         if self._embedder is None:
             return
         first, most = FILL_RETRY_S
         delay = first
         while True:
             try:
-                if not await self._fill_some(self._embedder):
-                    await self._stored.wait()
-                    self._stored = trio.Event()
-                delay = first
+                filled = await self._fill_some(self._embedder)
             except Exception as exc:  # the model or the disk failing: try again later, never stop
                 self._outcomes.failed("embed_turns", "turn_embed_failed", exc)
                 await trio.sleep(delay)
                 delay = min(most, delay * 2)
+                continue
+            delay = first
+            if not filled:
+                await self._stored.wait()
+                self._stored = trio.Event()
 
     async def _fill_some(self, embedder: FleetEmbedder) -> bool:
         """Embed one batch of the turns still owed a vector; False when none is."""
         rows = await trio.to_thread.run_sync(self.store.pending, FILL_BATCH)
         if not rows:
             return False
+        await self._until_it_may_embed(embedder)
         vectors = await self._embed_rows(embedder, [text for _, text in rows])
-        turns = [turn for turn, _ in rows]
-        await trio.to_thread.run_sync(self.store.add_vectors, list(zip(turns, vectors, strict=True)))
+        done = [(turn, text, vector) for (turn, text), vector in zip(rows, vectors, strict=True)]
+        await trio.to_thread.run_sync(self.store.add_vectors, done)
         self._outcomes.ok("embed_turns", "turn_embedded", sum(v is not None for v in vectors))
         if skipped := sum(v is None for v in vectors):
             self._outcomes.count("turn_not_embeddable", skipped)
         return True
 
+    async def _until_it_may_embed(self, embedder: FleetEmbedder) -> None:
+        """Until the embedding model is serving (embedding costs no load then: on a GPU it shares with a chat
+        model, the chat model is not swapped out after every turn), or LOAD_TRY_EVERY_S has passed since the last
+        try that could load it (turns are owed their vectors: one batch may load it, in the lowest class)."""
+        while not embedder.ready() and trio.current_time() < self._last_load_try + LOAD_TRY_EVERY_S:
+            await trio.sleep(READY_POLL_S)
+        if not embedder.ready():
+            self._last_load_try = trio.current_time()
+
     async def _embed_rows(self, embedder: FleetEmbedder, texts: list[str]) -> list[list[float] | None]:
-        """The texts' vectors; when the model refuses the batch, each text alone (None: it refused that one)."""
-        try:
-            return list(await embedder.embed(texts, self._fill_class))
-        except EmbeddingFailed as exc:
-            if not exc.rejected:
-                raise
+        """The texts' vectors, each text in a request of its own: a server may embed a text differently inside a
+        batch (llama-server does), and a question is embedded alone. A text the model fails while it serves gets
+        None (the model cannot embed that text: it must not hold the others back). EmbeddingFailed (the texts
+        wait) when the model fails one and is not serving, or fails them all."""
         vectors: list[list[float] | None] = []
         for text in texts:
             try:
-                vectors.append((await embedder.embed([text], self._fill_class))[0])
-            except EmbeddingFailed as exc:
-                if not exc.rejected:
+                [vector] = await embedder.embed([text], self._fill_class)
+            except EmbeddingFailed:
+                if not embedder.ready():
                     raise
                 vectors.append(None)
+            else:
+                vectors.append(vector)
+        if not any(vectors):
+            raise EmbeddingFailed(f"{embedder.model} embedded none of {len(texts)} texts")
         return vectors
 
     async def expire(self) -> int:

@@ -68,7 +68,7 @@ def inject(messages: list[Any], snippets: list[str], role: str, hint_tool: str =
     `hint_tool`: a tool the model may call to recall more (one line says so)."""
     present = "\n".join(text_of(m) for m in messages)
     fresh = [s for s in snippets if s.strip() and not _already_there(s, present)]
-    parts = [RECALLED_HEADER + "\n" + "\n".join(f"- {s}" for s in fresh)] if fresh else []
+    parts = [recalled_block(fresh)] if fresh else []
     if hint_tool:
         parts.append(HINT.format(tool=hint_tool))
     if not parts:
@@ -86,6 +86,11 @@ def inject(messages: list[Any], snippets: list[str], role: str, hint_tool: str =
     else:
         target["content"] = f"{recalled}\n\n{content or ''}"
     return [*messages[:at], target, *messages[at + 1 :]]
+
+
+def recalled_block(snippets: list[str]) -> str:
+    """Recalled snippets as the model reads them: labelled as data, one per item."""
+    return RECALLED_HEADER + "\n" + "\n".join(f"- {s}" for s in snippets)
 
 
 def turn_text(user: str, assistant: str, limit: int) -> str:

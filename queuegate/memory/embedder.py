@@ -10,6 +10,7 @@ the idle time batch work uses.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -19,16 +20,13 @@ import msgspec
 from queuegate.errors import GatewayError
 from queuegate.proxy import CLIENT_CLOSED, Reply, RequestRecord
 
-EMBED_MAX_CHARS = 1200  # of a text, embedded (its start: a turn's question and the start of its answer)
+# Of a text, what is embedded: its start (a turn's question and the start of its answer), in UTF-8 bytes, so that
+# a text in any script stays within what a server takes in one batch (llama-server: 512 tokens by default).
+EMBED_MAX_BYTES = 1000
 
 
 class EmbeddingFailed(Exception):
-    """The model did not embed the texts. `rejected`: it refused them (a 4xx other than 429); trying again will
-    not help."""
-
-    def __init__(self, message: str, *, rejected: bool = False) -> None:
-        super().__init__(message)
-        self.rejected = rejected
+    """The model did not embed the texts (the message says how)."""
 
 
 class Handles(Protocol):
@@ -62,20 +60,18 @@ class FleetEmbedder:
         record = RequestRecord(
             request_id, "embeddings", client="memory", klass=klass, flow="memory", on_finish=self._on_finish
         )
-        body = msgspec.json.encode({"model": self.model, "input": [t[:EMBED_MAX_CHARS] for t in texts]})
+        body = msgspec.json.encode({"model": self.model, "input": [_start_of(t) for t in texts]})
         try:
             reply = await self._proxy.handle(record, body, {})
         except GatewayError as exc:
             record.finish(exc.status, error=exc.message)
-            rejected = 400 <= exc.status < 500 and exc.status != 429
-            raise EmbeddingFailed(f"{self.model}: {exc.message}", rejected=rejected) from None
+            raise EmbeddingFailed(f"{self.model}: {exc.message}") from None
         except BaseException:
             record.finish(CLIENT_CLOSED, error="memory stopped waiting")
             raise
         record.finish(reply.status)
         if reply.status != 200 or not isinstance(reply.body, bytes):
-            rejected = 400 <= reply.status < 500 and reply.status != 429
-            raise EmbeddingFailed(f"{self.model} answered {reply.status}", rejected=rejected)
+            raise EmbeddingFailed(f"{self.model} answered {reply.status}")
         return _vectors(reply.body, len(texts), self.model)
 
 
@@ -87,6 +83,12 @@ def _vectors(body: bytes, count: int, model: str) -> list[list[float]]:
         vectors = [[float(x) for x in item["embedding"]] for item in items]
     except (msgspec.DecodeError, KeyError, TypeError, ValueError):
         raise EmbeddingFailed(f"{model} answered no embeddings") from None
-    if len(vectors) != count or not all(vectors):
+    if len(vectors) != count:
         raise EmbeddingFailed(f"{model} answered {len(vectors)} embeddings for {count} texts")
+    if not all(v and all(map(math.isfinite, v)) and any(v) for v in vectors):
+        raise EmbeddingFailed(f"{model} answered an empty, zero or not finite embedding")
     return vectors
+
+
+def _start_of(text: str) -> str:
+    return text.encode()[:EMBED_MAX_BYTES].decode(errors="ignore")

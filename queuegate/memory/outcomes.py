@@ -7,6 +7,12 @@ import logging
 from collections import Counter
 
 log = logging.getLogger("queuegate.memory")
+# What an outage of an operation means for chats (the store's, unless named here).
+_OUTAGE = {
+    "embed_question": "memory embeddings failing; recalls rank by words alone meanwhile",
+    "embed_turns": "memory embeddings failing; remembered turns wait for their vectors (found by their words)",
+}
+_STORE_OUTAGE = "memory store failing; chats go on without memory"
 
 
 class Outcomes:
@@ -21,11 +27,11 @@ class Outcomes:
         self.counts[outcome] += count
         if operation in self._failing:
             self._failing.discard(operation)
-            log.info("memory store answering again", extra={"fields": {"operation": operation}})
+            log.info("memory answering again", extra={"fields": {"operation": operation}})
 
     def failed(self, operation: str, outcome: str, exc: BaseException, count: int = 1) -> None:
         self.counts[outcome] += count
         if operation not in self._failing:
             self._failing.add(operation)
             fields = {"operation": operation, "error": str(exc) or type(exc).__name__}
-            log.warning("memory store failing; chats go on without memory", extra={"fields": fields})
+            log.warning(_OUTAGE.get(operation, _STORE_OUTAGE), extra={"fields": fields})

@@ -24,11 +24,11 @@ import trio
 from queuegate.config import MemoryConfig
 from queuegate.memory.backends import Backend
 from queuegate.memory.context import (
-    RECALLED_HEADER,
     cut_at,
     inject,
     latest_user_text,
     query_text,
+    recalled_block,
     truncate,
     turn_text,
 )
@@ -44,6 +44,7 @@ LIST_LIMIT = 300  # chats `memory list` prints at most
 EXPIRE_EVERY_S = 3600.0
 MEMORY_TOOL = "memory_query"  # the tool a model gets (hint) to recall more of its own chat
 MAX_TOOL_K = 20  # snippets one memory_query call answers at most
+TOOL_RECALL_FACTOR = 5  # a memory_query call may take this many times [memory].timeout_ms
 _MEMORY_TOOL_DEFINITION = {
     "type": "function",
     "function": {
@@ -64,14 +65,18 @@ _MEMORY_TOOL_DEFINITION = {
 
 @dataclass(frozen=True, slots=True)
 class Recall:
-    """A chat request's memory: its namespace, its messages as forwarded, and the user's latest words."""
+    """A chat request's memory: its namespace, its messages as forwarded, the user's latest words, and whether the
+    model is offered `memory_query` (the recall worked, the chat remembers something, and `hint` asked for it)."""
 
     namespace: str
     messages: list[Any]
     user_text: str
+    offers_tool: bool = False
 
 
 class Memory:
+    tool_name = MEMORY_TOOL
+
     def __init__(self, config: MemoryConfig, backend: Backend, outcomes: Outcomes) -> None:
         """`outcomes`: shared with the backend, which counts its own (embeddings)."""
         self.config = config
@@ -126,7 +131,7 @@ class Memory:
 
     async def prepare(self, namespace: str, messages: list[Any], klass: str, *, hint: bool = False) -> Recall:
         """The messages to forward (see the module); `klass`: the request's (for what the recall queues); `hint`:
-        the model is offered `recall_tool` (one line tells it, when the chat remembers anything)."""
+        the model may be offered `recall_tool` (execute mode, the name free): one line tells it so."""
         user = latest_user_text(messages)
         question = query_text(messages)
         if not question:
@@ -152,8 +157,9 @@ class Memory:
             cut_turns = sum(1 for m in messages[:cut] if isinstance(m, dict) and m.get("role") == "user")
             if remembered is None or remembered >= cut_turns:
                 forwarded = truncate(messages, cut)
-        hint_tool = MEMORY_TOOL if hint and remembered != 0 else ""
-        return Recall(namespace, inject(forwarded, snippets, self.config.inject_role, hint_tool), user)
+        offers_tool = hint and remembered != 0
+        messages = inject(forwarded, snippets, self.config.inject_role, MEMORY_TOOL if offers_tool else "")
+        return Recall(namespace, messages, user, offers_tool)
 
     def recall_tool(self, namespace: str, klass: str) -> GatewayTool:
         """`memory_query` for one chat: the model searches that chat's memory (and no other)."""
@@ -184,6 +190,9 @@ class Memory:
                 raise TypeError
         except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
             return 'error: expected {"query": "what to look for", "k": 5}', "invalid"
+        # Bounded like a recall, if more loosely (a model waits for it), not by the tool call's timeout: it shares the
+        # store with every chat's recalls.
+        timeout_s = min(timeout_s, TOOL_RECALL_FACTOR * self.config.timeout_ms / 1000)
         with trio.move_on_after(timeout_s):
             try:
                 snippets, _ = await self.backend.recall(namespace, query, max(1, min(k, MAX_TOOL_K)), timeout_s, klass)
@@ -191,9 +200,7 @@ class Memory:
                 self.outcomes.failed("recall", "tool_recall_failed", exc)
                 return "error: memory is not answering", "error"
             self.outcomes.ok("recall", "tool_recalled")
-            if not snippets:
-                return "nothing found", "ok"
-            return RECALLED_HEADER + "\n" + "\n".join(f"- {s}" for s in snippets), "ok"
+            return (recalled_block(snippets) if snippets else "nothing found"), "ok"
         self.outcomes.failed("recall", "tool_recall_timeout", TimeoutError("memory_query: no answer in time"))
         return "error: memory did not answer in time", "timeout"
 

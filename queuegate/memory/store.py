@@ -26,10 +26,8 @@ import hashlib
 import math
 import os
 import re
-import string
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,12 +41,8 @@ CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)
 """
 FUSION_K = 60  # reciprocal rank fusion's constant (the usual one): rank r scores 1 / (FUSION_K + r)
 CANDIDATES = 4  # each ranking offers `CANDIDATES * k` turns to the fusion
-MATCHED_MAX = 500  # a chat's turns with any of the question's words that are ranked: its latest ones
-SCANNED_CHARS = 4000  # of a matched turn, what BM25 counts words in (its start: the question and its answer's start)
+MATCHED_MAX = 500  # a chat's turns with a word of the question that are ranked, at most (each word's latest)
 BM25_K1, BM25_B = 1.2, 0.75  # the usual BM25 parameters (FTS5's too)
-# Punctuation (and typographic quotes and dashes) to spaces, then split: the words a turn has, faster than a regex.
-_PUNCTUATION = string.punctuation + "\u201c\u201d\u2018\u2019\u00ab\u00bb\u2026\u2013\u2014\u00bf\u00a1"
-_WORDS_OF = str.maketrans(dict.fromkeys(_PUNCTUATION, " "))
 _WORD = re.compile(r"\w{2,}", re.UNICODE)
 MAX_QUERY_WORDS = 32
 PROGRESS_STEPS = 1000  # SQLite steps between two looks at a query's deadline
@@ -169,15 +163,19 @@ class MemoryStore:
         if stored.get("embed_model", "") == self._embed_model:
             self._dimensions = int(stored["dimensions"]) if "dimensions" in stored else None
             return
-        db.execute("BEGIN")
-        db.execute("DROP TABLE IF EXISTS vectors")
-        db.execute("DELETE FROM settings WHERE name = 'dimensions'")
-        db.execute("DELETE FROM pending")
-        db.execute("INSERT OR REPLACE INTO settings VALUES ('embed_model', ?)", (self._embed_model,))
-        if self._embed_model:
-            db.execute("INSERT INTO pending SELECT rowid FROM turns")
-        db.execute("COMMIT")
+        with self._transaction() as db:
+            db.execute("DROP TABLE IF EXISTS vectors")
+            db.execute("DELETE FROM settings WHERE name = 'dimensions'")
+            db.execute("DELETE FROM pending")
+            db.execute("INSERT OR REPLACE INTO settings VALUES ('embed_model', ?)", (self._embed_model,))
+            if self._embed_model:
+                db.execute("INSERT INTO pending SELECT rowid FROM turns")
         self._dimensions = None
+
+    @property
+    def has_vectors(self) -> bool:
+        """Whether any turn has its vector (else a question's vector would find nothing)."""
+        return self._dimensions is not None
 
     def close(self) -> None:
         with self._lock:
@@ -201,64 +199,73 @@ class MemoryStore:
             query = "SELECT turn, text FROM pending JOIN turns ON turns.rowid = pending.turn ORDER BY turn LIMIT ?"
             return [(int(turn), text) for turn, text in self._connection().execute(query, (limit,))]
 
-    def add_vectors(self, vectors: list[tuple[int, list[float] | None]]) -> None:
-        """Store the vectors of pending turns (None: the model could not embed it; it stays keyword-only). A
-        dimension other than the table's starts it again (every turn is owed its vector anew)."""
-        with self._lock, self._transaction() as db:
-            dimensions = next((len(v) for _, v in vectors if v), None)
-            if dimensions is not None and dimensions != self._dimensions:
-                db.execute("DROP TABLE IF EXISTS vectors")
-                db.execute(
-                    "CREATE VIRTUAL TABLE vectors USING vec0("
-                    f"ns TEXT PARTITION KEY, embedding FLOAT[{dimensions}] DISTANCE_METRIC=cosine)"
-                )
-                db.execute("INSERT OR REPLACE INTO settings VALUES ('dimensions', ?)", (str(dimensions),))
-                db.execute("INSERT OR REPLACE INTO pending SELECT rowid FROM turns")
-                self._dimensions = dimensions
-            for turn, vector in vectors:
-                db.execute("DELETE FROM pending WHERE turn = ?", (turn,))
-                if vector is None or len(vector) != self._dimensions:
-                    continue
-                found = db.execute("SELECT ns FROM turns WHERE rowid = ?", (turn,)).fetchone()
-                if found is not None:  # (a turn forgotten meanwhile gets no vector)
-                    db.execute("DELETE FROM vectors WHERE rowid = ?", (turn,))
-                    vector_blob = sqlite_vec.serialize_float32(vector)
+    def add_vectors(self, vectors: list[tuple[int, str, list[float] | None]]) -> None:
+        """Store the vectors of pending turns, given as (turn, its text as `pending` gave it, vector); None: the
+        model cannot embed it (it stays found by its words only). A turn that is no longer that text (forgotten
+        meanwhile, its rowid taken by a new turn) gets nothing. A dimension other than the table's starts it again
+        (every turn is owed its vector anew)."""
+        with self._lock:
+            dimensions = next((len(v) for _, _, v in vectors if v), self._dimensions)
+            with self._transaction() as db:
+                if dimensions != self._dimensions:
+                    db.execute("DROP TABLE IF EXISTS vectors")
                     db.execute(
-                        "INSERT INTO vectors(rowid, ns, embedding) VALUES (?, ?, ?)", (turn, found[0], vector_blob)
+                        "CREATE VIRTUAL TABLE vectors USING vec0("
+                        f"ns TEXT PARTITION KEY, embedding FLOAT[{dimensions}] DISTANCE_METRIC=cosine)"
                     )
+                    db.execute("INSERT OR REPLACE INTO settings VALUES ('dimensions', ?)", (str(dimensions),))
+                    db.execute("INSERT OR REPLACE INTO pending SELECT rowid FROM turns")
+                for turn, text, vector in vectors:
+                    found = db.execute("SELECT ns, text FROM turns WHERE rowid = ?", (turn,)).fetchone()
+                    if found is None or found[1] != text:
+                        continue  # (forgotten meanwhile; a new turn that took its rowid is still pending)
+                    db.execute("DELETE FROM pending WHERE turn = ?", (turn,))
+                    if vector is not None and len(vector) == dimensions:
+                        db.execute("DELETE FROM vectors WHERE rowid = ?", (turn,))
+                        blob = sqlite_vec.serialize_float32(vector)
+                        db.execute("INSERT INTO vectors(rowid, ns, embedding) VALUES (?, ?, ?)", (turn, found[0], blob))
+            self._dimensions = dimensions  # (once committed)
 
     def count(self, namespace: str) -> int:
         """How many turns a namespace remembers."""
         with self._lock:
-            return self._count(self._connection(), _token(namespace))
+            return self._count(self._connection(), f'ns : "{_token(namespace)}"')
 
-    def _turns_to_rank(
-        self, db: sqlite3.Connection, token: str, words: list[str]
-    ) -> tuple[list[tuple[int, str]], dict[str, int]]:
-        """(rowid, start of text) of the chat's turns to rank, and for each word how many of the chat's turns have
-        it. A chat of up to MATCHED_MAX turns: all of them (reading them is cheaper than matching words whose rows
-        fill the store). A longer chat: each word's latest turns, a share of MATCHED_MAX each (a word every turn has
-        cannot crowd out a rare one)."""
-        query = "SELECT rowid, substr(text, 1, ?) FROM turns WHERE turns MATCH ? ORDER BY rowid DESC LIMIT ?"
+    def _keyword_ranking(self, db: sqlite3.Connection, token: str, words: list[str], common: bool) -> list[int]:
+        """The chat's turns that have a word of the question, best first by BM25 over the chat itself: a word's
+        weight from how many of the chat's turns have it, a turn's score from the words it has and its length
+        (every word counted once: what FTS5 matched, by its own tokenizer, accents and all). Each word brings its
+        latest turns, a share of MATCHED_MAX (a word every turn has cannot crowd a rare one out). `common`: words
+        most of the chat's turns have still rank (a little); else they rank nothing. Ties: the latest first."""
         chat = f'ns : "{token}"'
-        if self._count(db, token) <= MATCHED_MAX:
-            rows = db.execute(query, (SCANNED_CHARS, chat, MATCHED_MAX)).fetchall()
-            return rows, {}
+        total = self._count(db, chat)
         share = max(MATCHED_MAX // len(words), 20)
-        found: dict[int, str] = {}
-        having: dict[str, int] = {}
+        having: dict[str, list[int]] = {}
+        weights: dict[str, float] = {}
         for word in words:
             match = f'{chat} AND text : "{word}"'
-            rows = db.execute(query, (SCANNED_CHARS, match, share)).fetchall()
-            found.update(rows)
-            having[word] = len(rows) if len(rows) < share else self._count(db, token, match)
-        return sorted(found.items(), reverse=True), having
+            query = "SELECT rowid FROM turns WHERE turns MATCH ? ORDER BY rowid DESC LIMIT ?"
+            rowids = [rowid for (rowid,) in db.execute(query, (match, share))]
+            turns = len(rowids) if len(rowids) < share else self._count(db, match)
+            if rowids and (common or turns <= total / 2):
+                having[word] = rowids
+                weights[word] = math.log(1 + (total - turns + 0.5) / (turns + 0.5))
+        found = sorted({rowid for rowids in having.values() for rowid in rowids})
+        if not found:
+            return []
+        lengths = dict(db.execute(f"SELECT rowid, length(text) FROM turns WHERE rowid IN ({_marks(found)})", found))
+        average = sum(lengths.values()) / len(lengths) or 1.0
+        scores = dict.fromkeys(found, 0.0)
+        for word, rowids in having.items():
+            for rowid in rowids:
+                norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths.get(rowid, average) / average)
+                scores[rowid] += weights[word] * (BM25_K1 + 1) / (1 + norm)
+        return sorted(found, key=lambda rowid: (-scores[rowid], -rowid))
 
     @staticmethod
-    def _count(db: sqlite3.Connection, token: str, match: str = "") -> int:
-        """How many of the chat's turns match (all of them, without `match`)."""
-        query = "SELECT count(*) FROM turns WHERE turns MATCH ?"
-        return int(db.execute(query, (match or f'ns : "{token}"',)).fetchone()[0])
+    def _count(db: sqlite3.Connection, match: str) -> int:
+        """How many turns match."""
+        return int(db.execute("SELECT count(*) FROM turns WHERE turns MATCH ?", (match,)).fetchone()[0])
 
     def recall(
         self, namespace: str, question: str, k: int, deadline: float = math.inf, vector: list[float] | None = None
@@ -269,28 +276,23 @@ class MemoryStore:
         found = (w.lower() for w in _WORD.findall(question))
         words = list(dict.fromkeys(w for w in found if w not in STOP_WORDS))[:MAX_QUERY_WORDS]
         token = _token(namespace)
-        use_vector = vector is not None and len(vector) == self._dimensions
-        if not words and not use_vector:
-            return []
-        candidates = k * CANDIDATES if use_vector else k
         with self._lock:
             db = self._connection()
+            use_vector = vector is not None and len(vector) == self._dimensions
+            if not words and not use_vector:
+                return []
             db.set_progress_handler(lambda: time.monotonic() > deadline, PROGRESS_STEPS)
             try:
-                rankings: list[list[int]] = []
-                if words:
-                    # Fused with vectors, words most of the chat's turns have rank nothing (the meaning decides).
-                    matched, having = self._turns_to_rank(db, token, words)
-                    total = self._count(db, token)
-                    rankings.append(_bm25(matched, words, total, having, common_rank=not use_vector))
+                by_meaning: list[int] = []
                 if use_vector:
                     query = "SELECT rowid FROM vectors WHERE embedding MATCH ? AND k = ? AND ns = ? ORDER BY distance"
                     blob = sqlite_vec.serialize_float32(vector)
-                    rankings.append([rowid for (rowid,) in db.execute(query, (blob, candidates, token))])
-                best = _fused(rankings)[:k]
-                texts = dict(
-                    db.execute(f"SELECT rowid, text FROM turns WHERE rowid IN ({','.join('?' * len(best))})", best)
-                )
+                    by_meaning = [rowid for (rowid,) in db.execute(query, (blob, k * CANDIDATES, token))]
+                # With turns found by meaning, words most of the chat's turns have rank nothing (the meaning decides).
+                by_words = self._keyword_ranking(db, token, words, common=not by_meaning) if words else []
+                best = _fused([by_words[: k * CANDIDATES], by_meaning])[:k]
+                query = f"SELECT rowid, text FROM turns WHERE rowid IN ({_marks(best)}) AND namespace = ?"
+                texts = dict(db.execute(query, (*best, namespace)))
                 return [texts[rowid] for rowid in best if rowid in texts]
             finally:
                 db.set_progress_handler(None, 0)
@@ -353,32 +355,9 @@ class MemoryStore:
         return self._db
 
 
-def _bm25(
-    matched: list[tuple[int, str]], words: list[str], total: int, having: dict[str, int], *, common_rank: bool
-) -> list[int]:
-    """The matched turns (rowid, text; latest first) that have any of the words, best first by BM25 over the chat:
-    `total` turns, a word's weight from how many of them have it (`having`, else counted in `matched`).
-    `common_rank`: words that most of the chat's turns have still rank (a little); else they rank nothing. Ties:
-    the latest first."""
-    counted = [(rowid, Counter(text.lower().translate(_WORDS_OF).split())) for rowid, text in matched]
-    if not counted:
-        return []
-    average = sum(sum(c.values()) for _, c in counted) / len(counted) or 1.0
-    weights = {}
-    for word in words:
-        turns = having.get(word) or sum(1 for _, c in counted if word in c)
-        if turns and (common_rank or turns <= total / 2):
-            weights[word] = math.log(1 + (total - turns + 0.5) / (turns + 0.5))
-    scores: dict[int, float] = {}
-    for rowid, counts in counted:
-        length = sum(counts.values())
-        norm = BM25_K1 * (1 - BM25_B + BM25_B * length / average)
-        score = sum(
-            w * counts[word] * (BM25_K1 + 1) / (counts[word] + norm) for word, w in weights.items() if word in counts
-        )
-        if score > 0:
-            scores[rowid] = score
-    return sorted(scores, key=lambda rowid: -scores[rowid])
+def _marks(values: list[int]) -> str:
+    """The placeholders of an SQL list of values: ?,?,?"""
+    return ",".join("?" * len(values))
 
 
 def _fused(rankings: list[list[int]]) -> list[int]:

@@ -84,7 +84,7 @@ class ToolHandling(Protocol):
 
     def suppresses(self, route_mode: str | None, spec: ModelSpec) -> bool: ...
 
-    def executes(self, route_mode: str | None, spec: ModelSpec, body: dict[str, Any]) -> bool: ...
+    def offers(self, name: str, route_mode: str | None, spec: ModelSpec, body: dict[str, Any]) -> bool: ...
 
 
 class Proxy:
@@ -138,12 +138,13 @@ class Proxy:
         # A chat known only by its start (the same "hi" opens many) is also scoped by who asks.
         scope = record.flow if chat.startswith("hash:") else None
         namespace = memory.namespace(key, record.session, chat, scope)
-        # In execute mode the model may also search the chat's memory itself (`hint`).
-        hint = memory.config.hint and self.tools is not None and self.tools.executes(tool_mode, spec, request.body)
+        # In execute mode the model may also search the chat's memory itself (`hint`), unless the name is taken.
+        tools, body = self.tools, request.body
+        hint = memory.config.hint and tools is not None and tools.offers(memory.tool_name, tool_mode, spec, body)
         recall = await memory.prepare(namespace, request.body["messages"], record.klass, hint=hint)
         request = forwarding(request, {**request.body, "messages": recall.messages})
         record.prompt_chars = request.prompt_chars
-        own_tools = [memory.recall_tool(namespace, record.klass)] if hint else []
+        own_tools = [memory.recall_tool(namespace, record.klass)] if recall.offers_tool else []
         reply = await self._serve(record, request, spec, headers, tool_mode, tasks, chat, own_tools)
         if isinstance(reply.body, bytes):
             if (text := answer_text(reply, record.stream)) is not None:

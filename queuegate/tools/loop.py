@@ -94,10 +94,15 @@ class ToolPolicy:
         """Whether tools are kept from the upstream (also on the plain way)."""
         return self.mode_for(route_mode, spec.tools) == "suppress"
 
-    def executes(self, route_mode: str | None, spec: ModelSpec, body: dict[str, Any]) -> bool:
-        """Whether the request's tool calls run here (so gateway tools may be offered to it)."""
+    def offers(self, name: str, route_mode: str | None, spec: ModelSpec, body: dict[str, Any]) -> bool:
+        """Whether a gateway tool of this name would be offered to the request: its tool calls run here, and
+        neither the client nor a tool server offers a tool of that name (theirs win)."""
         mode = self.mode_for(route_mode, spec.tools)
-        return mode == "execute" and _loop_answers(mode, body)
+        if mode != "execute" or not _loop_answers(mode, body):
+            return False
+        tools = body.get("tools")
+        client = {_tool_name(t) for t in tools if isinstance(t, dict)} if isinstance(tools, list) else set()
+        return name not in client and self.servers.server_of(name) is None
 
     def loop_for(
         self,
