@@ -16,8 +16,6 @@ import argparse
 import contextlib
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import trio
-from benchlib import start_server
+from benchlib import running
 
 from queuegate.config import MemoryConfig
 from queuegate.memory.backends import BuiltinBackend
@@ -70,32 +68,18 @@ def fill(path: Path, rows: int, namespace: str) -> None:
 
 @contextlib.contextmanager
 def gateways(rows: list[int]) -> Iterator[dict[str, str]]:
-    py = sys.executable
-    started: list[subprocess.Popen[str]] = []
-    try:
-        sim, sim_url = start_server([py, "-m", "queuegate.sim", "--port", "0", "--tokens-per-s", "0"])
-        started.append(sim)
+    """A gateway with memory off, and one with memory on over a store of each size (base URLs by name)."""
+    with running() as started:
+        sim_url = started.sim("--tokens-per-s", "0")
         urls = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, filled in [("off", None), *((f"on, {n:,} turns stored", n) for n in rows)]:
-                state = Path(tmp) / name.replace(" ", "_").replace(",", "")
-                memory = "[memory]\nenabled = true\nupsert = false\ntimeout_ms = 2000\n" if filled is not None else ""
-                if filled is not None:
-                    fill(state / "memory.sqlite3", filled, "key=- session=- id:bench")
-                config = Path(tmp) / f"{state.name}.toml"
-                config.write_text(
-                    f'[server]\nlisten = "127.0.0.1:0"\nstate_dir = "{state}"\n[usage]\nenabled = false\n'
-                    f'[models.bench]\nupstreams = ["{sim_url}/v1"]\nkind = "llamacpp"\n{memory}'
-                )
-                process, url = start_server([py, "-m", "queuegate.cli", "run", "--config", str(config)])
-                started.append(process)
-                urls[name] = url
-            yield urls
-    finally:
-        for process in started:
-            process.terminate()
-        for process in started:
-            process.wait(10)
+        for name, filled in [("off", None), *((f"on, {n:,} turns stored", n) for n in rows)]:
+            folder = name.replace(" ", "_").replace(",", "")
+            memory = "[memory]\nenabled = true\nupsert = false\ntimeout_ms = 2000\n" if filled is not None else ""
+            if filled is not None:
+                fill(started.folder / folder / "memory.sqlite3", filled, "key=- session=- id:bench")
+            model = f'[models.bench]\nupstreams = ["{sim_url}/v1"]\nkind = "llamacpp"\n'
+            urls[name] = started.gateway(folder, model + memory)
+        yield urls
 
 
 def turn_latency(urls: dict[str, str], turns: int) -> None:

@@ -17,17 +17,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import msgspec
 import trio
-from benchlib import drive, start_server
+from benchlib import drive, running
 
 MODELS = [f"m{i}" for i in range(10)]
 NODE_KEY = "bench-node-key"
@@ -43,36 +39,15 @@ def body(model: str) -> bytes:
 def servers() -> Iterator[tuple[list[str], str, str]]:
     """Two instant model servers (the nodes'), a gateway with every model configured on both, and a gateway with
     no model and a node key (base URLs)."""
-    py = sys.executable
-    started: list[subprocess.Popen[str]] = []
-    try:
-        sims = []
-        for _ in range(2):
-            sim, url = start_server([py, "-m", "queuegate.sim", "--port", "0", "--tokens-per-s", "0"])
-            started.append(sim)
-            sims.append(url)
+    with running() as started:
+        sims = [started.sim("--tokens-per-s", "0") for _ in range(2)]
         upstreams = ", ".join(f'"{url}/v1"' for url in sims)
-        static = "".join(
+        queue = "[queue]\nmax_size = 4096\n"
+        static = queue + "".join(
             f'[models.{m}]\nupstreams = [{upstreams}]\nkind = "llamacpp"\nmax_concurrency = 64\n' for m in MODELS
         )
-        nodes = f'[node_keys.bench]\nkey = "{NODE_KEY}"\n[nodes]\nstale_after_s = 600\n'
-        gateways = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, extra in (("static", static), ("nodes", nodes)):
-                config = Path(tmp) / f"{name}.toml"
-                config.write_text(
-                    f'[server]\nlisten = "127.0.0.1:0"\nstate_dir = "{name}"\n[usage]\nenabled = false\n'
-                    f"[queue]\nmax_size = 4096\n{extra}"
-                )
-                gateway, url = start_server([py, "-m", "queuegate.cli", "run", "--config", str(config)])
-                started.append(gateway)
-                gateways.append(url)
-            yield sims, gateways[0], gateways[1]
-    finally:
-        for process in started:
-            process.terminate()
-        for process in started:
-            process.wait(10)
+        nodes = queue + f'[node_keys.bench]\nkey = "{NODE_KEY}"\n[nodes]\nstale_after_s = 600\n'
+        yield sims, started.gateway("static", static), started.gateway("nodes", nodes)
 
 
 def register(client: httpx.Client, gateway: str, node: str, url: str, models: list[str]) -> None:

@@ -17,17 +17,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import msgspec
 import trio
-from benchlib import drive, start_server
+from benchlib import drive, running
 
 CALL = 'CALL 1 calculate {"expression": "6*7"}'
 CALCULATE = {
@@ -45,31 +41,14 @@ STREAM_BODY = msgspec.json.encode(
 @contextlib.contextmanager
 def servers() -> Iterator[tuple[str, str, str, str]]:
     """The instant model, the tool server, a gateway without tools and one with the tool server (base URLs)."""
-    py = sys.executable
-    started: list[subprocess.Popen[str]] = []
-    try:
-        sim, sim_url = start_server([py, "-m", "queuegate.sim", "--port", "0", "--tokens-per-s", "0"])
-        started.append(sim)
-        tools, tools_url = start_server([py, "-m", "queuegate.sim", "--port", "0", "--tool-server"])
-        started.append(tools)
-        gateways = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, extra in (("plain", ""), ("tools", f'[tools.servers.bench]\nurl = "{tools_url}"\n')):
-                config = Path(tmp) / f"{name}.toml"
-                config.write_text(
-                    f'[server]\nlisten = "127.0.0.1:0"\nstate_dir = "{name}"\n[usage]\nenabled = false\n'
-                    f'[queue]\nmax_size = 4096\n[models.bench]\nupstreams = ["{sim_url}/v1"]\nkind = "llamacpp"\n'
-                    f"max_concurrency = 64\n{extra}"
-                )
-                gateway, url = start_server([py, "-m", "queuegate.cli", "run", "--config", str(config)])
-                started.append(gateway)
-                gateways.append(url)
-            yield sim_url, tools_url, gateways[0], gateways[1]
-    finally:
-        for process in started:
-            process.terminate()
-        for process in started:
-            process.wait(10)
+    with running() as started:
+        sim_url = started.sim("--tokens-per-s", "0")
+        tools_url = started.sim("--tool-server")
+        model = f'[queue]\nmax_size = 4096\n[models.bench]\nupstreams = ["{sim_url}/v1"]\nkind = "llamacpp"\n'
+        model += "max_concurrency = 64\n"
+        plain = started.gateway("plain", model)
+        with_tools = started.gateway("tools", model + f'[tools.servers.bench]\nurl = "{tools_url}"\n')
+        yield sim_url, tools_url, plain, with_tools
 
 
 def direct_round(client: httpx.Client, sim: str, tools: str) -> str:

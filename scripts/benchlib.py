@@ -38,6 +38,47 @@ def start_server(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
     raise RuntimeError(f"{argv} exited before it was ready")
 
 
+class Servers:
+    """Processes a benchmark starts (simulators, gateways from config text), each stopped when the `running()`
+    block ends; gateway configs and state live in a temporary folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._started: list[subprocess.Popen[str]] = []
+
+    def sim(self, *args: str) -> str:
+        """A `queuegate.sim` (an instant model unless `args` say otherwise); its base URL (without /v1)."""
+        process, url = start_server([sys.executable, "-m", "queuegate.sim", "--port", "0", *args])
+        self._started.append(process)
+        return url
+
+    def gateway(self, name: str, toml: str) -> str:
+        """`queuegate run` with a config of [server] (loopback, state in the folder), no usage, and `toml`."""
+        config = self.folder / f"{name}.toml"
+        config.write_text(
+            f'[server]\nlisten = "127.0.0.1:0"\nstate_dir = "{self.folder / name}"\n[usage]\nenabled = false\n{toml}'
+        )
+        process, url = start_server([sys.executable, "-m", "queuegate.cli", "run", "--config", str(config)])
+        self._started.append(process)
+        return url
+
+    def stop(self) -> None:
+        for process in self._started:
+            process.terminate()
+        for process in self._started:
+            process.wait(10)
+
+
+@contextlib.contextmanager
+def running() -> Iterator[Servers]:
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = Servers(Path(tmp))
+        try:
+            yield servers
+        finally:
+            servers.stop()
+
+
 @contextlib.contextmanager
 def instant_sim_behind_gateway(
     *, max_concurrency: int, log_level: str = "info", extra_toml: str = ""
