@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--demo", action="store_true", help="start a simulated fleet (no GPU needed) and serve it")
     run.add_argument("--listen", help="host:port, overrides [server].listen")
 
+    node = commands.add_parser(
+        "node", help="serve this host's models as a node of a gateway (the config's [node] names the gateway)"
+    )
+    _config_option(node)
+    node.add_argument("--listen", help="host:port, overrides [server].listen")
+
     check = commands.add_parser("check", help="validate a config and print the resolved models")
     _config_option(check)
 
@@ -173,6 +179,18 @@ def _limits(rpm: int | None, tpm: int | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "node":
+        if not Path(args.config).exists():
+            print(f"queuegate: no config at {args.config} (a node's config has a [node] section)", file=sys.stderr)
+            return 2
+        if load_config(args.config).node is None:
+            print(
+                f"queuegate: {args.config} has no [node] section: name the node, its gateway and the environment "
+                "variable holding its node key (see README, Nodes)",
+                file=sys.stderr,
+            )
+            return 2
+        args.demo = False
     if not args.demo and not Path(args.config).exists():
         print(
             f"queuegate: no config at {args.config}. Write one with `queuegate init`, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ from queuegate.memory.outcomes import Outcomes
 from queuegate.memory.service import Memory
 from queuegate.memory.store import MemoryStore
 from queuegate.metrics import Metrics
+from queuegate.nodes.agent import NodeAgent
 from queuegate.nodes.registry import NodeRegistry
 from queuegate.proxy import (
     ActiveRequests,
@@ -177,7 +179,6 @@ class Daemon:
             cfg.affinity.header,
             max_answer_bytes=int(up.max_answer_mb * 2**20),
             tools=ToolPolicy(cfg.tools, self.tool_servers, self.metrics),
-            nodes=self.nodes,
         )
         # Chat memory goes through the proxy it serves (its embeddings are requests like any other).
         self.memory = self.proxy.memory = _memory(
@@ -186,6 +187,11 @@ class Daemon:
         self.fleet.add_listener(self.metrics.observe_transition)
         canonical = {name: catalog.canonical(name) for name in catalog.public_names()}
         self.keyring = KeyRing.from_config(cfg, canonical)
+        self.node_agent: NodeAgent | None = None
+        if cfg.node is not None:  # a node of another gateway: its requests come with a key made for this run
+            gateway_key = secrets.token_urlsafe(32)
+            self.keyring = self.keyring.with_key("gateway", gateway_key, cfg.queue.classes[0])
+            self.node_agent = NodeAgent(cfg.node, catalog, gateway_key, self._health_client, os.environ)
         self._active = ActiveRequests()
         self._in_flight = InFlight()
         app = create_app(
@@ -268,6 +274,8 @@ class Daemon:
             if self.memory is not None:
                 await nursery.start(self.memory.run)  # a tool name two servers offer fails the start
             self._base_url = await nursery.start(self._serve, endpoints.http, nursery)
+            if self.node_agent is not None:
+                await nursery.start(self.node_agent.run, self._base_url, self._shutdown)
             self._started_at = time.time()
             admin = AdminServer(
                 endpoints.admin,

@@ -64,6 +64,12 @@ def request_lines(caplog) -> list[dict]:
     return [r.fields for r in caplog.records if r.getMessage() == "request"]
 
 
+def children(pid: int) -> list[str]:
+    """The pids of a process's children."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return found.stdout.split()
+
+
 def running(pid: int | str) -> bool:
     """Whether the process runs (a zombie waiting to be reaped counts as gone)."""
     try:
@@ -117,14 +123,16 @@ class RunningDaemon:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=20)
 
 
-async def start_daemon(nursery: trio.Nursery, *args: str, env: dict[str, str] | None = None) -> RunningDaemon:
-    """`queuegate run ARGS` in a fresh folder of its own (its default state, the admin socket, goes there: never
-    the checkout's, where a user's demo may be running). It is stopped when the test ends however it ends, and
-    dies with the test process even if that is killed (a lifeline of its own)."""
-    cwd = tempfile.mkdtemp(prefix="queuegate-test-")
+async def start_daemon(
+    nursery: trio.Nursery, *args: str, env: dict[str, str] | None = None, command: str = "run", cwd: str | None = None
+) -> RunningDaemon:
+    """`queuegate run ARGS` (or another `command`) in a fresh folder of its own, or `cwd` (its default state, the
+    admin socket, goes there: never the checkout's, where a user's demo may be running). It is stopped when the
+    test ends however it ends, and dies with the test process even if that is killed (a lifeline of its own)."""
+    cwd = cwd or tempfile.mkdtemp(prefix="queuegate-test-")
     lifeline = await nursery.start(Lifeline().run)
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "queuegate.cli", "run", *args],
+        [sys.executable, "-m", "queuegate.cli", command, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})},

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import trio
 
 from tests.helpers import (
     IDLE_PAST_EVERY_TIMER_S,
+    children,
     in_thread,
     running,
     start_daemon,
@@ -23,11 +23,6 @@ from tests.helpers import (
     stuck_stream,
     wait_until,
 )
-
-
-def children(pid: int) -> list[str]:
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
-    return found.stdout.split()
 
 
 def pids_named(pids: list[str], text: bytes) -> list[str]:

@@ -530,7 +530,8 @@ def test_a_next_round_counts_against_its_keys_tokens_but_is_not_a_new_request():
 
 def test_upstreams_join_and_leave_at_runtime_without_cutting_requests_in_flight():
     core = core_with(("m#0", "m", 1))
-    assert core.add_upstream("n@box", "n", 1, 0.0) == [] and core.serves("n")  # a new model, loading at first
+    assert core.add_upstream("n@box", "n", 1, 0.0) == []  # a new model, loading at first
+    assert [m.name for m in core.statistics(0.0).models] == ["m", "n"]
     waiting = ticket(0.0, model="n")
     assert core.submit(waiting, 0.0) == [] and not waiting.decided  # it waits for the upstream to be ready
     assert core.set_upstream_state("n@box", READY, "ok", 1.0) == [waiting] and waiting.upstream_id == "n@box"
@@ -539,8 +540,9 @@ def test_upstreams_join_and_leave_at_runtime_without_cutting_requests_in_flight(
     # The node leaves: the waiting request can go nowhere (told now); the one in flight keeps its slot.
     assert core.remove_upstream("n@box", 2.0) == [queued] and isinstance(queued.rejection, ModelUnavailable)
     assert "has no upstream now" in str(queued.rejection)
-    assert core.serves("n")  # (until its request in flight is done)
-    assert core.release(waiting, 3.0) == [] and not core.serves("n")
+    [_, n] = core.statistics(2.0).models
+    assert n.in_service == 1 and n.upstreams == []  # (known until its request in flight is done)
+    assert core.release(waiting, 3.0) == [] and [m.name for m in core.statistics(3.0).models] == ["m"]
     late = ticket(4.0, model="n")
     assert core.submit(late, 4.0) == [late] and isinstance(late.rejection, ModelUnavailable)
     with pytest.raises(KeyError):

@@ -63,7 +63,7 @@ def check_config(config: Config, source: str, env: Any) -> None:
                 fail(f"models.{name}.defaults.{key}", f"`{key}` cannot have a default; the client sets it")
     _check_tools(config, env, fail)
     _check_memory(config, owners, fail)
-    _check_nodes(config, fail)
+    _check_nodes(config, env, fail)
     _check_keys(config, owners, env, fail)
     try:
         usage_timezone(config)
@@ -120,7 +120,17 @@ def _check_memory(config: Config, model_names: Any, fail: Any) -> None:
         )
 
 
-def _check_nodes(config: Config, fail: Any) -> None:
+def _check_nodes(config: Config, env: Any, fail: Any) -> None:
+    node = config.node
+    if node is not None:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", node.name):
+            fail("node.name", f"a node name may use letters, digits and . _ - (at most 64), got {node.name!r}")
+        for key in ("gateway", "advertise"):
+            url = getattr(node, key)
+            if (url or key == "gateway") and not re.match(r"^https?://[^/\s]+/?$", url):
+                fail(f"node.{key}", f"expected a base URL such as http://10.0.0.2:8080 (no path), got {url!r}")
+        if not env.get(node.key_env):
+            fail("node.key_env", f"environment variable {node.key_env} is not set (it holds this node's key)")
     for i, network in enumerate(config.nodes.allow_networks):
         try:
             ipaddress.ip_network(network)

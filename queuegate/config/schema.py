@@ -224,6 +224,17 @@ class NodesConfig(_Section):
     )
 
 
+class NodeConfig(_Section):
+    """This QueueGate is a node of another gateway (`queuegate node`): it serves its own models (launching and
+    swapping them on its own devices) and registers them with the gateway, heartbeat after heartbeat."""
+
+    name: str  # how the gateway names this node (letters, digits, . _ -)
+    gateway: str  # the gateway's base URL, e.g. http://10.0.0.2:8080
+    key_env: str  # the environment variable holding this node's key (a [node_keys] entry of the gateway)
+    advertise: str = ""  # the URL the gateway reaches this node at; "" = http://<[server].listen>
+    heartbeat_s: PositiveFloat = 10.0  # how often the registration is sent again (stale after 3 missed)
+
+
 class KeyConfig(_SecretConfig):
     """A client API key: its secret (inline or, better, from the environment), its class and the models it may use."""
 
@@ -247,6 +258,7 @@ class Config(_Section):
     tools: ToolsConfig = msgspec.field(default_factory=ToolsConfig)
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
     nodes: NodesConfig = msgspec.field(default_factory=NodesConfig)
+    node: NodeConfig | None = None  # set: this daemon is a node of another gateway
     devices: dict[str, DeviceConfig] = {}
     keys: dict[str, KeyConfig] = {}
     node_keys: dict[str, NodeKeyConfig] = {}

@@ -222,12 +222,26 @@ def template_tables() -> list[Table]:
                     "its upstreams take no requests (the error names the node) until its next heartbeat.",
                     "forget_after_s": "Stale this long, a node is forgotten: its upstreams are removed, with the\n"
                     "models only it served, and its name is free again.",
-                    "wait_s": "A request whose model only stale nodes serve waits this long for one to come back;\n"
-                    "0 = 503 at once (with Retry-After and the node's name).",
+                    "wait_s": "After a node turns stale, requests for its models wait this long for it to come back\n"
+                    "(queued); then, and with 0 at once, they get 503 with Retry-After and the node's name.",
                     "allow_networks": "Where a registered base URL may point (its host must resolve only to these):\n"
                     "a stolen node key cannot send traffic elsewhere. Default: loopback and private ranges.",
                 },
             ),
+        ),
+        Table(
+            "node",
+            "Only in a node's own config (`queuegate node`): this host serves its [models] (launched and swapped on\n"
+            "its [devices] as usual) as a node of the gateway named here, and registers them there every heartbeat.\n"
+            "Its API then takes the gateway's requests (with a key made for each run) and those of its own [keys].",
+            [
+                Key("name", "box1", "Required. How the gateway names this node (letters, digits, . _ -)."),
+                Key("gateway", "http://10.0.0.2:8080", "Required. The gateway's base URL."),
+                Key("key_env", "BOX1_NODE_KEY", "Required. Environment variable holding this node's key."),
+                Key("advertise", "http://10.0.0.5:8090", 'Where the gateway reaches it; "" = its listen address.'),
+                Key("heartbeat_s", 10.0, "How often it registers again (stale at the gateway after 3 missed)."),
+            ],
+            optional=True,
         ),
         Table(
             "node_keys.box1",

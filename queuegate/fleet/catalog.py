@@ -194,11 +194,18 @@ def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str], free_port: C
 
 
 def make_upstream(
-    upstream_id: str, model: str, url: str, health_path: str, capacity: int, api_key: str | None = None
+    upstream_id: str,
+    model: str,
+    url: str,
+    health_path: str,
+    capacity: int,
+    api_key: str | None = None,
+    host: str | None = None,
 ) -> Upstream:
-    """An upstream at base URL `url` ("" health path: not checked), its request headers made once."""
+    """An upstream at base URL `url` ("" health path: not checked), its request headers made once. `host`: the
+    Host header, when `url` names the server by its address."""
     headers = [
-        (b"host", urlsplit(url).netloc.rsplit("@", 1)[-1].encode()),
+        (b"host", (host or urlsplit(url).netloc.rsplit("@", 1)[-1]).encode()),
         (b"content-type", b"application/json"),
         (b"user-agent", b"queuegate"),
     ]

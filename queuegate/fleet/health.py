@@ -46,7 +46,7 @@ class HealthMonitor:
         self._state: dict[str, UpstreamState] = {}
         self._hold_until: dict[str, float] = {}  # upstreams that answered 503: no check before then
         self._nursery: trio.Nursery | None = None
-        self._watching: dict[str, trio.CancelScope] = {}  # the upstreams added at runtime (`watch`)
+        self._watching: dict[str, tuple[Upstream, trio.CancelScope]] = {}  # the upstreams added at runtime (`watch`)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check every upstream once (concurrently), report ready, then keep watching until cancelled."""
@@ -64,7 +64,8 @@ class HealthMonitor:
         """Start watching an upstream added at runtime: checked at once, then as any other."""
         assert self._nursery is not None, "watch() after run() started"
         self.unwatch(upstream.id)
-        scope = self._watching[upstream.id] = trio.CancelScope()
+        scope = trio.CancelScope()
+        self._watching[upstream.id] = (upstream, scope)
         self._recheck[upstream.id] = trio.Event()
 
         async def watch_until_unwatched() -> None:
@@ -76,9 +77,9 @@ class HealthMonitor:
 
     def unwatch(self, upstream_id: str) -> None:
         """Stop watching an upstream added at runtime (its node is stale or gone); its state is the caller's."""
-        scope = self._watching.pop(upstream_id, None)
-        if scope is not None:
-            scope.cancel()
+        watched = self._watching.pop(upstream_id, None)
+        if watched is not None:
+            watched[1].cancel()
         self._recheck.pop(upstream_id, None)
         self._state.pop(upstream_id, None)
         self._hold_until.pop(upstream_id, None)
@@ -120,6 +121,9 @@ class HealthMonitor:
         self._set(upstream, state, reason)
 
     def _set(self, upstream: Upstream, state: UpstreamState, reason: str) -> None:
+        watched = self._watching.get(upstream.id)
+        if upstream.id not in self._recheck or (watched is not None and watched[0] is not upstream):
+            return  # a check that ended just as its upstream was unwatched (or replaced): not news
         previous = self._state.get(upstream.id)
         self._state[upstream.id] = state
         if previous is not state:

@@ -5,14 +5,16 @@ base URL QueueGate should use. Sending it again is the heartbeat; what it lists 
 registry adds the node's upstreams to the catalog (to the configured model of that name, or as a model of its own),
 the scheduler and the health monitor, and removes those the node stopped listing: requests in flight on them finish.
 
-A node that sends no heartbeat for its `ttl_s` (else `[nodes].stale_after_s`) is stale: its upstreams take no
-requests (down, the reason naming the node) and are not polled; its next heartbeat brings them back (checked first).
-Stale for `[nodes].forget_after_s`, it is forgotten: its upstreams are removed, and the models only it served.
+A node that sends no heartbeat for its `ttl_s` (else `[nodes].stale_after_s`) is stale: its upstreams are not
+polled, and take no requests. For `[nodes].wait_s` requests wait for it (queued, as for a server that is loading);
+then they fail, the error naming the node. Its next heartbeat brings it back (checked first). Stale for
+`[nodes].forget_after_s`, it is forgotten: its upstreams are removed, and the models only it served.
 
 Trust: a node key may register any node name, but a name belongs to the key that registered it until it is
-forgotten. A base URL must be http(s) and its host must resolve only to addresses in `[nodes].allow_networks`, so a
-stolen node key cannot point traffic at arbitrary hosts. What a node registers is all or nothing: a registration
-with one bad model changes nothing.
+forgotten. A base URL must be http(s), without credentials, and its host must resolve only to addresses in
+`[nodes].allow_networks` (loopback only for a node on this host), so a stolen node key cannot point traffic at
+arbitrary hosts; an http URL's host is pinned to the address checked (the name can not resolve elsewhere later).
+What a node registers is all or nothing: a registration with one bad model changes nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ log = logging.getLogger("queuegate.nodes")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 MAX_MODELS = 256  # per node
+MAX_ALIASES = 16  # per model
+MAX_NODES_PER_KEY = 64
+RESOLVE_TIMEOUT_S = 5.0
 
 
 class RegisteredModel(msgspec.Struct, forbid_unknown_fields=True):
@@ -53,6 +58,11 @@ class RegisteredModel(msgspec.Struct, forbid_unknown_fields=True):
     aliases: list[str] = []
     upstream_model: str | None = None
     max_concurrency: int = 4
+    health_path: str | None = None  # where its server says it is ready (None: its kind's; "": not checked)
+    api_key: str | None = None  # sent to it as a Bearer token (a node's API needs one); never logged
+
+    def __repr__(self) -> str:  # the key never reaches a log
+        return f"RegisteredModel(name={self.name!r}, base_url={self.base_url!r})"
 
 
 class Registration(msgspec.Struct, forbid_unknown_fields=True):
@@ -78,8 +88,12 @@ def _check_shape(registration: Registration) -> None:
         if model.name in seen:
             raise BadRequest(f"model {model.name!r} is listed twice", param=where)
         seen.add(model.name)
+        if len(model.aliases) > MAX_ALIASES:
+            raise BadRequest(f"a model may have at most {MAX_ALIASES} aliases", param=f"{where}.aliases")
         if not 1 <= model.max_concurrency <= 1024:
             raise BadRequest("max_concurrency must be from 1 to 1024", param=f"{where}.max_concurrency")
+        if model.health_path and not model.health_path.startswith("/"):
+            raise BadRequest('health_path must start with / (or be "": no check)', param=f"{where}.health_path")
 
 
 class UpstreamPool(Protocol):
@@ -117,7 +131,8 @@ class _Node:
     ttl_s: float
     last_seen: float
     upstreams: dict[str, Upstream] = field(default_factory=dict)  # by model
-    stale: bool = False
+    stale: bool = False  # no heartbeat within ttl_s: requests wait for it ([nodes].wait_s)
+    down: bool = False  # stale past [nodes].wait_s: requests for it fail
 
 
 class NodeRegistry:
@@ -137,7 +152,6 @@ class NodeRegistry:
         self._nodes: dict[str, _Node] = {}
         self._networks = [ipaddress.ip_network(n) for n in config.allow_networks]
         self._wake = trio.Event()  # a node's deadline changed
-        self._changed = trio.Event()  # a node registered (models may be back)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Mark nodes stale, and forget them, as their heartbeats stop."""
@@ -145,10 +159,13 @@ class NodeRegistry:
         while True:
             now = trio.current_time()
             for node in list(self._nodes.values()):
-                if node.stale and now - node.last_seen >= node.ttl_s + self.config.forget_after_s:
+                silent_s = now - node.last_seen - node.ttl_s  # how long past its ttl
+                if silent_s >= self.config.forget_after_s:
                     self._forget(node)
-                elif not node.stale and now - node.last_seen >= node.ttl_s:
-                    self._go_stale(node, now)
+                elif silent_s >= self.config.wait_s and not node.down:
+                    self._go_stale(node, now, down=True)
+                elif silent_s >= 0 and not node.stale:
+                    self._go_stale(node, now, down=False)
             with trio.move_on_at(self._next_deadline()):
                 await self._wake.wait()
             self._wake = trio.Event()
@@ -163,24 +180,22 @@ class NodeRegistry:
         """Apply a registration (or heartbeat) from node key `key` at `address`; the answer for the node.
         BadRequest or Forbidden: nothing changed."""
         _check_shape(registration)
-        for model in registration.models:
-            await self._check_base_url(model.base_url)
+        pinned = {m.name: await self._checked_base_url(m.base_url, address) for m in registration.models}
         # From here on no await: what is checked is what is applied (another registration cannot come between).
         node = self._nodes.get(registration.node)
-        self._check_against_catalog(registration)
         if node is not None and node.key != key:
             raise Forbidden(f"node {registration.node!r} was registered with another node key")
-        new_models = {m.name: self._new_model(m) for m in registration.models if self._catalog.owner(m.name) is None}
+        if node is None and sum(n.key == key for n in self._nodes.values()) >= MAX_NODES_PER_KEY:
+            raise Forbidden(f"a node key may register at most {MAX_NODES_PER_KEY} nodes")
+        new_models = self._check_against_catalog(registration)
         now = trio.current_time()
         ttl_s = registration.ttl_s or self.config.stale_after_s
         if node is None:
             node = self._nodes[registration.node] = _Node(registration.node, key, address, ttl_s, now)
             log.info("node registered", extra={"fields": {"node": node.name, "address": address}})
         node.address, node.ttl_s, node.last_seen = address, ttl_s, now
-        self._apply(node, registration.models, new_models)
+        self._apply(node, registration.models, new_models, pinned)
         self._wake.set()
-        self._changed.set()
-        self._changed = trio.Event()
         return {
             "node": node.name,
             "heartbeat_s": round(ttl_s / 3, 3),
@@ -194,22 +209,6 @@ class NodeRegistry:
         if node.key != key:
             raise Forbidden(f"node {name!r} was registered with another node key")
         self._forget(node)
-
-    @property
-    def wait_s(self) -> float:
-        return self.config.wait_s
-
-    def stale_nodes(self, model: str) -> list[str]:
-        """The stale nodes that served `model` (a request for it may wait for them: `[nodes].wait_s`)."""
-        return [n.name for n in self._nodes.values() if n.stale and model in n.upstreams]
-
-    async def wait_for_node(self, model: str, until: float) -> bool:
-        """Wait until a node that serves `model` is live again (True), or `until` passes (False)."""
-        with trio.move_on_at(until):
-            while self.stale_nodes(model) and not self._live(model):
-                await self._changed.wait()
-            return self._live(model)
-        return False
 
     def statistics(self) -> list[NodeStatistics]:
         now = trio.current_time()
@@ -227,75 +226,98 @@ class NodeRegistry:
 
     # -- checks (nothing changes until every one passed) -----------------------------------------------------------
 
-    def _check_against_catalog(self, registration: Registration) -> None:
+    def _check_against_catalog(self, registration: Registration) -> dict[str, ModelSpec]:
+        """Check the registration against the models the gateway has; the specs of the models it creates (whose
+        names and aliases must be free, of each other's too)."""
+        new_models: dict[str, ModelSpec] = {}
+        claimed: dict[str, str] = {}  # names and aliases the new models take -> which
         for i, model in enumerate(registration.models):
             where = f"models[{i}]"
             owner = self._catalog.owner(model.name)
             if owner is not None and owner != model.name:
                 raise BadRequest(f"{model.name!r} is an alias of model {owner!r}", param=where)
             spec = self._catalog.models.get(model.name)
-            if spec is not None and spec.launch is not None:
-                message = f"model {model.name!r} is started by this gateway: a node cannot add to it"
-                raise BadRequest(message, param=where)
+            if spec is not None:
+                if spec.launch is not None:
+                    message = f"model {model.name!r} is started by this gateway: a node cannot add to it"
+                    raise BadRequest(message, param=where)
+                if model.upstream_model is not None and model.upstream_model != spec.upstream_model:
+                    asked = spec.upstream_model
+                    message = f"model {model.name!r} is asked for as {asked!r} upstream, not {model.upstream_model!r}"
+                    raise BadRequest(message, param=f"{where}.upstream_model")
+                continue
+            for name in (model.name, *model.aliases):
+                taken = self._catalog.owner(name) or claimed.get(name)
+                if taken is not None:
+                    raise BadRequest(f"{name!r} is already the name or alias of model {taken!r}", param=where)
+                claimed[name] = model.name
+            new_models[model.name] = _new_model(model)
+        return new_models
 
-    def _new_model(self, model: RegisteredModel) -> ModelSpec:
-        """The spec of a model a registration creates (its aliases must be free)."""
-        taken = [alias for alias in model.aliases if self._catalog.owner(alias) is not None]
-        if taken:
-            raise BadRequest(f"{', '.join(taken)}: already the name or alias of another model", param="aliases")
-        profile = PROFILES[model.kind]
-        return ModelSpec(
-            name=model.name,
-            upstream_model=model.upstream_model or model.name,
-            kind=profile,
-            endpoints=profile.endpoints,
-            aliases=tuple(model.aliases),
-            defaults={},
-            upstreams=(),
-        )
-
-    async def _check_base_url(self, url: str) -> None:
-        parts = urlsplit(url)
+    async def _checked_base_url(self, url: str, registered_from: str) -> str:
+        """The base URL to use: `url` checked (see the module), an http one's host pinned to its address."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            raise BadRequest(f"not a base URL: {url!r} ({exc})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BadRequest(f"expected an http(s) base URL such as http://10.0.0.5:8081/v1, got {url!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if parts.username is not None or parts.password is not None:
+            raise BadRequest("a base URL may not carry credentials (a node's API key goes in `api_key`)")
         try:
-            addresses = await self._resolve(parts.hostname, port)
-        except OSError as exc:
-            raise BadRequest(f"cannot resolve the host of {url!r}: {exc}") from None
-        outside = [a for a in addresses if not any(ipaddress.ip_address(a) in n for n in self._networks)]
-        if outside or not addresses:
+            with trio.fail_after(RESOLVE_TIMEOUT_S):
+                found = await self._resolve(parts.hostname, port)
+            addresses = [_plain(ipaddress.ip_address(a)) for a in found]
+        except (OSError, UnicodeError, ValueError, trio.TooSlowError) as exc:
+            raise BadRequest(f"cannot resolve the host of {url!r}: {exc or 'no answer in time'}") from None
+        if not addresses:
+            raise BadRequest(f"the host of {url!r} resolves to no address")
+        outside = [str(a) for a in addresses if not any(a in n for n in self._networks)]
+        if outside:
             raise Forbidden(
-                f"{url!r} resolves to {', '.join(outside) or 'nothing'}, outside [nodes].allow_networks "
+                f"{url!r} resolves to {', '.join(outside)}, outside [nodes].allow_networks "
                 f"({', '.join(self.config.allow_networks)})"
             )
+        if any(a.is_loopback for a in addresses) and not _is_loopback(registered_from):
+            raise Forbidden(f"{url!r} is this gateway's own loopback: only a node on this host may register it")
+        if parts.scheme != "http":
+            return url  # (https: the name stays, for the certificate)
+        host = str(addresses[0]) if addresses[0].version == 4 else f"[{addresses[0]}]"
+        return parts._replace(netloc=f"{host}:{port}").geturl()
 
     # -- effects --------------------------------------------------------------------------------------------------
 
-    def _apply(self, node: _Node, models: list[RegisteredModel], new_models: dict[str, ModelSpec]) -> None:
-        """Make the node's upstreams what it registered (those unchanged stay, with their requests)."""
+    def _apply(
+        self, node: _Node, models: list[RegisteredModel], new_models: dict[str, ModelSpec], urls: dict[str, str]
+    ) -> None:
+        """Make the node's upstreams what it registered (those unchanged stay, with their requests). `urls`: the
+        checked base URLs."""
+        back = node.stale
+        node.stale = node.down = False
         wanted = {m.name: m for m in models}
         for name in [n for n in node.upstreams if n not in wanted]:
             self._remove(node, name)
         for name, model in wanted.items():
             spec = self._catalog.models.get(name) or new_models[name]
+            health_path = spec.kind.health_path if model.health_path is None else model.health_path
+            host = urlsplit(model.base_url).netloc
             upstream = make_upstream(
-                f"{name}@{node.name}", name, model.base_url, spec.kind.health_path, model.max_concurrency
+                f"{name}@{node.name}", name, urls[name], health_path, model.max_concurrency, model.api_key, host
             )
             if node.upstreams.get(name) == upstream:
+                if back:  # (unchanged, but not polled while its node was stale)
+                    self._pool.set_upstream_state(upstream.id, UpstreamState.LOADING, f"node {node.name} is back")
+                    self._health.watch(upstream)
                 continue
             if name in node.upstreams:
                 self._remove(node, name)
-            self._pool.add_upstream(upstream.id, name, upstream.capacity)  # (the scheduler first: then it resolves)
             self._catalog.add_upstream(upstream, spec)
+            self._pool.add_upstream(upstream.id, name, upstream.capacity)
             node.upstreams[name] = upstream
             self._health.watch(upstream)
-        if node.stale:
-            node.stale = False
+        if back:
             log.info("node back", extra={"fields": {"node": node.name}})
-            for upstream in node.upstreams.values():
-                self._pool.set_upstream_state(upstream.id, UpstreamState.LOADING, f"node {node.name} is back")
-                self._health.watch(upstream)
 
     def _remove(self, node: _Node, model: str) -> None:
         upstream = node.upstreams.pop(model)
@@ -303,13 +325,17 @@ class NodeRegistry:
         self._catalog.remove_upstream(upstream.id)  # (the catalog first: no new request resolves to it)
         self._pool.remove_upstream(upstream.id)
 
-    def _go_stale(self, node: _Node, now: float) -> None:
-        node.stale = True
+    def _go_stale(self, node: _Node, now: float, *, down: bool) -> None:
+        """Its upstreams take no requests: those waiting for them wait (`down`: no more, they fail)."""
+        node.stale, node.down = True, down
         reason = f"node {node.name}: no heartbeat for {now - node.last_seen:.0f} s"
+        if not down:
+            reason += f"; waiting up to {self.config.wait_s:g} s for it"
         log.warning("node stale", extra={"fields": {"node": node.name, "reason": reason}})
+        state = UpstreamState.DOWN if down else UpstreamState.LOADING
         for upstream in node.upstreams.values():
             self._health.unwatch(upstream.id)
-            self._pool.set_upstream_state(upstream.id, UpstreamState.DOWN, reason)
+            self._pool.set_upstream_state(upstream.id, state, reason)
 
     def _forget(self, node: _Node) -> None:
         for model in list(node.upstreams):
@@ -317,11 +343,38 @@ class NodeRegistry:
         del self._nodes[node.name]
         log.info("node forgotten", extra={"fields": {"node": node.name}})
 
-    def _live(self, model: str) -> bool:
-        return any(not n.stale and model in n.upstreams for n in self._nodes.values())
-
     def _next_deadline(self) -> float:
+        """When a node next turns stale, down or forgotten."""
+        wait_s, forget_after_s = self.config.wait_s, self.config.forget_after_s
         deadlines = [
-            n.last_seen + n.ttl_s + (self.config.forget_after_s if n.stale else 0.0) for n in self._nodes.values()
+            n.last_seen + n.ttl_s + (forget_after_s if n.down else wait_s if n.stale else 0.0)
+            for n in self._nodes.values()
         ]
         return min(deadlines, default=math.inf)
+
+
+def _new_model(model: RegisteredModel) -> ModelSpec:
+    """The spec of a model a registration creates."""
+    profile = PROFILES[model.kind]
+    return ModelSpec(
+        name=model.name,
+        upstream_model=model.upstream_model or model.name,
+        kind=profile,
+        endpoints=profile.endpoints,
+        aliases=tuple(model.aliases),
+        defaults={},
+        upstreams=(),
+    )
+
+
+def _plain(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4 address written as IPv6 (::ffff:10.0.0.5) as the IPv4 address it is."""
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return _plain(ipaddress.ip_address(address)).is_loopback
+    except ValueError:
+        return False

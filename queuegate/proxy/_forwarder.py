@@ -49,7 +49,8 @@ _DROPPED = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteErro
 
 
 class UpstreamConnections:
-    """Idle keep-alive connections per upstream, reused newest first.
+    """Idle keep-alive connections per upstream server (its base URL: an upstream a node registers again at another
+    address gets new ones), reused newest first.
 
     httpcore's own pool polls every pooled socket for expiry on every request (one syscall each), which at a few
     hundred connections costs more than the forwarding itself. The scheduler already bounds how many requests run
@@ -64,20 +65,20 @@ class UpstreamConnections:
 
     async def checkout(self, upstream: Upstream) -> tuple[httpcore.AsyncHTTPConnection, bool]:
         """A connection to `upstream` and whether it is a reused one (a fresh one connects on first use)."""
-        idle = self._idle.get(upstream.id)
+        idle = self._idle.get(upstream.base_url)
         while idle:
             connection = idle.pop()
             if not connection.has_expired():
                 return connection, True
             await connection.aclose()
-        origin = self._origins.get(upstream.id)
+        origin = self._origins.get(upstream.base_url)
         if origin is None:
-            origin = self._origins[upstream.id] = httpcore.URL(upstream.base_url).origin
+            origin = self._origins[upstream.base_url] = httpcore.URL(upstream.base_url).origin
         return httpcore.AsyncHTTPConnection(origin, keepalive_expiry=self._expiry), False
 
     async def checkin(self, upstream: Upstream, connection: httpcore.AsyncHTTPConnection) -> None:
         """Keep a connection whose exchange completed cleanly; close anything else."""
-        idle = self._idle.setdefault(upstream.id, [])
+        idle = self._idle.setdefault(upstream.base_url, [])
         if connection.is_idle() and len(idle) < self._max_idle:
             idle.append(connection)
         elif not connection.is_closed():
@@ -137,9 +138,9 @@ class Forwarder:
         self, upstream: Upstream, path: str, body: bytes, request_id: str, deadline: float
     ) -> UpstreamResponse:
         """POST `body` to the upstream; returns once the response headers arrived. Caller closes the response."""
-        url = self._urls.get((upstream.id, path))
+        url = self._urls.get((upstream.base_url, path))
         if url is None:
-            url = self._urls[upstream.id, path] = httpcore.URL(upstream.base_url + path)
+            url = self._urls[upstream.base_url, path] = httpcore.URL(upstream.base_url + path)
         request = httpcore.Request(
             b"POST",
             url,

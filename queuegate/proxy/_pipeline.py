@@ -54,18 +54,6 @@ class UpstreamReports(Protocol):
         from now."""
 
 
-class NodeWaits(Protocol):
-    """Who knows the nodes (`nodes.registry.NodeRegistry`): a request whose model only stale nodes serve may wait
-    for one to come back (`[nodes].wait_s`)."""
-
-    @property
-    def wait_s(self) -> float: ...
-
-    def stale_nodes(self, model: str) -> list[str]: ...
-
-    async def wait_for_node(self, model: str, until: float) -> bool: ...
-
-
 class ToolHandling(Protocol):
     """Who decides a chat request's tool handling (`tools.loop.ToolPolicy`), and makes its loop."""
 
@@ -99,7 +87,6 @@ class Proxy:
         max_answer_bytes: int = 64 * 2**20,
         tools: ToolHandling | None = None,
         memory: Memory | None = None,
-        nodes: NodeWaits | None = None,
     ) -> None:
         self._catalog = catalog
         self._admission = admission
@@ -109,7 +96,6 @@ class Proxy:
         self._chat_header = chat_header  # names the sticky chat (see `chat_key`)
         self.tools = tools  # decides each chat request's tool mode (None: tools are passed through untouched)
         self.memory = memory  # chat memory (None: off)
-        self._nodes = nodes
 
     async def handle(
         self,
@@ -278,10 +264,6 @@ class Proxy:
             except NoUpstreamLeft:
                 assert last_failure is not None
                 raise last_failure from None
-            except ModelUnavailable as unavailable:
-                await self._wait_for_node(spec, record, unavailable)
-                ticket = self._enqueue_again(spec, record, ticket, frozenset(tried))
-                continue
             if not granted:
                 self.withdraw(ticket)  # still waiting for an upstream to be ready when the bound ran out
                 raise not_ready.gave_up()
@@ -323,22 +305,6 @@ class Proxy:
             exclude=exclude,
             tokens=ticket.tokens,
             since=ticket.since,  # a tool loop's later round keeps its place when it is retried
-        )
-
-    async def _wait_for_node(self, spec: ModelSpec, record: RequestRecord, unavailable: ModelUnavailable) -> None:
-        """The model is unavailable. When it is because the nodes that serve it are stale, wait for one to come
-        back, up to `[nodes].wait_s` from the request's arrival; else (or then) raise what it is unavailable for."""
-        nodes = self._nodes
-        missing = nodes.stale_nodes(spec.name) if nodes is not None else []
-        if nodes is None or not missing:
-            raise unavailable
-        until = record.started_at + nodes.wait_s
-        if nodes.wait_s and await nodes.wait_for_node(spec.name, until):
-            return
-        waited = f" (waited {nodes.wait_s:g} s)" if nodes.wait_s else ""
-        raise ModelUnavailable(
-            f"model {spec.name!r} is unavailable: node {', '.join(missing)} stopped sending heartbeats{waited}",
-            retry_after_s=max(5.0, nodes.wait_s),
         )
 
 

@@ -229,8 +229,8 @@ class SchedulerCore:
         """The request's owner is gone (disconnect, timeout): forget it, or give back the slot it was granted."""
         if ticket.upstream_id is not None:
             return self.release(ticket, now)
-        model = self._models[ticket.model]
-        if ticket in model.classes[self._rank[ticket.klass]].arrivals:
+        model = self._models.get(ticket.model)
+        if model is not None and ticket in model.classes[self._rank[ticket.klass]].arrivals:
             self._unqueue(model, ticket, rotate=False)
             return self._dispatch(model, now)  # if it held its flow for a sticky upstream, the next one may go
         return []
@@ -295,10 +295,6 @@ class SchedulerCore:
         self._forget_if_empty(model)
         return decided
 
-    def serves(self, model: str) -> bool:
-        """Whether the scheduler knows the model (it has upstreams, or requests still on ones that left)."""
-        return model in self._models
-
     def _join(self, upstream_id: str, model: str, capacity: int) -> _Model:
         slot = _Upstream(upstream_id, model, capacity)
         self._upstreams[upstream_id] = slot
@@ -346,7 +342,9 @@ class SchedulerCore:
         """An operator takes an upstream out (requests in flight finish; none new) or puts it back."""
         slot = self._upstreams.get(upstream_id)
         if slot is None:
-            raise KeyError(f"no upstream {upstream_id!r}; upstreams are named <model>#<index>, e.g. coder#0")
+            raise KeyError(
+                f"no upstream {upstream_id!r}; upstreams are named <model>#<index> (coder#0) or <model>@<node>"
+            )
         slot.drained = drained
         return self._dispatch(self._models[slot.model], now)
 
@@ -571,7 +569,9 @@ class SchedulerCore:
 
     def position(self, ticket: Ticket, now: float) -> QueuePosition | None:
         """Where a waiting ticket stands (approximately, under the round-robin) and when it may be served."""
-        model = self._models[ticket.model]
+        model = self._models.get(ticket.model)
+        if model is None:
+            return None
         rank = self._rank[ticket.klass]
         queue = model.classes[rank]
         flow = queue.flows.get(ticket.flow)
@@ -638,7 +638,7 @@ class SchedulerCore:
                     name=name,
                     waiting=model.waiting,
                     oldest_wait_s=max((c.oldest_wait_s for c in classes), default=0.0),
-                    in_service=sum(slot.in_flight for slot in model.upstreams),
+                    in_service=sum(model.in_service_by_class.values()),  # (upstreams that left included)
                     classes=classes,
                     flows=flows[:FLOW_STATISTICS_LIMIT],
                     upstreams=[

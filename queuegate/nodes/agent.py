@@ -1,0 +1,121 @@
+"""A node's side (`queuegate node`): this daemon serves its own models, launching and swapping them on its own
+devices as any QueueGate does, and registers them with the gateway named in `[node]`.
+
+Each of its models is registered as one upstream at this daemon's API (`advertise`, else the address it listens
+on), with the daemon's health (`/healthz`) and a key made for this run: the gateway sends it with every request, and
+this daemon's API takes no other request without a key of its own `[keys]`. The registration is sent again every
+`heartbeat_s` (the gateway's answer may ask for more often); a gateway that cannot be reached is retried, its outage
+logged once. At shutdown the node leaves (`DELETE /v1/nodes/<name>`), so the gateway stops sending it requests
+before its stale timer would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from queuegate.config import NodeConfig
+from queuegate.fleet.catalog import Catalog
+
+log = logging.getLogger("queuegate.nodes")
+
+HEALTH_PATH = "/healthz"
+LEAVE_TIMEOUT_S = 3.0
+MISSED_HEARTBEATS = 3  # the gateway takes the node for stale after this many heartbeats did not come
+
+
+class NodeAgent:
+    def __init__(
+        self, config: NodeConfig, catalog: Catalog, api_key: str, client: httpx.AsyncClient, environ: Mapping[str, str]
+    ) -> None:
+        """`api_key`: the key this run's API takes from the gateway; `environ` holds the node key (`key_env`)."""
+        self.config = config
+        self._catalog = catalog
+        self._api_key = api_key
+        self._client = client
+        self._headers = {"authorization": f"Bearer {environ[config.key_env]}"}
+        self._gateway = config.gateway.rstrip("/")
+        self.registered = False  # the gateway took the last registration
+        self._failing = False
+
+    async def run(
+        self, listening_at: str, stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Register, and again every heartbeat, until `stop` is set; then leave. `listening_at`: this daemon's URL."""
+        base_url = (self.config.advertise or listening_at).rstrip("/") + "/v1"
+        if not self.config.advertise and urlsplit(listening_at).hostname in ("0.0.0.0", "::"):
+            log.warning(
+                "node listens on every address but has no [node].advertise: the gateway cannot reach it",
+                extra={"fields": {"listen": listening_at}},
+            )
+        task_status.started()
+        interval = self.config.heartbeat_s
+        while not stop.is_set():
+            interval = await self._register(base_url) or interval
+            with trio.move_on_after(interval if self.registered else min(interval, 2.0)):
+                await stop.wait()
+        with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_TIMEOUT_S):
+            await self._leave()
+
+    def registration(self, base_url: str) -> dict[str, Any]:
+        """What this node serves, as the gateway takes it (POST /v1/nodes/register)."""
+        models = [
+            {
+                "name": spec.name,
+                "base_url": base_url,
+                "kind": "openai",  # (this daemon speaks OpenAI's API, whatever kind its own upstreams are)
+                "aliases": list(spec.aliases),
+                "max_concurrency": max(1, min(1024, sum(u.capacity for u in spec.upstreams))),
+                "health_path": HEALTH_PATH,
+                "api_key": self._api_key,
+            }
+            for spec in self._catalog.models.values()
+        ]
+        ttl_s = self.config.heartbeat_s * MISSED_HEARTBEATS
+        return {"node": self.config.name, "models": models, "ttl_s": min(ttl_s, 3600.0)}
+
+    async def _register(self, base_url: str) -> float | None:
+        """Send the registration; how soon the gateway wants the next (None: not answered)."""
+        try:
+            answer = await self._client.post(
+                self._gateway + "/v1/nodes/register", json=self.registration(base_url), headers=self._headers
+            )
+            if answer.status_code != 200:
+                raise RegistrationRefused(f"the gateway answered {answer.status_code}: {_message(answer)}")
+            heartbeat_s = float(answer.json().get("heartbeat_s", math.nan))
+        except (httpx.HTTPError, RegistrationRefused, ValueError) as exc:
+            self.registered = False
+            if not self._failing:
+                self._failing = True
+                fields = {"gateway": self._gateway, "node": self.config.name, "error": str(exc)}
+                log.warning("node cannot register with its gateway; trying again", extra={"fields": fields})
+            return None
+        if self._failing or not self.registered:
+            fields = {"gateway": self._gateway, "node": self.config.name, "models": len(self._catalog.models)}
+            log.info("node registered with its gateway", extra={"fields": fields})
+        self._failing, self.registered = False, True
+        return min(heartbeat_s, self.config.heartbeat_s) if heartbeat_s > 0 else None
+
+    async def _leave(self) -> None:
+        try:
+            await self._client.delete(f"{self._gateway}/v1/nodes/{self.config.name}", headers=self._headers)
+        except httpx.HTTPError:
+            return  # (the gateway finds it stale instead)
+        log.info("node left its gateway", extra={"fields": {"gateway": self._gateway, "node": self.config.name}})
+
+
+class RegistrationRefused(Exception):
+    """The gateway answered the registration with an error."""
+
+
+def _message(answer: httpx.Response) -> str:
+    try:
+        return str(answer.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return answer.text[:200]
