@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import httpx
 import openai
 import trio
 from textual.widgets import Sparkline
@@ -19,7 +20,7 @@ from queuegate.admin.aio_client import AsyncioAdminClient
 from queuegate.config import admin_socket_path, build_config
 from queuegate.daemon import Daemon
 from queuegate.tui.app import ConfirmScreen, HelpScreen, TopApp
-from queuegate.tui.widgets import DevicesPanel, LimitsTable, ModelsTable, RequestsTable, UpstreamsTable
+from queuegate.tui.widgets import DevicesPanel, LimitsTable, ModelsTable, NodesTable, RequestsTable, UpstreamsTable
 from tests.helpers import EXCLUSIVE, HI, in_thread, sim_model, wait_until
 
 
@@ -159,6 +160,27 @@ async def test_the_limits_panel_shows_only_when_limits_exist_and_what_the_minute
         async with app.run_test(size=(150, 45)) as pilot:
             await until(pilot, lambda: app.connected)
             assert not app.query_one(LimitsTable).display  # no limits configured: no empty panel
+            await pilot.press("q")
+
+    await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))
+
+
+async def test_the_nodes_panel_shows_each_registered_node_and_what_it_serves(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({}, node_keys={"box1": {"key": "node-secret-1"}})
+    body = {"node": "box1", "models": [{"name": "m", "base_url": url, "kind": "llamacpp"}]}
+    headers = {"authorization": "Bearer node-secret-1"}
+    answer = await in_thread(lambda: httpx.post(gw.api + "/nodes/register", json=body, headers=headers))
+    assert answer.status_code == 200
+
+    async def scenario() -> None:
+        app = TopApp(AsyncioAdminClient(admin_socket_path(gw.daemon.config), interval_ms=200))
+        async with app.run_test(size=(150, 45)) as pilot:
+            nodes = app.query_one(NodesTable)
+            await until(pilot, lambda: nodes.row_count == 1)
+            assert nodes.display and str(nodes.get_cell("box1", "STATE")) == "live"
+            assert str(nodes.get_cell("box1", "MODELS")) == "m"
+            assert str(app.query_one(UpstreamsTable).get_cell("m@box1", "UPSTREAM")) == "m@box1"
             await pilot.press("q")
 
     await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))

@@ -25,6 +25,7 @@ from queuegate.tui.widgets import (
     DevicesPanel,
     LimitsTable,
     ModelsTable,
+    NodesTable,
     QueuesTable,
     RequestsTable,
     ThroughputPanel,
@@ -100,6 +101,8 @@ class TopApp(App[None]):
         yield UpstreamsTable(id="upstreams")
         yield Static("Rate limits", classes="title limits")
         yield LimitsTable(id="limits", classes="limits")
+        yield Static("Nodes", classes="title nodes")
+        yield NodesTable(id="nodes", classes="nodes")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -136,6 +139,8 @@ class TopApp(App[None]):
         self.query_one(RequestsTable).show(status)
         self.query_one(LimitsTable).show(status)
         self.query(".limits").set(display=bool(status.scheduler.limits))  # only when some are configured
+        self.query_one(NodesTable).show(status)
+        self.query(".nodes").set(display=bool(status.nodes))  # only when some registered
         self.query_one(ThroughputPanel).show(status)
         shown = len(status.requests)
         more = f" (oldest {shown} of {status.requests_total})" if status.requests_total > shown else ""

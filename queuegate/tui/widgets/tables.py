@@ -127,3 +127,25 @@ class RequestsTable(_KeyedTable):
             for r in status.requests
         ]
         self.replace_rows(rows)
+
+
+class NodesTable(_KeyedTable):
+    """The nodes that registered with the gateway: live or stale, their last heartbeat, what they serve."""
+
+    COLUMNS = ("NODE", "ADDRESS", "STATE", "HEARTBEAT", "MODELS")
+
+    def show(self, status: DaemonStatus) -> None:
+        rows = [
+            (
+                node.name,
+                (
+                    node.name,
+                    node.address,
+                    "stale" if node.stale else "live",
+                    f"{node.last_heartbeat_s:.0f} s ago",
+                    ", ".join(m.model for m in node.models) or "-",
+                ),
+            )
+            for node in status.nodes
+        ]
+        self.replace_rows(rows)
