@@ -6,6 +6,7 @@ another lives here, so no test module imports another.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -68,6 +70,16 @@ def children(pid: int) -> list[str]:
     """The pids of a process's children."""
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
     return found.stdout.split()
+
+
+def pids_named(pids: list[str], text: bytes) -> list[str]:
+    """Those of `pids` whose command line has `text` (a process gone meanwhile has none)."""
+    named = []
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            if text in Path(f"/proc/{pid}/cmdline").read_bytes():
+                named.append(pid)
+    return named
 
 
 def running(pid: int | str) -> bool:

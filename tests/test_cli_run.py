@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -17,22 +16,13 @@ from tests.helpers import (
     IDLE_PAST_EVERY_TIMER_S,
     children,
     in_thread,
+    pids_named,
     running,
     start_daemon,
     stream_signalling_at_first_event,
     stuck_stream,
     wait_until,
 )
-
-
-def pids_named(pids: list[str], text: bytes) -> list[str]:
-    """Those of `pids` whose command line has `text` (a process gone meanwhile has none)."""
-    named = []
-    for pid in pids:
-        with contextlib.suppress(FileNotFoundError):
-            if text in Path(f"/proc/{pid}/cmdline").read_bytes():
-                named.append(pid)
-    return named
 
 
 async def test_demo_fleet_serves_the_openai_client_survives_idling_and_stops_on_sigint(nursery):

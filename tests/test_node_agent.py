@@ -4,15 +4,17 @@ that has no model of its own."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import tempfile
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
-from tests.helpers import children, in_thread, request_lines, running, start_daemon, wait_until
+from tests.helpers import children, in_thread, pids_named, request_lines, running, start_daemon, wait_until
 
 NODE_KEYS = {"box1": "node-secret-box1", "box2": "node-secret-box2"}
 SIM = '["${PYTHON}", "-m", "queuegate.sim", "--port", "${PORT}", "--model", "${MODEL}", "--load-time", "0.3"]'
@@ -87,3 +89,28 @@ async def test_nodes_serve_their_models_through_the_gateway_and_come_back_after_
     assert [u.id for u in gw.daemon.catalog.models["shared"].upstreams] == ["shared@box2"]
     models = (await in_thread(lambda: httpx.get(gw.api + "/models"))).json()
     assert {m["id"] for m in models["data"]} == {"c", "shared"}
+
+
+@pytest.mark.llama
+async def test_a_chat_through_the_gateway_loads_the_real_llama_server_on_its_node(llama_parts, nursery, start_gateway):
+    binary, model = llama_parts
+    gw = await start_gateway({}, node_keys={"box1": {"key": NODE_KEYS["box1"]}})
+    folder = tempfile.mkdtemp(prefix="queuegate-box1-")
+    cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", "${PORT}", "-c", "2048", "-t", "2", "--no-webui"]
+    config = Path(folder) / "node.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:0"\n[usage]\nenabled = false\n'
+        f'[node]\nname = "box1"\ngateway = "{gw.base_url}"\nkey_env = "NODE_KEY"\nheartbeat_s = 1\n'
+        f'[models.gemma]\nlauncher = "process"\ncmd = {json.dumps(cmd)}\nkind = "llamacpp"\nstartup_timeout_s = 60\n'
+        f"defaults = {{ temperature = 0 }}\n"
+    )
+    node = await start_daemon(
+        nursery, "--config", str(config), command="node", env={"NODE_KEY": NODE_KEYS["box1"]}, cwd=folder
+    )
+    await wait_until(lambda: gw.daemon.admission.serving("gemma"), timeout=15)
+    assert not pids_named(children(node.process.pid), b"llama-server")  # not loaded before it is asked for
+    client = gw.client(timeout=120)
+    messages = [{"role": "user", "content": "Say hello in one word."}]
+    answer = await in_thread(lambda: client.chat.completions.create(model="gemma", messages=messages, max_tokens=8))
+    assert answer.choices[0].message.content and answer.usage is not None and answer.usage.completion_tokens > 0
+    assert pids_named(children(node.process.pid), b"llama-server")  # loaded on the node, on demand

@@ -11,7 +11,7 @@ import trio
 
 from queuegate.admin.client import AdminClient
 from queuegate.admin.command import render_status
-from queuegate.config import admin_socket_path
+from queuegate.config import NodesConfig, admin_socket_path
 from queuegate.errors import Forbidden
 from queuegate.nodes.registry import RegisteredModel, Registration
 from tests.helpers import in_thread, wait_until
@@ -123,6 +123,10 @@ async def test_node_keys_names_and_networks_guard_registration(start_sim, start_
     assert (await register(gw, "box1", [served("m", url)])).status_code == 200
     taken = await register(gw, "box1", [served("m", url)], key=OTHER_KEY)
     assert taken.status_code == 403 and "another node key" in taken.json()["error"]["message"]
+    # Narrowed by a reload, the allowed networks take an upstream out at once.
+    gw.daemon.nodes.set_config(NodesConfig(allow_networks=["10.0.0.0/8"]))
+    assert gw.daemon.catalog.resolve("m") is None
+    gw.daemon.nodes.set_config(NodesConfig())
     # A node adds its upstream to a configured model of the same name.
     assert (await register(gw, "box2", [served("local", url)], key=OTHER_KEY)).status_code == 200
     assert [u.id for u in gw.daemon.catalog.models["local"].upstreams] == ["local#0", "local@box2"]

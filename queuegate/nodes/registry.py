@@ -171,9 +171,22 @@ class NodeRegistry:
             self._wake = trio.Event()
 
     def set_config(self, config: NodesConfig) -> None:
-        """New `[nodes]` settings (a reload): they apply from the next heartbeat or deadline."""
+        """New `[nodes]` settings (a reload): they apply from the next heartbeat or deadline; an upstream whose
+        address the new `allow_networks` leave out goes at once (one named by a host name, at its next heartbeat:
+        refused then, its node turns stale)."""
         self.config = config
         self._networks = [ipaddress.ip_network(n) for n in config.allow_networks]
+        for node in self._nodes.values():
+            for model, upstream in list(node.upstreams.items()):
+                try:
+                    address = _plain(ipaddress.ip_address(urlsplit(upstream.base_url).hostname or ""))
+                except ValueError:
+                    continue  # (an https URL keeps its name)
+                if not any(address in network for network in self._networks):
+                    log.warning(
+                        "node upstream outside allow_networks removed", extra={"fields": {"upstream": upstream.id}}
+                    )
+                    self._remove(node, model)
         self._wake.set()
 
     async def register(self, key: str, address: str, registration: Registration) -> dict[str, Any]:
