@@ -9,6 +9,7 @@ closed; the usage store stops last, after committing every row, and the lifeline
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -30,6 +31,7 @@ from queuegate.api import InFlight, Routes, create_app
 from queuegate.api.server import HttpServer, bind_listener
 from queuegate.config import (
     Config,
+    ConfigError,
     admin_socket_path,
     load_config,
     memory_db_path,
@@ -40,7 +42,7 @@ from queuegate.config import (
 from queuegate.config.reload import plan_reload
 from queuegate.errors import ServiceUnavailable
 from queuegate.fleet import Catalog, HealthMonitor
-from queuegate.fleet.catalog import Upstream
+from queuegate.fleet.catalog import Upstream, model_spec, pick_free_port
 from queuegate.fleet.launchers import Launcher
 from queuegate.fleet.launchers.docker import DockerEngine, DockerLauncher
 from queuegate.fleet.launchers.lifeline import Lifeline
@@ -323,6 +325,8 @@ class Daemon:
         if self.config_path is None:
             raise ValueError("this daemon was started without a config file (--demo): there is nothing to reload")
         plan = plan_reload(self.config, load_config(self.config_path))
+        if plan.models:
+            self._reload_models(plan.live, plan.models)  # (ConfigError: nothing applied)
         if plan.applied:
             live = self.config = plan.live
             self.admission.set_policy(_policy(live, self.catalog))
@@ -334,6 +338,32 @@ class Daemon:
             logging.getLogger("queuegate").setLevel(live.server.log_level.upper())
         log.info("config reloaded", extra={"fields": {"applied": plan.applied, "needs_restart": plan.needs_restart}})
         return plan.summary()
+
+    def _reload_models(self, live: Config, changed: frozenset[str]) -> None:
+        """Apply a reload's external models: the catalog takes their new specs, the scheduler and the health
+        checks their upstreams (requests in flight on one that leaves finish)."""
+        catalog = self.catalog
+        configured_ids = {u.id for u in catalog.configured_upstreams}
+        specs = {}
+        for name, model in live.models.items():
+            current = catalog.models.get(name)
+            if name in changed or current is None:
+                specs[name] = model_spec(name, model, os.environ, pick_free_port)
+            else:
+                own = tuple(u for u in current.upstreams if u.id in configured_ids)
+                specs[name] = dataclasses.replace(current, upstreams=own)
+        try:
+            left, came = catalog.reconfigure(specs)
+        except ValueError as exc:
+            raise ConfigError(f"{self.config_path}: {exc}") from None
+        for spec in left:
+            for upstream in spec.upstreams:
+                self.health.unwatch(upstream.id)
+                self.admission.remove_upstream(upstream.id)
+        for spec in came:
+            for upstream in spec.upstreams:
+                self.admission.add_upstream(upstream.id, upstream.model, upstream.capacity)
+                self.health.watch(upstream)
 
     async def _serve(
         self,

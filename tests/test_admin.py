@@ -345,10 +345,10 @@ async def test_reload_applies_live_keys_names_the_rest_and_keeps_the_old_config_
     _, url = await start_sim(tokens_per_s=10)
     config_file = tmp_path / "queuegate.toml"
 
-    def write(max_size: object, max_concurrency: int = 1) -> None:
+    def write(max_size: object, header: str = "X-Chat-Id") -> None:
         config_file.write_text(
             f'[server]\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n[queue]\nmax_size = {max_size}\n'
-            f'[models.m]\nupstreams = ["{url}"]\nmax_concurrency = {max_concurrency}\n'
+            f'[affinity]\nheader = "{header}"\n[models.m]\nupstreams = ["{url}"]\nmax_concurrency = 1\n'
         )
 
     write(256)
@@ -357,16 +357,14 @@ async def test_reload_applies_live_keys_names_the_rest_and_keeps_the_old_config_
     path = tmp_path / "state" / "admin.sock"
     async with AdminClient(path) as client:
         assert (await client.request(Reload())).message == "reloaded: no changes"
-        write(1, max_concurrency=3)
+        write(1, header="X-Other")
         reply = await client.request(Reload())
-        assert reply.message == (
-            "reloaded: applied queue.max_size; not applied, needs a restart: models.m.max_concurrency"
-        )
+        assert reply.message == "reloaded: applied queue.max_size; not applied, needs a restart: affinity.header"
         write('"lots"')
         with pytest.raises(AdminError, match=r"at `queue.max_size`: Expected `int`"):
             await client.request(Reload())
 
-    # max_size 1 is in force (and max_concurrency still 1): one in service, one waiting, the next is refused.
+    # max_size 1 is in force: one in service, one waiting, the next is refused.
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
     statuses: list[int] = []
 
@@ -389,3 +387,35 @@ async def test_reload_needs_a_config_file(start_gateway):
     async with AdminClient(admin_socket_path(gw.daemon.config)) as client:
         with pytest.raises(AdminError, match="started without a config file"):
             await client.request(Reload())
+
+
+async def test_reload_adds_and_removes_models_live_and_a_request_in_flight_on_a_removed_one_ends_whole(
+    start_sim, nursery, tmp_path
+):
+    slow, slow_url = await start_sim(tokens_per_s=10)
+    _, other_url = await start_sim(tokens_per_s=0)
+    config_file = tmp_path / "queuegate.toml"
+    head = '[server]\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n'
+    config_file.write_text(head + f'[models.m]\nupstreams = ["{slow_url}"]\nkind = "llamacpp"\n')
+    daemon = Daemon(load_config(config_file), config_file)
+    started = await nursery.start(daemon.run)
+    api = started.base_url + "/v1"
+    body = {"model": "m", "stream": True, "max_tokens": 15, "messages": [{"role": "user", "content": "hi"}]}
+    async with (
+        httpx.AsyncClient(timeout=30) as http,
+        http.stream("POST", api + "/chat/completions", json=body) as streaming,
+        AdminClient(tmp_path / "state" / "admin.sock") as admin,
+    ):
+        lines = streaming.aiter_lines()
+        await lines.__anext__()
+        config_file.write_text(head + f'[models.n]\nupstreams = ["{other_url}"]\nkind = "llamacpp"\naliases = ["m2"]\n')
+        assert (await admin.request(Reload())).message == "reloaded: applied models.m, models.n"
+        assert daemon.catalog.resolve("m") is None and daemon.catalog.resolve("m2") is not None
+        new = await http.post(api + "/chat/completions", json={**body, "model": "m2", "stream": False})
+        assert new.status_code == 200
+        gone = await http.post(api + "/chat/completions", json={**body, "model": "m", "stream": False})
+        assert gone.status_code == 404
+        rest = [line async for line in lines]  # the stream on the removed model's upstream ends whole
+    assert "data: [DONE]" in rest and slow.stats.disconnects == 0
+    await wait_until(lambda: [m.name for m in daemon.admission.statistics().models] == ["n"])
+    daemon.request_shutdown()

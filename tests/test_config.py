@@ -205,14 +205,17 @@ upstreams = ["http://127.0.0.1:8081/v1"]
         ((("max_size = 10", "max_size = 20"),), ["queue.max_size"], []),
         ((('log_level = "info"', 'log_level = "debug"'),), ["server.log_level"], []),
         ((("max_size = 10", "max_size = 10\nmax_wait_s = 5"),), ["queue.max_wait_s"], []),  # a key newly set
-        (((":8081", ":8082"),), [], ["models.m.upstreams"]),
         ((("[server]", '[server]\nlisten = "127.0.0.1:9000"'),), [], ["server.listen"]),
-        (((RUNNING, RUNNING + '[models.n]\nupstreams = ["http://h/v1"]\n'),), [], ["models.n"]),  # a new model
-        (((RUNNING, RUNNING.replace("[models.m]", "[models.renamed]")),), [], ["models.m", "models.renamed"]),
+        # Models QueueGate does not launch change live: added, removed, renamed, their upstreams.
+        (((":8081", ":8082"),), ["models.m.upstreams"], []),
+        (((RUNNING, RUNNING + '[models.n]\nupstreams = ["http://h/v1"]\n'),), ["models.n"], []),
+        (((RUNNING, RUNNING.replace("[models.m]", "[models.renamed]")),), ["models.m", "models.renamed"], []),
+        # One QueueGate launches does not.
+        (((RUNNING, RUNNING + '[models.l]\nlauncher = "process"\ncmd = ["x"]\n'),), [], ["models.l"]),
         (
-            (("max_size = 10", "max_size = 20"), (":8081", ":8082")),  # live part applied, the rest reported
-            ["queue.max_size"],
-            ["models.m.upstreams"],
+            (("max_size = 10", "max_size = 20"), ("[server]", '[server]\nlisten = "127.0.0.1:9000"')),
+            ["queue.max_size"],  # the live part applied, the rest reported
+            ["server.listen"],
         ),
     ],
 )
@@ -224,8 +227,10 @@ def test_reload_applies_live_keys_and_names_the_ones_that_need_a_restart(edit, a
     running = parse_config(RUNNING)
     plan = plan_reload(running, parse_config(new_text))
     assert (plan.applied, plan.needs_restart) == (applied, needs_restart)
-    # The live config takes the live changes and nothing else: the running models stay as they are.
-    assert plan.live.models == running.models and plan.live.server.listen == running.server.listen
+    # The live config takes the live changes and nothing else: the new external models, no new launched one.
+    assert plan.live.server.listen == running.server.listen
+    new_models = parse_config(new_text).models
+    assert plan.live.models == {name: m for name, m in new_models.items() if m.launcher == "external"}
     if "queue.max_size" in applied:
         assert plan.live.queue.max_size == 20
 
@@ -233,7 +238,9 @@ def test_reload_applies_live_keys_and_names_the_ones_that_need_a_restart(edit, a
 def test_reload_summary_says_what_was_applied_and_what_waits_for_a_restart():
     running = parse_config(RUNNING)
     assert plan_reload(running, running).summary() == "reloaded: no changes"
-    both = parse_config(RUNNING.replace("max_size = 10", "max_size = 20").replace(":8081", ":8082"))
+    both = parse_config(
+        RUNNING.replace("max_size = 10", "max_size = 20").replace("[server]", '[server]\nlisten = "127.0.0.1:9"')
+    )
     assert plan_reload(running, both).summary() == (
-        "reloaded: applied queue.max_size; not applied, needs a restart: models.m.upstreams"
+        "reloaded: applied queue.max_size; not applied, needs a restart: server.listen"
     )

@@ -1,8 +1,10 @@
 """`reload`: which config changes a running daemon can take, and which need a restart.
 
-Queue, sticky-chat and fleet policy knobs and the log level apply at once. Anything that changes what exists (models,
-upstreams, devices, classes, the listen address, timeouts baked into connections) needs a restart; a reload says which
-keys those are rather than half-applying them. An invalid file changes nothing: the error says why.
+Queue, sticky-chat, fleet, tools and nodes policy knobs and the log level apply at once, and so do models that
+QueueGate does not launch (external: added, removed or changed; requests in flight on a removed upstream finish).
+Anything else that changes what exists (models QueueGate launches, devices, classes, keys, the listen address,
+timeouts baked into connections) needs a restart; a reload says which keys those are rather than half-applying
+them. An invalid file changes nothing: the error says why.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class ReloadPlan:
     live: Config  # the running config with every live change applied (and nothing else)
     applied: list[str]
     needs_restart: list[str]
+    models: frozenset[str] = frozenset()  # the external models added, removed or changed (applied)
 
     def summary(self) -> str:
         if not self.applied and not self.needs_restart:
@@ -67,12 +70,31 @@ class ReloadPlan:
 def plan_reload(running: Config, new: Config) -> ReloadPlan:
     old_data, new_data = msgspec.to_builtins(running), msgspec.to_builtins(new)
     changed = sorted(_changed_keys(old_data, new_data, ""))
-    applied = [key for key in changed if key in LIVE_KEYS]
+    models = {key.split(".")[1] for key in changed if key.startswith("models.")}
+    live_models = frozenset(m for m in models if _external(running, m) and _external(new, m))
+    applied = [key for key in changed if key in LIVE_KEYS or _model_of(key) in live_models]
     for key in applied:
+        if key.startswith("models."):
+            continue
         section, name = key.split(".")
         old_data[section][name] = new_data[section][name]
+    for name in live_models:
+        if name in new_data["models"]:
+            old_data["models"][name] = new_data["models"][name]
+        else:
+            del old_data["models"][name]
     live = msgspec.convert(old_data, Config)
-    return ReloadPlan(live, applied, [key for key in changed if key not in LIVE_KEYS])
+    return ReloadPlan(live, applied, [key for key in changed if key not in applied], live_models)
+
+
+def _external(config: Config, model: str) -> bool:
+    """A model QueueGate does not launch (or none of that name)."""
+    found = config.models.get(model)
+    return found is None or found.launcher == "external"
+
+
+def _model_of(key: str) -> str | None:
+    return key.split(".")[1] if key.startswith("models.") else None
 
 
 def _changed_keys(old: Any, new: Any, prefix: str) -> list[str]:

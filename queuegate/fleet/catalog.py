@@ -79,6 +79,43 @@ class Catalog:
         self.configured = frozenset(self.models)  # the models of the config (nodes add others, for a while)
         self.configured_upstreams = tuple(self.upstreams.values())  # the config's (nodes add others)
 
+    def reconfigure(self, models: Mapping[str, ModelSpec]) -> tuple[list[ModelSpec], list[ModelSpec]]:
+        """A reload's models (every configured one: those unchanged as they are). Each becomes its new spec; the
+        upstreams nodes added to a model stay with it. Returns (the configured specs that left, those that came): a
+        changed model is both. ValueError, changing nothing: a new name or alias is a node's model's."""
+        taken = {n: s.name for s in self.models.values() if s.name not in self.configured for n in (s.name, *s.aliases)}
+        clashes = [n for spec in models.values() for n in (spec.name, *spec.aliases) if n in taken]
+        if clashes:
+            raise ValueError(f"{', '.join(clashes)}: already the name or alias of a model a node registered")
+        configured_ids = {u.id for u in self.configured_upstreams}
+        left, came = [], []
+        for name in [*self.configured, *(n for n in models if n not in self.configured)]:
+            current = self.models.get(name)
+            own = (
+                dataclasses.replace(current, upstreams=tuple(u for u in current.upstreams if u.id in configured_ids))
+                if current
+                else None
+            )
+            if models.get(name) == own:
+                continue
+            nodes_upstreams = tuple(u for u in current.upstreams if u.id not in configured_ids) if current else ()
+            if own is not None:
+                left.append(own)
+                for upstream in own.upstreams:
+                    del self.upstreams[upstream.id]
+                for alias in (own.name, *own.aliases):
+                    del self._by_name[alias]
+                del self.models[name]
+            new = models.get(name)
+            if new is not None:
+                came.append(new)
+                self._put(dataclasses.replace(new, upstreams=(*new.upstreams, *nodes_upstreams)))
+            elif nodes_upstreams:  # (no longer configured: its nodes' upstreams keep it, as a node's model)
+                self._put(dataclasses.replace(own, upstreams=nodes_upstreams))  # type: ignore[arg-type]
+        self.configured = frozenset(models)
+        self.configured_upstreams = tuple(u for spec in models.values() for u in spec.upstreams)
+        return left, came
+
     def owner(self, name: str) -> str | None:
         """The model whose name or alias `name` is (None: neither)."""
         spec = self._by_name.get(name)
@@ -127,7 +164,7 @@ class Catalog:
         """`free_port` picks the port of a managed model that uses ${PORT} without setting `port`."""
         env = os.environ if environ is None else environ
         pick = free_port or pick_free_port
-        return cls({name: _model_spec(name, mc, env, pick) for name, mc in config.models.items()})
+        return cls({name: model_spec(name, mc, env, pick) for name, mc in config.models.items()})
 
     def resolve(self, name: str) -> ModelSpec | None:
         return self._by_name.get(name)
@@ -146,7 +183,8 @@ class Catalog:
         return names
 
 
-def _model_spec(name: str, mc: ModelConfig, env: Mapping[str, str], free_port: Callable[[], int]) -> ModelSpec:
+def model_spec(name: str, mc: ModelConfig, env: Mapping[str, str], free_port: Callable[[], int]) -> ModelSpec:
+    """A configured model's spec (`free_port`: for a launched model's ${PORT} when it sets no `port`)."""
     profile = PROFILES[mc.kind]
     launch = None
     urls = mc.upstreams

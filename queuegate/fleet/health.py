@@ -46,7 +46,7 @@ class HealthMonitor:
         self._state: dict[str, UpstreamState] = {}
         self._hold_until: dict[str, float] = {}  # upstreams that answered 503: no check before then
         self._nursery: trio.Nursery | None = None
-        self._watching: dict[str, tuple[Upstream, trio.CancelScope]] = {}  # the upstreams added at runtime (`watch`)
+        self._watching: dict[str, tuple[Upstream, trio.CancelScope]] = {}  # each watched upstream's task
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check every upstream once (concurrently), report ready, then keep watching until cancelled."""
@@ -54,14 +54,17 @@ class HealthMonitor:
             async with trio.open_nursery() as first_round:
                 for upstream in self._upstreams:
                     first_round.start_soon(self._check, upstream)
-            for upstream in self._upstreams:
-                nursery.start_soon(self._watch, upstream)
             self._nursery = nursery
+            for upstream in self._upstreams:
+                self._start(upstream, check_first=False)
             task_status.started()
-            await trio.sleep_forever()  # (open for the upstreams nodes add, even when there is none yet)
+            await trio.sleep_forever()  # (open for the upstreams nodes and reloads add, even when there is none yet)
 
     def watch(self, upstream: Upstream) -> None:
-        """Start watching an upstream added at runtime: checked at once, then as any other."""
+        """Start watching an upstream added at runtime (a node's, a reload's): checked at once, then as any other."""
+        self._start(upstream, check_first=True)
+
+    def _start(self, upstream: Upstream, *, check_first: bool) -> None:
         assert self._nursery is not None, "watch() after run() started"
         self.unwatch(upstream.id)
         scope = trio.CancelScope()
@@ -70,13 +73,14 @@ class HealthMonitor:
 
         async def watch_until_unwatched() -> None:
             with scope:
-                await self._check(upstream)
+                if check_first:
+                    await self._check(upstream)
                 await self._watch(upstream)
 
         self._nursery.start_soon(watch_until_unwatched)
 
     def unwatch(self, upstream_id: str) -> None:
-        """Stop watching an upstream added at runtime (its node is stale or gone); its state is the caller's."""
+        """Stop watching an upstream (its node is stale or gone, a reload removed it); its state is the caller's."""
         watched = self._watching.pop(upstream_id, None)
         if watched is not None:
             watched[1].cancel()

@@ -328,11 +328,21 @@ class SchedulerCore:
         return decided
 
     def set_policy(self, policy: Policy, now: float) -> list[Ticket]:
-        """Take new policy knobs (a config reload). The classes and per-model bounds must stay as they are."""
-        fixed = ("classes", "model_max_queue", "key_limits", "upstream_limits")
+        """Take new policy knobs (a config reload). The classes and the keys' rate limits must stay as they are;
+        models' queue bounds and upstreams' limits may change (models come and go with a reload): a limit that
+        changes starts a new window."""
+        fixed = ("classes", "key_limits")
         if any(getattr(policy, name) != getattr(self.policy, name) for name in fixed):
-            raise ValueError("classes, per-model queue bounds and rate limits change only with a restart")
+            raise ValueError("classes and keys' rate limits change only with a restart")
         self.policy, self.max_queue = policy, policy.max_queue
+        for model in self._models.values():
+            model.max_queue = policy.model_max_queue.get(model.name)
+        kept = self._upstream_limits
+        self._upstream_limits = {
+            uid: kept[uid] if uid in kept and kept[uid].limit == limit else RateLimiter(limit)
+            for uid, limit in policy.upstream_limits.items()
+            if limit
+        }
         decided = []
         for model in self._models.values():
             decided += self._dispatch(model, now)  # a shorter sticky wait or aging may let someone go now
