@@ -353,17 +353,21 @@ class Daemon:
                 own = tuple(u for u in current.upstreams if u.id in configured_ids)
                 specs[name] = dataclasses.replace(current, upstreams=own)
         try:
-            left, came = catalog.reconfigure(specs)
+            removed, added, replaced = catalog.reconfigure(specs)
         except ValueError as exc:
             raise ConfigError(f"{self.config_path}: {exc}") from None
-        for spec in left:
-            for upstream in spec.upstreams:
-                self.health.unwatch(upstream.id)
-                self.admission.remove_upstream(upstream.id)
-        for spec in came:
-            for upstream in spec.upstreams:
-                self.admission.add_upstream(upstream.id, upstream.model, upstream.capacity)
-                self.health.watch(upstream)
+        for upstream in added:
+            self.admission.add_upstream(upstream.id, upstream.model, upstream.capacity)
+            self.health.watch(upstream)
+        for upstream in replaced:  # (its requests, waiting and in flight, stay)
+            self.admission.replace_upstream(upstream.id, upstream.capacity)
+            self.health.watch(upstream)
+        for upstream in removed:
+            self.health.unwatch(upstream.id)
+            self.admission.remove_upstream(upstream.id)
+        # Keys allowed models by name: the names may have moved.
+        canonical = {name: catalog.canonical(name) for name in catalog.public_names()}
+        self.keyring.take_models(KeyRing.from_config(live, canonical))
 
     async def _serve(
         self,

@@ -419,3 +419,39 @@ async def test_reload_adds_and_removes_models_live_and_a_request_in_flight_on_a_
     assert "data: [DONE]" in rest and slow.stats.disconnects == 0
     await wait_until(lambda: [m.name for m in daemon.admission.statistics().models] == ["n"])
     daemon.request_shutdown()
+
+
+async def test_a_reload_that_changes_a_model_keeps_its_waiting_requests_and_moves_aliases_whole(
+    start_sim, nursery, tmp_path
+):
+    _, url = await start_sim(tokens_per_s=10)
+    config_file = tmp_path / "queuegate.toml"
+    head = '[server]\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n'
+
+    def write(a_aliases: str, b_aliases: str, a_concurrency: int = 1) -> None:
+        config_file.write_text(
+            head + f'[models.a]\nupstreams = ["{url}"]\nmax_concurrency = {a_concurrency}\naliases = [{a_aliases}]\n'
+            f'[models.b]\nupstreams = ["{url}"]\naliases = [{b_aliases}]\n'
+        )
+
+    write('"fast"', '"slow"')
+    daemon = Daemon(load_config(config_file), config_file)
+    started = await nursery.start(daemon.run)
+    body = {"model": "a", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    statuses: list[int] = []
+
+    async def post() -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            statuses.append((await http.post(started.base_url + "/v1/chat/completions", json=body)).status_code)
+
+    async with trio.open_nursery() as requests, AdminClient(tmp_path / "state" / "admin.sock") as admin:
+        requests.start_soon(post)
+        requests.start_soon(post)
+        await wait_until(lambda: queue_now(daemon) == (1, 1), timeout=5)  # one in service, one waiting
+        write('"slow"', '"fast"', a_concurrency=2)  # the aliases change hands, a's upstream changes too
+        reply = await admin.request(Reload())
+        assert reply.message == "reloaded: applied models.a.aliases, models.a.max_concurrency, models.b.aliases"
+        await wait_until(lambda: queue_now(daemon) == (2, 0), timeout=5)  # the changed upstream took it at once
+    assert statuses == [200, 200]  # the waiting request was not dropped by the change
+    assert daemon.catalog.canonical("fast") == "b" and daemon.catalog.canonical("slow") == "a"
+    daemon.request_shutdown()

@@ -17,6 +17,10 @@ import openai
 import pytest
 import trio
 
+from queuegate.config import build_config
+from queuegate.fleet.catalog import Catalog, make_upstream
+from queuegate.fleet.health import HealthMonitor
+from queuegate.scheduler import UpstreamState
 from tests.helpers import (
     EXCLUSIVE,
     ask,
@@ -231,3 +235,21 @@ async def test_evicting_a_busy_model_drains_it_first(start_gateway):
         await wait_until(lambda: state(gw, "a") == "draining")
     assert fingerprint(answers[0]) == "a"  # the request in flight finished
     await wait_until(lambda: state(gw, "a") == "stopped", timeout=5)
+
+
+async def test_a_health_check_that_ends_as_its_upstream_is_unwatched_reports_nothing(nursery):
+    """A report wakes the watch, and the upstream is unwatched before the watch runs (a node leaving then)."""
+    states = []
+    catalog = Catalog.from_config(build_config({"models": {}}))
+    async with httpx.AsyncClient() as client:
+        health = HealthMonitor(catalog, client, lambda *state: states.append(state), interval_s=5, timeout_s=1)
+        await nursery.start(health.run)
+        upstream = make_upstream("m@box1", "m", "http://127.0.0.1:9/v1", "", 1)  # (no health path: no await)
+        health.watch(upstream)
+        await wait_until(lambda: states == [("m@box1", UpstreamState.READY, "no health check configured")])
+        health.report_failure(upstream, "refused")
+        health.unwatch("m@box1")
+        await trio.sleep(0.2)
+        assert [state for _, state, _ in states] == [UpstreamState.READY, UpstreamState.DOWN]  # nothing after
+        health.report_failure(upstream, "refused again")  # (unwatched: not news)
+        assert len(states) == 2

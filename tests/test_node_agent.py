@@ -14,6 +14,9 @@ import httpx
 import pytest
 import trio
 
+from queuegate.config import NodeConfig, build_config
+from queuegate.fleet.catalog import Catalog
+from queuegate.nodes.agent import NodeAgent
 from tests.helpers import children, in_thread, pids_named, request_lines, running, start_daemon, wait_until
 
 NODE_KEYS = {"box1": "node-secret-box1", "box2": "node-secret-box2"}
@@ -114,3 +117,23 @@ async def test_a_chat_through_the_gateway_loads_the_real_llama_server_on_its_nod
     answer = await in_thread(lambda: client.chat.completions.create(model="gemma", messages=messages, max_tokens=8))
     assert answer.choices[0].message.content and answer.usage is not None and answer.usage.completion_tokens > 0
     assert pids_named(children(node.process.pid), b"llama-server")  # loaded on the node, on demand
+
+
+async def test_an_answer_that_is_not_a_gateways_never_stops_the_node(nursery):
+    """The agent against a fake gateway (httpx's mock transport: answers a real one would not give)."""
+    answers = iter([b"[]", b'"ok"', b"5", b'{"heartbeat_s": null}', b"not json", b'{"heartbeat_s": 0.2}'])
+    seen = []
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, content=next(answers, b'{"heartbeat_s": 0.2}'))
+
+    config = NodeConfig(name="box1", gateway="http://gateway:8080", key_env="K", heartbeat_s=0.2)
+    catalog = Catalog.from_config(build_config({"models": {"m": {"upstreams": ["http://127.0.0.1:9/v1"]}}}))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(gateway)) as client:
+        agent = NodeAgent(config, catalog, "run-key", client, {"K": "node-secret"})
+        stop = trio.Event()
+        nursery.start_soon(agent.run, "http://127.0.0.1:1", stop)
+        await wait_until(lambda: agent.registered, timeout=15)
+        stop.set()
+        await wait_until(lambda: seen[-1] == "/v1/nodes/box1", timeout=5)  # it left

@@ -99,6 +99,8 @@ async def test_node_keys_names_and_networks_guard_registration(start_sim, start_
     assert outside.status_code == 403
     assert "8.8.8.8" in outside.json()["error"]["message"] and "allow_networks" in outside.json()["error"]["message"]
     assert gw.daemon.catalog.resolve("m") is None  # all or nothing: the good model was not added either
+    unspecified = await register(gw, "box1", [served("m", "http://0.0.0.0:9/v1")])
+    assert unspecified.status_code == 403 and "names no host" in unspecified.json()["error"]["message"]
     for bad, why in [
         ({"node": "box 1", "models": []}, "node name"),
         ({"node": "box1", "models": [served("loc", url)]}, "alias of model 'local'"),
@@ -252,3 +254,23 @@ async def test_a_client_key_cannot_register_and_a_node_key_cannot_call_the_api(s
             gw.api + "/chat/completions", json=body, headers={"authorization": f"Bearer {NODE_KEY}"}
         )
     assert answer.status_code == 401
+
+
+async def test_a_node_back_with_a_new_key_keeps_the_requests_that_waited_for_it(start_sim, start_gateway):
+    llm, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({}, node_keys=NODE_KEYS, nodes={"stale_after_s": 0.5, "wait_s": 5})
+    assert (await register(gw, "box1", [served("m", url, api_key="run-1-key")])).status_code == 200
+    await wait_until(lambda: ready(gw, "m"))
+    await wait_until(lambda: not ready(gw, "m"), timeout=3)  # stale: requests wait for it
+    answers = []
+
+    async def ask() -> None:
+        answers.append(await chat(gw))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await wait_until(lambda: gw.stats().models[0].waiting == 1)
+        # Restarted, it comes back with a key of its new run: the same upstream, changed.
+        assert (await register(gw, "box1", [served("m", url, api_key="run-2-key")])).status_code == 200
+    assert answers[0].status_code == 200
+    assert llm.stats.received[-1].headers["authorization"] == "Bearer run-2-key"

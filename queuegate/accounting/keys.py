@@ -9,6 +9,7 @@ leave this module: requests, logs and statistics carry the key's name only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -38,14 +39,20 @@ class KeyRing:
 
     @classmethod
     def from_config(cls, config: Config, canonical: Mapping[str, str], environ: Mapping[str, str] | None = None):
-        """`canonical` maps every model name and alias to its model's name."""
+        """`canonical` maps every model name and alias to its model's name (a name it lacks, a model a reload
+        removed, allows nothing)."""
         env = os.environ if environ is None else environ
         keys = []
         for name, kc in config.keys.items():
             secret = kc.key if kc.key is not None else env[kc.key_env or ""]
-            models = frozenset(canonical[m] for m in kc.models) if kc.models else None
+            models = frozenset(canonical[m] for m in kc.models if m in canonical) if kc.models else None
             keys.append(ApiKey(name, kc.klass, models, _digest(secret), kc.usage_admin))
         return cls(keys)
+
+    def take_models(self, other: KeyRing) -> None:
+        """Take `other`'s keys' models (a reload moved names between models), keeping this ring's own keys."""
+        allowed = {key.name: key.models for key in other._keys}
+        self._keys = [dataclasses.replace(key, models=allowed.get(key.name, key.models)) for key in self._keys]
 
     def with_key(self, name: str, secret: str, klass: str) -> KeyRing:
         """This ring and one more key (a node's key for its gateway), allowed every model."""

@@ -79,42 +79,55 @@ class Catalog:
         self.configured = frozenset(self.models)  # the models of the config (nodes add others, for a while)
         self.configured_upstreams = tuple(self.upstreams.values())  # the config's (nodes add others)
 
-    def reconfigure(self, models: Mapping[str, ModelSpec]) -> tuple[list[ModelSpec], list[ModelSpec]]:
+    def reconfigure(self, models: Mapping[str, ModelSpec]) -> tuple[list[Upstream], list[Upstream], list[Upstream]]:
         """A reload's models (every configured one: those unchanged as they are). Each becomes its new spec; the
-        upstreams nodes added to a model stay with it. Returns (the configured specs that left, those that came): a
-        changed model is both. ValueError, changing nothing: a new name or alias is a node's model's."""
-        taken = {n: s.name for s in self.models.values() if s.name not in self.configured for n in (s.name, *s.aliases)}
-        clashes = [n for spec in models.values() for n in (spec.name, *spec.aliases) if n in taken]
+        upstreams nodes added to a model stay with it, and a configured model takes over a node's model of its
+        name. Returns the configured upstreams (removed, added, replaced: the same id, changed). ValueError,
+        changing nothing: a new name or alias is a node's model's alias, or a node's model's name used as an
+        alias."""
+        configured_ids = {u.id for u in self.configured_upstreams}
+        nodes_models = {name: spec for name, spec in self.models.items() if name not in self.configured}
+        taken = {n: spec.name for spec in nodes_models.values() for n in (spec.name, *spec.aliases)}
+        clashes = [
+            n
+            for spec in models.values()
+            for n in (spec.name, *spec.aliases)
+            if n in taken and not (n == spec.name and n in nodes_models)
+        ]
         if clashes:
             raise ValueError(f"{', '.join(clashes)}: already the name or alias of a model a node registered")
-        configured_ids = {u.id for u in self.configured_upstreams}
-        left, came = [], []
-        for name in [*self.configured, *(n for n in models if n not in self.configured)]:
+        before = dict(self.models)
+        changed = []
+        for name in sorted(set(self.configured) | set(models)):
             current = self.models.get(name)
-            own = (
-                dataclasses.replace(current, upstreams=tuple(u for u in current.upstreams if u.id in configured_ids))
-                if current
-                else None
-            )
-            if models.get(name) == own:
+            own = None
+            if current is not None and name in self.configured:
+                own = dataclasses.replace(
+                    current, upstreams=tuple(u for u in current.upstreams if u.id in configured_ids)
+                )
+            if name in self.configured and models.get(name) == own:
                 continue
-            nodes_upstreams = tuple(u for u in current.upstreams if u.id not in configured_ids) if current else ()
-            if own is not None:
-                left.append(own)
-                for upstream in own.upstreams:
-                    del self.upstreams[upstream.id]
-                for alias in (own.name, *own.aliases):
-                    del self._by_name[alias]
+            changed.append(name)
+            if current is not None:  # (first every changed model goes, then each comes back: names may move)
+                for upstream in current.upstreams:
+                    if upstream.id in configured_ids:
+                        del self.upstreams[upstream.id]
                 del self.models[name]
-            new = models.get(name)
-            if new is not None:
-                came.append(new)
-                self._put(dataclasses.replace(new, upstreams=(*new.upstreams, *nodes_upstreams)))
-            elif nodes_upstreams:  # (no longer configured: its nodes' upstreams keep it, as a node's model)
-                self._put(dataclasses.replace(own, upstreams=nodes_upstreams))  # type: ignore[arg-type]
+                self._drop_names(current)
+        for name in changed:
+            kept = tuple(u for u in before[name].upstreams if u.id not in configured_ids) if name in before else ()
+            if (new := models.get(name)) is not None:
+                self._put(dataclasses.replace(new, upstreams=(*new.upstreams, *kept)))
+            elif kept:  # no longer configured: its nodes' upstreams keep it, as a node's model (no aliases)
+                self._put(dataclasses.replace(before[name], aliases=(), upstreams=kept))
+        old = {u.id: u for u in self.configured_upstreams}
+        new_upstreams = {u.id: u for spec in models.values() for u in spec.upstreams}
         self.configured = frozenset(models)
-        self.configured_upstreams = tuple(u for spec in models.values() for u in spec.upstreams)
-        return left, came
+        self.configured_upstreams = tuple(new_upstreams.values())
+        removed = [u for uid, u in old.items() if uid not in new_upstreams]
+        added = [u for uid, u in new_upstreams.items() if uid not in old]
+        replaced = [u for uid, u in new_upstreams.items() if uid in old and old[uid] != u]
+        return removed, added, replaced
 
     def owner(self, name: str) -> str | None:
         """The model whose name or alias `name` is (None: neither)."""
@@ -135,6 +148,14 @@ class Catalog:
         else:
             self._put(dataclasses.replace(spec, upstreams=(*spec.upstreams, upstream)))
 
+    def replace_upstream(self, upstream: Upstream) -> None:
+        """An upstream of the same id, changed (address, key, capacity). KeyError: unknown."""
+        old = self.upstreams[upstream.id]
+        spec = self.models[old.model]
+        self._put(
+            dataclasses.replace(spec, upstreams=tuple(upstream if u.id == upstream.id else u for u in spec.upstreams))
+        )
+
     def remove_upstream(self, upstream_id: str) -> None:
         """Remove an upstream; a model only nodes served goes when its last upstream does. KeyError: unknown."""
         upstream = self.upstreams.pop(upstream_id)
@@ -144,8 +165,13 @@ class Catalog:
             self._put(dataclasses.replace(spec, upstreams=left))
             return
         del self.models[spec.name]
+        self._drop_names(spec)
+
+    def _drop_names(self, spec: ModelSpec) -> None:
+        """Forget a model's name and aliases (those another model has taken since are not its own any more)."""
         for name in (spec.name, *spec.aliases):
-            del self._by_name[name]
+            if (current := self._by_name.get(name)) is not None and current.name == spec.name:
+                del self._by_name[name]
 
     def _put(self, spec: ModelSpec) -> None:
         self.models[spec.name] = spec

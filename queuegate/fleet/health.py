@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import httpx
 import trio
@@ -21,6 +22,17 @@ from queuegate.scheduler import UpstreamState
 log = logging.getLogger("queuegate.health")
 
 StateSink = Callable[[str, UpstreamState, str], None]
+
+
+@dataclass(eq=False)
+class _Watcher:
+    """One upstream's watch: its task's scope, and what it knows. Replaced or removed, it reports nothing more."""
+
+    upstream: Upstream
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    recheck: trio.Event = field(default_factory=trio.Event)
+    state: UpstreamState | None = None
+    hold_until: float | None = None  # it answered 503: no check before then
 
 
 class HealthMonitor:
@@ -42,108 +54,87 @@ class HealthMonitor:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._retry_interval_s = min(retry_interval_s, interval_s)
-        self._recheck = {u.id: trio.Event() for u in self._upstreams}
-        self._state: dict[str, UpstreamState] = {}
-        self._hold_until: dict[str, float] = {}  # upstreams that answered 503: no check before then
         self._nursery: trio.Nursery | None = None
-        self._watching: dict[str, tuple[Upstream, trio.CancelScope]] = {}  # each watched upstream's task
+        self._watching: dict[str, _Watcher] = {}  # by upstream id: the one watch that may report
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check every upstream once (concurrently), report ready, then keep watching until cancelled."""
         async with trio.open_nursery() as nursery:
+            first = [self._watching.setdefault(u.id, _Watcher(u)) for u in self._upstreams]
             async with trio.open_nursery() as first_round:
-                for upstream in self._upstreams:
-                    first_round.start_soon(self._check, upstream)
+                for watcher in first:
+                    first_round.start_soon(self._check, watcher)
             self._nursery = nursery
-            for upstream in self._upstreams:
-                self._start(upstream, check_first=False)
+            for watcher in first:
+                nursery.start_soon(self._watch, watcher, False)
             task_status.started()
             await trio.sleep_forever()  # (open for the upstreams nodes and reloads add, even when there is none yet)
 
     def watch(self, upstream: Upstream) -> None:
         """Start watching an upstream added at runtime (a node's, a reload's): checked at once, then as any other."""
-        self._start(upstream, check_first=True)
-
-    def _start(self, upstream: Upstream, *, check_first: bool) -> None:
         assert self._nursery is not None, "watch() after run() started"
         self.unwatch(upstream.id)
-        scope = trio.CancelScope()
-        self._watching[upstream.id] = (upstream, scope)
-        self._recheck[upstream.id] = trio.Event()
-
-        async def watch_until_unwatched() -> None:
-            with scope:
-                if check_first:
-                    await self._check(upstream)
-                await self._watch(upstream)
-
-        self._nursery.start_soon(watch_until_unwatched)
+        self._watching[upstream.id] = watcher = _Watcher(upstream)
+        self._nursery.start_soon(self._watch, watcher, True)
 
     def unwatch(self, upstream_id: str) -> None:
         """Stop watching an upstream (its node is stale or gone, a reload removed it); its state is the caller's."""
-        watched = self._watching.pop(upstream_id, None)
-        if watched is not None:
-            watched[1].cancel()
-        self._recheck.pop(upstream_id, None)
-        self._state.pop(upstream_id, None)
-        self._hold_until.pop(upstream_id, None)
+        watcher = self._watching.pop(upstream_id, None)
+        if watcher is not None:
+            watcher.scope.cancel()
 
     def report_failure(self, upstream: Upstream, reason: str) -> None:
         """A request could not reach `upstream`: take it out now and re-check it at once."""
-        if upstream.id not in self._recheck:
+        watcher = self._watching.get(upstream.id)
+        if watcher is None:
             return  # (no longer watched: its node is stale or gone)
-        self._set(upstream, UpstreamState.DOWN, reason)
-        self._recheck[upstream.id].set()
+        self._set(watcher, UpstreamState.DOWN, reason)
+        watcher.recheck.set()
 
     def report_not_ready(self, upstream: Upstream, reason: str, retry_in_s: float) -> None:
         """A request got a 503 from `upstream`: requests wait for it (not down) until a check in `retry_in_s`."""
-        if upstream.id not in self._recheck:
+        watcher = self._watching.get(upstream.id)
+        if watcher is None:
             return
-        self._set(upstream, UpstreamState.LOADING, reason)
-        self._hold_until[upstream.id] = trio.current_time() + retry_in_s
-        self._recheck[upstream.id].set()
+        self._set(watcher, UpstreamState.LOADING, reason)
+        watcher.hold_until = trio.current_time() + retry_in_s
+        watcher.recheck.set()
 
-    async def _watch(self, upstream: Upstream) -> None:
-        while True:
-            ready = self._state.get(upstream.id) is UpstreamState.READY
-            if upstream.health_url is None and ready:
-                await self._recheck[upstream.id].wait()  # nothing to poll: only a report wakes it
-            else:
-                with trio.move_on_after(self._interval_s if ready else self._retry_interval_s):
-                    await self._recheck[upstream.id].wait()
-            self._recheck[upstream.id] = trio.Event()
-            hold_until = self._hold_until.pop(upstream.id, None)
-            if hold_until is not None:
-                await trio.sleep_until(hold_until)
-            await self._check(upstream)
+    async def _watch(self, watcher: _Watcher, check_first: bool) -> None:
+        """Watch until unwatched (the scope is cancelled, and the watcher is not current any more)."""
+        with watcher.scope:
+            if check_first:
+                await self._check(watcher)
+            while self._watching.get(watcher.upstream.id) is watcher:
+                ready = watcher.state is UpstreamState.READY
+                if watcher.upstream.health_url is None and ready:
+                    await watcher.recheck.wait()  # nothing to poll: only a report wakes it
+                else:
+                    with trio.move_on_after(self._interval_s if ready else self._retry_interval_s):
+                        await watcher.recheck.wait()
+                watcher.recheck = trio.Event()
+                if watcher.hold_until is not None:
+                    hold_until, watcher.hold_until = watcher.hold_until, None
+                    await trio.sleep_until(hold_until)
+                await self._check(watcher)
 
-    async def _check(self, upstream: Upstream) -> None:
+    async def _check(self, watcher: _Watcher) -> None:
+        upstream = watcher.upstream
         if upstream.health_url is None:
-            self._set(upstream, UpstreamState.READY, "no health check configured")
+            self._set(watcher, UpstreamState.READY, "no health check configured")
             return
         state, reason = await probe_health(self._client, upstream, self._timeout_s)
-        self._set(upstream, state, reason)
+        self._set(watcher, state, reason)
 
-    def _set(self, upstream: Upstream, state: UpstreamState, reason: str) -> None:
-        watched = self._watching.get(upstream.id)
-        if upstream.id not in self._recheck or (watched is not None and watched[0] is not upstream):
+    def _set(self, watcher: _Watcher, state: UpstreamState, reason: str) -> None:
+        upstream = watcher.upstream
+        if self._watching.get(upstream.id) is not watcher:
             return  # a check that ended just as its upstream was unwatched (or replaced): not news
-        previous = self._state.get(upstream.id)
-        self._state[upstream.id] = state
+        previous, watcher.state = watcher.state, state
         if previous is not state:
             level = logging.INFO if state is UpstreamState.READY else logging.WARNING
-            log.log(
-                level,
-                "upstream state",
-                extra={
-                    "fields": {
-                        "upstream": upstream.id,
-                        "url": upstream.display_url,
-                        "state": state.value,
-                        "reason": reason,
-                    }
-                },
-            )
+            fields = {"upstream": upstream.id, "url": upstream.display_url, "state": state.value, "reason": reason}
+            log.log(level, "upstream state", extra={"fields": fields})
         self._on_state(upstream.id, state, reason)
 
 
@@ -153,7 +144,7 @@ async def probe_health(client: httpx.AsyncClient, upstream: Upstream, timeout_s:
     503 is "up, not ready yet", whatever the kind: llama-server answers 503 "Loading model" on every path until its
     model is loaded (TGI and LocalAI do the same), and a request may wait for that instead of failing at once."""
     assert upstream.health_url is not None
-    headers = [(k.decode(), v.decode()) for k, v in upstream.headers if k == b"authorization"]  # httpx sets host
+    headers = [(k.decode(), v.decode()) for k, v in upstream.headers if k in (b"authorization", b"host")]
     try:
         with trio.fail_after(timeout_s):
             response = await client.get(upstream.health_url, headers=headers)

@@ -88,8 +88,8 @@ class NodeAgent:
             )
             if answer.status_code != 200:
                 raise RegistrationRefused(f"the gateway answered {answer.status_code}: {_message(answer)}")
-            heartbeat_s = float(answer.json().get("heartbeat_s", math.nan))
-        except (httpx.HTTPError, RegistrationRefused, ValueError) as exc:
+            heartbeat_s = _heartbeat_s(answer)
+        except (httpx.HTTPError, RegistrationRefused) as exc:
             self.registered = False
             if not self._failing:
                 self._failing = True
@@ -100,7 +100,7 @@ class NodeAgent:
             fields = {"gateway": self._gateway, "node": self.config.name, "models": len(self._catalog.models)}
             log.info("node registered with its gateway", extra={"fields": fields})
         self._failing, self.registered = False, True
-        return min(heartbeat_s, self.config.heartbeat_s) if heartbeat_s > 0 else None
+        return min(heartbeat_s, self.config.heartbeat_s)
 
     async def _leave(self) -> None:
         try:
@@ -112,6 +112,17 @@ class NodeAgent:
 
 class RegistrationRefused(Exception):
     """The gateway answered the registration with an error."""
+
+
+def _heartbeat_s(answer: httpx.Response) -> float:
+    """The heartbeat the gateway's answer asks for. RegistrationRefused: that was no gateway's answer."""
+    try:
+        heartbeat_s = float(answer.json()["heartbeat_s"])
+    except (ValueError, KeyError, TypeError) as exc:  # (JSON that is not a registration's answer, or no JSON)
+        raise RegistrationRefused(f"the gateway's answer is not a registration's ({type(exc).__name__})") from None
+    if not math.isfinite(heartbeat_s) or heartbeat_s <= 0:
+        raise RegistrationRefused(f"the gateway asked for a heartbeat every {heartbeat_s} s")
+    return heartbeat_s
 
 
 def _message(answer: httpx.Response) -> str:

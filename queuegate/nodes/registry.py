@@ -101,6 +101,8 @@ class UpstreamPool(Protocol):
 
     def add_upstream(self, upstream_id: str, model: str, capacity: int) -> None: ...
 
+    def replace_upstream(self, upstream_id: str, capacity: int) -> None: ...
+
     def remove_upstream(self, upstream_id: str) -> None: ...
 
     def set_upstream_state(self, upstream_id: str, state: UpstreamState, reason: str) -> None: ...
@@ -193,7 +195,10 @@ class NodeRegistry:
         """Apply a registration (or heartbeat) from node key `key` at `address`; the answer for the node.
         BadRequest or Forbidden: nothing changed."""
         _check_shape(registration)
-        pinned = {m.name: await self._checked_base_url(m.base_url, address) for m in registration.models}
+        checked: dict[str, str] = {}  # (a node's models often share one base URL: it is checked once)
+        for url in dict.fromkeys(m.base_url for m in registration.models):
+            checked[url] = await self._checked_base_url(url, address)
+        pinned = {m.name: checked[m.base_url] for m in registration.models}
         # From here on no await: what is checked is what is applied (another registration cannot come between).
         node = self._nodes.get(registration.node)
         if node is not None and node.key != key:
@@ -286,6 +291,8 @@ class NodeRegistry:
             raise BadRequest(f"cannot resolve the host of {url!r}: {exc or 'no answer in time'}") from None
         if not addresses:
             raise BadRequest(f"the host of {url!r} resolves to no address")
+        if any(a.is_unspecified for a in addresses):
+            raise Forbidden(f"{url!r} names no host (an unspecified address reaches this gateway's own)")
         outside = [str(a) for a in addresses if not any(a in n for n in self._networks)]
         if outside:
             raise Forbidden(
@@ -323,10 +330,12 @@ class NodeRegistry:
                     self._pool.set_upstream_state(upstream.id, UpstreamState.LOADING, f"node {node.name} is back")
                     self._health.watch(upstream)
                 continue
-            if name in node.upstreams:
-                self._remove(node, name)
-            self._catalog.add_upstream(upstream, spec)
-            self._pool.add_upstream(upstream.id, name, upstream.capacity)
+            if name in node.upstreams:  # the same upstream, changed (a new address, key): its requests stay
+                self._catalog.replace_upstream(upstream)
+                self._pool.replace_upstream(upstream.id, upstream.capacity)
+            else:
+                self._catalog.add_upstream(upstream, spec)
+                self._pool.add_upstream(upstream.id, name, upstream.capacity)
             node.upstreams[name] = upstream
             self._health.watch(upstream)
         if back:

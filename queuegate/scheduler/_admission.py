@@ -137,6 +137,10 @@ class Admission:
         """An upstream joins at runtime (see `SchedulerCore.add_upstream`)."""
         self._wake(self._core.add_upstream(upstream_id, model, capacity, trio.current_time()))
 
+    def replace_upstream(self, upstream_id: str, capacity: int) -> None:
+        """The same upstream, changed; its requests stay (see `SchedulerCore.replace_upstream`)."""
+        self._wake(self._core.replace_upstream(upstream_id, capacity, trio.current_time()))
+
     def remove_upstream(self, upstream_id: str) -> None:
         """An upstream leaves at runtime; its requests in flight finish (see `SchedulerCore.remove_upstream`)."""
         self._wake(self._core.remove_upstream(upstream_id, trio.current_time()))

@@ -277,6 +277,16 @@ class SchedulerCore:
         self._models[model].upstreams.append(slot)
         return self._dispatch(self._models[model], now)
 
+    def replace_upstream(self, upstream_id: str, capacity: int, now: float) -> list[Ticket]:
+        """An upstream is the same slot at a new address, or with a new key (a node came back, a reload changed
+        it): it keeps its requests, in flight and waiting, and takes new ones once checked. KeyError: unknown."""
+        slot = self._upstreams[upstream_id]
+        if slot.left:
+            raise KeyError(upstream_id)
+        slot.capacity = capacity
+        slot.state, slot.reason = UpstreamState.LOADING, "changed: checking it"
+        return self._dispatch(self._models[slot.model], now)
+
     def remove_upstream(self, upstream_id: str, now: float) -> list[Ticket]:
         """An upstream leaves (its node is gone). Requests in flight on it are not cut: their slots are given back
         as usual. Waiting requests no other upstream can serve are rejected; a model left with no upstream and no
