@@ -1,4 +1,4 @@
-"""The command line: `queuegate run | check | init | admin | top`."""
+"""The command line: `queuegate run | node | check | init | admin | top`."""
 
 from __future__ import annotations
 

@@ -455,3 +455,26 @@ async def test_a_reload_that_changes_a_model_keeps_its_waiting_requests_and_move
     assert statuses == [200, 200]  # the waiting request was not dropped by the change
     assert daemon.catalog.canonical("fast") == "b" and daemon.catalog.canonical("slow") == "a"
     daemon.request_shutdown()
+
+
+async def test_a_reload_configures_a_model_a_node_registered_first_and_it_keeps_the_nodes_upstream(
+    start_sim, nursery, tmp_path
+):
+    _, url = await start_sim(tokens_per_s=0)
+    config_file = tmp_path / "queuegate.toml"
+    head = '[server]\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n[node_keys.box1]\nkey = "node-secret-1"\n'
+    config_file.write_text(head)
+    daemon = Daemon(load_config(config_file), config_file)
+    started = await nursery.start(daemon.run)
+    async with httpx.AsyncClient(timeout=10) as http:
+        registration = {"node": "box1", "models": [{"name": "x", "base_url": url, "kind": "llamacpp"}]}
+        headers = {"authorization": "Bearer node-secret-1"}
+        assert (await http.post(started.base_url + "/v1/nodes/register", json=registration, headers=headers)).is_success
+        config_file.write_text(head + f'[models.x]\nupstreams = ["{url}"]\nkind = "llamacpp"\naliases = ["ex"]\n')
+        async with AdminClient(tmp_path / "state" / "admin.sock") as admin:
+            assert (await admin.request(Reload())).message == "reloaded: applied models.x"
+        assert [u.id for u in daemon.catalog.models["x"].upstreams] == ["x#0", "x@box1"]
+        body = {"model": "ex", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        await wait_until(lambda: daemon.admission.serving("x"))
+        assert (await http.post(started.base_url + "/v1/chat/completions", json=body)).status_code == 200
+    daemon.request_shutdown()
