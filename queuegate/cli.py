@@ -154,7 +154,12 @@ def _check(config: Config) -> int:
         limits = f", {_limits(key.rpm, key.tpm)}" if key.rpm or key.tpm else ""
         admin = ", reads all usage" if key.usage_admin else ""
         print(f"  key {name}: class {key.klass}, models {', '.join(key.models) or 'all'}{limits}{admin} ({source})")
-    if not config.keys:
+    if config.node is not None:
+        node = config.node
+        print(f"  node {node.name} of {node.gateway} (node key from ${node.key_env}), reached at "
+              f"{node.advertise or 'its listen address'}; its API takes the gateway's key (made each run)"
+              f"{' and its [keys]' if config.keys else ''}")  # fmt: skip
+    elif not config.keys:
         print("  no [keys]: the API is open to whoever can reach the listen address")
     if config.usage.enabled:
         usage = config.usage

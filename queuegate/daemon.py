@@ -74,6 +74,9 @@ from queuegate.tools.servers import ToolServers
 log = logging.getLogger("queuegate.daemon")
 
 SHUTDOWN_LAST_WORDS_S = 1.0  # after the grace period: time for stopped streams to send their error event
+# Idle connections to upstreams expire before the usual 5 s server keep-alive: a socket the server is closing is
+# rarely reused (a request or a health check every 5 s would otherwise meet it).
+KEEPALIVE_EXPIRY_S = 4.0
 
 
 @dataclass(slots=True)
@@ -136,10 +139,13 @@ class Daemon:
             SchedulerCore([(u.id, u.model, u.capacity) for u in catalog.upstreams.values()], _policy(cfg, catalog))
         )
         self.usage = _usage_store(cfg)
-        # Upstream I/O: the forwarding pool (keep-alive expiry below the usual 5 s server keep-alive, so a socket the
-        # server is closing is rarely reused) and the health checks' client.
-        self._pool = UpstreamConnections(keepalive_expiry_s=4.0, max_idle_per_upstream=up.keepalive_connections)
-        self._health_client = httpx.AsyncClient(timeout=up.health_timeout_s, limits=httpx.Limits(max_connections=64))
+        # Upstream I/O: the forwarding pool and the health checks' client (idle connections: see KEEPALIVE_EXPIRY_S).
+        self._pool = UpstreamConnections(
+            keepalive_expiry_s=KEEPALIVE_EXPIRY_S, max_idle_per_upstream=up.keepalive_connections
+        )
+        self._health_client = httpx.AsyncClient(
+            timeout=up.health_timeout_s, limits=httpx.Limits(max_connections=64, keepalive_expiry=KEEPALIVE_EXPIRY_S)
+        )
         self.health = HealthMonitor(
             catalog,
             self._health_client,

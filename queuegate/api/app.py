@@ -299,6 +299,8 @@ def create_app(routes: Routes) -> ASGIApp:
                 raise BadRequest(f"not a node registration: {exc}") from None
             answer = await routes.nodes.register(key, request.remote_addr or "", registration)
         except GatewayError as exc:
+            fields = {"rid": request_id, "client": request.remote_addr, "status": exc.status, "error": exc.message}
+            log.warning("node registration refused", extra={"fields": fields})
             return _error_response(exc, request_id)
         return _json(answer)
 

@@ -131,6 +131,8 @@ def _check_nodes(config: Config, env: Any, fail: Any) -> None:
                 fail(f"node.{key}", f"expected a base URL such as http://10.0.0.2:8080 (no path), got {url!r}")
         if not env.get(node.key_env):
             fail("node.key_env", f"environment variable {node.key_env} is not set (it holds this node's key)")
+        if len(env.get(node.key_env, "")) < 8:
+            fail("node.key_env", f"the node key in {node.key_env} must be at least 8 characters (as the gateway's)")
         host = parse_listen(config.server.listen)[0]
         if not node.advertise and host in ("0.0.0.0", "::", ""):
             fail("node.advertise", "set it to where the gateway reaches this node: it listens on every address")

@@ -104,10 +104,11 @@ class NodeAgent:
 
     async def _leave(self) -> None:
         try:
-            await self._client.delete(f"{self._gateway}/v1/nodes/{self.config.name}", headers=self._headers)
+            answer = await self._client.delete(f"{self._gateway}/v1/nodes/{self.config.name}", headers=self._headers)
         except httpx.HTTPError:
             return  # (the gateway finds it stale instead)
-        log.info("node left its gateway", extra={"fields": {"gateway": self._gateway, "node": self.config.name}})
+        if answer.status_code == 200:
+            log.info("node left its gateway", extra={"fields": {"gateway": self._gateway, "node": self.config.name}})
 
 
 class RegistrationRefused(Exception):

@@ -226,7 +226,7 @@ class NodeRegistry:
         node = self._nodes[name]
         if node.key != key:
             raise Forbidden(f"node {name!r} was registered with another node key")
-        self._forget(node)
+        self._forget(node, "node left")
 
     def statistics(self) -> list[NodeStatistics]:
         now = trio.current_time()
@@ -359,11 +359,11 @@ class NodeRegistry:
             self._health.unwatch(upstream.id)
             self._pool.set_upstream_state(upstream.id, state, reason)
 
-    def _forget(self, node: _Node) -> None:
+    def _forget(self, node: _Node, why: str = "node forgotten") -> None:
         for model in list(node.upstreams):
             self._remove(node, model)
         del self._nodes[node.name]
-        log.info("node forgotten", extra={"fields": {"node": node.name}})
+        log.info(why, extra={"fields": {"node": node.name}})
 
     def _next_deadline(self) -> float:
         """When a node next turns stale, down or forgotten."""
