@@ -9,7 +9,6 @@ closed; the usage store stops last, after committing every row, and the lifeline
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import logging
 import os
@@ -349,15 +348,11 @@ class Daemon:
         """Apply a reload's external models: the catalog takes their new specs, the scheduler and the health
         checks their upstreams (requests in flight on one that leaves finish)."""
         catalog = self.catalog
-        configured_ids = {u.id for u in catalog.configured_upstreams}
         specs = {}
         for name, model in live.models.items():
-            current = catalog.models.get(name)
-            if name in changed or current is None:
-                specs[name] = model_spec(name, model, os.environ, pick_free_port)
-            else:
-                own = tuple(u for u in current.upstreams if u.id in configured_ids)
-                specs[name] = dataclasses.replace(current, upstreams=own)
+            current = catalog.configured_spec(name)
+            changed_now = name in changed or current is None
+            specs[name] = model_spec(name, model, os.environ, pick_free_port) if changed_now else current
         try:
             removed, added, replaced = catalog.reconfigure(specs)
         except ValueError as exc:

@@ -10,6 +10,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -339,6 +340,15 @@ async def test_requests_are_listed_and_an_operator_can_cancel_them(start_sim, st
             await client.request(Cancel(request_id="q1"))
 
 
+FILE_HEAD = '[server]\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n'  # (its admin socket: state/admin.sock)
+
+
+async def start_from_file(nursery: trio.Nursery, config_file: Path) -> tuple[Daemon, Any]:
+    """The daemon of a config file (which `reload` reads again), started."""
+    daemon = Daemon(load_config(config_file), config_file)
+    return daemon, await nursery.start(daemon.run)
+
+
 async def test_reload_applies_live_keys_names_the_rest_and_keeps_the_old_config_when_invalid(
     start_sim, nursery, tmp_path
 ):
@@ -347,13 +357,12 @@ async def test_reload_applies_live_keys_names_the_rest_and_keeps_the_old_config_
 
     def write(max_size: object, header: str = "X-Chat-Id") -> None:
         config_file.write_text(
-            f'[server]\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n[queue]\nmax_size = {max_size}\n'
+            FILE_HEAD + f"[queue]\nmax_size = {max_size}\n"
             f'[affinity]\nheader = "{header}"\n[models.m]\nupstreams = ["{url}"]\nmax_concurrency = 1\n'
         )
 
     write(256)
-    daemon = Daemon(load_config(config_file), config_file)
-    started = await nursery.start(daemon.run)
+    daemon, started = await start_from_file(nursery, config_file)
     path = tmp_path / "state" / "admin.sock"
     async with AdminClient(path) as client:
         assert (await client.request(Reload())).message == "reloaded: no changes"
@@ -395,10 +404,9 @@ async def test_reload_adds_and_removes_models_live_and_a_request_in_flight_on_a_
     slow, slow_url = await start_sim(tokens_per_s=10)
     _, other_url = await start_sim(tokens_per_s=0)
     config_file = tmp_path / "queuegate.toml"
-    head = '[server]\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n'
+    head = FILE_HEAD
     config_file.write_text(head + f'[models.m]\nupstreams = ["{slow_url}"]\nkind = "llamacpp"\n')
-    daemon = Daemon(load_config(config_file), config_file)
-    started = await nursery.start(daemon.run)
+    daemon, started = await start_from_file(nursery, config_file)
     api = started.base_url + "/v1"
     body = {"model": "m", "stream": True, "max_tokens": 15, "messages": [{"role": "user", "content": "hi"}]}
     async with (
@@ -426,7 +434,7 @@ async def test_a_reload_that_changes_a_model_keeps_its_waiting_requests_and_move
 ):
     _, url = await start_sim(tokens_per_s=10)
     config_file = tmp_path / "queuegate.toml"
-    head = '[server]\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n'
+    head = FILE_HEAD
 
     def write(a_aliases: str, b_aliases: str, a_concurrency: int = 1) -> None:
         config_file.write_text(
@@ -435,8 +443,7 @@ async def test_a_reload_that_changes_a_model_keeps_its_waiting_requests_and_move
         )
 
     write('"fast"', '"slow"')
-    daemon = Daemon(load_config(config_file), config_file)
-    started = await nursery.start(daemon.run)
+    daemon, started = await start_from_file(nursery, config_file)
     body = {"model": "a", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
     statuses: list[int] = []
 
@@ -462,10 +469,9 @@ async def test_a_reload_configures_a_model_a_node_registered_first_and_it_keeps_
 ):
     _, url = await start_sim(tokens_per_s=0)
     config_file = tmp_path / "queuegate.toml"
-    head = '[server]\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n[node_keys.box1]\nkey = "node-secret-1"\n'
+    head = FILE_HEAD + '[node_keys.box1]\nkey = "node-secret-1"\n'
     config_file.write_text(head)
-    daemon = Daemon(load_config(config_file), config_file)
-    started = await nursery.start(daemon.run)
+    daemon, started = await start_from_file(nursery, config_file)
     async with httpx.AsyncClient(timeout=10) as http:
         registration = {"node": "box1", "models": [{"name": "x", "base_url": url, "kind": "llamacpp"}]}
         headers = {"authorization": "Bearer node-secret-1"}

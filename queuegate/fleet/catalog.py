@@ -100,12 +100,7 @@ class Catalog:
         changed = []
         for name in sorted(set(self.configured) | set(models)):
             current = self.models.get(name)
-            own = None
-            if current is not None and name in self.configured:
-                own = dataclasses.replace(
-                    current, upstreams=tuple(u for u in current.upstreams if u.id in configured_ids)
-                )
-            if name in self.configured and models.get(name) == own:
+            if name in self.configured and models.get(name) == self.configured_spec(name):
                 continue
             changed.append(name)
             if current is not None:  # (first every changed model goes, then each comes back: names may move)
@@ -128,6 +123,15 @@ class Catalog:
         added = [u for uid, u in new_upstreams.items() if uid not in old]
         replaced = [u for uid, u in new_upstreams.items() if uid in old and old[uid] != u]
         return removed, added, replaced
+
+    def configured_spec(self, name: str) -> ModelSpec | None:
+        """A configured model's spec as the config made it (without the upstreams nodes added); None: no such
+        configured model."""
+        spec = self.models.get(name)
+        if spec is None or name not in self.configured:
+            return None
+        own = {u.id for u in self.configured_upstreams}
+        return dataclasses.replace(spec, upstreams=tuple(u for u in spec.upstreams if u.id in own))
 
     def owner(self, name: str) -> str | None:
         """The model whose name or alias `name` is (None: neither)."""
