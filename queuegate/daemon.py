@@ -55,6 +55,7 @@ from queuegate.memory.service import Memory
 from queuegate.memory.store import MemoryStore
 from queuegate.metrics import Metrics
 from queuegate.nodes.agent import NodeAgent
+from queuegate.nodes.poller import NodePoller
 from queuegate.nodes.registry import NodeRegistry
 from queuegate.proxy import (
     ActiveRequests,
@@ -169,6 +170,7 @@ class Daemon:
         self.tool_servers = ToolServers(cfg.tools, os.environ, _reserved_tools(cfg))
         # Nodes add and remove upstreams at runtime (in the catalog, the scheduler and the health checks).
         self.nodes = NodeRegistry(cfg.nodes, catalog, self.admission, self.health)
+        self.node_poller = NodePoller(cfg.nodes.polled, self.nodes, self._health_client)
         self.node_keys = NodeKeyRing.from_config(cfg)
         self.metrics = Metrics(
             self.admission.statistics,
@@ -198,7 +200,7 @@ class Daemon:
         if cfg.node is not None:  # a node of another gateway: its requests come with a key made for this run
             gateway_key = secrets.token_urlsafe(32)
             self.keyring = self.keyring.with_key("gateway", gateway_key, cfg.queue.classes[0])
-            self.node_agent = NodeAgent(cfg.node, catalog, gateway_key, self._health_client, os.environ)
+            self.node_agent = NodeAgent(cfg.node, catalog, self.fleet, gateway_key, self._health_client, os.environ)
         self._active = ActiveRequests()
         self._in_flight = InFlight()
         app = create_app(
@@ -273,6 +275,7 @@ class Daemon:
             await nursery.start(self.admission.run)
             await nursery.start(self.health.run)
             await nursery.start(self.nodes.run)
+            await nursery.start(self.node_poller.run)
             if self.launchers:
                 self.admission.add_listener(self.fleet.notify)
             await nursery.start(self.fleet.run)
@@ -293,6 +296,7 @@ class Daemon:
                 self._active,
                 self.reload,
                 self.memory,
+                self.nodes,
             )
             self.admission.add_listener(admin.note_change)
             await nursery.start(admin.run)
@@ -340,6 +344,7 @@ class Daemon:
             self.tool_servers.set_limits(live.tools)
             self.fleet.set_policy(_planner_policy(live))
             self.nodes.set_config(live.nodes)
+            self.node_poller.set_nodes(live.nodes.polled)
             logging.getLogger("queuegate").setLevel(live.server.log_level.upper())
         log.info("config reloaded", extra={"fields": {"applied": plan.applied, "needs_restart": plan.needs_restart}})
         return plan.summary()

@@ -190,7 +190,16 @@ class _LiveState(Collector):
             up = GaugeMetricFamily("queuegate_node_up", "1 while the node sends heartbeats.", labels=["node"])
             age = GaugeMetricFamily("queuegate_node_heartbeat_age_seconds", "Since the node's last heartbeat.",
                                     labels=["node"])  # fmt: skip
+            memory = GaugeMetricFamily("queuegate_node_device_memory_bytes",
+                                       "A node's device memory: declared (total, planned use) and measured (GPUs).",
+                                       labels=["node", "device", "kind"])  # fmt: skip
             for node in self._nodes():
                 up.add_metric([node.name], 0.0 if node.stale else 1.0)
                 age.add_metric([node.name], node.last_heartbeat_s)
-            yield from (up, age)
+                for device in node.devices:
+                    memory.add_metric([node.name, device.name, "declared_total"], device.memory_gb * 1e9)
+                    memory.add_metric([node.name, device.name, "declared_used"], device.used_gb * 1e9)
+                for gpu in node.gpus:
+                    memory.add_metric([node.name, f"gpu{gpu.index}", "measured_total"], gpu.total_gb * 1e9)
+                    memory.add_metric([node.name, f"gpu{gpu.index}", "measured_used"], gpu.used_gb * 1e9)
+            yield from (up, age, memory)

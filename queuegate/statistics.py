@@ -6,6 +6,8 @@ loads this and the protocol, nothing else of QueueGate.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
 
@@ -103,6 +105,26 @@ class NodeModelStatistics(msgspec.Struct, frozen=True):
     model: str
     upstream: str  # its upstream's id (<model>@<node>)
     url: str  # (credentials redacted)
+    state: str | None = None  # as its node reports it (stopped, starting, ready, ...); None: not reported
+    load_eta_s: float | None = None  # while it loads: about how long still (None: not known)
+
+
+class NodeDeviceStatistics(msgspec.Struct, frozen=True):
+    """A device of a node as the node declares it (also how a node reports it in its registration)."""
+
+    name: str
+    memory_gb: float
+    used_gb: float  # the declared memory of the models on it now
+    models: list[str] = []
+
+
+class GpuMemory(msgspec.Struct, frozen=True):
+    """A GPU's memory as `nvidia-smi` or `rocm-smi` measures it (also how a node reports it)."""
+
+    index: int
+    name: str
+    total_gb: float
+    used_gb: float
 
 
 class NodeStatistics(msgspec.Struct, frozen=True):
@@ -112,6 +134,8 @@ class NodeStatistics(msgspec.Struct, frozen=True):
     last_heartbeat_s: float  # seconds ago
     ttl_s: float
     models: list[NodeModelStatistics]
+    devices: list[NodeDeviceStatistics] = []
+    gpus: list[GpuMemory] = []  # measured on the node (empty: it has no nvidia-smi or rocm-smi)
 
 
 class RequestStatistics(msgspec.Struct, frozen=True):
@@ -157,12 +181,35 @@ class ModelView(msgspec.Struct, frozen=True):
     drained: list[str]  # upstreams an operator took out
 
 
+def node_model_text(model: NodeModelStatistics) -> str:
+    """A node's model and its state there, as the status and `top` show it: "m ready", "m starting ~4 s"."""
+    if model.state is None:
+        return model.model
+    eta = f" ~{model.load_eta_s:.0f} s" if model.load_eta_s is not None else ""
+    return f"{model.model} {model.state}{eta}"
+
+
+def node_devices_text(node: NodeStatistics) -> str:
+    """A node's declared devices (the planned use of their memory), then its GPUs as measured ("" if neither)."""
+    declared = [f"{d.name} {d.used_gb:g}/{d.memory_gb:g} GB" for d in node.devices]
+    measured = [f"GPU{g.index} {g.used_gb:.1f}/{g.total_gb:.1f} GB used" for g in node.gpus]
+    return "; ".join(declared + measured)
+
+
 _NOT_PLANNED = FleetModelStatistics("", "", "", False, None, 0.0, 0.0, None, None, None)
+_NODE_STATE_ORDER = ("ready", "starting", "draining", "stopping", "stopped", "failed")  # the best a node reports
 
 
-def model_views(scheduler: SchedulerStatistics, fleet: FleetStatistics) -> list[ModelView]:
+def model_views(
+    scheduler: SchedulerStatistics, fleet: FleetStatistics, nodes: Sequence[NodeStatistics] = ()
+) -> list[ModelView]:
     """Every model's view, in config order (then the models nodes registered)."""
     planned = {m.name: m for m in fleet.models}
+    reported = {m.upstream: m.state for node in nodes if not node.stale for m in node.models}  # by upstream id
+    on_nodes: dict[str, list[str]] = {}  # model -> the live nodes serving it
+    for node in nodes:
+        for served in node.models if not node.stale else ():
+            on_nodes.setdefault(served.model, []).append(node.name)
     views = []
     for model in scheduler.models:
         plan = planned.get(model.name, _NOT_PLANNED)  # (a node's model: external, like an unmanaged one)
@@ -170,9 +217,21 @@ def model_views(scheduler: SchedulerStatistics, fleet: FleetStatistics) -> list[
         if plan.managed:
             state, reason, available = plan.state, plan.reason, plan.state != "failed"
         else:
-            state = next((s for s in ("ready", "loading", "down") if s in upstream_states), "down")
-            reason = "; ".join(f"{u.id}: {u.state} ({u.reason})" for u in model.upstreams if u.state != "ready")
-            available = state == "ready"
+            # Its upstreams that answer, each in the state its node reports (none reported: serving); the best.
+            serving = [reported.get(u.id) or "ready" for u in model.upstreams if u.state == "ready"]
+            if serving:
+                state = min(serving, key=_NODE_STATE_ORDER.index)
+            else:
+                state = next((s for s in ("loading", "down") if s in upstream_states), "down")
+            available = bool(serving) and state != "failed"
+            reasons = [f"{u.id}: {u.state} ({u.reason})" for u in model.upstreams if u.state != "ready"]
+            reasons += [
+                f"{u.id}: {reported[u.id]} on its node"
+                for u in model.upstreams
+                if u.state == "ready" and reported.get(u.id) not in (None, "ready")
+            ]
+            reason = "; ".join(reasons)
+        device = "node " + ", ".join(on_nodes[model.name]) if model.name in on_nodes else plan.device
         views.append(
             ModelView(
                 name=model.name,
@@ -181,7 +240,7 @@ def model_views(scheduler: SchedulerStatistics, fleet: FleetStatistics) -> list[
                 loaded=state == "ready",
                 reason=reason or "ok",
                 managed=plan.managed,
-                device=plan.device,
+                device=device,
                 memory_gb=plan.memory_gb,
                 in_service=model.in_service,
                 waiting=model.waiting,

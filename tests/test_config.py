@@ -244,3 +244,27 @@ def test_reload_summary_says_what_was_applied_and_what_waits_for_a_restart():
     assert plan_reload(running, both).summary() == (
         "reloaded: applied queue.max_size; not applied, needs a restart: server.listen"
     )
+
+
+def test_nodes_named_in_nodes_are_polled_nodes_checked_and_reloaded_live():
+    text = '[nodes]\nwait_s = 2\n[nodes.box3]\nurl = "http://10.0.0.5:8000/v1"\nmodels = ["a"]\nkey_env = "BOX3_KEY"\n'
+    config = parse_config(text, environ={"BOX3_KEY": "secret"})
+    assert config.nodes.wait_s == 2 and config.nodes.polled["box3"].models == ["a"]
+    assert config.nodes.polled["box3"].kind == "openai" and config.nodes.polled["box3"].poll_s == 10
+    with pytest.raises(ConfigError, match=r"nodes.box3.key_env`: environment variable BOX3_KEY is not set"):
+        parse_config(text, environ={})
+    with pytest.raises(ConfigError, match=r"nodes.box3.url`: expected an OpenAI-compatible base URL"):
+        parse_config('[nodes.box3]\nurl = "10.0.0.5:8000"\n')
+    for url in ("http://10.0.0.5:8000:/v1", "http://10.0.0.5:abc/v1", "http://user:pw@10.0.0.5/v1"):
+        with pytest.raises(ConfigError, match=r"nodes.box3.url`"):
+            parse_config(f'[nodes.box3]\nurl = "{url}"\n')
+    with pytest.raises(ConfigError, match=r"at `nodes.box3`: Object contains unknown field `poll`"):
+        parse_config('[nodes.box3]\nurl = "http://10.0.0.5:8000/v1"\npoll = 3\n')
+    # A reload applies them at once: added, changed, removed.
+    running = parse_config("[nodes]\nwait_s = 2\n")
+    plan = plan_reload(running, config)
+    assert plan.applied == ["nodes.polled.box3"] and plan.live.nodes.polled == config.nodes.polled
+    changed = parse_config(text.replace('["a"]', '["a", "b"]'), environ={"BOX3_KEY": "secret"})
+    plan = plan_reload(config, changed)
+    assert plan.applied == ["nodes.polled.box3.models"] and plan.live.nodes.polled["box3"].models == ["a", "b"]
+    assert plan_reload(config, running).live.nodes.polled == {}

@@ -3,6 +3,7 @@ the real daemon on loopback, simulated model servers (real HTTP) as what the nod
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import httpx
@@ -11,9 +12,20 @@ import trio
 
 from queuegate.admin.client import AdminClient
 from queuegate.admin.command import render_status
+from queuegate.admin.protocol import Evict, Preload
 from queuegate.config import NodesConfig, admin_socket_path
 from queuegate.errors import Forbidden
 from queuegate.nodes.registry import RegisteredModel, Registration
+from queuegate.statistics import (
+    FleetStatistics,
+    ModelStatistics,
+    ModelView,
+    NodeModelStatistics,
+    NodeStatistics,
+    SchedulerStatistics,
+    UpstreamStatistics,
+    model_views,
+)
 from tests.helpers import in_thread, wait_until
 from tests.realparts import free_port
 
@@ -274,3 +286,189 @@ async def test_a_node_back_with_a_new_key_keeps_the_requests_that_waited_for_it(
         assert (await register(gw, "box1", [served("m", url, api_key="run-2-key")])).status_code == 200
     assert answers[0].status_code == 200
     assert llm.stats.received[-1].headers["authorization"] == "Bearer run-2-key"
+
+
+async def test_a_node_reports_its_inventory_requests_go_where_the_model_is_loaded_and_loads_are_asked_of_it(
+    start_sim, start_gateway
+):
+    first, first_url = await start_sim(tokens_per_s=0)
+    second, second_url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({}, node_keys=NODE_KEYS)
+    inventory = {
+        "devices": [{"name": "gpu", "memory_gb": 24, "used_gb": 10, "models": ["m"]}],
+        "gpus": [{"index": 0, "name": "NVIDIA GeForce RTX 3090", "total_gb": 25.77, "used_gb": 11.2}],
+    }
+    assert (await register(gw, "box1", [served("m", first_url, state="ready")], **inventory)).status_code == 200
+    stopped = [served("m", second_url, state="stopped")]
+    assert (await register(gw, "box2", stopped, key=OTHER_KEY)).status_code == 200
+    await wait_until(lambda: all(u.state == "ready" for u in gw.stats().models[0].upstreams))
+    # box2 would have to load m (maybe swap another model out for it): while box1 has room, box1 serves every chat.
+    for i in range(6):
+        assert (await chat(gw, say=f"chat {i}")).status_code == 200
+    assert first.stats.requests == 6 and second.stats.requests == 0
+    metrics = (await in_thread(lambda: httpx.get(gw.base_url + "/metrics"))).text
+    assert 'queuegate_node_device_memory_bytes{device="gpu0",kind="measured_used",node="box1"} 1.12e+10' in metrics
+    async with AdminClient(admin_socket_path(gw.daemon.config)) as admin:
+        status = await admin.status()
+        shown = render_status(status)
+        assert f"m ready ({first_url})" in shown and f"m stopped ({second_url})" in shown
+        assert "devices gpu 10/24 GB; GPU0 11.2/25.8 GB used" in shown
+        # An operator's preload goes to the nodes: m is loaded on box1 already.
+        answer = await admin.request(Preload(model="m"))
+        assert answer.message == "m is loaded (or loading) on node box1 already"
+        assert (await register(gw, "box1", [served("m", first_url, state="stopped")])).status_code == 200
+        answer = await admin.request(Preload(model="m"))
+        assert answer.message.startswith("asked node box") and answer.message.endswith(
+            "to load m (at its next heartbeat)"
+        )
+        asked, key = ("box1", NODE_KEY) if "box1" in answer.message else ("box2", OTHER_KEY)
+        url = first_url if asked == "box1" else second_url
+        heartbeat = await register(gw, asked, [served("m", url, state="stopped")], key=key)
+        assert heartbeat.json()["load"] == ["m"] and heartbeat.json()["stop"] == []
+        again = await register(gw, asked, [served("m", url, state="ready")], key=key)
+        assert again.json()["load"] == []  # asked once; the node's planner owns it from there
+        answer = await admin.request(Evict(model="m"))
+        assert answer.message == f"asked node {asked} to stop m (at its next heartbeat)"
+        assert (await register(gw, asked, [served("m", url, state="ready")], key=key)).json()["stop"] == ["m"]
+    # A registration whose inventory is not one is refused (entries that are merely not sane are left out: below).
+    refused = await register(gw, "box1", [served("m", first_url)], gpus=[{"index": 0}])
+    assert refused.status_code == 400, refused.text
+    refused = await register(gw, "box1", [served("m", first_url, state="resting")])
+    assert refused.status_code == 400 and "state" in refused.json()["error"]["message"]
+
+
+async def test_nodes_named_in_the_config_are_polled_for_what_they_serve_and_go_stale_when_they_stop(
+    start_sim, start_gateway
+):
+    first, first_url = await start_sim(tokens_per_s=0, model="m")
+    second, second_url = await start_sim(tokens_per_s=0, model="n")
+    # One polled node is another QueueGate (its /v1/models lists aliases too), the other a bare server.
+    inner = await start_gateway(
+        {
+            "a": {"upstreams": [first_url], "aliases": ["tiny"]},
+            "b": {"upstreams": [second_url]},
+            "c": {"upstreams": [second_url]},
+        }
+    )
+    nodes = {"box3": {"url": inner.api, "poll_s": 0.2, "models": ["a", "b"]}, "sim": {"url": first_url, "poll_s": 0.2}}
+    gw = await start_gateway({}, nodes=nodes)
+    await wait_until(lambda: all(ready(gw, m) for m in ("a", "b", "m")), timeout=10)
+    assert gw.daemon.catalog.resolve("c") is None and gw.daemon.catalog.resolve("tiny") is None
+    for model in ("a", "b", "m"):
+        assert (await chat(gw, model)).status_code == 200
+    assert first.stats.requests == 2 and second.stats.requests == 1
+    async with AdminClient(admin_socket_path(gw.daemon.config)) as admin:
+        polled = {n.name: [m.upstream for m in n.models] for n in (await admin.status()).nodes}
+    assert polled == {"box3": ["a@box3", "b@box3"], "sim": ["m@sim"]}
+    # The inner gateway stops: its polls fail, and after three the node is stale; the other serves on.
+    inner.daemon.request_shutdown()
+    await wait_until(lambda: any(n.stale for n in gw.daemon.nodes.statistics() if n.name == "box3"), timeout=15)
+    refused = await chat(gw, "a")
+    assert refused.status_code == 503 and "box3" in refused.json()["error"]["message"]
+    assert (await chat(gw, "m")).status_code == 200
+
+
+def test_a_models_view_takes_each_answering_upstream_in_the_state_its_node_reports():
+    """model_views on built statistics: what /v1/models, /readyz, the status and `top` show of a node's model."""
+
+    def view(*upstreams: tuple[str, str, str | None], stale: frozenset[str] = frozenset()) -> ModelView:
+        scheduler = SchedulerStatistics(
+            0,
+            0,
+            10,
+            [
+                ModelStatistics(
+                    "m", 0, 0.0, 0, [], [], [UpstreamStatistics(u, h, "x", 0, 1, False) for u, h, _ in upstreams]
+                )
+            ],
+        )
+        nodes = [
+            NodeStatistics(
+                u.split("@")[1],
+                "10.0.0.5",
+                u.split("@")[1] in stale,
+                1.0,
+                30.0,
+                [NodeModelStatistics("m", u, "http://x/v1", s)],
+            )
+            for u, _, s in upstreams
+            if "@" in u
+        ]
+        [found] = model_views(scheduler, FleetStatistics([], [], 0, 0), nodes)
+        return found
+
+    # A configured upstream (no node) that answers, beside a node whose model failed: still served, and loaded.
+    served = view(("m#0", "ready", None), ("m@box2", "ready", "failed"))
+    assert (served.state, served.available, served.loaded) == ("ready", True, True)
+    assert served.reason == "m@box2: failed on its node" and served.device == "node box2"
+    # Stopped on every node: loadable on demand (listed, not loaded); failed on every node: unavailable.
+    stopped = view(("m@box1", "ready", "stopped"), ("m@box2", "ready", "failed"))
+    assert (stopped.state, stopped.available, stopped.loaded) == ("stopped", True, False)
+    failed = view(("m@box1", "ready", "failed"))
+    assert (failed.state, failed.available) == ("failed", False)
+    # A node reporting ready whose upstream does not answer does not hide that nothing serves.
+    down = view(("m@box1", "down", "ready"), ("m@box2", "ready", "failed"))
+    assert (down.state, down.available) == ("failed", False) and "m@box1: down (x)" in down.reason
+    # A stale node's report counts for nothing.
+    assert view(("m@box1", "loading", "ready"), stale=frozenset({"box1"})).state == "loading"
+
+
+async def test_an_inventory_entry_that_is_not_sane_is_left_out_and_the_models_still_register(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({}, node_keys=NODE_KEYS)
+    devices = [
+        {"name": "cuda:0", "memory_gb": 24, "used_gb": 9, "models": ["m", "x" * 500]},
+        {"name": "RTX 3090 (left)", "memory_gb": 24, "used_gb": 0},
+        {"name": "too-big", "memory_gb": 1e12, "used_gb": 0},
+        {"name": "y" * 200, "memory_gb": 1, "used_gb": 0},
+    ]
+    gpus = [{"index": i, "name": f"GPU {i}", "total_gb": 24, "used_gb": 1} for i in range(70)]
+    answer = await register(gw, "box1", [served("m", url, state="ready", load_eta_s=-5)], devices=devices, gpus=gpus)
+    assert answer.status_code == 200, answer.text
+    [node] = gw.daemon.nodes.statistics()
+    assert [(d.name, d.models) for d in node.devices] == [("cuda:0", ["m"]), ("RTX 3090 (left)", [])]
+    assert len(node.gpus) == 64 and node.models[0].load_eta_s is None
+    await wait_until(lambda: ready(gw, "m"))
+    assert (await chat(gw)).status_code == 200
+
+
+async def test_a_polled_node_that_answers_badly_is_logged_and_what_it_may_serve_is_taken(
+    start_sim, start_gateway, caplog
+):
+    """A fake polled server (a raw socket server on loopback: answers no real server gives) and a real gateway."""
+    answers = iter(
+        [
+            b"not json",
+            b'{"data": [{"id": "' + b"x" * (2**20 + 10) + b'"}]}',  # over the 1 MiB a model list may be
+            b'{"data": [{"id": "launched"}, {"id": "tiny"}, {"id": "/models/x.gguf"}, {"id": "free"}]}',
+        ]
+    )
+    last = b'{"data": [{"id": "free"}]}'
+
+    async def serve(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some(65536)
+            body = next(answers, last)
+            head = f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            await stream.send_all(head + body)
+        await stream.aclose()
+
+    _, url = await start_sim(tokens_per_s=0)
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        launched = {"launcher": "process", "cmd": ["${PYTHON}", "-m", "queuegate.sim", "--port", "${PORT}"]}
+        gw = await start_gateway(
+            {"launched": launched, "m": {"upstreams": [url], "aliases": ["tiny"]}},
+            nodes={"box3": {"url": f"http://127.0.0.1:{port}/v1", "poll_s": 0.1}},
+            node_keys=NODE_KEYS,
+        )
+        await wait_until(lambda: gw.daemon.catalog.resolve("free") is not None, timeout=10)
+        assert [u.id for u in gw.daemon.catalog.models["free"].upstreams] == ["free@box3"]
+        warnings = [r.fields for r in caplog.records if r.name == "queuegate.nodes" and r.levelname == "WARNING"]
+        assert "1048576 bytes" in warnings[1]["error"] and "JSON" in warnings[0]["error"]
+        assert warnings[2]["models"] == ["launched", "tiny", "/models/x.gguf"]
+        # A registering node may not take the polled node's name.
+        refused = await register(gw, "box3", [served("m2", url)])
+        assert refused.status_code == 403 and "[nodes.box3]" in refused.json()["error"]["message"]
+        nursery.cancel_scope.cancel()

@@ -59,6 +59,33 @@ def test_grants_least_loaded_ready_upstream_then_queues_fifo():
     assert core.statistics(10.0).waiting == 1
 
 
+def test_a_warm_upstream_takes_requests_before_a_cold_one_and_a_cold_one_warms_with_its_first():
+    # m@box2's node reports m stopped: a request there would wait for a load (and might swap another model out).
+    core = core_with(("m@box1", "m", 2), ("m@box2", "m", 2))
+    core.set_upstream_load_cost("m@box2", 1)
+    a, b, c, d, e = (ticket(float(i), flow=f"f{i}") for i in range(5))
+    assert core.submit(a, 0) == [a] and core.submit(b, 1) == [b]
+    assert a.upstream_id == b.upstream_id == "m@box1"  # not least loaded first: warm first
+    assert core.submit(c, 2) == [c] and c.upstream_id == "m@box2"  # box1 is full: box2 loads it
+    assert core.submit(d, 3) == [d] and d.upstream_id == "m@box2"  # loading there for c, it counts as warm
+    core.release(c, 4)
+    core.release(d, 4)
+    core.release(a, 4)
+    assert core.submit(e, 5) == [e] and e.upstream_id == "m@box1"  # idle again, box2 is cold again until it says
+    core.set_upstream_load_cost("m@box2", 0)  # its node reports m ready: least loaded again
+    f = ticket(6.0, flow="f6")
+    assert core.submit(f, 6) == [f] and f.upstream_id == "m@box2"
+    # A model that failed on its node goes last: after one its node must load.
+    core = core_with(("m@box1", "m", 1), ("m@box2", "m", 1), ("m@box3", "m", 1))
+    core.set_upstream_load_cost("m@box1", 2)
+    core.set_upstream_load_cost("m@box2", 1)
+    core.set_upstream_load_cost("m@box3", 1)
+    g, h, i = (ticket(7.0 + n, flow=f"g{n}") for n in range(3))
+    for t in (g, h, i):
+        core.submit(t, t.enqueued_at)
+    assert {g.upstream_id, h.upstream_id} == {"m@box2", "m@box3"} and i.upstream_id == "m@box1"
+
+
 def test_loading_upstream_holds_requests_until_ready():
     core = core_with(("m#0", "m", 1), state=LOADING)
     t = ticket(0.0)

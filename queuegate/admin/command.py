@@ -31,7 +31,7 @@ from queuegate.admin.protocol import (
     Resume,
     Undrain,
 )
-from queuegate.statistics import model_views
+from queuegate.statistics import model_views, node_devices_text, node_model_text
 
 # action -> (request for a target, what the target is)
 _COMMANDS: dict[str, tuple[Callable[[str], Request], str]] = {
@@ -99,7 +99,7 @@ def render_status(status: DaemonStatus) -> str:
         f"{status.scheduler.in_service} in service, {status.scheduler.waiting} waiting",
         f"{'MODEL':<24}{'STATE':<10}{'DEVICE':<12}{'IN FLIGHT':>10}{'WAITING':>9}{'OLDEST':>9}  REASON",
     ]
-    for view in model_views(status.scheduler, status.fleet):
+    for view in model_views(status.scheduler, status.fleet, status.nodes):
         reason = view.reason + (f" (drained: {', '.join(view.drained)})" if view.drained else "")
         lines.append(
             f"{view.name:<24}{view.state:<10}{view.device or '-':<12}{view.in_service:>10}{view.waiting:>9}"
@@ -126,9 +126,11 @@ def render_status(status: DaemonStatus) -> str:
         lines.append(f"tool server {server.name} ({server.url}): {state}{why}")
     for node in status.nodes:
         state = "stale" if node.stale else "live"
-        served = ", ".join(f"{m.model} ({m.url})" for m in node.models) or "nothing"
+        served = ", ".join(f"{node_model_text(m)} ({m.url})" for m in node.models) or "nothing"
+        devices = f"; devices {text}" if (text := node_devices_text(node)) else ""
         lines.append(
-            f"node {node.name} at {node.address}: {state}, last heartbeat {node.last_heartbeat_s:g} s ago; {served}"
+            f"node {node.name} at {node.address}: {state}, last heartbeat {node.last_heartbeat_s:g} s ago; "
+            f"{served}{devices}"
         )
     for request in status.requests:
         if request.step is not None:

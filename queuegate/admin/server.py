@@ -49,6 +49,7 @@ from queuegate.admin.protocol import (
 from queuegate.config import ConfigError
 from queuegate.fleet.manager import Fleet
 from queuegate.memory.service import Memory as MemoryService
+from queuegate.nodes.registry import NodeRegistry
 from queuegate.proxy import ActiveRequests
 from queuegate.scheduler import Admission
 
@@ -129,6 +130,7 @@ class AdminServer:
         active: ActiveRequests,
         reload: Callable[[], str],
         memory: MemoryService | None = None,
+        nodes: NodeRegistry | None = None,
     ) -> None:
         self._listener = listener  # from `claim_admin_socket`
         self.path = path
@@ -138,6 +140,7 @@ class AdminServer:
         self._active = active
         self._reload = reload
         self._memory = memory
+        self._nodes = nodes  # preload and evict of a model nodes serve are passed on to them
         self._version = 0  # bumped on every change worth showing
         self._changed = trio.Event()
         self._cached: tuple[int, float, DaemonStatus] | None = None
@@ -203,16 +206,19 @@ class AdminServer:
         except (ValueError, sqlite3.Error) as exc:
             return Error(id=request.id, message=str(exc))
 
+    def _load(self, model: str, *, load: bool) -> str:
+        """Preload (`load`) or evict a model: this daemon's planner does it, or the nodes that serve it."""
+        if self._nodes is not None and self._nodes.serves(model):
+            return self._nodes.ask(model, load=load)
+        (self._fleet.preload if load else self._fleet.evict)(model)
+        return f"{'preloading' if load else 'evicting'} {model}"
+
     def _handle(self, request: Request) -> Reply:
         try:
             if isinstance(request, Status | Subscribe):
                 return Snapshot(id=request.id, status=self.snapshot())
-            if isinstance(request, Preload):
-                self._fleet.preload(request.model)
-                return Ok(id=request.id, message=f"preloading {request.model}")
-            if isinstance(request, Evict):
-                self._fleet.evict(request.model)
-                return Ok(id=request.id, message=f"evicting {request.model}")
+            if isinstance(request, Preload | Evict):
+                return Ok(id=request.id, message=self._load(request.model, load=isinstance(request, Preload)))
             if isinstance(request, Drain | Undrain):
                 drain = isinstance(request, Drain)
                 self._admission.set_drained(request.upstream, drain)

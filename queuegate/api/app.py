@@ -215,7 +215,10 @@ def create_app(routes: Routes) -> ASGIApp:
         return await relay("embeddings")
 
     def models_now() -> dict[str, ModelView]:
-        return {view.name: view for view in model_views(routes.admission.statistics(), routes.fleet.statistics())}
+        return {
+            view.name: view
+            for view in model_views(routes.admission.statistics(), routes.fleet.statistics(), routes.nodes.statistics())
+        }
 
     @app.get("/v1/models")
     async def list_models() -> Response:

@@ -7,6 +7,7 @@ import ipaddress
 import re
 import zoneinfo
 from typing import Any
+from urllib.parse import urlsplit
 
 from queuegate.config.paths import usage_timezone
 from queuegate.config.schema import Config, ConfigError, ModelConfig
@@ -136,11 +137,31 @@ def _check_nodes(config: Config, env: Any, fail: Any) -> None:
         host = parse_listen(config.server.listen)[0]
         if not node.advertise and host in ("0.0.0.0", "::", ""):
             fail("node.advertise", "set it to where the gateway reaches this node: it listens on every address")
+    for name, polled in config.nodes.polled.items():
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
+            fail(f"nodes.{name}", "a node name may use letters, digits and . _ - (at most 64)")
+        if not _is_base_url(polled.url):
+            fail(f"nodes.{name}.url", f"expected an OpenAI-compatible base URL such as http://10.0.0.5:8000/v1, got "
+                 f"{polled.url!r}")  # fmt: skip
+        if polled.poll_s > 600:
+            fail(f"nodes.{name}.poll_s", f"at most 600 s (it is stale after 3 polls), got {polled.poll_s:g}")
+        if polled.key_env is not None and not env.get(polled.key_env):
+            fail(f"nodes.{name}.key_env", f"environment variable {polled.key_env} is not set")
     for i, network in enumerate(config.nodes.allow_networks):
         try:
             ipaddress.ip_network(network)
         except ValueError:
             fail(f"nodes.allow_networks[{i}]", f"expected a network such as 10.0.0.0/8 or ::1/128, got {network!r}")
+
+
+def _is_base_url(url: str) -> bool:
+    """An http(s) URL with a host (and a port, if any, that is one), without credentials."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok and "@" not in parts.netloc
 
 
 def _endpoints(model: ModelConfig) -> frozenset[str]:

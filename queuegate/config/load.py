@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 import msgspec
 
 from queuegate.config.checks import check_config
-from queuegate.config.schema import Config, ConfigError, DeviceConfig, KeyConfig, ModelConfig, ToolServerConfig
+from queuegate.config.schema import (
+    Config,
+    ConfigError,
+    DeviceConfig,
+    KeyConfig,
+    ModelConfig,
+    PolledNodeConfig,
+    ToolServerConfig,
+)
 
 _T = TypeVar("_T")
 
@@ -64,9 +72,15 @@ def build_config(
     tools = data.get("tools")
     named = tools.pop("servers", {}) if isinstance(tools, dict) else {}
     servers = _convert_named(named, ToolServerConfig, source, "tools.servers")
+    nodes = data.get("nodes")
+    tables = {k: nodes.pop(k) for k, v in list(nodes.items()) if isinstance(v, dict)} if isinstance(nodes, dict) else {}
+    polled = _convert_named(tables, PolledNodeConfig, source, "nodes")  # ([nodes.NAME]: a table among the settings)
     config = _convert({**data, "base_dir": base_dir}, Config, source, "")
     tools_config = msgspec.structs.replace(config.tools, servers=servers)
-    config = msgspec.structs.replace(config, models=models, devices=devices, keys=keys, tools=tools_config)
+    nodes_config = msgspec.structs.replace(config.nodes, polled=polled)
+    config = msgspec.structs.replace(
+        config, models=models, devices=devices, keys=keys, tools=tools_config, nodes=nodes_config
+    )
     check_config(config, source, env)
     return config
 

@@ -1,7 +1,8 @@
 """`reload`: which config changes a running daemon can take, and which need a restart.
 
-Queue, sticky-chat, fleet, tools and nodes policy knobs and the log level apply at once, and so do models that
-QueueGate does not launch (external: added, removed or changed; requests in flight on a removed upstream finish).
+Queue, sticky-chat, fleet, tools and nodes policy knobs (polled nodes too) and the log level apply at once, and so
+do models that QueueGate does not launch (external: added, removed or changed; requests in flight on a removed
+upstream finish).
 Anything else that changes what exists (models QueueGate launches, devices, classes, keys, the listen address,
 timeouts baked into connections) needs a restart; a reload says which keys those are rather than half-applying
 them. An invalid file changes nothing: the error says why.
@@ -47,6 +48,7 @@ LIVE_KEYS = frozenset(
         "nodes.allow_networks",
     }
 )
+POLLED_NODES = "nodes.polled."  # the [nodes.NAME] tables: added, removed or changed, they apply at once
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,12 @@ def plan_reload(running: Config, new: Config) -> ReloadPlan:
     changed = sorted(_changed_keys(old_data, new_data, ""))
     models = {key.split(".")[1] for key in changed if key.startswith("models.")}
     live_models = frozenset(m for m in models if _external(running, m) and _external(new, m))
-    applied = [key for key in changed if key in LIVE_KEYS or _model_of(key) in live_models]
+    applied = [key for key in changed if _live(key) or _model_of(key) in live_models]
     for key in applied:
         if key.startswith("models."):
+            continue
+        if key.startswith(POLLED_NODES):
+            old_data["nodes"]["polled"] = new_data["nodes"]["polled"]
             continue
         section, name = key.split(".")
         old_data[section][name] = new_data[section][name]
@@ -85,6 +90,10 @@ def plan_reload(running: Config, new: Config) -> ReloadPlan:
             del old_data["models"][name]
     live = msgspec.convert(old_data, Config)
     return ReloadPlan(live, applied, [key for key in changed if key not in applied], live_models)
+
+
+def _live(key: str) -> bool:
+    return key in LIVE_KEYS or key.startswith(POLLED_NODES)
 
 
 def _external(config: Config, model: str) -> bool:

@@ -212,8 +212,21 @@ class NodeKeyConfig(_SecretConfig):
     client key: it opens registration, not the API."""
 
 
+class PolledNodeConfig(_Section):
+    """A host the gateway polls for what it serves (`[nodes.NAME]`), rather than one that registers itself: any
+    OpenAI-compatible server (vLLM, llama-server, Ollama, another QueueGate)."""
+
+    url: str  # its OpenAI-compatible base URL, e.g. http://10.0.0.5:8000/v1 (inside allow_networks)
+    kind: Kind = "openai"  # what its models are (their endpoints, health check, quirks)
+    models: list[str] = []  # take only these of the models it lists (empty: every one)
+    key_env: str | None = None  # the environment variable with the API key it takes (none: it takes no key)
+    max_concurrency: PositiveInt = 4  # per model: requests in flight at once
+    poll_s: PositiveFloat = 10.0  # how often it is asked what it serves; 3 failed polls make it stale
+
+
 class NodesConfig(_Section):
-    """Hosts that register their models at runtime (`queuegate node`, or anything speaking POST /v1/nodes/register)."""
+    """Hosts that register their models at runtime (`queuegate node`, or anything speaking POST /v1/nodes/register),
+    and hosts the gateway polls (`[nodes.NAME]`)."""
 
     stale_after_s: PositiveFloat = 30.0  # no heartbeat this long: the node's upstreams take no requests
     forget_after_s: PositiveFloat = 3600.0  # stale this long: its upstreams (and models only it served) are removed
@@ -222,6 +235,7 @@ class NodesConfig(_Section):
     allow_networks: list[str] = msgspec.field(
         default_factory=lambda: ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
     )
+    polled: dict[str, PolledNodeConfig] = {}  # (from the [nodes.NAME] tables)
 
 
 class NodeConfig(_Section):

@@ -230,6 +230,21 @@ def template_tables() -> list[Table]:
             ),
         ),
         Table(
+            "nodes.box3",
+            "A node the gateway polls (any OpenAI-compatible server: vLLM, llama-server, Ollama, another\n"
+            "QueueGate) rather than one that registers itself: every poll_s it is asked GET <url>/models, and what\n"
+            "it lists is registered as node box3 would register it (allow_networks holds; 3 failed polls: stale).",
+            [
+                Key("url", "http://10.0.0.5:8000/v1", "Required. Its OpenAI-compatible base URL."),
+                Key("kind", "vllm", "What its models are (endpoints, health check, quirks); default openai."),
+                Key("models", ["llama3"], "Take only these of what it lists (default: all).", True),
+                Key("key_env", "BOX3_KEY", "Env var holding the API key it takes, sent as a Bearer token.", True),
+                Key("max_concurrency", 4, "Requests in flight at once, per model."),
+                Key("poll_s", 10.0, "How often it is asked what it serves."),
+            ],
+            optional=True,
+        ),
+        Table(
             "node",
             "Only in a node's own config (`queuegate node`): this host serves its [models] (launched and swapped on\n"
             "its [devices] as usual) as a node of the gateway named here, and registers them there every heartbeat.\n"

@@ -15,6 +15,12 @@ forgotten. A base URL must be http(s), without credentials, and its host must re
 `[nodes].allow_networks` (loopback only for a node on this host), so a stolen node key cannot point traffic at
 arbitrary hosts; an http URL's host is pinned to the address checked (the name can not resolve elsewhere later).
 What a node registers is all or nothing: a registration with one bad model changes nothing.
+
+A `queuegate node` also reports its inventory: each model's state on its devices (stopped, starting, ready, ...), its
+devices with their declared memory, and its GPUs' memory as measured there. Requests go to a node that has their
+model loaded before one that would have to load it (the scheduler's warm upstreams). An operator's preload or evict
+of a model that nodes serve is passed on in a node's next heartbeat's answer (`load`, `stop`); the node's own
+planner does it, with the same rules as any QueueGate's.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import msgspec
@@ -37,15 +43,18 @@ from queuegate.errors import BadRequest, Forbidden
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream, make_upstream
 from queuegate.fleet.kinds import PROFILES
 from queuegate.scheduler import UpstreamState
-from queuegate.statistics import NodeModelStatistics, NodeStatistics
+from queuegate.statistics import GpuMemory, NodeDeviceStatistics, NodeModelStatistics, NodeStatistics
 
 log = logging.getLogger("queuegate.nodes")
 
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 MAX_MODELS = 256  # per node
 MAX_ALIASES = 16  # per model
-MAX_NODES_PER_KEY = 64
+MAX_NODES_PER_KEY = 64  # (the nodes the gateway polls, [nodes.NAME], are not counted)
+CONFIG_OWNER = "[nodes] of the config"  # whose the polled nodes are: no node key may register their names
+MAX_DEVICES = 64  # per node (and as many GPUs)
+COLD_STATES = frozenset({"stopped", "draining", "stopping", "failed"})  # a request there waits for a load (or fails)
 RESOLVE_TIMEOUT_S = 5.0
 
 
@@ -60,6 +69,9 @@ class RegisteredModel(msgspec.Struct, forbid_unknown_fields=True):
     max_concurrency: int = 4
     health_path: str | None = None  # where its server says it is ready (None: its kind's; "": not checked)
     api_key: str | None = None  # sent to it as a Bearer token (a node's API needs one); never logged
+    # Its state where it runs, as its node's planner has it (None: not reported: taken as serving).
+    state: Literal["stopped", "starting", "ready", "draining", "stopping", "failed"] | None = None
+    load_eta_s: float | None = None  # while it loads: about how long still
 
     def __repr__(self) -> str:  # the key never reaches a log
         return f"RegisteredModel(name={self.name!r}, base_url={self.base_url!r})"
@@ -69,6 +81,8 @@ class Registration(msgspec.Struct, forbid_unknown_fields=True):
     node: str
     models: list[RegisteredModel] = []
     ttl_s: float | None = None  # how long it stays live without a heartbeat (None: [nodes].stale_after_s)
+    devices: list[NodeDeviceStatistics] = []  # its devices as it declares them (shown, not planned on)
+    gpus: list[GpuMemory] = []  # its GPUs' memory as measured there
 
 
 def _check_shape(registration: Registration) -> None:
@@ -83,7 +97,7 @@ def _check_shape(registration: Registration) -> None:
     for i, model in enumerate(registration.models):
         where = f"models[{i}]"
         for name in (model.name, *model.aliases):
-            if not _MODEL_NAME.match(name):
+            if not MODEL_NAME.match(name):
                 raise BadRequest(f"{name!r}: a model name may use letters, digits and . _ : / @ + -", param=where)
         if model.name in seen:
             raise BadRequest(f"model {model.name!r} is listed twice", param=where)
@@ -96,6 +110,22 @@ def _check_shape(registration: Registration) -> None:
             raise BadRequest('health_path must start with / (or be "": no check)', param=f"{where}.health_path")
 
 
+def _inventory(registration: Registration) -> tuple[list[NodeDeviceStatistics], list[GpuMemory]]:
+    """What of a node's reported devices and GPUs is kept: it is shown, never planned on, so an entry that is not
+    sane (a name too long, an amount not finite) is left out rather than refusing the node's models with it."""
+    devices = [
+        NodeDeviceStatistics(d.name, d.memory_gb, d.used_gb, [m for m in d.models[:MAX_MODELS] if len(m) <= 128])
+        for d in registration.devices[:MAX_DEVICES]
+        if 0 < len(d.name) <= 128 and _sane(d.memory_gb, d.used_gb)
+    ]
+    gpus = [g for g in registration.gpus[:MAX_DEVICES] if len(g.name) <= 128 and _sane(g.total_gb, g.used_gb)]
+    return devices, gpus
+
+
+def _sane(*amounts: float) -> bool:
+    return all(math.isfinite(a) and 0 <= a < 1e9 for a in amounts)
+
+
 class UpstreamPool(Protocol):
     """What the registry tells the scheduler (`scheduler.Admission`)."""
 
@@ -104,6 +134,8 @@ class UpstreamPool(Protocol):
     def replace_upstream(self, upstream_id: str, capacity: int) -> None: ...
 
     def remove_upstream(self, upstream_id: str) -> None: ...
+
+    def set_upstream_load_cost(self, upstream_id: str, cost: int) -> None: ...
 
     def set_upstream_state(self, upstream_id: str, state: UpstreamState, reason: str) -> None: ...
 
@@ -133,6 +165,10 @@ class _Node:
     ttl_s: float
     last_seen: float
     upstreams: dict[str, Upstream] = field(default_factory=dict)  # by model
+    reported: dict[str, RegisteredModel] = field(default_factory=dict)  # by model: its last report (state, ...)
+    devices: list[NodeDeviceStatistics] = field(default_factory=list)
+    gpus: list[GpuMemory] = field(default_factory=list)
+    asks: dict[str, bool] = field(default_factory=dict)  # model -> load it (True) or stop it, in the next answer
     stale: bool = False  # no heartbeat within ttl_s: requests wait for it ([nodes].wait_s)
     down: bool = False  # stale past [nodes].wait_s: requests for it fail
 
@@ -154,6 +190,7 @@ class NodeRegistry:
         self._nodes: dict[str, _Node] = {}
         self._networks = [ipaddress.ip_network(n) for n in config.allow_networks]
         self._wake = trio.Event()  # a node's deadline changed
+        self._reserved: frozenset[str] = frozenset(config.polled)  # the polled nodes' names
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Mark nodes stale, and forget them, as their heartbeats stop."""
@@ -178,6 +215,7 @@ class NodeRegistry:
         refused then, its node turns stale)."""
         self.config = config
         self._networks = [ipaddress.ip_network(n) for n in config.allow_networks]
+        self._reserved = frozenset(config.polled)
         for node in self._nodes.values():
             for model, upstream in list(node.upstreams.items()):
                 try:
@@ -201,9 +239,12 @@ class NodeRegistry:
         pinned = {m.name: checked[m.base_url] for m in registration.models}
         # From here on no await: what is checked is what is applied (another registration cannot come between).
         node = self._nodes.get(registration.node)
+        if (registration.node in self._reserved) != (key == CONFIG_OWNER):
+            raise Forbidden(f"node name {registration.node!r} is the gateway's own ([nodes.{registration.node}])")
         if node is not None and node.key != key:
             raise Forbidden(f"node {registration.node!r} was registered with another node key")
-        if node is None and sum(n.key == key for n in self._nodes.values()) >= MAX_NODES_PER_KEY:
+        full = sum(n.key == key for n in self._nodes.values()) >= MAX_NODES_PER_KEY and key != CONFIG_OWNER
+        if node is None and full:
             raise Forbidden(f"a node key may register at most {MAX_NODES_PER_KEY} nodes")
         new_models = self._check_against_catalog(registration)
         now = trio.current_time()
@@ -212,14 +253,47 @@ class NodeRegistry:
             node = self._nodes[registration.node] = _Node(registration.node, key, address, ttl_s, now)
             log.info("node registered", extra={"fields": {"node": node.name, "address": address}})
         node.address, node.ttl_s, node.last_seen = address, ttl_s, now
+        node.devices, node.gpus = _inventory(registration)
         self._apply(node, registration.models, new_models, pinned)
         self._wake.set()
+        asks, node.asks = node.asks, {}
         return {
             "node": node.name,
             "heartbeat_s": round(ttl_s / 3, 3),
             "stale_after_s": ttl_s,
             "models": [{"name": m, "upstream": u.id} for m, u in node.upstreams.items()],
+            "load": [m for m, load in asks.items() if load and m in node.upstreams],
+            "stop": [m for m, load in asks.items() if not load and m in node.upstreams],
         }
+
+    def serves(self, model: str) -> bool:
+        """Whether a node (live or stale) serves the model named (or aliased) `model`."""
+        name = self._catalog.owner(model) or model
+        return any(name in node.upstreams for node in self._nodes.values())
+
+    def ask(self, model: str, *, load: bool) -> str:
+        """An operator's preload (`load`) or evict of a model nodes serve, passed on in the next heartbeat's answer:
+        a preload to one live node that has it stopped (none if one has it loaded), an evict to every node that has
+        it loaded. What was done, said; KeyError: no node serves the model."""
+        name = self._catalog.owner(model) or model
+        serving = [n for n in self._nodes.values() if name in n.upstreams and not n.stale]
+        serving = [n for n in serving if _state(n, name) is not None]  # (one that says nothing loads nothing on ask)
+        if not serving:
+            raise KeyError(f"no live node that loads and stops models on request (queuegate node) serves {model!r}")
+        cold = [n for n in serving if _state(n, name) in COLD_STATES]
+        if load:
+            if len(cold) < len(serving):
+                warm = ", ".join(n.name for n in serving if n not in cold)
+                return f"{name} is loaded (or loading) on node {warm} already"
+            chosen = [min(cold, key=lambda n: len(n.asks))]
+        else:
+            chosen = [n for n in serving if n not in cold]
+            if not chosen:
+                return f"{name} is not loaded on any node"
+        for node in chosen:
+            node.asks[name] = load
+        where = ", ".join(n.name for n in chosen)
+        return f"asked node {where} to {'load' if load else 'stop'} {name} (at its next heartbeat)"
 
     def deregister(self, key: str, name: str) -> None:
         """A node leaves (shutting down): forget it now. KeyError: unknown; Forbidden: another key's."""
@@ -237,7 +311,12 @@ class NodeRegistry:
                 stale=node.stale,
                 last_heartbeat_s=round(now - node.last_seen, 1),
                 ttl_s=node.ttl_s,
-                models=[NodeModelStatistics(m, u.id, u.display_url) for m, u in node.upstreams.items()],
+                models=[
+                    NodeModelStatistics(m, u.id, u.display_url, _state(node, m), _eta(node.reported[m]))
+                    for m, u in node.upstreams.items()
+                ],
+                devices=node.devices,
+                gpus=node.gpus,
             )
             for node in self._nodes.values()
         ]
@@ -251,14 +330,11 @@ class NodeRegistry:
         claimed: dict[str, str] = {}  # names and aliases the new models take -> which
         for i, model in enumerate(registration.models):
             where = f"models[{i}]"
-            owner = self._catalog.owner(model.name)
-            if owner is not None and owner != model.name:
-                raise BadRequest(f"{model.name!r} is an alias of model {owner!r}", param=where)
+            refusal = self.refusal(model.name)
+            if refusal is not None:
+                raise BadRequest(refusal, param=where)
             spec = self._catalog.models.get(model.name)
             if spec is not None:
-                if spec.launch is not None:
-                    message = f"model {model.name!r} is started by this gateway: a node cannot add to it"
-                    raise BadRequest(message, param=where)
                 if model.upstream_model is not None and model.upstream_model != spec.upstream_model:
                     asked = spec.upstream_model
                     message = f"model {model.name!r} is asked for as {asked!r} upstream, not {model.upstream_model!r}"
@@ -271,6 +347,16 @@ class NodeRegistry:
                 claimed[name] = model.name
             new_models[model.name] = _new_model(model)
         return new_models
+
+    def refusal(self, model: str) -> str | None:
+        """Why no node may serve a model of this name here (None: one may)."""
+        owner = self._catalog.owner(model)
+        if owner is not None and owner != model:
+            return f"{model!r} is an alias of model {owner!r}"
+        spec = self._catalog.models.get(model)
+        if spec is not None and spec.launch is not None:
+            return f"model {model!r} is started by this gateway: a node cannot add to it"
+        return None
 
     async def _checked_base_url(self, url: str, registered_from: str) -> str:
         """The base URL to use: `url` checked (see the module), an http one's host pinned to its address."""
@@ -315,7 +401,7 @@ class NodeRegistry:
         checked base URLs."""
         back = node.stale
         node.stale = node.down = False
-        wanted = {m.name: m for m in models}
+        wanted = node.reported = {m.name: m for m in models}
         for name in [n for n in node.upstreams if n not in wanted]:
             self._remove(node, name)
         for name, model in wanted.items():
@@ -326,6 +412,7 @@ class NodeRegistry:
                 f"{name}@{node.name}", name, urls[name], health_path, model.max_concurrency, model.api_key, host
             )
             if node.upstreams.get(name) == upstream:
+                self._pool.set_upstream_load_cost(upstream.id, _load_cost(model.state))
                 if back:  # (unchanged, but not polled while its node was stale)
                     self._pool.set_upstream_state(upstream.id, UpstreamState.LOADING, f"node {node.name} is back")
                     self._health.watch(upstream)
@@ -337,6 +424,7 @@ class NodeRegistry:
                 self._catalog.add_upstream(upstream, spec)
                 self._pool.add_upstream(upstream.id, name, upstream.capacity)
             node.upstreams[name] = upstream
+            self._pool.set_upstream_load_cost(upstream.id, _load_cost(model.state))
             self._health.watch(upstream)
         if back:
             log.info("node back", extra={"fields": {"node": node.name}})
@@ -373,6 +461,19 @@ class NodeRegistry:
             for n in self._nodes.values()
         ]
         return min(deadlines, default=math.inf)
+
+
+def _eta(model: RegisteredModel) -> float | None:
+    return model.load_eta_s if model.load_eta_s is not None and _sane(model.load_eta_s) else None
+
+
+def _load_cost(state: str | None) -> int:
+    """What a request costs a node whose model is in `state` (the scheduler's load cost)."""
+    return 2 if state == "failed" else 1 if state in COLD_STATES else 0
+
+
+def _state(node: _Node, model: str) -> str | None:
+    return node.reported[model].state if model in node.reported else None
 
 
 def _new_model(model: RegisteredModel) -> ModelSpec:

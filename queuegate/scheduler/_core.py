@@ -128,6 +128,12 @@ class _Upstream:
     in_flight: int = 0
     drained: bool = False  # an operator took it out: no new requests, those in flight finish
     left: bool = False  # removed at runtime (its node is gone): kept only until its requests in flight are done
+    load_cost: int = 0  # as its node reports its model: 0 loaded (or not said), 1 needs a load, 2 failed there
+
+    @property
+    def cost(self) -> int:
+        """Its load cost now: one being loaded for the requests it already has costs nothing more."""
+        return 0 if self.load_cost == 1 and self.in_flight > 0 else self.load_cost
 
     @property
     def takes_requests(self) -> bool:
@@ -327,6 +333,11 @@ class SchedulerCore:
         decided = self._reject_unusable(model) if state is UpstreamState.DOWN else []
         return decided + self._dispatch(model, now)
 
+    def set_upstream_load_cost(self, upstream_id: str, cost: int) -> None:
+        """What a request costs its node, as it reports its model: 0 loaded, 1 it must load it (maybe swapping another
+        out), 2 it failed there. Requests go to the cheapest free upstream first. KeyError: unknown."""
+        self._upstreams[upstream_id].load_cost = cost
+
     def _reject_unusable(self, model: _Model) -> list[Ticket]:
         """Requests that can no longer be served anywhere are told now rather than at their deadline."""
         decided = []
@@ -463,12 +474,13 @@ class SchedulerCore:
                 if now < until:
                     self._holds[ticket] = until
                     return None
-        # Least loaded relative to capacity; start after the last upstream granted, so ties take turns.
+        # A loaded model before one its node must load (maybe swapping another out) or that failed there; then the
+        # least loaded relative to capacity, starting after the last upstream granted, so ties take turns.
         count = len(model.upstreams)
         best: _Upstream | None = None
         for i in range(count):
             slot = model.upstreams[(model.next_turn + i) % count]
-            if slot in free and (best is None or slot.in_flight * best.capacity < best.in_flight * slot.capacity):
+            if slot in free and (best is None or _less_busy(slot, best)):
                 best = slot
         return best
 
@@ -670,6 +682,14 @@ class SchedulerCore:
         limits = [lim.statistics(f"key:{name}", now) for name, lim in self._key_limits.items()]
         limits += [lim.statistics(f"upstream:{uid}", now) for uid, lim in self._upstream_limits.items()]
         return SchedulerStatistics(self._waiting, self._in_service, self.max_queue, models, limits)
+
+
+def _less_busy(slot: _Upstream, than: _Upstream) -> bool:
+    """Whether `slot` should take a request before `than`: the lower load cost, then the lower share of its
+    capacity."""
+    if slot.cost != than.cost:
+        return slot.cost < than.cost
+    return slot.in_flight * than.capacity < than.in_flight * slot.capacity
 
 
 def _decrement(counter: Counter[_K], key: _K) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from textual.widgets import DataTable
 
 from queuegate.admin.protocol import DaemonStatus
-from queuegate.statistics import model_views
+from queuegate.statistics import model_views, node_devices_text, node_model_text
 from queuegate.tui.widgets.progress import progress_text
 
 
@@ -44,7 +44,7 @@ class ModelsTable(_KeyedTable):
 
     def show(self, status: DaemonStatus) -> None:
         rows = []
-        for view in model_views(status.scheduler, status.fleet):
+        for view in model_views(status.scheduler, status.fleet, status.nodes):
             idle = "-" if view.idle_s is None else f"{view.idle_s:.0f} s"
             progress = progress_text(view.progress) if view.progress else (view.reason if view.managed else "")
             cells = (view.name, view.state, view.device or "-", f"{view.memory_gb:g}",
@@ -130,9 +130,9 @@ class RequestsTable(_KeyedTable):
 
 
 class NodesTable(_KeyedTable):
-    """The nodes that registered with the gateway: live or stale, their last heartbeat, what they serve."""
+    """The nodes that registered with the gateway: live or stale, their last heartbeat, what they serve and hold."""
 
-    COLUMNS = ("NODE", "ADDRESS", "STATE", "HEARTBEAT", "MODELS")
+    COLUMNS = ("NODE", "ADDRESS", "STATE", "HEARTBEAT", "MODELS", "DEVICES")
 
     def show(self, status: DaemonStatus) -> None:
         rows = [
@@ -143,7 +143,8 @@ class NodesTable(_KeyedTable):
                     node.address,
                     "stale" if node.stale else "live",
                     f"{node.last_heartbeat_s:.0f} s ago",
-                    ", ".join(m.model for m in node.models) or "-",
+                    ", ".join(node_model_text(m) for m in node.models) or "-",
+                    node_devices_text(node) or "-",
                 ),
             )
             for node in status.nodes
