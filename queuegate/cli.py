@@ -17,6 +17,7 @@ from queuegate.accounting import UsageStoreError
 from queuegate.admin import command as admin_command
 from queuegate.admin.server import AdminSocketError
 from queuegate.api.server import ListenError
+from queuegate.batches.store import BatchStoreError
 from queuegate.config import (
     Config,
     ConfigError,
@@ -212,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     cannot_start: list[str] = []
     try:
         trio.run(_serve, config, listen, None if args.demo else Path(args.config))
-    except* (ListenError, AdminSocketError, UsageStoreError, ConfigError) as group:
+    except* (ListenError, AdminSocketError, UsageStoreError, BatchStoreError, ConfigError) as group:
         cannot_start.append(str(leaf_exceptions(group)[0]))
     if cannot_start:
         print(f"queuegate: {cannot_start[0]}", file=sys.stderr)

@@ -23,15 +23,18 @@ import httpx
 import trio
 
 from queuegate.accounting import UsageStore
-from queuegate.accounting.keys import KeyRing, NodeKeyRing
+from queuegate.accounting.keys import ApiKey, KeyRing, NodeKeyRing
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.admin.server import AdminServer, claim_admin_socket
 from queuegate.api import InFlight, Routes, create_app
 from queuegate.api.server import HttpServer, bind_listener
+from queuegate.batches.service import BatchService
+from queuegate.batches.store import BatchStore
 from queuegate.config import (
     Config,
     ConfigError,
     admin_socket_path,
+    batches_path,
     load_config,
     memory_db_path,
     parse_listen,
@@ -193,6 +196,10 @@ class Daemon:
         self.memory = self.proxy.memory = _memory(
             cfg, self.tool_servers, self.proxy, self.admission, catalog, self._request_finished
         )
+        # Batch jobs run their lines through the proxy too, as the key that created them, in the lowest class.
+        self.batches = _batches(
+            cfg, self.proxy, self.admission, catalog, lambda name: self.keyring.named(name), self._request_finished
+        )
         self.fleet.add_listener(self.metrics.observe_transition)
         canonical = {name: catalog.canonical(name) for name in catalog.public_names()}
         self.keyring = KeyRing.from_config(cfg, canonical)
@@ -218,6 +225,7 @@ class Daemon:
                 in_flight=self._in_flight,
                 classes=cfg.queue.classes,
                 usage=self.usage,
+                batches=self.batches,
                 on_finish=self._request_finished,
                 # Durable usage: a request's row is committed before its answer's last byte is sent.
                 commit=self.usage.commit_within if self.usage is not None and self.usage.durable else None,
@@ -281,6 +289,8 @@ class Daemon:
             await nursery.start(self.fleet.run)
             if self.tool_servers.configured:
                 await nursery.start(self.tool_servers.run)
+            if self.batches is not None:
+                await nursery.start(self.batches.run)
             if self.memory is not None:
                 await nursery.start(self.memory.run)  # a tool name two servers offer fails the start
             self._base_url = await nursery.start(self._serve, endpoints.http, nursery)
@@ -440,6 +450,32 @@ class _HealthWatchers:
     def _watcher(self, upstream: Upstream) -> Fleet | HealthMonitor:
         spec = self.catalog.models.get(upstream.model)  # (a node's model may be gone by now)
         return self.fleet if spec is not None and spec.launch is not None else self.health
+
+
+def _batches(
+    cfg: Config,
+    proxy: Proxy,
+    admission: Admission,
+    catalog: Catalog,
+    key_named: Callable[[str], ApiKey | None],
+    on_finish: Callable[[RequestRecord, int], None],
+) -> BatchService | None:
+    """The batch service ([batches].enabled), its store opened (BatchStoreError: it cannot be)."""
+    if not cfg.batches.enabled:
+        return None
+
+    def resolve_model(model: str, key: ApiKey | None, endpoint: str) -> str:
+        spec = catalog.resolve(model)
+        if spec is None or (key is not None and not key.may_use(spec.name)):
+            raise ValueError(f"the model {model!r} does not exist or you do not have access to it")
+        if endpoint not in spec.endpoints:
+            raise ValueError(f"model {spec.name!r} (kind {spec.kind.name}) does not serve the {endpoint} endpoint")
+        return spec.name
+
+    store = BatchStore(batches_path(cfg))
+    return BatchService(
+        cfg.batches, store, proxy, key_named, resolve_model, admission.serving, cfg.queue.classes[-1], on_finish
+    )
 
 
 def _usage_store(config: Config) -> UsageStore | None:

@@ -138,6 +138,22 @@ class NodeStatistics(msgspec.Struct, frozen=True):
     gpus: list[GpuMemory] = []  # measured on the node (empty: it has no nvidia-smi or rocm-smi)
 
 
+class BatchStatistics(msgspec.Struct, frozen=True):
+    """A batch being run, as the status and `top` show it."""
+
+    id: str
+    key: str | None
+    endpoint: str
+    status: str
+    paused: bool
+    total: int
+    completed: int
+    failed: int
+    in_flight: int
+    rate_per_s: float  # lines finished per second since this run of it began
+    eta_s: float | None  # at that rate (None: nothing finished yet)
+
+
 class RequestStatistics(msgspec.Struct, frozen=True):
     id: str
     model: str | None

@@ -63,6 +63,10 @@ class KeyRing:
         """No keys configured: every request is let in, anonymous."""
         return not self._keys
 
+    def named(self, name: str) -> ApiKey | None:
+        """The key of this name (a batch runs its lines as the key that created it), if it still exists."""
+        return next((key for key in self._keys if key.name == name), None)
+
     def authenticate(self, headers: Mapping[str, str]) -> ApiKey | None:
         """The caller's key (None when the gateway is open). Unauthorized when keys are configured and the request
         has none, or one that matches no key."""

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import logging
 import re
-import secrets
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,7 +26,12 @@ from werkzeug.exceptions import HTTPException
 
 from queuegate.accounting import UsageQuery, UsageStore, sessions_status, usage_report
 from queuegate.accounting.keys import KeyRing, NodeKeyRing
+from queuegate.api._http import error_response as _error_response
+from queuegate.api._http import json_response as _json
+from queuegate.api._http import request_id as _request_id
+from queuegate.api.batches import add_batch_routes, upload_request_class
 from queuegate.api.server import CONNECTION_KEY
+from queuegate.batches.service import BatchService
 from queuegate.config import ServerConfig
 from queuegate.errors import (
     BadRequest,
@@ -60,7 +64,6 @@ from queuegate.scheduler import Admission
 from queuegate.statistics import ModelView, model_views
 
 log = logging.getLogger("queuegate.api")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CLEANUP_KEY = "queuegate.cleanup"
 TASKS_KEY = "queuegate.tasks"  # the request's own nursery: a streamed tool loop runs there, and ends with it
@@ -111,6 +114,7 @@ class Routes:
     usage: UsageStore | None
     on_finish: Callable[[RequestRecord, int], None]
     commit: Callable[[], Awaitable[None]] | None
+    batches: BatchService | None = None  # the Files and Batches APIs ([batches].enabled)
 
 
 def create_app(routes: Routes) -> ASGIApp:
@@ -124,6 +128,9 @@ def create_app(routes: Routes) -> ASGIApp:
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
     created = int(time.time())
+    if routes.batches is not None:
+        app.request_class = upload_request_class(int(routes.batches.config.max_file_mb * 2**20))
+        add_batch_routes(app, routes.keyring, routes.batches, _read_body)
 
     async def relay(
         endpoint: str, route_class: str = "user", session: str | None = None, tool_mode: str | None = None
@@ -394,27 +401,11 @@ def _session_id(supplied: str | None) -> str | None:
     return supplied if supplied and _SESSION_ID.match(supplied) else None
 
 
-def _request_id(supplied: str | None) -> str:
-    """The client's X-Request-Id when it is a sane token, else a fresh one."""
-    if supplied and _REQUEST_ID.match(supplied):
-        return supplied
-    return "qg-" + secrets.token_hex(8)
-
-
 def _response(reply: Reply, request_id: str) -> Response:
     headers = {**reply.headers, "x-request-id": request_id}
     if not isinstance(reply.body, bytes):
         headers["x-accel-buffering"] = "no"  # tell nginx-style proxies not to buffer the stream
     return Response(reply.body, status=reply.status, headers=headers)
-
-
-def _error_response(error: GatewayError, request_id: str) -> Response:
-    headers = {"content-type": "application/json", "x-request-id": request_id, **error.headers()}
-    return Response(error.body(), status=error.status, headers=headers)
-
-
-def _json(doc: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(doc), status=status, headers={"content-type": "application/json"})
 
 
 def _with_request_lifetime(app: ASGIApp, in_flight: InFlight) -> ASGIApp:

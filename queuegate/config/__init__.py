@@ -4,9 +4,10 @@ may change live (`reload.py`), and the commented template `queuegate init` write
 
 from queuegate.config.checks import parse_listen
 from queuegate.config.load import build_config, load_config, parse_config
-from queuegate.config.paths import admin_socket_path, memory_db_path, usage_db_path, usage_timezone
+from queuegate.config.paths import admin_socket_path, batches_path, memory_db_path, usage_db_path, usage_timezone
 from queuegate.config.schema import (
     AffinityConfig,
+    BatchesConfig,
     Config,
     ConfigError,
     ContainerSpec,
@@ -32,6 +33,7 @@ from queuegate.config.schema import (
 
 __all__ = [
     "AffinityConfig",
+    "BatchesConfig",
     "Config",
     "ConfigError",
     "ContainerSpec",
@@ -54,6 +56,7 @@ __all__ = [
     "UpstreamDefaults",
     "UsageConfig",
     "admin_socket_path",
+    "batches_path",
     "build_config",
     "load_config",
     "memory_db_path",

@@ -39,3 +39,8 @@ def memory_db_path(config: Config) -> Path:
     if config.memory.path:
         return base / config.memory.path
     return base / config.server.state_dir / "memory.sqlite3"
+
+
+def batches_path(config: Config) -> Path:
+    """Where batch jobs live (their database and files): <state_dir>/batches."""
+    return Path(config.base_dir) / config.server.state_dir / "batches"

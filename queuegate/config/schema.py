@@ -135,6 +135,18 @@ class ToolsConfig(_Section):
     servers: dict[str, ToolServerConfig] = {}
 
 
+class BatchesConfig(_Section):
+    """The OpenAI Batch API (/v1/files, /v1/batches) on the local fleet: lines run in the lowest class, durably."""
+
+    enabled: bool = True
+    max_file_mb: PositiveFloat = 100.0  # largest input file accepted (POST /v1/files)
+    max_lines: PositiveInt = 50_000  # lines in one batch
+    max_concurrency: PositiveInt = 4  # lines of one batch in flight at once
+    max_attempts: PositiveInt = 5  # per line: connect errors, 5xx, 429 and timeouts are tried again up to this
+    retry_base_s: PositiveFloat = 2.0  # the first retry's wait; doubled each time, with jitter
+    retention_days: NonNegativeFloat = 30.0  # finished batches and their files are deleted after this; 0 = kept
+
+
 class MemoryConfig(_Section):
     """Chat memory: recall earlier turns for each chat turn, forward only the last few, remember the new one."""
 
@@ -271,6 +283,7 @@ class Config(_Section):
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     tools: ToolsConfig = msgspec.field(default_factory=ToolsConfig)
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
+    batches: BatchesConfig = msgspec.field(default_factory=BatchesConfig)
     nodes: NodesConfig = msgspec.field(default_factory=NodesConfig)
     node: NodeConfig | None = None  # set: this daemon is a node of another gateway
     devices: dict[str, DeviceConfig] = {}

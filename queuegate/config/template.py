@@ -13,6 +13,7 @@ import tomli_w
 
 from queuegate.config import (
     AffinityConfig,
+    BatchesConfig,
     FleetConfig,
     MemoryConfig,
     NodesConfig,
@@ -325,6 +326,26 @@ def template_tables() -> list[Table]:
                 Key("timeout_s", 10.0, "One call's bound for this server (default: [tools].call_timeout_s).", True),
             ],
             optional=True,
+        ),
+        Table(
+            "batches",
+            'Batch jobs: OpenAI\'s Files and Batches APIs (client.files.create(purpose="batch"),\n'
+            "client.batches.create). Lines run in the lowest class, one model at a time, and survive restarts\n"
+            "(at least once upstream, exactly once in the output file). State under <state_dir>/batches.",
+            _defaults(
+                BatchesConfig(),
+                {
+                    "enabled": "false: no /v1/files or /v1/batches (404).",
+                    "max_file_mb": "Largest input file accepted (POST /v1/files); larger ones get 413.",
+                    "max_lines": "Most lines in one batch; a file with more fails its batch.",
+                    "max_concurrency": "Lines of one batch in flight at once (each takes a queue slot like any\n"
+                    "request, in the lowest class: users are served first).",
+                    "max_attempts": "Tries per line for what waiting may fix (no connection, timeouts, 5xx, 429);\n"
+                    "then it goes to the batch's error file with its last answer. Other 4xx are not retried.",
+                    "retry_base_s": "The first retry waits about this long (jittered), each next one twice as long.",
+                    "retention_days": "Finished batches and their files are deleted after this; 0 = keep them.",
+                },
+            ),
         ),
         Table(
             "memory",

@@ -59,6 +59,7 @@ class RequestRecord:
     klass: str = "user"  # priority class
     flow: str = ""  # whose turn inside the class (key, session or client)
     session: str | None = None  # the session it belongs to (`X-Session-Id` or /v1/session/{id}/...), for usage
+    batch: str | None = None  # the batch it is a line of: counted in usage as endpoint `batch`, session its id
     started_at: float = field(default_factory=trio.current_time)
     model: str | None = None
     upstream: str | None = None
@@ -160,10 +161,10 @@ def usage_row(record: RequestRecord, status: int, timezone: datetime.tzinfo = da
         at=round(now, 3),
         day=datetime.datetime.fromtimestamp(now, timezone).strftime("%Y-%m-%d"),
         key=record.key.name if record.key is not None else None,
-        session=record.session,
+        session=record.batch or record.session,
         model=record.model,
         klass=record.klass,
-        endpoint=record.endpoint,
+        endpoint="batch" if record.batch else record.endpoint,
         status=status,
         outcome=outcome,
         prompt_tokens=usage.prompt_tokens if usage is not None else 0,
