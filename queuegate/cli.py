@@ -22,6 +22,7 @@ from queuegate.config import (
     Config,
     ConfigError,
     admin_socket_path,
+    batches_path,
     build_config,
     load_config,
     memory_db_path,
@@ -177,6 +178,18 @@ def _check(config: Config) -> int:
     for name, server in tools.servers.items():
         only = f", only {', '.join(server.allow)}" if server.allow else ""
         print(f"    tool server {name}: {server.url}{server.prefix}/openapi.json{only}")
+    nodes = config.nodes
+    if config.node_keys:
+        print(f"  nodes register with node keys {', '.join(config.node_keys)} (stale after {nodes.stale_after_s:g} s "
+              f"without a heartbeat; requests wait {nodes.wait_s:g} s for one; URLs inside "
+              f"{', '.join(nodes.allow_networks)})")  # fmt: skip
+    for name, polled in nodes.polled.items():
+        only = f", only {', '.join(polled.models)}" if polled.models else ""
+        print(f"  node {name} polled every {polled.poll_s:g} s: {polled.url}/models (kind {polled.kind}{only})")
+    batches = config.batches
+    if batches.enabled:
+        print(f"  batches: {batches_path(config)} (files up to {batches.max_file_mb:g} MB, {batches.max_lines} lines; "
+              f"{batches.max_concurrency} lines of a batch at once, {batches.max_attempts} attempts each)")  # fmt: skip
     return 0
 
 

@@ -181,6 +181,7 @@ class Daemon:
             self.usage.statistics if self.usage else None,
             (lambda: self.memory.counts if self.memory is not None else {}) if cfg.memory.enabled else None,
             self.nodes.statistics,
+            (lambda: (self.batches.outcomes, self.batches.statistics())) if cfg.batches.enabled else None,
         )
         self.proxy = Proxy(
             catalog,
@@ -198,7 +199,13 @@ class Daemon:
         )
         # Batch jobs run their lines through the proxy too, as the key that created them, in the lowest class.
         self.batches = _batches(
-            cfg, self.proxy, self.admission, catalog, lambda name: self.keyring.named(name), self._request_finished
+            cfg,
+            self.proxy,
+            self.admission,
+            catalog,
+            lambda name: self.keyring.named(name),
+            lambda: self.keyring.open,
+            self._request_finished,
         )
         self.fleet.add_listener(self.metrics.observe_transition)
         canonical = {name: catalog.canonical(name) for name in catalog.public_names()}
@@ -307,6 +314,7 @@ class Daemon:
                 self.reload,
                 self.memory,
                 self.nodes,
+                self.batches,
             )
             self.admission.add_listener(admin.note_change)
             await nursery.start(admin.run)
@@ -334,6 +342,7 @@ class Daemon:
             tokens_total=active.tokens,
             tool_servers=self.tool_servers.statistics(),
             nodes=self.nodes.statistics(),
+            batches=self.batches.statistics() if self.batches is not None else [],
         )
 
     def reload(self) -> str:
@@ -458,6 +467,7 @@ def _batches(
     admission: Admission,
     catalog: Catalog,
     key_named: Callable[[str], ApiKey | None],
+    keys_open: Callable[[], bool],
     on_finish: Callable[[RequestRecord, int], None],
 ) -> BatchService | None:
     """The batch service ([batches].enabled), its store opened (BatchStoreError: it cannot be)."""
@@ -474,7 +484,15 @@ def _batches(
 
     store = BatchStore(batches_path(cfg))
     return BatchService(
-        cfg.batches, store, proxy, key_named, resolve_model, admission.serving, cfg.queue.classes[-1], on_finish
+        cfg.batches,
+        store,
+        proxy,
+        key_named,
+        resolve_model,
+        admission.serving,
+        keys_open,
+        cfg.queue.classes[-1],
+        on_finish,
     )
 
 

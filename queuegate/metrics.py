@@ -20,7 +20,7 @@ from queuegate.accounting import UsageStoreStatistics
 from queuegate.fleet.planner import FleetStatistics, Transition
 from queuegate.proxy import RequestRecord
 from queuegate.scheduler import SchedulerStatistics
-from queuegate.statistics import NodeStatistics
+from queuegate.statistics import BatchStatistics, NodeStatistics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _WAIT_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -30,6 +30,7 @@ _LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 
 UsageSource = Callable[[], UsageStoreStatistics] | None
+BatchSource = Callable[[], tuple[Mapping[str, int], list[BatchStatistics]]] | None  # (line outcomes, running)
 
 
 class Metrics:
@@ -40,6 +41,7 @@ class Metrics:
         usage: UsageSource = None,
         memory: Callable[[], Mapping[str, int]] | None = None,
         nodes: Callable[[], list[NodeStatistics]] | None = None,
+        batches: BatchSource = None,
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -77,7 +79,7 @@ class Metrics:
             "queuegate_tool_call_duration_seconds", "How long tool calls took, by tool.", ["tool"],
             buckets=_WAIT_BUCKETS, registry=r,
         )  # fmt: skip
-        r.register(_LiveState(scheduler, fleet, usage, memory, nodes))
+        r.register(_LiveState(scheduler, fleet, usage, memory, nodes, batches))
 
     def observe(self, record: RequestRecord, status: int) -> None:
         """One finished request (RequestRecord's `on_finish`)."""
@@ -124,12 +126,14 @@ class _LiveState(Collector):
         usage: UsageSource,
         memory: Callable[[], Mapping[str, int]] | None,
         nodes: Callable[[], list[NodeStatistics]] | None,
+        batches: BatchSource,
     ) -> None:
         self._scheduler = scheduler
         self._fleet = fleet
         self._usage = usage
         self._memory = memory
         self._nodes = nodes
+        self._batches = batches
 
     def collect(self) -> Iterator[Metric]:
         stats, fleet = self._scheduler(), self._fleet()
@@ -203,3 +207,14 @@ class _LiveState(Collector):
                     memory.add_metric([node.name, f"gpu{gpu.index}", "measured_total"], gpu.total_gb * 1e9)
                     memory.add_metric([node.name, f"gpu{gpu.index}", "measured_used"], gpu.used_gb * 1e9)
             yield from (up, age, memory)
+        if self._batches is not None:
+            outcomes, batches = self._batches()
+            lines = CounterMetricFamily("queuegate_batch_lines", "Batch lines finished (ok, error) or tried again "
+                                        "(retried), since start.", labels=["outcome"])  # fmt: skip
+            for outcome, count in sorted(outcomes.items()):
+                lines.add_metric([outcome], count)
+            left = GaugeMetricFamily("queuegate_batch_lines_left", "Lines of running batches not finished yet.")
+            left.add_metric([], sum(b.total - b.completed - b.failed for b in batches))
+            running = GaugeMetricFamily("queuegate_batches_running", "Batch jobs being run (paused ones too).")
+            running.add_metric([], len(batches))
+            yield from (lines, left, running)

@@ -197,6 +197,17 @@ class ModelView(msgspec.Struct, frozen=True):
     drained: list[str]  # upstreams an operator took out
 
 
+def batch_text(batch: BatchStatistics) -> str:
+    """A batch job's progress, as the status and `top` show it."""
+    done = batch.completed + batch.failed
+    paused = ", paused" if batch.paused else ""
+    eta = f", ~{batch.eta_s:.0f} s left" if batch.eta_s is not None and not batch.paused else ""
+    return (
+        f"{batch.id} ({batch.key or 'no key'}, {batch.endpoint}): {batch.status}{paused}, {done}/{batch.total} done, "
+        f"{batch.failed} failed, {batch.in_flight} in flight, {batch.rate_per_s:g}/s{eta}"
+    )
+
+
 def node_model_text(model: NodeModelStatistics) -> str:
     """A node's model and its state there, as the status and `top` show it: "m ready", "m starting ~4 s"."""
     if model.state is None:
@@ -241,11 +252,12 @@ def model_views(
                 state = next((s for s in ("loading", "down") if s in upstream_states), "down")
             available = bool(serving) and state != "failed"
             reasons = [f"{u.id}: {u.state} ({u.reason})" for u in model.upstreams if u.state != "ready"]
-            reasons += [
-                f"{u.id}: {reported[u.id]} on its node"
-                for u in model.upstreams
-                if u.state == "ready" and reported.get(u.id) not in (None, "ready")
-            ]
+            if state != "ready":  # (why it is not: what the nodes say; a ready model needs no reason)
+                reasons += [
+                    f"{u.id}: {reported[u.id]} on its node"
+                    for u in model.upstreams
+                    if u.state == "ready" and reported.get(u.id) not in (None, "ready")
+                ]
             reason = "; ".join(reasons)
         device = "node " + ", ".join(on_nodes[model.name]) if model.name in on_nodes else plan.device
         views.append(

@@ -6,6 +6,8 @@ would in its own process, and reaches the daemon only through the admin socket.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import subprocess
 import sys
 import time
@@ -20,7 +22,15 @@ from queuegate.admin.aio_client import AsyncioAdminClient
 from queuegate.config import admin_socket_path, build_config
 from queuegate.daemon import Daemon
 from queuegate.tui.app import ConfirmScreen, HelpScreen, TopApp
-from queuegate.tui.widgets import DevicesPanel, LimitsTable, ModelsTable, NodesTable, RequestsTable, UpstreamsTable
+from queuegate.tui.widgets import (
+    BatchesTable,
+    DevicesPanel,
+    LimitsTable,
+    ModelsTable,
+    NodesTable,
+    RequestsTable,
+    UpstreamsTable,
+)
 from tests.helpers import EXCLUSIVE, HI, in_thread, sim_model, wait_until
 
 
@@ -184,6 +194,45 @@ async def test_the_nodes_panel_shows_each_registered_node_and_what_it_serves(sta
             await pilot.press("q")
 
     await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))
+
+
+async def test_the_batches_panel_shows_progress_and_b_pauses_and_resumes_and_x_cancels(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=20)  # (a line takes about 0.2 s)
+    gw = await start_gateway({"m": {"upstreams": [url]}}, batches={"max_concurrency": 1})
+    client = gw.client()
+    lines = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "m", "messages": HI, "max_tokens": 4}} for i in range(50)]  # fmt: skip
+    content = "\n".join(json.dumps(line) for line in lines).encode()
+    upload = await in_thread(lambda: client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch"))
+    batch = await in_thread(
+        lambda: client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="1h")
+    )
+
+    async def scenario() -> None:
+        app = TopApp(AsyncioAdminClient(admin_socket_path(gw.daemon.config), interval_ms=200))
+        async with app.run_test(size=(150, 60)) as pilot:
+            table = app.query_one(BatchesTable)
+            await until(pilot, lambda: table.row_count == 1 and "/50" in str(table.get_cell(batch.id, "PROGRESS")))
+            assert table.display and str(table.get_cell(batch.id, "STATUS")) == "in_progress"
+            app.set_focus(table)
+            await pilot.press("b")
+            await until(pilot, lambda: str(table.get_cell(batch.id, "STATUS")) == "in_progress (paused)")
+            paused_at = str(table.get_cell(batch.id, "PROGRESS"))
+            await pilot.pause(0.8)  # (the line in flight when it paused may still finish)
+            settled = str(table.get_cell(batch.id, "PROGRESS"))
+            await pilot.pause(0.8)
+            assert str(table.get_cell(batch.id, "PROGRESS")) == settled, (paused_at, settled)
+            await pilot.press("b")
+            await until(pilot, lambda: str(table.get_cell(batch.id, "PROGRESS")) != settled)
+            await pilot.press("x")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await until(pilot, lambda: table.row_count == 0)  # (a finished batch leaves the panel)
+            await pilot.press("q")
+
+    await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))
+    finished = await in_thread(lambda: client.batches.retrieve(batch.id))
+    assert finished.status == "cancelled" and 0 < finished.request_counts.completed < 50
 
 
 def test_the_tui_loads_only_the_admin_protocol_of_queuegate():

@@ -18,6 +18,7 @@ from queuegate.admin.client import AdminClient
 from queuegate.admin.protocol import (
     AdminError,
     AdminUnavailable,
+    Batch,
     Cancel,
     DaemonStatus,
     Drain,
@@ -31,7 +32,7 @@ from queuegate.admin.protocol import (
     Resume,
     Undrain,
 )
-from queuegate.statistics import model_views, node_devices_text, node_model_text
+from queuegate.statistics import batch_text, model_views, node_devices_text, node_model_text
 
 # action -> (request for a target, what the target is)
 _COMMANDS: dict[str, tuple[Callable[[str], Request], str]] = {
@@ -42,14 +43,19 @@ _COMMANDS: dict[str, tuple[Callable[[str], Request], str]] = {
     "cancel": (lambda target: Cancel(request_id=target), "request id"),
     "pause": (lambda target: Pause(klass=target), "class"),
     "resume": (lambda target: Resume(klass=target), "class"),
+    "batch-pause": (lambda target: Batch(action="pause", batch_id=target), "batch id"),
+    "batch-resume": (lambda target: Batch(action="resume", batch_id=target), "batch id"),
+    "batch-cancel": (lambda target: Batch(action="cancel", batch_id=target), "batch id"),
 }
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     admin = commands.add_parser("admin", help="talk to a running daemon over its admin socket")
-    admin.add_argument("action", choices=["status", "reload", "memory", *_COMMANDS])
+    admin.add_argument("action", choices=["status", "batches", "reload", "memory", *_COMMANDS])
     admin.add_argument(
-        "target", nargs="?", help="the model, upstream (model#index), class or request id; for memory: list|show|forget"
+        "target",
+        nargs="?",
+        help="the model, upstream (model#index), class, request id or batch id; for memory: list|show|forget",
     )
     admin.add_argument("chat", nargs="?", default="", help="memory show|forget: the chat (as memory list shows it)")
     admin.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace, socket_path: Path) -> int:
     if args.action == "memory" and args.target not in ("list", "show", "forget"):
         print("queuegate admin memory: say list, show CHAT or forget CHAT", file=sys.stderr)
         return 2
-    if args.action not in ("status", "reload", "memory") and not args.target:
+    if args.action not in ("status", "batches", "reload", "memory") and not args.target:
         print(f"queuegate admin {args.action}: name the {_COMMANDS[args.action][1]}", file=sys.stderr)
         return 2
     try:
@@ -76,9 +82,13 @@ def run(args: argparse.Namespace, socket_path: Path) -> int:
 
 async def _run(args: argparse.Namespace, socket_path: Path) -> int:
     async with AdminClient(socket_path) as client:
-        if args.action == "status":
+        if args.action in ("status", "batches"):
             status = await client.status()
-            print(msgspec.json.encode(status).decode() if args.json else render_status(status))
+            if args.action == "batches":
+                shown = msgspec.json.encode(status.batches).decode() if args.json else render_batches(status)
+            else:
+                shown = msgspec.json.encode(status).decode() if args.json else render_status(status)
+            print(shown)
             return 0
         if args.action == "reload":
             request: Request = Reload()
@@ -92,6 +102,18 @@ async def _run(args: argparse.Namespace, socket_path: Path) -> int:
         return 0
 
 
+def _fit(text: str, width: int) -> str:
+    """`text` cut to `width` characters (its end an ellipsis), so the columns after it stay in place."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_batches(status: DaemonStatus) -> str:
+    """One line per batch job being run: its progress, rate and what is left."""
+    if not status.batches:
+        return "no batch is running"
+    return "\n".join(f"batch {batch_text(b)}" for b in status.batches)
+
+
 def render_status(status: DaemonStatus) -> str:
     """A plain-text status for a terminal: models with their fleet state and queues, then devices and limits."""
     lines = [
@@ -102,7 +124,7 @@ def render_status(status: DaemonStatus) -> str:
     for view in model_views(status.scheduler, status.fleet, status.nodes):
         reason = view.reason + (f" (drained: {', '.join(view.drained)})" if view.drained else "")
         lines.append(
-            f"{view.name:<24}{view.state:<10}{view.device or '-':<12}{view.in_service:>10}{view.waiting:>9}"
+            f"{view.name:<24}{view.state:<10}{_fit(view.device or '-', 11):<12}{view.in_service:>10}{view.waiting:>9}"
             f"{view.oldest_wait_s:>8.1f}s  {reason}"
         )
     paused = sorted({c.name for m in status.scheduler.models for c in m.classes if c.paused})
@@ -125,13 +147,14 @@ def render_status(status: DaemonStatus) -> str:
         why = f"; {server.error}" if server.error else ""
         lines.append(f"tool server {server.name} ({server.url}): {state}{why}")
     for node in status.nodes:
-        state = "stale" if node.stale else "live"
+        state = "stale (as it last reported)" if node.stale else "live"
         served = ", ".join(f"{node_model_text(m)} ({m.url})" for m in node.models) or "nothing"
         devices = f"; devices {text}" if (text := node_devices_text(node)) else ""
         lines.append(
             f"node {node.name} at {node.address}: {state}, last heartbeat {node.last_heartbeat_s:g} s ago; "
             f"{served}{devices}"
         )
+    lines += render_batches(status).splitlines() if status.batches else []
     for request in status.requests:
         if request.step is not None:
             lines.append(f"request {request.id} ({request.model}): tool loop {request.step}")

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from queuegate.statistics import (
+    BatchStatistics,
     FleetStatistics,
     NodeStatistics,
     RequestStatistics,
@@ -85,7 +86,14 @@ class Memory(_Message, tag="memory"):
     namespace: str = ""
 
 
-Request = Status | Subscribe | Preload | Evict | Drain | Undrain | Pause | Resume | Cancel | Reload | Memory
+class Batch(_Message, tag="batch"):
+    """A batch job: pause it (its lines in flight finish, no new one starts), resume it, or cancel it."""
+
+    action: Literal["pause", "resume", "cancel"]
+    batch_id: str
+
+
+Request = Status | Subscribe | Preload | Evict | Drain | Undrain | Pause | Resume | Cancel | Reload | Memory | Batch
 
 
 class DaemonStatus(msgspec.Struct, frozen=True):
@@ -100,6 +108,7 @@ class DaemonStatus(msgspec.Struct, frozen=True):
     tokens_total: int  # completion tokens they produced
     tool_servers: list[ToolServerStatistics] = []  # the OpenAPI tool servers, up or not, and their tools
     nodes: list[NodeStatistics] = []  # the registered nodes, live or stale
+    batches: list[BatchStatistics] = []  # the batch jobs being run
 
 
 class Hello(_Message, tag="hello"):

@@ -25,6 +25,7 @@ import trio
 from queuegate.admin._stream import LineStream, LineTooLong
 from queuegate.admin.protocol import (
     PROTOCOL_VERSION,
+    Batch,
     Cancel,
     DaemonStatus,
     Drain,
@@ -46,7 +47,9 @@ from queuegate.admin.protocol import (
     encode_line,
     request_decoder,
 )
+from queuegate.batches.service import BatchService
 from queuegate.config import ConfigError
+from queuegate.errors import GatewayError
 from queuegate.fleet.manager import Fleet
 from queuegate.memory.service import Memory as MemoryService
 from queuegate.nodes.registry import NodeRegistry
@@ -131,6 +134,7 @@ class AdminServer:
         reload: Callable[[], str],
         memory: MemoryService | None = None,
         nodes: NodeRegistry | None = None,
+        batches: BatchService | None = None,
     ) -> None:
         self._listener = listener  # from `claim_admin_socket`
         self.path = path
@@ -141,6 +145,7 @@ class AdminServer:
         self._reload = reload
         self._memory = memory
         self._nodes = nodes  # preload and evict of a model nodes serve are passed on to them
+        self._batches = batches
         self._version = 0  # bumped on every change worth showing
         self._changed = trio.Event()
         self._cached: tuple[int, float, DaemonStatus] | None = None
@@ -193,10 +198,28 @@ class AdminServer:
         except msgspec.DecodeError as exc:
             await lines.send(encode_line(Error(message=f"bad message: {exc}")))
             return
-        reply = await self._memory_reply(request) if isinstance(request, Memory) else self._handle(request)
+        if isinstance(request, Memory):
+            reply = await self._memory_reply(request)
+        elif isinstance(request, Batch):
+            reply = await self._batch_reply(request)
+        else:
+            reply = self._handle(request)
         await lines.send(encode_line(reply))
         if isinstance(request, Subscribe):
             nursery.start_soon(self._push_updates, lines, request.interval_ms / 1000)
+
+    async def _batch_reply(self, request: Batch) -> Reply:
+        if self._batches is None:
+            return Error(id=request.id, message="batch jobs are off ([batches] enabled = false)")
+        try:
+            if request.action == "cancel":
+                document = await self._batches.cancel(None, request.batch_id, operator=True)
+                return Ok(id=request.id, message=f"batch {request.batch_id}: {document['status']}")
+            return Ok(id=request.id, message=self._batches.pause(request.batch_id, request.action == "pause"))
+        except KeyError:
+            return Error(id=request.id, message=f"no batch {request.batch_id!r} is running")
+        except GatewayError as exc:
+            return Error(id=request.id, message=exc.message)
 
     async def _memory_reply(self, request: Memory) -> Reply:
         if self._memory is None:

@@ -3,7 +3,7 @@ batch service and back. Every file and batch belongs to the API key that created
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -19,6 +19,7 @@ from queuegate.batches.service import BatchService
 from queuegate.errors import BadRequest, GatewayError, NotFound
 
 MAX_LIST = 100  # items per page of a list
+CONTENT_PIECE = 2**16  # a file's content is sent in pieces of this size
 
 
 class _CreateBatch(msgspec.Struct, forbid_unknown_fields=True):
@@ -66,6 +67,8 @@ def add_batch_routes(
 
     @route("/v1/files", "POST")
     async def upload_file(key: ApiKey | None) -> Any:
+        if request.content_length is None:  # (a chunked body could not be refused before it is all read)
+            raise GatewayError("an upload needs a Content-Length", status=411, code="length_required")
         try:
             form, files = await request.form, await request.files
         except (HTTPException, ValueError) as exc:  # (a body too large, too slow, or not multipart)
@@ -94,10 +97,18 @@ def add_batch_routes(
     async def file_content(key: ApiKey | None, file_id: str) -> Any:
         path = await service.file_path(key, file_id)
         try:
-            content = await trio.Path(path).read_bytes()
+            opened = await trio.open_file(path, "rb")
         except FileNotFoundError:
             raise NotFound(f"no file {file_id!r}", param="file_id") from None
-        return Response(content, headers={"content-type": "application/octet-stream"})
+        size = (await trio.Path(path).stat()).st_size
+
+        async def pieces() -> AsyncIterator[bytes]:  # (an output file may be large: it is never read whole)
+            async with opened:
+                while piece := await opened.read(CONTENT_PIECE):
+                    yield piece
+
+        headers = {"content-type": "application/octet-stream", "content-length": str(size)}
+        return Response(pieces(), headers=headers)
 
     @route("/v1/batches", "POST")
     async def create_batch(key: ApiKey | None) -> Any:

@@ -32,7 +32,7 @@ from queuegate.accounting.keys import ApiKey
 from queuegate.batches.lines import ENDPOINTS, check_input, error_line, output_line
 from queuegate.batches.store import BatchStore, Line, now
 from queuegate.config import BatchesConfig
-from queuegate.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, ServiceUnavailable
+from queuegate.errors import BadRequest, GatewayError, InternalError, NotFound, PayloadTooLarge, ServiceUnavailable
 from queuegate.proxy import CLIENT_CLOSED, Reply, RequestRecord
 from queuegate.statistics import BatchStatistics
 
@@ -44,6 +44,29 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_METADATA = 16  # pairs, as OpenAI
 PURGE_EVERY_S = 3600.0
 FINAL = {"completed", "failed", "expired", "cancelled"}
+# Errors of QueueGate's own queue (it was full, the wait ran out, a key's limit held it): waiting more may help, and
+# they are not the line's failures, so they do not count against max_attempts (the completion window still ends it).
+_QUEUE_WAITS = frozenset({"queue_full", "queue_timeout", "rate_limit_exceeded"})
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """What one attempt at a line got."""
+
+    status: int
+    body: Any  # the answer (JSON, else its text), or the error envelope
+    request_id: str
+    retry: bool | None = None  # None: decide by status (connect errors, timeouts, 5xx, 429: try again)
+    counts: bool = True  # it counts against max_attempts
+    retry_after_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def __post_init__(self) -> None:
+        if self.retry is None:
+            object.__setattr__(self, "retry", self.status == 429 or self.status >= 500)
 
 
 class Handles(Protocol):
@@ -66,6 +89,7 @@ class _Run:
     running: set[int] = field(default_factory=set)  # line numbers in flight
     paused: bool = False
     cancelling: bool = False
+    finishing: bool = False  # its lines are done: a cancel changes nothing now
     wake: trio.Event = field(default_factory=trio.Event)
     started_at: float = field(default_factory=time.time)
     done_since_start: int = 0  # lines finished by this run (for its rate)
@@ -80,6 +104,7 @@ class BatchService:
         key_named: Callable[[str], ApiKey | None],
         resolve_model: ResolveModel,
         serving: Callable[[str], bool],
+        keys_open: Callable[[], bool],
         klass: str,
         on_finish: Callable[[RequestRecord, int], None] | None = None,
     ) -> None:
@@ -92,6 +117,8 @@ class BatchService:
         self._key_named = key_named
         self._resolve_model = resolve_model
         self._serving = serving
+        self._keys_open = keys_open  # (a batch made on an open gateway runs only while it is open)
+        self._creating = trio.Semaphore(2)  # input files checked at once (each holds its file and lines in memory)
         self._klass = klass
         self._on_finish = on_finish
         self._lock = trio.Lock()  # one store call at a time (its connection is shared by the worker threads)
@@ -176,9 +203,13 @@ class BatchService:
             raise BadRequest("metadata: at most 16 pairs, keys up to 64 and values up to 512 characters",
                              param="metadata")  # fmt: skip
         path = await self.file_path(key, input_file_id)
-        content = await trio.Path(path).read_bytes()
         resolve = partial(self._resolve_model, key=key, endpoint=ENDPOINTS[endpoint])
-        lines, errors = await trio.to_thread.run_sync(check_input, content, endpoint, self.config.max_lines, resolve)
+        async with self._creating:
+            content = await trio.Path(path).read_bytes()
+            lines, errors = await trio.to_thread.run_sync(
+                check_input, content, endpoint, self.config.max_lines, resolve
+            )
+            del content
         created = now()
         document: dict[str, Any] = {
             "id": "batch_" + secrets.token_hex(12), "object": "batch", "endpoint": endpoint, "errors": None,
@@ -214,18 +245,28 @@ class BatchService:
         found = await self._db(self._store.batches, _name(key), limit, after)
         return [self._runs[d["id"]].document if d["id"] in self._runs else d for d in found]
 
-    async def cancel(self, key: ApiKey | None, batch_id: str) -> dict[str, Any]:
-        """Cancel a batch: its lines in flight stop, the rest go to the error file; it ends `cancelled`."""
-        document = await self.batch(key, batch_id)
+    async def cancel(self, key: ApiKey | None, batch_id: str, *, operator: bool = False) -> dict[str, Any]:
+        """Cancel a batch: its lines in flight stop, the rest go to the error file; it ends `cancelled`.
+        `operator`: from the admin socket (any key's batch)."""
         run = self._runs.get(batch_id)
-        if run is None or document["status"] in FINAL:
-            return document  # (finished already: as OpenAI, cancelling it changes nothing)
-        if not run.cancelling:
+        if operator:
+            found = (run.document, run.key) if run is not None else await self._db(self._store.find, batch_id)
+            if found is None:
+                raise NotFound(f"no batch {batch_id!r}", param="batch_id")
+            document, owner = found
+        else:
+            document, owner = await self.batch(key, batch_id), _name(key)
+        if document["status"] in FINAL or (run is not None and (run.cancelling or run.finishing)):
+            return document  # (finished, or finishing, already: as OpenAI's, cancelling changes nothing then)
+        cancelling = {**document, "status": "cancelling", "cancelling_at": now()}
+        counts = await self._db(self._store.save_batch, cancelling)
+        document.update(cancelling, request_counts=counts)
+        log.info("batch cancelling", extra={"fields": {"batch": batch_id}})
+        if run is None:  # (its runner failed: a cancel still ends it)
+            self._start(document, owner)
+        else:
             run.cancelling = True
-            document.update(status="cancelling", cancelling_at=now())
-            await self._db(self._store.save_batch, document)
             run.scope.cancel()
-            log.info("batch cancelling", extra={"fields": {"batch": batch_id}})
         return document
 
     def pause(self, batch_id: str, paused: bool) -> str:
@@ -275,12 +316,14 @@ class BatchService:
                 deadline = trio.current_time() + document["expires_at"] - time.time()
                 with trio.move_on_at(deadline) as window, run.scope:
                     await self._run_lines(run)
+                run.finishing = True
                 if run.cancelling:
                     ended = "cancelled"
-                elif window.cancelled_caught:
-                    ended = "expired"
+                elif window.cancelled_caught and await self._db(self._store.open_lines, document["id"]):
+                    ended = "expired"  # (not when its last line finished just as the window ended)
             elif document["status"] == "cancelling":
                 ended = "cancelled"
+            run.finishing = True
             await self._finish(run, ended)
         except Exception:
             log.exception(
@@ -319,36 +362,35 @@ class BatchService:
         try:
             attempts = line.attempts
             while True:
-                attempts += 1
-                await self._db(self._store.count_attempt, document["id"], line.line)
-                status, body, request_id, retry = await self._call(run, line)
-                ok = status is not None and 200 <= status < 300
-                if not ok and retry and attempts < self.config.max_attempts:
+                attempt = await self._call(run, line)
+                if attempt.counts:  # (a wait in QueueGate's own queue is no failed attempt)
+                    attempts += 1
+                    await self._db(self._store.count_attempt, document["id"], line.line)
+                if not attempt.ok and attempt.retry and attempts < self.config.max_attempts:
                     self.outcomes["retried"] += 1
-                    await trio.sleep(self.config.retry_base_s * 2 ** (attempts - 1) * random.uniform(0.5, 1.5))
+                    backoff = self.config.retry_base_s * 2 ** max(attempts - 1, 0) * random.uniform(0.5, 1.5)
+                    await trio.sleep(max(backoff, attempt.retry_after_s))
                     continue
                 break
-            if status is None:
-                result = error_line(line.custom_id, "request_failed", f"no answer after {attempts} attempts: {body}")
-            else:
-                result = output_line(line.custom_id, status, request_id, body)
-            counts = document["request_counts"]
-            counts["completed" if ok else "failed"] += 1
-            self.outcomes["ok" if ok else "error"] += 1
-            run.done_since_start += 1
+            result = output_line(line.custom_id, attempt.status, attempt.request_id, attempt.body)
+            outcome = "ok" if attempt.ok else "error"
             with trio.CancelScope(shield=True):  # (a result in hand is committed, even as the batch is cancelled)
-                await self._db(self._store.finish_line, document, line.line, "ok" if ok else "error", result)
+                counts = await self._db(self._store.finish_line, document, line.line, outcome, result)
+            document["request_counts"] = counts  # (what is committed, never ahead of it)
+            self.outcomes[outcome] += 1
+            run.done_since_start += 1
         finally:
             run.running.discard(line.line)
             run.wake.set()
 
-    async def _call(self, run: _Run, line: Line) -> tuple[int | None, Any, str, bool]:
-        """One attempt: (status or None, the answer's body or what failed, request id, whether to try again)."""
+    async def _call(self, run: _Run, line: Line) -> _Attempt:
+        """One attempt at a line, through the proxy as the batch's key."""
         request_id = "batch-" + secrets.token_hex(8)
         key = self._key_named(run.key) if run.key is not None else None
-        if run.key is not None and key is None:
-            message = f"the API key {run.key!r} that created this batch no longer exists"
-            return 401, GatewayError(message, status=401, code="invalid_api_key").envelope(), request_id, False
+        if (run.key is not None and key is None) or (run.key is None and not self._keys_open()):
+            who = f"the API key {run.key!r}" if run.key else "no API key (the gateway had none then)"
+            message = f"this batch was created with {who}, which this gateway no longer takes"
+            return _Attempt(401, GatewayError(message, status=401, code="invalid_api_key").envelope(), request_id)
         record = RequestRecord(
             request_id,
             ENDPOINTS[run.document["endpoint"]],
@@ -363,7 +405,14 @@ class BatchService:
             reply = await self._proxy.handle(record, line.body, {})
         except GatewayError as exc:
             record.finish(exc.status, error=exc.message)
-            return exc.status, exc.envelope(), request_id, exc.status == 429 or exc.status >= 500
+            waited = exc.code in _QUEUE_WAITS
+            return _Attempt(exc.status, exc.envelope(), request_id, counts=not waited,
+                            retry_after_s=exc.retry_after_s or 0.0)  # fmt: skip
+        except Exception as exc:  # (a bug, not the line's doing: it goes to the error file, the batch goes on)
+            record.finish(500, error="unexpected error")
+            log.exception("batch line failed unexpectedly", extra={"fields": {"rid": request_id}})
+            message = f"QueueGate failed to run this line (request id {request_id}): {type(exc).__name__}"
+            return _Attempt(500, InternalError(message).envelope(), request_id, retry=False)
         except BaseException:
             record.finish(CLIENT_CLOSED, error="batch stopped")
             raise
@@ -373,32 +422,34 @@ class BatchService:
             answer = msgspec.json.decode(body)
         except msgspec.DecodeError:
             answer = body.decode(errors="replace")
-        return reply.status, answer, request_id, reply.status == 429 or reply.status >= 500
+        return _Attempt(reply.status, answer, request_id)
 
     async def _finish(self, run: _Run, ended: str) -> None:
-        """Put what did not run in the error file, write the files, and end the batch (`ended`)."""
+        """Put what did not run in the error file, write the files, and end the batch (`ended`). Each step is
+        committed before it shows: `finalizing`, then the files and the end together."""
         document = run.document
         code = {"cancelled": "batch_cancelled", "expired": "batch_expired"}.get(ended)
         if code is not None:
             rest = await self._db(self._store.open_lines, document["id"])
             message = "the batch was cancelled" if ended == "cancelled" else "the batch's completion window ended"
-            document["request_counts"]["failed"] += len(rest)
             results = iter([(number, error_line(custom_id, code, message)) for number, custom_id in rest])
-            await self._db(self._store.finish_rest, document, results)
-        counts = await self._db(self._store.outcome_counts, document["id"])
+            document["request_counts"] = await self._db(self._store.finish_rest, document, results)
         stamp = now()
-        document.update(status="finalizing", finalizing_at=document["finalizing_at"] or stamp)
+        finalizing = {**document, "status": "finalizing", "finalizing_at": document["finalizing_at"] or stamp}
+        document.update(finalizing, request_counts=await self._db(self._store.save_batch, finalizing))
+        counts = document["request_counts"]
         suffix = document["id"].removeprefix("batch_")
+        final = {**document, "status": ended, f"{ended}_at": stamp}
         files = []
-        for purpose, outcome in (("output", "ok"), ("error", "error")):
-            if counts.get(outcome):
+        for purpose, count in (("output", counts["completed"]), ("error", counts["failed"])):
+            if count:
                 file_id = f"file-{purpose}-{suffix}"
                 files.append({"id": file_id, "purpose_of": purpose, "filename": f"{document['id']}_{purpose}.jsonl",
                               "created_at": stamp})  # fmt: skip
-                document[f"{purpose}_file_id"] = file_id
-        document.update(status=ended, **{f"{ended}_at": stamp})
-        await self._db(self._store.finalize, document, run.key, files)
-        fields = {"batch": document["id"], "status": ended, **document["request_counts"]}
+                final[f"{purpose}_file_id"] = file_id
+        await self._db(self._store.finalize, final, run.key, files)
+        document.update(final)
+        fields = {"batch": document["id"], "status": ended, **counts}
         log.info("batch finished", extra={"fields": fields})
 
     async def _purge_forever(self) -> None:

@@ -18,7 +18,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,12 +161,8 @@ class BatchStore:
                 [(document["id"], *line) for line in lines],
             )
 
-    def batch(self, batch_id: str, key: str | None = None, *, any_key: bool = False) -> dict[str, Any] | None:
-        query, args = "SELECT document FROM batches WHERE id = ?", [batch_id]
-        if not any_key:
-            query += " AND key IS ?"
-            args.append(key)
-        row = self._db.execute(query, args).fetchone()
+    def batch(self, batch_id: str, key: str | None) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT document FROM batches WHERE id = ? AND key IS ?", (batch_id, key)).fetchone()
         return None if row is None else msgspec.json.decode(row[0])
 
     def batches(self, key: str | None, limit: int, after: str | None) -> list[dict[str, Any]]:
@@ -177,6 +173,11 @@ class BatchStore:
         rows = self._db.execute(query + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)).fetchall()
         return [msgspec.json.decode(row[0]) for row in rows]
 
+    def find(self, batch_id: str) -> tuple[dict[str, Any], str | None] | None:
+        """A batch, whoever's, with its key (for the operator)."""
+        row = self._db.execute("SELECT document, key FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return None if row is None else (msgspec.json.decode(row[0]), row[1])
+
     def unfinished(self) -> list[tuple[dict[str, Any], str | None]]:
         """Every batch not finished yet, with its key, oldest first (what a restart resumes)."""
         rows = self._db.execute(
@@ -186,9 +187,10 @@ class BatchStore:
         ).fetchall()
         return [(msgspec.json.decode(document), key) for document, key in rows]
 
-    def save_batch(self, document: dict[str, Any]) -> None:
+    def save_batch(self, document: dict[str, Any]) -> dict[str, int]:
+        """Save the batch; its counts (see `_save`)."""
         with self._transaction() as db:
-            _save(db, document)
+            return _save(db, document)
 
     def todo(self, batch_id: str, model: str, limit: int, skip: frozenset[int]) -> list[Line]:
         """Lines of the batch for `model` still to run, in file order, leaving out those in `skip` (running)."""
@@ -210,36 +212,29 @@ class BatchStore:
         with self._transaction() as db:
             db.execute("UPDATE lines SET attempts = attempts + 1 WHERE batch_id = ? AND line = ?", (batch_id, line))
 
-    def finish_line(self, document: dict[str, Any], line: int, outcome: str, result: bytes) -> None:
+    def finish_line(self, document: dict[str, Any], line: int, outcome: str, result: bytes) -> dict[str, int]:
         """A line's result and its batch's new counts, in one transaction (the result counts once committed)."""
         with self._transaction() as db:
             db.execute(
                 "UPDATE lines SET outcome = ?, result = ? WHERE batch_id = ? AND line = ? AND outcome IS NULL",
                 (outcome, result, document["id"], line),
             )
-            _save(db, document)
+            return _save(db, document)
 
-    def finish_rest(self, document: dict[str, Any], results: Iterator[tuple[int, bytes]]) -> None:
+    def finish_rest(self, document: dict[str, Any], results: Iterator[tuple[int, bytes]]) -> dict[str, int]:
         """Lines that will not run (expired, cancelled) go to the error file, with the batch's new counts."""
         with self._transaction() as db:
             db.executemany(
                 "UPDATE lines SET outcome = 'error', result = ? WHERE batch_id = ? AND line = ? AND outcome IS NULL",
                 [(result, document["id"], line) for line, result in results],
             )
-            _save(db, document)
+            return _save(db, document)
 
     def open_lines(self, batch_id: str) -> list[tuple[int, str]]:
         """(line, custom_id) of the lines not done."""
         return self._db.execute(
             "SELECT line, custom_id FROM lines WHERE batch_id = ? AND outcome IS NULL ORDER BY line", (batch_id,)
         ).fetchall()
-
-    def outcome_counts(self, batch_id: str) -> dict[str, int]:
-        rows = self._db.execute(
-            "SELECT outcome, COUNT(*) FROM lines WHERE batch_id = ? AND outcome IS NOT NULL GROUP BY outcome",
-            (batch_id,),
-        ).fetchall()
-        return dict(rows)
 
     def finalize(self, document: dict[str, Any], key: str | None, files: list[dict[str, Any]]) -> None:
         """Write the batch's output and error files from its lines' results, then record them and the batch's end
@@ -249,7 +244,7 @@ class BatchStore:
             rows = self._db.execute(
                 "SELECT result FROM lines WHERE batch_id = ? AND outcome = ? ORDER BY line", (document["id"], outcome)
             )
-            _write_whole(self.path_of(file["id"]), b"".join(row[0] + b"\n" for row in rows))
+            _write_whole(self.path_of(file["id"]), (row[0] + b"\n" for row in rows))
             file["bytes"] = self.path_of(file["id"]).stat().st_size
         with self._transaction() as db:
             for file in files:
@@ -269,20 +264,31 @@ class BatchStore:
             db.executemany("DELETE FROM batches WHERE id = ?", [(i,) for i in ids])
             files = [row[0] for row in db.execute("SELECT id FROM files WHERE created_at < ?", (before,))]
             db.executemany("DELETE FROM files WHERE id = ?", [(f,) for f in files])
-        for file_id in files:
+            known = {row[0] for row in db.execute("SELECT id FROM files")}
+        # With them, files no row names (a crash between writing a file and its row, or its row and the unlink).
+        stray = [p for p in self.files_dir.iterdir() if p.name not in known and p.stat().st_mtime < time.time() - 3600]
+        for path in [self.path_of(f) for f in files] + stray:
             with contextlib.suppress(FileNotFoundError):
-                self.path_of(file_id).unlink()
-        return len(ids) + len(files)
+                path.unlink()
+        return len(ids) + len(files) + len(stray)
 
     def integrity(self) -> str:
         return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
 
 
-def _save(db: sqlite3.Connection, document: dict[str, Any]) -> None:
+def _save(db: sqlite3.Connection, document: dict[str, Any]) -> dict[str, int]:
+    """Save the batch (its counts taken from its lines, in this transaction: they never count a line whose result
+    is not committed with them); its counts."""
+    done = dict(db.execute(
+        "SELECT outcome, COUNT(*) FROM lines WHERE batch_id = ? AND outcome IS NOT NULL GROUP BY outcome",
+        (document["id"],),
+    ).fetchall())  # fmt: skip
+    counts = {**document["request_counts"], "completed": done.get("ok", 0), "failed": done.get("error", 0)}
     db.execute(
         "UPDATE batches SET document = ?, status = ? WHERE id = ?",
-        (msgspec.json.encode(document).decode(), document["status"], document["id"]),
+        (msgspec.json.encode({**document, "request_counts": counts}).decode(), document["status"], document["id"]),
     )
+    return counts
 
 
 def _file_document(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -291,11 +297,14 @@ def _file_document(row: tuple[Any, ...]) -> dict[str, Any]:
             "purpose": purpose, "status": "processed"}  # fmt: skip
 
 
-def _write_whole(path: Path, content: bytes) -> None:
-    """Write a file so that it is there whole or not at all, even after a crash."""
+def _write_whole(path: Path, content: bytes | Iterable[bytes]) -> None:
+    """Write a file (bytes, or pieces of it) so that it is there whole or not at all, even after a crash."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as out:
-        out.write(content)
+        if isinstance(content, bytes):
+            out.write(content)
+        else:
+            out.writelines(content)
         out.flush()
         os.fsync(out.fileno())
     os.replace(partial, path)

@@ -438,7 +438,8 @@ class NodeRegistry:
     def _go_stale(self, node: _Node, now: float, *, down: bool) -> None:
         """Its upstreams take no requests: those waiting for them wait (`down`: no more, they fail)."""
         node.stale, node.down = True, down
-        reason = f"node {node.name}: no heartbeat for {now - node.last_seen:.0f} s"
+        silent = "no answer to its polls" if node.key == CONFIG_OWNER else "no heartbeat"
+        reason = f"node {node.name}: {silent} for {now - node.last_seen:.0f} s"
         if not down:
             reason += f"; waiting up to {self.config.wait_s:g} s for it"
         log.warning("node stale", extra={"fields": {"node": node.name, "reason": reason}})

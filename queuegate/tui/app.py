@@ -3,7 +3,8 @@
 A worker follows the daemon's updates and reconnects by itself (with a short backoff) when the daemon restarts; the
 banner says plainly when it is disconnected. Keys: p preload and e evict (asks first) the model selected in the
 models table; c cancels the request selected in the requests table; d drains or undrains the upstream selected
-in the upstreams table (tab moves between tables);
+in the upstreams table; b pauses or resumes and x cancels (asks first) the batch selected in the batches table
+(tab moves between tables);
 ? help, q quit.
 """
 
@@ -18,10 +19,21 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, Label, Static
 
-from queuegate.admin.protocol import AdminError, AdminUnavailable, Cancel, Drain, Evict, Preload, Request, Undrain
+from queuegate.admin.protocol import (
+    AdminError,
+    AdminUnavailable,
+    Batch,
+    Cancel,
+    Drain,
+    Evict,
+    Preload,
+    Request,
+    Undrain,
+)
 from queuegate.tui.messages import Disconnected, StatusUpdated
 from queuegate.tui.source import StatusSource
 from queuegate.tui.widgets import (
+    BatchesTable,
     DevicesPanel,
     LimitsTable,
     ModelsTable,
@@ -62,6 +74,8 @@ class HelpScreen(ModalScreen[None]):
                 "e  evict the selected model (a busy one is drained first)\n"
                 "c  cancel the selected request (a queued one gets an error, a stream is cut)\n"
                 "d  drain the selected upstream (none new; those in flight finish), or undrain it\n"
+                "b  pause the selected batch (its lines in flight finish), or resume it\n"
+                "x  cancel the selected batch (what ran stays in its output file)\n"
                 "?  this help      q  quit\n\n"
                 "Tab moves between tables; arrow keys move the selection."
             )
@@ -75,6 +89,8 @@ class TopApp(App[None]):
         Binding("e", "evict", "Evict"),
         Binding("c", "cancel", "Cancel request"),
         Binding("d", "drain", "Drain/undrain"),
+        Binding("b", "pause_batch", "Pause/resume batch"),
+        Binding("x", "cancel_batch", "Cancel batch"),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
     ]
@@ -103,6 +119,8 @@ class TopApp(App[None]):
         yield LimitsTable(id="limits", classes="limits")
         yield Static("Nodes", classes="title nodes")
         yield NodesTable(id="nodes", classes="nodes")
+        yield Static("Batches", classes="title batches")
+        yield BatchesTable(id="batches", classes="batches")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -141,6 +159,8 @@ class TopApp(App[None]):
         self.query(".limits").set(display=bool(status.scheduler.limits))  # only when some are configured
         self.query_one(NodesTable).show(status)
         self.query(".nodes").set(display=bool(status.nodes))  # only when some registered
+        self.query_one(BatchesTable).show(status)
+        self.query(".batches").set(display=bool(status.batches))  # only while some run
         self.query_one(ThroughputPanel).show(status)
         shown = len(status.requests)
         more = f" (oldest {shown} of {status.requests_total})" if status.requests_total > shown else ""
@@ -183,6 +203,24 @@ class TopApp(App[None]):
         if upstream is not None:
             request = Undrain(upstream=upstream) if table.is_drained(upstream) else Drain(upstream=upstream)
             await self._command(request)
+
+    async def action_pause_batch(self) -> None:
+        """Pause the batch selected in the batches table, or resume a paused one."""
+        table = self.query_one(BatchesTable)
+        batch = table.selected_key
+        if batch is not None:
+            await self._command(Batch(action="resume" if table.is_paused(batch) else "pause", batch_id=batch))
+
+    def action_cancel_batch(self) -> None:
+        batch = self.query_one(BatchesTable).selected_key
+        if batch is None:
+            return
+
+        async def confirmed(answer: bool | None) -> None:
+            if answer:
+                await self._command(Batch(action="cancel", batch_id=batch))
+
+        self.push_screen(ConfirmScreen(f"Cancel batch {batch}? Its lines not run go to its error file."), confirmed)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -2,6 +2,7 @@
 
 from queuegate.tui.widgets.devices import DevicesPanel
 from queuegate.tui.widgets.tables import (
+    BatchesTable,
     LimitsTable,
     ModelsTable,
     NodesTable,
@@ -12,6 +13,7 @@ from queuegate.tui.widgets.tables import (
 from queuegate.tui.widgets.throughput import ThroughputPanel
 
 __all__ = [
+    "BatchesTable",
     "DevicesPanel",
     "LimitsTable",
     "ModelsTable",

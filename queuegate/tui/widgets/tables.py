@@ -141,7 +141,7 @@ class NodesTable(_KeyedTable):
                 (
                     node.name,
                     node.address,
-                    "stale" if node.stale else "live",
+                    "stale (last report)" if node.stale else "live",
                     f"{node.last_heartbeat_s:.0f} s ago",
                     ", ".join(node_model_text(m) for m in node.models) or "-",
                     node_devices_text(node) or "-",
@@ -150,3 +150,29 @@ class NodesTable(_KeyedTable):
             for node in status.nodes
         ]
         self.replace_rows(rows)
+
+
+class BatchesTable(_KeyedTable):
+    """The batch jobs being run: progress, failures, rate and time left."""
+
+    COLUMNS = ("BATCH", "KEY", "STATUS", "PROGRESS", "FAILED", "IN FLIGHT", "RATE", "LEFT")
+    _paused: frozenset[str] = frozenset()  # as of the last status shown
+
+    def show(self, status: DaemonStatus) -> None:
+        self._paused = frozenset(b.id for b in status.batches if b.paused)
+        rows = []
+        for b in status.batches:
+            done = b.completed + b.failed
+            filled = round(_BAR * done / b.total) if b.total else _BAR
+            progress = f"{'█' * filled}{'░' * (_BAR - filled)} {done}/{b.total}"
+            left = "-" if b.eta_s is None or b.paused else f"~{b.eta_s:.0f} s"
+            state = f"{b.status} (paused)" if b.paused else b.status
+            rows.append((b.id, (b.id, b.key or "-", state, progress, str(b.failed), str(b.in_flight),
+                                f"{b.rate_per_s:g}/s", left)))  # fmt: skip
+        self.replace_rows(rows)
+
+    def is_paused(self, batch: str) -> bool:
+        return batch in self._paused
+
+
+_BAR = 12
