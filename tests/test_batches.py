@@ -17,6 +17,7 @@ import openai
 import pytest
 import trio
 
+from queuegate.batches.store import BatchStore
 from queuegate.config import usage_db_path
 from tests.helpers import HI, SECRETS, in_thread, request_lines, start_daemon, wait_until
 
@@ -284,3 +285,30 @@ async def test_uploads_are_bounded_and_checked(start_sim, start_gateway):
     # What was refused left nothing behind; the gateway serves on.
     assert (await in_thread(lambda: client.files.list())).data == []
     assert (await in_thread(lambda: client.chat.completions.create(model="m", messages=HI))).choices
+
+
+def test_retention_deletes_old_finished_batches_their_files_and_stray_files(tmp_path):
+    """The store alone (real SQLite and files): what `retention_days` deletes, and what it keeps."""
+    store = BatchStore(tmp_path / "batches")
+    try:
+        old, new = 1_000, 2_000_000_000
+
+        def batch(batch_id: str, status: str, created_at: int) -> dict:
+            return {"id": batch_id, "status": status, "created_at": created_at, "request_counts": {"total": 1}}
+
+        for batch_id, status, created in (("b-old", "completed", old), ("b-running", "in_progress", old),
+                                          ("b-new", "completed", new)):  # fmt: skip
+            store.add_batch(batch(batch_id, status, created), "k", [(1, "c", "m", b"{}")])
+        for file_id, created in (("file-old", old), ("file-new", new)):
+            doc = {"id": file_id, "purpose": "batch", "filename": "f.jsonl", "bytes": 2, "created_at": created}
+            store.add_file(doc, "k", b"{}")
+        stray = store.path_of("file-stray")  # (written, then the daemon died before its row)
+        stray.write_bytes(b"x")
+        os.utime(stray, (old, old))
+        assert store.purge(before=10_000) == 3  # the old finished batch, the old file, the stray file
+        assert store.batch("b-old", "k") is None and store.file("file-old", "k") is None and not stray.exists()
+        assert store.batch("b-running", "k") is not None  # (unfinished: kept, however old)
+        assert store.batch("b-new", "k") is not None and store.file("file-new", "k") is not None
+        assert store.integrity() == "ok"
+    finally:
+        store.close()

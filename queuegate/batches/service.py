@@ -363,10 +363,10 @@ class BatchService:
             attempts = line.attempts
             while True:
                 attempt = await self._call(run, line)
-                if attempt.counts:  # (a wait in QueueGate's own queue is no failed attempt)
-                    attempts += 1
-                    await self._db(self._store.count_attempt, document["id"], line.line)
+                attempts += attempt.counts  # (a wait in QueueGate's own queue is no failed attempt)
                 if not attempt.ok and attempt.retry and attempts < self.config.max_attempts:
+                    # Kept for a restart (the last attempt's outcome is committed with its result instead).
+                    await self._db(self._store.set_attempts, document["id"], line.line, attempts)
                     self.outcomes["retried"] += 1
                     backoff = self.config.retry_base_s * 2 ** max(attempts - 1, 0) * random.uniform(0.5, 1.5)
                     await trio.sleep(max(backoff, attempt.retry_after_s))

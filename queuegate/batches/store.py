@@ -208,9 +208,10 @@ class BatchStore:
         ).fetchall()
         return dict(rows)
 
-    def count_attempt(self, batch_id: str, line: int) -> None:
+    def set_attempts(self, batch_id: str, line: int, attempts: int) -> None:
+        """The failed attempts a line has had (it is tried again: a restart keeps counting from there)."""
         with self._transaction() as db:
-            db.execute("UPDATE lines SET attempts = attempts + 1 WHERE batch_id = ? AND line = ?", (batch_id, line))
+            db.execute("UPDATE lines SET attempts = ? WHERE batch_id = ? AND line = ?", (attempts, batch_id, line))
 
     def finish_line(self, document: dict[str, Any], line: int, outcome: str, result: bytes) -> dict[str, int]:
         """A line's result and its batch's new counts, in one transaction (the result counts once committed)."""
