@@ -22,6 +22,9 @@ QueueGate must restart it by itself. At the end it reports, and exits 1 on any f
   or remember failure, and `queuegate admin memory list|show` must show each chat with its last question and
   codeword. Last, each chat is asked for its codeword with a history longer than keep_last: it must be answered, and
   the prompt the model got must be cut and hold the recalled codeword turn (the simulator counts the words it got).
+- batch jobs: after warm-up a batch (`--batch-lines`, over the swapped models) runs in the lowest class through the
+  bursts, gaps, swaps and the kill; at the end it must be completed with every line answered, each custom_id once
+  in its output file, and a usage row per line (endpoint batch, the batch's id as session).
 
 The demo runs from a config file the soak writes (the demo's, `queuegate/demo.toml`, with `[memory]` added and the
 simulators `--demo` would start started by the soak), so `queuegate admin --config` reaches the daemon too.
@@ -243,9 +246,62 @@ async def admin_status(soak: Soak) -> dict:
     }
 
 
+def swapping_models(args: argparse.Namespace) -> list[str]:
+    return args.swap.split(",") if args.swap else args.models.split(",")[:2]
+
+
+async def submit_batch(http: httpx.AsyncClient, url: str, models: list[str], count: int) -> str:
+    """A batch of `count` chat lines over `models`; its id."""
+    lines = [
+        {"custom_id": f"soak-{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": models[i % len(models)], "max_tokens": 8,
+                  "messages": [{"role": "user", "content": f"batch line {i}"}]}}
+        for i in range(count)
+    ]  # fmt: skip
+    content = "\n".join(json.dumps(line) for line in lines).encode()
+    upload = await http.post(url + "/v1/files", files={"file": ("soak.jsonl", content)}, data={"purpose": "batch"})
+    upload.raise_for_status()
+    body = {"input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    batch = (await http.post(url + "/v1/batches", json=body)).json()
+    print(f"soak: batch {batch['id']} of {count} lines over {', '.join(models)}", flush=True)
+    return str(batch["id"])
+
+
+async def batch_done(http: httpx.AsyncClient, url: str, batch_id: str, count: int) -> list[str]:
+    """Wait (up to 5 minutes) for the batch to end; what is wrong with it."""
+    with trio.move_on_after(300):
+        while (batch := (await http.get(f"{url}/v1/batches/{batch_id}")).json())["status"] not in (
+            "completed", "failed", "expired", "cancelled"
+        ):  # fmt: skip
+            await trio.sleep(1)
+    counts = batch["request_counts"]
+    print(f"soak: batch {batch_id}: {batch['status']}, {counts}", flush=True)
+    if batch["status"] != "completed" or counts["completed"] != count:
+        return [f"batch {batch_id}: {batch['status']} {counts}, expected {count} lines completed"]
+    output = (await http.get(f"{url}/v1/files/{batch['output_file_id']}/content")).text.splitlines()
+    ids = sorted(json.loads(line)["custom_id"] for line in output)
+    if ids != sorted(f"soak-{i}" for i in range(count)):
+        return [f"batch {batch_id}: its output has {len(ids)} lines, {len(set(ids))} custom_ids, expected {count}"]
+    return []
+
+
+def batch_usage(state_dir: Path, batch_id: str | None, count: int) -> list[str]:
+    """A usage row (ok) per line of the batch, as endpoint batch."""
+    if batch_id is None:
+        return []
+    with sqlite3.connect(f"file:{state_dir / 'usage.sqlite3'}?mode=ro", uri=True) as db:
+        found = db.execute(
+            "SELECT COUNT(*) FROM requests WHERE session = ? AND endpoint = 'batch' AND outcome = 'ok'", (batch_id,)
+        ).fetchone()[0]
+    return [] if found == count else [f"batch {batch_id}: {found} ok usage rows for {count} lines"]
+
+
 def usage_rows(state_dir: Path) -> dict[str, tuple[str, int, int, int]]:
     with sqlite3.connect(f"file:{state_dir / 'usage.sqlite3'}?mode=ro", uri=True) as db:
-        rows = db.execute("SELECT request_id, outcome, status, prompt_tokens, completion_tokens FROM requests")
+        rows = db.execute(
+            "SELECT request_id, outcome, status, prompt_tokens, completion_tokens FROM requests"
+            " WHERE endpoint != 'batch'"  # (the batch's lines: checked by batch_usage)
+        )
         return {rid: (outcome, status, prompt, completion) for rid, outcome, status, prompt, completion in rows}
 
 
@@ -536,6 +592,7 @@ async def soak_daemon(
         await burst(soak, http, 6, None)  # warm-up: every model loaded once
         await trio.sleep(3)
         start_rss, start_fds = rss_kb(daemon.pid), open_fds(daemon.pid)
+        batch_id = await submit_batch(http, url, swapping_models(args), args.batch_lines) if args.batch_lines else None
         launched = args.launched.split(",")
         survivors = {pid: cmd for pid, cmd in child_pids(daemon.pid).items() if not any(n in cmd for n in launched)}
         swapping = args.swap.split(",") if args.swap else []
@@ -556,6 +613,7 @@ async def soak_daemon(
             await one_request(soak, http, model, None)
         if soak.memory is not None:
             await soak.memory.finish(soak, http)
+        batch_problems = await batch_done(http, url, batch_id, args.batch_lines) if batch_id else []
         await http.get(url + "/v1/usage")  # waits for every finished request's row to be committed
         end_rss, end_fds = rss_kb(daemon.pid), open_fds(daemon.pid)
         status = await admin_status(soak)
@@ -564,7 +622,8 @@ async def soak_daemon(
     lost = {pid: cmd for pid, cmd in survivors.items() if pid not in children}
     lost |= {sim.pid: " ".join(sim.args) for sim in sims if sim.poll() is not None}  # (the demo's simulators)
     rows = usage_rows(state_dir)
-    problems = compare(soak.sent, rows)
+    problems = compare(soak.sent, rows) + batch_usage(state_dir, batch_id, args.batch_lines)
+    problems += batch_problems
     if soak.memory is not None:
         await soak.memory.check(soak, rows)
     daemon.send_signal(signal.SIGTERM)
@@ -645,6 +704,7 @@ def main() -> None:
         default=0.3,
         help="share of chat requests that are turns of long-lived chats with memory (0: memory off)",
     )
+    parser.add_argument("--batch-lines", type=int, default=200, help="lines of the batch run meanwhile (0: none)")
     parser.add_argument("--fd-slack", type=int, default=8, help="open descriptors allowed above the warm-up count")
     args = parser.parse_args()
     sys.exit(trio.run(run, args))

@@ -183,6 +183,18 @@ async def test_retries_the_dead_letter_a_400_not_retried_and_a_malformed_file(st
     assert "queuegate_batch_lines_left 0.0" in metrics and "queuegate_batches_running 0.0" in metrics
 
 
+async def test_batch_lines_are_not_chats_chat_memory_leaves_them_alone(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0, model="m")
+    gw = await start_gateway({"m": {"upstreams": [url], "kind": "llamacpp"}}, memory={"enabled": True})
+    client = gw.client()
+    await in_thread(lambda: client.chat.completions.create(model="m", messages=HI))  # (a chat: remembered)
+    await wait_until(lambda: gw.daemon.memory.counts.get("remembered", 0) == 1, timeout=10)
+    batch = await finished(client, (await submit(client, [chat_line(f"n{i}", "m") for i in range(5)])).id)
+    assert batch.status == "completed" and batch.request_counts.completed == 5
+    await trio.sleep(0.5)
+    assert gw.daemon.memory.counts.get("remembered", 0) == 1 and gw.daemon.memory.counts.get("recalled", 0) <= 1
+
+
 async def test_cancel_and_expiry_end_a_batch_with_what_ran_and_the_rest_in_the_error_file(start_sim, start_gateway):
     _, url = await start_sim(tokens_per_s=20, model="m")  # (a line takes about 0.2 s)
     gw = await start_gateway({"m": {"upstreams": [url], "kind": "llamacpp"}}, batches={"max_concurrency": 2})

@@ -115,7 +115,8 @@ class Proxy:
         record.stream = request.stream
         record.wants_usage = request.wants_usage
         memory = self.memory
-        if memory is None or record.endpoint != "chat" or not memory.applies(record.klass, spec.memory):
+        # (a batch line is one prompt of many, not a turn of someone's chat: nothing to recall or remember)
+        if memory is None or record.endpoint != "chat" or record.batch or not memory.applies(record.klass, spec.memory):
             record.prompt_chars = request.prompt_chars
             return await self._serve(record, request, spec, headers, tool_mode, tasks)  # (no memory)
         # Chat memory: recall before the turn is sent, remember it once it was answered whole.
