@@ -233,6 +233,7 @@ class Daemon:
                 classes=cfg.queue.classes,
                 usage=self.usage,
                 batches=self.batches,
+                user_header=cfg.queue.user_header,
                 on_finish=self._request_finished,
                 # Durable usage: a request's row is committed before its answer's last byte is sent.
                 commit=self.usage.commit_within if self.usage is not None and self.usage.durable else None,

@@ -101,6 +101,11 @@ async def test_completions_embeddings_and_models(start_sim, start_gateway):
     models = await in_thread(lambda: list(client.models.list()))
     assert [m.id for m in models] == ["m", "e", "planner"]
     assert {m.owned_by for m in models} == {"homelab"}
+    # One model, or an alias, by its id (client.models.retrieve); an unknown one is 404 in OpenAI's terms.
+    one = await in_thread(lambda: client.models.retrieve("planner"))
+    assert (one.id, one.owned_by, one.model_extra["alias_for"]) == ("planner", "homelab", "m")
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        await in_thread(lambda: client.models.retrieve("org/nope"))
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from queuegate.errors import BadRequest
-from queuegate.proxy._routing import chat_key, request_class, request_flow
+from queuegate.proxy._routing import chat_key, end_user, request_class, request_flow
 from queuegate.vocabulary import CLASSES
 
 
@@ -34,17 +34,26 @@ def test_an_unknown_priority_is_refused_naming_the_allowed_classes():
 
 
 @pytest.mark.parametrize(
-    ("key_name", "session", "expected"),
+    ("key_name", "user", "session", "expected"),
     [
-        ("alice", "s1", "key:alice"),  # a key is who pays, whatever the session
-        (None, "s1", "session:s1"),
-        ("", "s1", "session:s1"),
-        (None, None, "client:10.0.0.7"),
-        (None, "", "client:10.0.0.7"),
+        ("alice", None, "s1", "key:alice"),  # a key is who pays, whatever the session
+        ("alice", "u7", "s1", "key:alice/user:u7"),  # the users of a shared client's key take turns
+        (None, "u7", "s1", "user:u7"),
+        (None, None, "s1", "session:s1"),
+        ("", None, "s1", "session:s1"),
+        (None, None, None, "client:10.0.0.7"),
+        (None, None, "", "client:10.0.0.7"),
     ],
 )
-def test_request_flow_is_key_then_session_then_client(key_name, session, expected):
-    assert request_flow(key_name=key_name, session=session, client="10.0.0.7") == expected
+def test_request_flow_is_key_then_user_then_session_then_client(key_name, user, session, expected):
+    assert request_flow(key_name=key_name, user=user, session=session, client="10.0.0.7") == expected
+
+
+def test_the_end_user_is_the_configured_header_else_open_webuis_if_a_sane_id():
+    headers = {"x-openwebui-user-id": "7b2e01cc-fb38-4bde-9fc7-6c0ea69e2a74", "x-user-id": "bob@example.org"}
+    assert end_user(headers, "X-User-Id") == "bob@example.org"
+    assert end_user(headers, "") == "7b2e01cc-fb38-4bde-9fc7-6c0ea69e2a74"
+    assert end_user({"x-openwebui-user-id": "a b\n"}, "") is None and end_user({}, "X-User-Id") is None
 
 
 def chat(*messages: tuple[str, str], model: str = "m", **fields) -> dict:

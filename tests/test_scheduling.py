@@ -13,7 +13,7 @@ import openai
 import pytest
 import trio
 
-from tests.helpers import in_thread, wait_until
+from tests.helpers import SECRETS, in_thread, wait_until
 
 
 def body(content: str, **extra) -> dict:
@@ -105,6 +105,42 @@ async def test_a_flooding_flow_delays_another_flow_by_at_most_one_slot(start_sim
     order = served_order(sim)
     assert order[:3] == ["holder", "flood-0", "alice"]  # one slot behind the flood's request in turn, not 30
     assert order[3:] == [f"flood-{i}" for i in range(1, 30)]  # FIFO inside the flow, nothing lost
+    assert all(r.status_code == 200 for r in results.values())
+
+
+async def test_open_webuis_users_behind_one_key_take_turns(start_sim, start_gateway, key_env):
+    """Open WebUI's request shape: every user of it comes from one address with one API key, and (forwarded user
+    info headers, or its connection's headers with {{USER_ID}}) X-OpenWebUI-User-Id. One user's 24 chats do not make
+    another user wait behind them."""
+    sim, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway(
+        {"m": {"upstreams": [url], "max_concurrency": 1}},
+        keys={"webui": {"key_env": "QG_ALICE"}},
+        queue={"max_size": 100},
+    )
+    auth = {"authorization": f"Bearer {SECRETS['QG_ALICE']}"}
+    results: dict[str, httpx.Response] = {}
+    async with trio.open_nursery() as nursery:
+        holder = trio.CancelScope()
+
+        async def hold() -> None:
+            with holder:
+                async with httpx.AsyncClient(timeout=30) as http:
+                    await http.post(gw.api + "/chat/completions", json=body("holder", sim_fault="hang"), headers=auth)
+
+        nursery.start_soon(hold)
+        await wait_until(lambda: gw.stats().in_service == 1)
+        heavy = {**auth, "X-OpenWebUI-User-Id": "11111111-aaaa", "X-OpenWebUI-Chat-Id": "chat"}
+        chats = [
+            ("/chat/completions", body(f"heavy-{i}"), {**heavy, "X-OpenWebUI-Chat-Id": f"c{i}"}) for i in range(24)
+        ]
+        await post_all(gw, nursery, chats, results)
+        light = {**auth, "X-OpenWebUI-User-Id": "22222222-bbbb"}
+        await post_all(gw, nursery, [("/chat/completions", body("light"), light)], results)
+        flows = {f.flow: f.waiting for f in gw.stats().models[0].flows}
+        assert flows["key:webui/user:11111111-aaaa"] == 24 and flows["key:webui/user:22222222-bbbb"] == 1
+        holder.cancel()
+    assert served_order(sim)[:3] == ["holder", "heavy-0", "light"]  # one slot behind, not 24
     assert all(r.status_code == 200 for r in results.values())
 
 

@@ -39,12 +39,13 @@ from queuegate.errors import (
     GatewayError,
     InternalError,
     MethodNotAllowed,
+    ModelNotFound,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
     ServiceUnavailable,
 )
-from queuegate.fleet.catalog import Catalog
+from queuegate.fleet.catalog import Catalog, ModelSpec
 from queuegate.fleet.manager import Fleet
 from queuegate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from queuegate.metrics import Metrics
@@ -57,6 +58,7 @@ from queuegate.proxy import (
     RequestCancelled,
     RequestRecord,
     echo,
+    end_user,
     request_class,
     request_flow,
 )
@@ -115,6 +117,7 @@ class Routes:
     on_finish: Callable[[RequestRecord, int], None]
     commit: Callable[[], Awaitable[None]] | None
     batches: BatchService | None = None  # the Files and Batches APIs ([batches].enabled)
+    user_header: str = ""  # [queue].user_header: the end user behind a shared client, a flow of its own
 
 
 def create_app(routes: Routes) -> ASGIApp:
@@ -162,7 +165,10 @@ def create_app(routes: Routes) -> ASGIApp:
                     await _discard_body(routes.server.body_timeout_s)
                     raise
                 record.session = session or _session_id(request.headers.get("x-session-id"))
-                record.flow = request_flow(key_name=key.name if key else None, session=record.session, client=client)
+                user = end_user(request.headers, routes.user_header)
+                record.flow = request_flow(
+                    key_name=key.name if key else None, user=user, session=record.session, client=client
+                )
                 reply = await routes.proxy.handle(
                     record, await _read_body(), request.headers, tool_mode=tool_mode, tasks=request.scope[TASKS_KEY]
                 )
@@ -227,6 +233,24 @@ def create_app(routes: Routes) -> ASGIApp:
             for view in model_views(routes.admission.statistics(), routes.fleet.statistics(), routes.nodes.statistics())
         }
 
+    def model_entry(name: str, spec: ModelSpec, view: ModelView | None) -> dict[str, Any]:
+        """A model (or alias) as /v1/models lists it; `state` "unavailable" (with the `reason`) when it is neither
+        usable now nor loadable on demand."""
+        if view is None or view.state in ("down", "failed"):
+            reason = view.reason if view is not None else "no upstream now"
+            return {"id": name, "object": "model", "state": "unavailable", "reason": reason}
+        entry: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": routes.server.owned_by,
+            "loaded": view.loaded,
+            "state": view.state,
+        }
+        if name != spec.name:
+            entry["alias_for"] = spec.name
+        return entry
+
     @app.get("/v1/models")
     async def list_models() -> Response:
         try:
@@ -241,23 +265,23 @@ def create_app(routes: Routes) -> ASGIApp:
             assert spec is not None
             if key is not None and not key.may_use(spec.name):
                 continue
-            view = views.get(spec.name)
-            if view is None or view.state in ("down", "failed"):  # neither usable now nor loadable on demand
-                reason = view.reason if view is not None else "no upstream now"
-                unavailable.append({"id": name, "object": "model", "state": "unavailable", "reason": reason})
-                continue
-            entry: dict[str, Any] = {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": routes.server.owned_by,
-                "loaded": view.loaded,
-                "state": view.state,
-            }
-            if name != spec.name:
-                entry["alias_for"] = spec.name
-            data.append(entry)
+            entry = model_entry(name, spec, views.get(spec.name))
+            (unavailable if entry["state"] == "unavailable" else data).append(entry)
         return _json({"object": "list", "data": data, "unavailable": unavailable})
+
+    @app.get("/v1/models/<path:model_id>")
+    async def retrieve_model(model_id: str) -> Response:
+        """One model or alias (`client.models.retrieve`); one the key may not use is as unknown as a missing one."""
+        request_id = _request_id(request.headers.get("x-request-id"))
+        try:
+            key = routes.keyring.authenticate(request.headers)
+            spec = routes.catalog.resolve(model_id)
+            if spec is None or (key is not None and not key.may_use(spec.name)):
+                raise ModelNotFound(f"The model {echo(model_id)!r} does not exist or you do not have access to it.",
+                                    param="model")  # fmt: skip
+        except GatewayError as exc:
+            return _error_response(exc, request_id)
+        return _json(model_entry(model_id, spec, models_now().get(spec.name)))
 
     async def usage_view(report: Callable[[Path, UsageQuery], dict[str, Any]]) -> Response:
         """Run a usage report for the caller: a key sees its own usage only, unless it is a usage admin."""

@@ -66,6 +66,7 @@ class QueueConfig(_Section):
     notify: Literal["auto", "always", "never"] = "auto"
     notify_min_ms: NonNegativeFloat = 1000.0
     keepalive_s: PositiveFloat = 10.0
+    user_header: str = ""  # a header naming the end user behind a shared client (X-OpenWebUI-User-Id is always read)
 
 
 class AffinityConfig(_Section):

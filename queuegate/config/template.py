@@ -111,6 +111,9 @@ def template_tables() -> list[Table]:
                     "notify_min_ms": "Notices start once a streamed request has waited this long.",
                     "keepalive_s": "While a notified request waits, an SSE comment this often keeps proxies from\n"
                     "cutting the idle stream.",
+                    "user_header": "A header naming the end user behind a shared client (e.g. X-User-Id): each user\n"
+                    "is a flow of its own, under its API key, so one user's many chats cannot crowd out another's.\n"
+                    "Open WebUI's X-OpenWebUI-User-Id is always read.",
                 },
             ),
         ),

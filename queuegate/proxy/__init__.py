@@ -25,7 +25,7 @@ from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord, Usage, usage_r
 from queuegate.proxy._relay import RelayStream
 from queuegate.proxy._reply import Reply
 from queuegate.proxy._request import echo
-from queuegate.proxy._routing import chat_key, request_class, request_flow
+from queuegate.proxy._routing import chat_key, end_user, request_class, request_flow
 
 __all__ = [
     "CLIENT_CLOSED",
@@ -45,6 +45,7 @@ __all__ = [
     "Usage",
     "chat_key",
     "echo",
+    "end_user",
     "request_class",
     "request_flow",
     "usage_row",

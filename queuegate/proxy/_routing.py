@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,6 +11,8 @@ from queuegate.errors import BadRequest
 from queuegate.proxy._request import echo
 
 OPEN_WEBUI_CHAT_HEADER = "x-openwebui-chat-id"
+OPEN_WEBUI_USER_HEADER = "x-openwebui-user-id"  # (sent with ENABLE_FORWARD_USER_INFO_HEADERS, or set per connection)
+_USER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _BODY_CHAT_FIELDS = ("chat_id", "conversation_id")
 
 
@@ -27,10 +30,22 @@ def request_class(route_class: str, priority: str | None, classes: Sequence[str]
     return wanted if classes.index(wanted) > classes.index(base) else base
 
 
-def request_flow(*, key_name: str | None, session: str | None, client: str) -> str:
-    """Whose turn it is inside a class: the API key, else the session, else the client's address."""
+def end_user(headers: Mapping[str, str], user_header: str) -> str | None:
+    """The end user behind a shared client: the configured header, else Open WebUI's; None if neither is a sane id."""
+    for name in (user_header.lower(), OPEN_WEBUI_USER_HEADER):
+        value = headers.get(name) if name else None
+        if value and _USER_ID.match(value):
+            return value
+    return None
+
+
+def request_flow(*, key_name: str | None, user: str | None, session: str | None, client: str) -> str:
+    """Whose turn it is inside a class: the API key (and the end user under it: a shared client's users take
+    turns), else the end user, else the session, else the client's address."""
     if key_name:
-        return f"key:{key_name}"
+        return f"key:{key_name}/user:{user}" if user else f"key:{key_name}"
+    if user:
+        return f"user:{user}"
     if session:
         return f"session:{session}"
     return f"client:{client}"
