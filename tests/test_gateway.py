@@ -437,3 +437,33 @@ async def test_streams_from_a_backend_without_usage_are_counted_approximately(st
     await wait_until(lambda: len(request_lines(caplog)) == 1)
     line = request_lines(caplog)[0]
     assert (line["prompt_tokens"], line["completion_tokens"], line["tokens_estimated"]) == (10, 5, True)
+
+
+async def test_cors_answers_preflights_and_marks_answers_for_configured_origins_only(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    page = "http://localhost:3000"
+    gw = await start_gateway({"m": {"upstreams": [url]}}, server={"cors_origins": [page]})
+    plain = await start_gateway({"m": {"upstreams": [url]}})
+    preflight = {"origin": page, "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization, content-type"}  # fmt: skip
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = await http.options(gw.api + "/chat/completions", headers=preflight)
+        assert answer.status_code == 204 and answer.headers["access-control-allow-origin"] == page
+        assert "POST" in answer.headers["access-control-allow-methods"]
+        assert answer.headers["access-control-allow-headers"] == "authorization, content-type"
+        other = await http.options(gw.api + "/chat/completions", headers={**preflight, "origin": "http://evil"})
+        assert other.status_code == 403 and "access-control-allow-origin" not in other.headers
+        for stream in (False, True):
+            answer = await http.post(gw.api + "/chat/completions", json={**chat, "stream": stream},
+                                     headers={"origin": page})  # fmt: skip
+            assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
+            assert "x-request-id" in answer.headers["access-control-expose-headers"]
+        missing = await http.post(
+            gw.api + "/chat/completions", json={**chat, "model": "nope"}, headers={"origin": page}
+        )
+        assert missing.status_code == 404 and missing.headers["access-control-allow-origin"] == page
+        # Off by default: no CORS headers, and a preflight is no route.
+        answer = await http.post(plain.api + "/chat/completions", json=chat, headers={"origin": page})
+        assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+        assert (await http.options(plain.api + "/chat/completions", headers=preflight)).status_code == 405

@@ -14,6 +14,7 @@ import trio
 from queuegate.admin.client import AdminClient
 from queuegate.admin.command import render_status
 from queuegate.config import admin_socket_path
+from queuegate.scheduler._limits import duration
 from tests.helpers import SECRETS, in_thread, request_lines, wait_until
 
 
@@ -231,3 +232,34 @@ async def test_a_caller_without_a_key_cannot_make_the_gateway_hold_its_body(star
     assert grown < 40, f"the gateway grew by {grown:.0f} MB holding bodies of callers without a key"
     for stream in streams:
         await stream.aclose()
+
+
+async def test_answers_to_a_key_with_limits_carry_openais_rate_limit_headers(start_sim, start_gateway, monkeypatch):
+    monkeypatch.setenv("LIMITED_KEY", "sk-limited-0123456789")
+    monkeypatch.setenv("FREE_KEY", "sk-free-0123456789")
+    _, url = await start_sim(tokens_per_s=0)
+    keys = {"bot": {"key_env": "LIMITED_KEY", "rpm": 5, "tpm": 1000}, "free": {"key_env": "FREE_KEY"}}
+    gw = await start_gateway({"m": {"upstreams": [url]}}, keys=keys)
+    client = gw.client(api_key="sk-limited-0123456789")
+    messages = [{"role": "user", "content": "hi"}]
+    first = await in_thread(
+        lambda: client.chat.completions.with_raw_response.create(model="m", messages=messages, max_tokens=3)
+    )
+    second = await in_thread(
+        lambda: client.chat.completions.with_raw_response.create(model="m", messages=messages, max_tokens=3)
+    )
+    assert first.headers["x-ratelimit-limit-requests"] == "5" and first.headers["x-ratelimit-remaining-requests"] == "4"
+    assert second.headers["x-ratelimit-remaining-requests"] == "3"
+    assert (
+        second.headers["x-ratelimit-reset-requests"].endswith("s")
+        and second.headers["x-ratelimit-limit-tokens"] == "1000"
+    )
+    assert 0 < int(second.headers["x-ratelimit-remaining-tokens"]) < 1000
+    # A key without limits gets none (nothing to tell).
+    free = gw.client(api_key="sk-free-0123456789")
+    plain = await in_thread(lambda: free.chat.completions.with_raw_response.create(model="m", messages=messages))
+    assert not [h for h in plain.headers if h.startswith("x-ratelimit")]
+
+
+def test_reset_durations_are_written_as_openai_writes_them():
+    assert [duration(s) for s in (0.02, 1.5, 59.6, 60, 361.2)] == ["20ms", "1.5s", "59.6s", "1m0s", "6m1s"]

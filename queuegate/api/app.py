@@ -30,6 +30,7 @@ from queuegate.api._http import error_response as _error_response
 from queuegate.api._http import json_response as _json
 from queuegate.api._http import request_id as _request_id
 from queuegate.api.batches import add_batch_routes, upload_request_class
+from queuegate.api.cors import add_cors
 from queuegate.api.server import CONNECTION_KEY
 from queuegate.batches.service import BatchService
 from queuegate.config import ServerConfig
@@ -131,9 +132,16 @@ def create_app(routes: Routes) -> ASGIApp:
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
     created = int(time.time())
+    add_cors(app, routes.server.cors_origins)
     if routes.batches is not None:
         app.request_class = upload_request_class(int(routes.batches.config.max_file_mb * 2**20))
         add_batch_routes(app, routes.keyring, routes.batches, _read_body)
+
+    def _with_limits(response: Response, record: RequestRecord) -> Response:
+        """The answer, with its key's rate-limit headers when the key has limits."""
+        if record.key is not None:
+            response.headers.update(routes.admission.key_limit_headers(record.key.name))
+        return response
 
     async def relay(
         endpoint: str, route_class: str = "user", session: str | None = None, tool_mode: str | None = None
@@ -188,7 +196,7 @@ def create_app(routes: Routes) -> ASGIApp:
             logged = error.message
         if error is not None:
             await record.finish_before_last_byte(error.status, error=logged)
-            return _error_response(error, request_id)
+            return _with_limits(_error_response(error, request_id), record)
         if isinstance(reply.body, bytes):
             await record.finish_before_last_byte(reply.status)
         else:
@@ -196,7 +204,7 @@ def create_app(routes: Routes) -> ASGIApp:
             entry.body = reply.body  # from now on a stop ends the stream with an error event
             if entry.stopped_with is not None:  # stopped just as it was answered
                 reply.body.stop(entry.stopped_with)
-        return _response(reply, request_id)
+        return _with_limits(_response(reply, request_id), record)
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:

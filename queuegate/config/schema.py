@@ -39,6 +39,7 @@ class ServerConfig(_Section):
     keepalive_s: PositiveFloat = 5.0
     backlog: PositiveInt = 4096
     http2: bool = False
+    cors_origins: list[str] = []  # origins whose pages may call QueueGate ("*": any); empty: no CORS
     shutdown_grace_s: NonNegativeFloat = 30.0
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

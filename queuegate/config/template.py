@@ -67,6 +67,8 @@ def template_tables() -> list[Table]:
                     "capped by the kernel's net.core.somaxconn.",
                     "http2": "Serve HTTP/2 (h2c upgrade or prior knowledge) too. Off: such requests get 505 and\n"
                     "clients use HTTP/1.1, which every OpenAI client speaks.",
+                    "cors_origins": "Origins whose web pages may call QueueGate (browser-side clients such as Open\n"
+                    'WebUI direct connections), e.g. ["http://localhost:3000"]; "*" = any. Empty: no CORS.',
                     "shutdown_grace_s": "On SIGINT/SIGTERM: stop accepting, finish running requests this long; then\n"
                     "streams end with an error event saying the server is shutting down. A second signal: at once.",
                     "log_format": '"text" (key=value) or "json": one line per request with its id, model, timings.',

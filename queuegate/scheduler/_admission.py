@@ -145,6 +145,10 @@ class Admission:
         """An upstream leaves at runtime; its requests in flight finish (see `SchedulerCore.remove_upstream`)."""
         self._wake(self._core.remove_upstream(upstream_id, trio.current_time()))
 
+    def key_limit_headers(self, key: str) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for a key with rpm/tpm limits, as its windows stand now."""
+        return self._core.key_limit_headers(key, trio.current_time())
+
     def set_upstream_load_cost(self, upstream_id: str, cost: int) -> None:
         """Its node reports whether its model is loaded (see SchedulerCore.set_upstream_load_cost)."""
         self._core.set_upstream_load_cost(upstream_id, cost)

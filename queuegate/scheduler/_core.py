@@ -333,6 +333,11 @@ class SchedulerCore:
         decided = self._reject_unusable(model) if state is UpstreamState.DOWN else []
         return decided + self._dispatch(model, now)
 
+    def key_limit_headers(self, key: str, now: float) -> dict[str, str]:
+        """The rate-limit headers of a key with limits (none for a key without)."""
+        limiter = self._key_limits.get(key)
+        return limiter.headers(now) if limiter is not None else {}
+
     def set_upstream_load_cost(self, upstream_id: str, cost: int) -> None:
         """What a request costs its node, as it reports its model: 0 loaded, 1 it must load it (maybe swapping another
         out), 2 it failed there. Requests go to the cheapest free upstream first. KeyError: unknown."""

@@ -72,6 +72,11 @@ class _Window:
         self._trim(now)
         return self.used
 
+    def reset_s(self, now: float) -> float:
+        """Until the window is empty again (its newest charge has left)."""
+        self._trim(now)
+        return max(0.0, self._charges[-1].at + WINDOW_S - now) if self._charges else 0.0
+
     def typical(self) -> int:
         """The average charge in the window (0 when empty)."""
         return self.used // len(self._charges) if self._charges else 0
@@ -88,6 +93,14 @@ class _Window:
             left = self._charges.popleft()
             self.used -= left.amount
             left.window = None
+
+
+def duration(seconds: float) -> str:
+    """A duration as OpenAI writes it in its reset headers: 20ms, 1.5s, 6m0s."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
 
 
 class RateLimiter:
@@ -118,6 +131,17 @@ class RateLimiter:
             tokens.used_at(now) if tokens is not None else 0,
             round(self.wait_until(tokens.typical() if tokens is not None else 0, now) - now, 1),
         )
+
+    def headers(self, now: float) -> dict[str, str]:
+        """OpenAI's rate-limit headers for this limit now (x-ratelimit-limit-requests, -remaining-, -reset-, and the
+        token ones), so a client can see why it waits."""
+        found = {}
+        for unit, window in (("requests", self._requests), ("tokens", self._tokens)):
+            if window is not None:
+                found[f"x-ratelimit-limit-{unit}"] = str(window.limit)
+                found[f"x-ratelimit-remaining-{unit}"] = str(max(0, window.limit - window.used_at(now)))
+                found[f"x-ratelimit-reset-{unit}"] = duration(window.reset_s(now))
+        return found
 
     def charge(self, tokens: int, now: float, *, request: bool = True) -> Charge | None:
         """Count a granted request (`request`: as in `wait_until`); returns its token charge (to correct later),
