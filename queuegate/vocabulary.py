@@ -25,6 +25,8 @@ ENDPOINTS = {
         Endpoint("chat", "/chat/completions", "messages"),
         Endpoint("completions", "/completions", "prompt"),
         Endpoint("embeddings", "/embeddings", "input"),
+        Endpoint("responses", "/responses", "input"),  # OpenAI's Responses API, passed through
+        Endpoint("messages", "/messages", "messages"),  # Anthropic's Messages API, passed through
     )
 }
 

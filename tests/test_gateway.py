@@ -114,7 +114,12 @@ async def test_completions_embeddings_and_models(start_sim, start_gateway):
         (b"{not json", 400, openai.BadRequestError, "not valid JSON"),
         (b'{"model": "m"}', 400, openai.BadRequestError, "messages"),
         (b'{"model": "nope", "messages": []}', 404, openai.NotFoundError, "Available models: m, e"),
-        (b'{"model": "e", "messages": []}', 501, openai.APIStatusError, "does not support the chat endpoint"),
+        (
+            b'{"model": "e", "messages": []}',
+            501,
+            openai.APIStatusError,
+            "does not serve /v1/chat/completions; it serves /v1/embeddings",
+        ),
     ],
 )
 async def test_client_errors_use_the_openai_envelope(start_sim, start_gateway, body, status, exc, needle):

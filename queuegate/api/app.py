@@ -235,6 +235,16 @@ def create_app(routes: Routes) -> ASGIApp:
     async def embeddings() -> Response:
         return await relay("embeddings")
 
+    @app.post("/v1/responses")
+    async def responses() -> Response:
+        """OpenAI's Responses API, passed through to models whose servers serve it (scheduled, counted)."""
+        return await relay("responses")
+
+    @app.post("/v1/messages")
+    async def messages() -> Response:
+        """Anthropic's Messages API, passed through the same way."""
+        return await relay("messages")
+
     def models_now() -> dict[str, ModelView]:
         return {
             view.name: view

@@ -185,7 +185,13 @@ def template_tables() -> list[Table]:
                     'Health endpoint relative to the server root; "" disables checks.',
                     True,
                 ),
-                Key("endpoints", ["chat", "completions"], "Override the kind's endpoints.", True),
+                Key(
+                    "endpoints",
+                    ["chat", "completions"],
+                    "Override the kind's endpoints (chat, completions,\n"
+                    "embeddings, responses, messages): what this model's server serves.",
+                    True,
+                ),
             ],
         ),
         Table(

@@ -25,6 +25,7 @@ import trio
 from queuegate.errors import GatewayError, UpstreamError, UpstreamTimeout
 from queuegate.fleet.catalog import Upstream
 from queuegate.proxy._convert import AnswerFromEvents, answer_as_events
+from queuegate.proxy._dialects import DIALECTS, WireUsage
 from queuegate.proxy._forwarder import ChunkReader, Forwarder, RetryableFailure, UpstreamResponse, close_response
 from queuegate.proxy._record import RequestRecord, Usage, tokens_in
 from queuegate.proxy._relay import EventReader, RelayStream, looks_like_sse
@@ -80,7 +81,7 @@ class UpstreamBusy(Exception):
 class _Answer(msgspec.Struct):
     """The parts of a non-streamed answer QueueGate reads: its usage, else its text for an estimate."""
 
-    usage: Usage | None = None
+    usage: WireUsage | None = None
     choices: Any = None
 
 
@@ -117,7 +118,9 @@ class Attempts:
             response = await self.forwarder.send(upstream, path, payload, record.request_id, deadline)
             content_type = response.header(b"content-type") or "application/json"
             streamed = content_type.startswith("text/event-stream")
-            relayed = response.status == 200 and streamed and record.stream
+            dialect = DIALECTS[record.endpoint]
+            # (a passed-through API's stream is relayed as it is, even unasked: QueueGate does not fold it)
+            relayed = response.status == 200 and streamed and (record.stream or not dialect.openai)
             reader = ChunkReader(response, timeouts.idle_s, timeouts.deadline(stream=True) if relayed else deadline)
             outcome = outcome_of(response.status)
             if outcome is Outcome.NOT_READY:
@@ -144,8 +147,9 @@ class Attempts:
                 parsed = msgspec.json.decode(body, type=_Answer)
             except msgspec.DecodeError:
                 raise RetryableFailure(f"upstream {upstream.id} sent invalid JSON") from None
-            record.usage = parsed.usage or Usage.estimate(record.prompt_chars, tokens_in(_answer_chars(parsed)))
-            if record.stream and record.endpoint != "embeddings":  # it asked for a stream: it gets one
+            estimate = Usage.estimate(record.prompt_chars, tokens_in(_answer_chars(parsed)))
+            record.usage = parsed.usage.usage() if parsed.usage is not None else estimate
+            if record.stream and dialect.openai and record.endpoint != "embeddings":  # it asked for a stream
                 events = answer_as_events(
                     msgspec.json.decode(body), chat=record.endpoint == "chat", include_usage=record.wants_usage
                 )
@@ -178,6 +182,7 @@ class Attempts:
             record,
             lambda: self._release(ticket, record.total_tokens),
             strip_usage=record.usage_injected,
+            dialect=DIALECTS[record.endpoint],
         )
 
 

@@ -40,7 +40,7 @@ class NoticePolicy:
     keepalive_s: float = 10.0
 
     def applies(self, record: RequestRecord) -> bool:
-        if not record.stream or record.endpoint == "embeddings" or self.mode == "never":
+        if not record.stream or record.endpoint not in ("chat", "completions") or self.mode == "never":
             return False
         return self.mode == "always" or record.klass == "user"
 

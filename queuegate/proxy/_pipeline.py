@@ -18,6 +18,7 @@ import trio
 from queuegate.errors import GatewayError, ModelNotFound, NotSupported
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
 from queuegate.proxy._attempt import Attempts, UpstreamBusy, UpstreamNotReady
+from queuegate.proxy._dialects import DIALECTS
 from queuegate.proxy._forwarder import Forwarder, RetryableFailure
 from queuegate.proxy._notices import NoticePolicy, QueuedStream
 from queuegate.proxy._record import RequestRecord
@@ -26,6 +27,7 @@ from queuegate.proxy._request import ParsedRequest, echo, forwarding, parse_requ
 from queuegate.proxy._routing import chat_key
 from queuegate.proxy._tap import TappedStream, answer_text
 from queuegate.scheduler import Admission, ModelUnavailable, NoUpstreamLeft, QueuePosition, Ticket
+from queuegate.vocabulary import ENDPOINTS
 
 if TYPE_CHECKING:
     from queuegate.memory.service import Memory
@@ -166,7 +168,8 @@ class Proxy:
         upstream_body = {**spec.defaults, **request.body, "model": spec.upstream_model}
         if tools is not None and tools.suppresses(tool_mode, spec):
             upstream_body = {k: v for k, v in upstream_body.items() if k not in TOOL_FIELDS}
-        if record.stream and spec.kind.stream_usage and record.endpoint != "embeddings" and not record.wants_usage:
+        openai_stream = DIALECTS[record.endpoint].openai and record.endpoint != "embeddings"
+        if record.stream and spec.kind.stream_usage and openai_stream and not record.wants_usage:
             # Count the tokens of every stream: ask for the usage chunk, and keep it from the client who did not.
             options = request.body.get("stream_options") or {}
             upstream_body["stream_options"] = {**options, "include_usage": True}
@@ -247,8 +250,11 @@ class Proxy:
             )
             raise ModelNotFound(message, param="model")
         if record.endpoint not in spec.endpoints:
+            served = ", ".join(f"/v1{ENDPOINTS[e].upstream_path}" for e in ENDPOINTS if e in spec.endpoints)
+            asked = f"/v1{ENDPOINTS[record.endpoint].upstream_path}"
             raise NotSupported(
-                f"model {spec.name!r} (kind {spec.kind.name}) does not support the {record.endpoint} endpoint",
+                f"model {spec.name!r} (kind {spec.kind.name}) does not serve {asked}; it serves {served} "
+                "(a model's `endpoints` in the config says what its server serves)",
                 param="model",
             )
         return spec

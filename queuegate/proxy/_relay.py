@@ -18,12 +18,12 @@ import trio
 
 from queuegate.errors import GatewayError, InternalError, UpstreamError
 from queuegate.proxy._convert import DONE_EVENT
+from queuegate.proxy._dialects import OPENAI, Dialect, WireUsage
 from queuegate.proxy._forwarder import ChunkReader, UpstreamResponse, close_response
 from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord, Usage
 
 log = logging.getLogger("queuegate.request")
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
-_DONE = re.compile(rb"(?m)^data:[ \t]*\[DONE\]")
 FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"')
 _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
 MAX_PENDING_EVENT = 1 << 20  # an "event" larger than this without an end is garbage, not a token
@@ -32,7 +32,7 @@ TAIL_BYTES = 8192
 
 class _UsageChunk(msgspec.Struct):
     choices: list[Any] | None = None
-    usage: Usage | None = None
+    usage: WireUsage | None = None
 
 
 _EVENT_SPLIT = re.compile(rb"(\r?\n\r?\n)")
@@ -59,7 +59,7 @@ def usage_from_events(block: bytes) -> Usage | None:
         except msgspec.DecodeError:
             continue
         if usage is not None:
-            return usage
+            return usage.usage()
     return None
 
 
@@ -115,7 +115,8 @@ class RelayStream:
     A stream is complete when the upstream sent `data: [DONE]`: the client's stream ends right there (a client that
     closes after [DONE] got everything). An upstream that ends its body without [DONE] is complete if it sent a
     finish reason (QueueGate adds the [DONE]); without either it was cut, and the client gets an error event. `stop`
-    ends the stream early with an error event (operator cancel, shutdown).
+    ends the stream early with an error event (operator cancel, shutdown). A passed-through API's stream (Responses,
+    Messages) is complete at its own end event (see `_dialects`), and its error events have its own shape.
     """
 
     def __init__(
@@ -127,8 +128,11 @@ class RelayStream:
         release: Callable[[], None],
         *,
         strip_usage: bool = False,
+        dialect: Dialect = OPENAI,
     ) -> None:
         self._strip_usage = strip_usage  # QueueGate asked for the usage chunk; the client did not
+        self._dialect = dialect
+        self._head = first[:TAIL_BYTES]  # (a Messages stream's input tokens are in its first event)
         self._events = events
         self._response = response
         self._record = record
@@ -171,13 +175,13 @@ class RelayStream:
             if reading.cancelled_caught:
                 continue  # `stop` was called: its error event goes out next
             if block is None:
-                if self._finish_seen:  # ended without [DONE] but whole: end it as OpenAI does
+                if self._finish_seen and self._dialect.openai:  # ended without [DONE] but whole: end it as OpenAI does
                     self._done = True
                     return await self._last(DONE_EVENT)
+                missing = "no finish_reason, no [DONE]" if self._dialect.openai else "no end event"
                 return await self._fail(
                     UpstreamError(
-                        f"upstream {self._response.upstream.id} ended the stream before it was complete "
-                        "(no finish_reason, no [DONE])"
+                        f"upstream {self._response.upstream.id} ended the stream before it was complete ({missing})"
                     )
                 )
             if out := self._take(block):  # (a block that was only the usage chunk is not sent at all)
@@ -197,8 +201,8 @@ class RelayStream:
         self._tail = (self._tail + block)[-TAIL_BYTES:]  # the usage chunk may come in the block before [DONE]
         if not self._finish_seen and FINISH_REASON.search(block):
             self._finish_seen = True
-        if _DONE.search(block):
-            self._done = True  # anything the upstream sends after [DONE] is not read
+        if self._dialect.end.search(block):
+            self._done = True  # anything the upstream sends after its end is not read
         if self._strip_usage:
             block = without_usage_chunk(block)
         self._record.chunks += _count_events(block)
@@ -207,7 +211,7 @@ class RelayStream:
     async def _fail(self, error: GatewayError) -> bytes:
         self._failure = error
         self._record.error = error.message
-        return await self._last(b"data: " + error.body() + b"\n\n")
+        return await self._last(self._dialect.error_event(error))
 
     async def _last(self, block: bytes) -> bytes:
         """The stream's last block. With durable usage, the request is over (upstream closed, slot given back)
@@ -231,7 +235,12 @@ class RelayStream:
     def _settle_usage(self) -> None:
         """The tokens used: the upstream's count of a complete stream, else about one token per content event."""
         if self._record.usage is None:
-            complete = usage_from_events(self._tail) if self._done else None
+            if not self._done:
+                complete = None
+            elif self._dialect.openai:
+                complete = usage_from_events(self._tail)
+            else:
+                complete = self._dialect.stream_usage(self._head, self._tail)
             estimate = Usage.estimate(self._record.prompt_chars, max(0, self._record.chunks - 1))  # last: finish
             self._record.usage = complete or estimate
 

@@ -74,13 +74,15 @@ def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest("`stream_options` must be an object", param="stream_options")
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise BadRequest(f"`{name}` must be a whole number of at least 0", param=name)
     if endpoint == "chat":
         _check_messages(body["messages"])
         _check_tools(body.get("tools"))
+    elif endpoint == "messages":  # (Anthropic's: its tools have another shape, which QueueGate does not read)
+        _check_messages(body["messages"])
     else:
         _check_text_input(body[required], required)
     return body
@@ -152,7 +154,7 @@ def prompt_chars(body: dict[str, Any]) -> int:
 def request_tokens(body: dict[str, Any], chars: int) -> int:
     """A request's likely size for tokens-per-minute limits: its prompt's estimate plus the completion it allows
     (`max_completion_tokens` or `max_tokens`; nothing when it sets neither). Corrected by its usage when it ends."""
-    allowed = body.get("max_completion_tokens", body.get("max_tokens"))
+    allowed = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_output_tokens")))
     completion = allowed if isinstance(allowed, int) and allowed > 0 else 0
     return tokens_in(chars) + completion
 
