@@ -192,6 +192,7 @@ class Daemon:
             cfg.affinity.header,
             max_answer_bytes=int(up.max_answer_mb * 2**20),
             tools=ToolPolicy(cfg.tools, self.tool_servers, self.metrics),
+            load_outlook=self.fleet.load_outlook,
         )
         # Chat memory goes through the proxy it serves (its embeddings are requests like any other).
         self.memory = self.proxy.memory = _memory(

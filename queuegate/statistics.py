@@ -71,6 +71,14 @@ class SwapProgress(msgspec.Struct, frozen=True):
     eta_s: float | None  # None until this model has loaded once
 
 
+class LoadOutlook(msgspec.Struct, frozen=True):
+    """What a queued request waits for besides the queue: its model's swap or load (see `Fleet.load_outlook`)."""
+
+    phase: str  # "draining coder", "starting writer", "waiting for health of writer", "waiting for device gpu0"
+    eta_s: float | None  # about how long still, as learned from past loads (None: not known)
+    bound_s: float | None = None  # a first load: at most this long (its startup_timeout_s)
+
+
 class FleetModelStatistics(msgspec.Struct, frozen=True):
     name: str
     state: str

@@ -199,7 +199,7 @@ async def test_a_streamed_request_held_by_a_limit_is_told_why_and_about_how_long
     notice = await in_thread(first_notice)
     # About the rest of the minute (the notice comes 0.1 s after the first request was answered).
     assert re.fullmatch(
-        r"Queued for m: position 1, about (59|60) s \(held by a requests- or tokens-per-minute limit\)\.\n", notice
+        r"⏳ Queued for m: position 1, about (59|60) s \(held by a requests- or tokens-per-minute limit\)\.\n", notice
     )
     await wait_until(lambda: not gw.stats().waiting, timeout=3)
 

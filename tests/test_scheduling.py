@@ -6,6 +6,7 @@ Upstreams are simulated servers (real HTTP on loopback): the tests need slow, co
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -13,7 +14,7 @@ import openai
 import pytest
 import trio
 
-from tests.helpers import SECRETS, in_thread, wait_until
+from tests.helpers import EXCLUSIVE, SECRETS, in_thread, sim_model, wait_until
 
 
 def body(content: str, **extra) -> dict:
@@ -285,3 +286,59 @@ async def test_passthrough_route_is_scheduled_like_chat(start_sim, start_gateway
     assert answer.status_code == 200 and answer.json()["object"] == "chat.completion"
     assert served_order(sim) == ["holder", "tools"]
     assert sim.stats.received[-1].path == "/v1/chat/completions" and sim.stats.received[-1].body["tools"] == []
+
+
+async def test_notices_during_a_swap_tell_each_phase_and_a_learned_time_that_holds(start_gateway):
+    """Two launched models (real simulator processes, 1.5 s to load) on one exclusive device: a user's streamed chat
+    for the one not loaded is told the phases of its swap, with a first load's upper bound, then a learned time."""
+    models = {"a": sim_model(1.5), "b": sim_model(1.5)}
+    gw = await start_gateway(models, devices=EXCLUSIVE, queue={"notify_min_ms": 0}, fleet={"swap_after_ms": 0})
+    client = gw.client(timeout=60)
+
+    def streamed(model: str) -> tuple[list[tuple[float, str]], float, object]:
+        started, notices, content_at = time.monotonic(), [], None
+        with client.chat.completions.stream(model=model, messages=[{"role": "user", "content": "hi"}]) as stream:
+            for event in stream:
+                if event.type != "chunk" or not event.chunk.choices:
+                    continue
+                delta = event.chunk.choices[0].delta
+                if (delta.model_extra or {}).get("reasoning_content"):
+                    notices.append((time.monotonic() - started, delta.model_extra["reasoning_content"]))
+                elif delta.content and content_at is None:
+                    content_at = time.monotonic() - started
+            final = stream.get_final_completion()
+        return notices, content_at, final
+
+    notices, _, final = await in_thread(lambda: streamed("a"))  # (a's first load: an upper bound)
+    texts = [text for _, text in notices]
+    assert any("up to" in text and "(its first load)" in text for text in texts), texts
+    assert texts[-1] == "⏳ Your turn: a is on it.\n"
+    assert final.id.startswith("chatcmpl-") and not final.id.startswith("chatcmpl-queued")
+    assert final.choices[0].message.content  # (one completion: the notices' id is the answer's)
+    # b swaps a out (its first load), then a comes back: its load time is learned now, and the notice says it.
+    await in_thread(lambda: streamed("b"))
+    notices, content_at, _ = await in_thread(lambda: streamed("a"))
+    phases = [text for _, text in notices]
+    learned = [(t, text) for t, text in notices if "about" in text and ("starting a" in text or "health of a" in text)]
+    assert learned, phases
+    told_at, text = learned[0]
+    told = float(re.search(r"about (\d+) s", text).group(1))
+    actual = content_at - told_at
+    assert 0.4 * actual <= told <= 2.5 * actual + 1, (text, actual)  # (whole seconds, at least 1)
+    assert any("draining b" in p or "stopping b" in p or "starting a" in p for p in phases), phases
+
+
+async def test_notices_a_client_sends_back_as_thinking_do_not_reach_the_model(start_sim, start_gateway):
+    sim, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    history = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "one",
+         "reasoning_content": "⏳ Queued for m: position 1, about 3 s.\n⏳ Your turn: m is on it.\nI should say one."},
+        {"role": "assistant", "content": "two", "reasoning_content": "⏳ Queued for m: position 2.\n"},
+        {"role": "user", "content": "second"},
+    ]  # fmt: skip
+    await in_thread(lambda: gw.client().chat.completions.create(model="m", messages=history, max_tokens=2))
+    sent = sim.stats.received[-1].body["messages"]
+    assert sent[1]["reasoning_content"] == "I should say one." and "reasoning_content" not in sent[2]
+    assert [m["content"] for m in sent] == ["first", "one", "two", "second"]

@@ -31,6 +31,7 @@ from queuegate.fleet.planner import (
     Transition,
 )
 from queuegate.scheduler import Admission, UpstreamState
+from queuegate.statistics import LoadOutlook
 
 log = logging.getLogger("queuegate.fleet")
 
@@ -122,6 +123,20 @@ class Fleet:
         self._admission.set_upstream_state(upstream.id, UpstreamState.LOADING, reason)
         self._hold_until[upstream.model] = trio.current_time() + retry_in_s
         recheck.set()
+
+    def load_outlook(self, model: str) -> LoadOutlook | None:
+        """What a queued request for `model` waits for besides the queue (None: nothing, it serves): the phase, the
+        learned time left (a victim still draining counts one of its requests' time, `drain_s`), or on a first load
+        its `startup_timeout_s` as an upper bound."""
+        progress = self._planner.load_outlook(model, trio.current_time())
+        if progress is None:
+            return None
+        eta = progress.eta_s
+        if eta is not None and progress.phase.startswith("draining "):
+            eta += self._admission.service_s(progress.phase.removeprefix("draining ")) or 0.0
+        spec = self._catalog.models.get(model)
+        bound = spec.launch.startup_timeout_s if spec is not None and spec.launch is not None else None
+        return LoadOutlook(progress.phase, eta, bound if eta is None else None)
 
     def statistics(self) -> FleetStatistics:
         return self._planner.statistics(trio.current_time())

@@ -471,6 +471,24 @@ class FleetPlanner:
         model = self._models[name]
         return model.state, model.reason
 
+    def load_outlook(self, name: str, now: float) -> SwapProgress | None:
+        """What stands between a model and its requests now (None: it serves, or it is not launched here): the
+        swap or load under way for it (phase, learned time left), else why it waits (its device busy, failed)."""
+        model = self._models.get(name)
+        if model is None or not model.spec.managed or model.state is ModelState.READY:
+            return None
+        swap = self._swaps.get(model.spec.device or "")
+        if swap is not None and swap.target == name:
+            return self._swap_progress(swap, now)
+        if model.state is ModelState.STARTING:
+            return self._load_progress(model, now)
+        if model.state is ModelState.FAILED:
+            return SwapProgress(name, f"failed to start ({model.reason})", 0.0, None)
+        if model.state in (ModelState.DRAINING, ModelState.STOPPING):
+            return SwapProgress(name, f"being unloaded ({model.state.value})", 0.0, None)
+        busy = f"waiting for device {model.spec.device}" if model.spec.device else "waiting to be loaded"
+        return SwapProgress(name, busy, 0.0, None)
+
     def statistics(self, now: float) -> FleetStatistics:
         models = []
         for name, m in self._models.items():

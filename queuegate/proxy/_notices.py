@@ -1,18 +1,27 @@
 """Queue notices: a streamed request that waits gets its answer's event stream at once, showing where it stands.
 
-Chat streams get a `reasoning_content` delta ("Queued for coder: position 3, about 20 s"), which Open WebUI and
-similar clients show as the model's thinking, so the final answer stays clean; it is sent again when the position
-changes. Every stream gets SSE comments while it waits, so proxies never see an idle connection. Once the slot comes,
-the upstream's own events follow. The HTTP status (200) is sent before the upstream is asked, so a failure from here
-on ends the stream with an error event the `openai` client raises on.
+Chat streams get a `reasoning_content` delta ("⏳ Queued for coder: position 3; draining writer, about 20 s"), which
+Open WebUI and similar clients show as the model's thinking, so the final answer stays clean. Its time is the
+truth as QueueGate knows it: the queue ahead, plus, for a model that is not loaded, what its swap still takes (the
+model in the way draining, the learned load time; a first load: "up to" its startup_timeout_s). It is sent again
+when the position or the phase changes (queued, draining, loading, and "your turn" before the first token), not
+every time the count moves. Every stream gets SSE comments while it waits, so proxies never see an idle
+connection. Once the slot comes, the upstream's own events follow, with the id the notices had (a client that
+folds the stream into one completion gets one id). The HTTP status (200) is sent before the upstream is asked, so a
+failure from here on ends the stream with an error event the `openai` client raises on.
+
+Clients that keep the thinking in their history (pydantic-ai) send the notices back with the next turn:
+`strip_notices` takes them out of the assistant messages' reasoning before the request goes upstream.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import trio
@@ -25,10 +34,13 @@ from queuegate.proxy._reply import Reply
 if TYPE_CHECKING:
     from queuegate.fleet.catalog import ModelSpec
     from queuegate.scheduler import QueuePosition, Ticket
+    from queuegate.statistics import LoadOutlook
 
 log = logging.getLogger("queuegate.request")
 POSITION_CHECK_S = 1.0  # how often a waiting request looks at its position
 KEEPALIVE = b": queued\n\n"
+MARK = "⏳ "  # every notice line starts with it (how QueueGate knows its own notices when a client sends them back)
+_NOTICE_LINE = re.compile(r"(?m)^⏳ [^\n]*\n?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +66,8 @@ class Queue(Protocol):
 
     def position(self, ticket: Ticket) -> QueuePosition | None: ...
 
+    def load_outlook(self, model: str) -> LoadOutlook | None: ...
+
     def withdraw(self, ticket: Ticket) -> None: ...
 
     async def forward(self, spec: ModelSpec, record: RequestRecord, payload: bytes, ticket: Ticket) -> Reply: ...
@@ -72,35 +86,42 @@ class QueuedStream:
         self._ended = False
         self._stop: GatewayError | None = None
         self._waiting: trio.CancelScope | None = None
-        self._last_notice = ""
+        self._last_notice: tuple[int, str] | None = None  # (position, phase) the last notice told
         self._last_sent = -float("inf")
-        self._id = f"queued-{record.request_id}"
+        self._granted = False  # its slot came: the upstream is asked at the next read
+        self._id = "chatcmpl-" + secrets.token_hex(12)  # the notices', then the upstream's events' (see `_same_id`)
+        self._upstream_id: re.Pattern[bytes] | None = None  # the id field the upstream's events carry
 
     def __aiter__(self) -> QueuedStream:
         return self
 
     async def __anext__(self) -> bytes:
         if self._relay is not None:
-            return await self._relay.__anext__()
+            return self._same_id(await self._relay.__anext__())
         if self._ended:
             raise StopAsyncIteration
         try:
+            if self._granted:
+                return await self._start_upstream()
             while True:
                 if self._stop is not None:
                     self._queue.withdraw(self._ticket)
                     return await self._fail(self._stop.status, self._stop)
                 notice = self._notice()
                 now = trio.current_time()
-                if notice is not None and notice != self._last_notice:
-                    self._last_notice, self._last_sent = notice, now
-                    return self._notice_event(notice)
+                if notice is not None and notice[0] != self._last_notice:
+                    self._last_notice, self._last_sent = notice[0], now
+                    return self._notice_event(notice[1])
                 if now - self._last_sent >= self._queue.notices.keepalive_s:
                     self._last_sent = now
                     return KEEPALIVE
                 wake = min(now + POSITION_CHECK_S, self._last_sent + self._queue.notices.keepalive_s)
                 with trio.CancelScope() as self._waiting:
                     if await self._queue.wait_for_slot(self._ticket, self._record, until=wake):
-                        return await self._start_upstream()
+                        if self._last_notice is None or self._record.endpoint != "chat":
+                            return await self._start_upstream()
+                        self._granted = True  # (told first: its wait is over, the model is on it)
+                        return self._notice_event(f"{MARK}Your turn: {self._spec.name} is on it.\n")
         except GatewayError as exc:
             return await self._fail(exc.status, exc)
         except Exception:
@@ -124,7 +145,7 @@ class QueuedStream:
             self._relay = reply.body
             if self._stop is not None:
                 self._relay.stop(self._stop)
-            return await self._relay.__anext__()
+            return self._same_id(await self._relay.__anext__())
         if reply.status == 200 and isinstance(reply.body, bytes):  # a whole answer, already made into events
             self._ended = True
             await self._record.finish_before_last_byte(200)
@@ -137,19 +158,40 @@ class QueuedStream:
         await self._record.finish_before_last_byte(status, error=exc.message)
         return b"data: " + exc.body() + b"\n\n"
 
-    def _notice(self) -> str | None:
-        """The text shown to the user, or None where notices cannot be shown (plain completions)."""
+    def _same_id(self, block: bytes) -> bytes:
+        """The upstream's events with the notices' id (a client folding the stream keeps the first id it saw)."""
+        if self._last_notice is None:
+            return block
+        if self._upstream_id is None:
+            found = _event_id(block)
+            if found is None:
+                return block
+            self._upstream_id = re.compile(rb'"id"\s*:\s*' + re.escape(msgspec.json.encode(found)))
+        return self._upstream_id.sub(b'"id":"' + self._id.encode() + b'"', block)
+
+    def _notice(self) -> tuple[tuple[int, str], str] | None:
+        """((position, phase), the text shown to the user), or None where notices cannot be shown (plain
+        completions)."""
         if self._record.endpoint != "chat":
             return None
         where = self._queue.position(self._ticket)
         if where is None:
             return None
-        text = f"Queued for {self._spec.name}: position {where.position}"
-        if where.eta_s is not None:
+        outlook = self._queue.load_outlook(self._spec.name)
+        queue_s = where.eta_s or 0.0
+        text = f"{MARK}Queued for {self._spec.name}: position {where.position}"
+        phase = outlook.phase if outlook is not None else ""
+        if outlook is not None:
+            text += f"; {outlook.phase}"
+            if outlook.eta_s is not None:
+                text += f", about {max(1, round(outlook.eta_s + queue_s))} s"
+            elif outlook.bound_s is not None:
+                text += f", up to {max(1, round(outlook.bound_s + queue_s))} s (its first load)"
+        elif where.eta_s is not None:
             text += f", about {max(1, round(where.eta_s))} s"
         if where.rate_limited:
             text += " (held by a requests- or tokens-per-minute limit)"
-        return text + ".\n"
+        return (where.position, phase), text + ".\n"
 
     def _notice_event(self, text: str) -> bytes:
         chunk = {
@@ -171,6 +213,51 @@ class QueuedStream:
             self._record.finish(self._stop.status, error=self._stop.message)
         elif not self._ended:
             self._record.finish(CLIENT_CLOSED, error="client closed the stream while queued")
+
+
+def _event_id(block: bytes) -> str | None:
+    """The `id` of the first event in `block` that has one (a chunk's own, not a tool call's inside it)."""
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:") and b'"id"' in line:
+            try:
+                event = msgspec.json.decode(line[5:].strip())
+            except msgspec.DecodeError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("id"), str):
+                return str(event["id"])
+    return None
+
+
+def strip_notices(body: dict[str, Any]) -> dict[str, Any]:
+    """The chat request without QueueGate's own notices in its assistant messages' reasoning (a client that kept
+    them as the model's thinking sends them back); `body` itself when it has none."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not any(_has_notice(m) for m in messages):
+        return body
+    cleaned = []
+    for message in messages:
+        if _has_notice(message):
+            message = dict(message)
+            for field in _REASONING_FIELDS:
+                if isinstance(message.get(field), str):
+                    rest = _NOTICE_LINE.sub("", message[field])
+                    if rest.strip():
+                        message[field] = rest
+                    else:
+                        del message[field]
+        cleaned.append(message)
+    return {**body, "messages": cleaned}
+
+
+_REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _has_notice(message: Any) -> bool:
+    return (
+        isinstance(message, dict)
+        and message.get("role") == "assistant"
+        and any(isinstance(message.get(f), str) and MARK in message[f] for f in _REASONING_FIELDS)
+    )
 
 
 def error_message(body: object) -> str:

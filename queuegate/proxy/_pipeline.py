@@ -9,7 +9,7 @@ loading, overloaded) or 429 is waited out, bounded. After the first byte, never.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -20,13 +20,14 @@ from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
 from queuegate.proxy._attempt import Attempts, UpstreamBusy, UpstreamNotReady
 from queuegate.proxy._dialects import DIALECTS
 from queuegate.proxy._forwarder import Forwarder, RetryableFailure
-from queuegate.proxy._notices import NoticePolicy, QueuedStream
+from queuegate.proxy._notices import NoticePolicy, QueuedStream, strip_notices
 from queuegate.proxy._record import RequestRecord
 from queuegate.proxy._reply import SSE_HEADERS, Reply
 from queuegate.proxy._request import ParsedRequest, echo, forwarding, parse_request
 from queuegate.proxy._routing import chat_key
 from queuegate.proxy._tap import TappedStream, answer_text
 from queuegate.scheduler import Admission, ModelUnavailable, NoUpstreamLeft, QueuePosition, Ticket
+from queuegate.statistics import LoadOutlook
 from queuegate.vocabulary import ENDPOINTS
 
 if TYPE_CHECKING:
@@ -89,8 +90,12 @@ class Proxy:
         max_answer_bytes: int = 64 * 2**20,
         tools: ToolHandling | None = None,
         memory: Memory | None = None,
+        load_outlook: Callable[[str], LoadOutlook | None] | None = None,
     ) -> None:
+        """`load_outlook(model)`: what a queued request for a launched model waits for besides the queue (its swap
+        or load; `Fleet.load_outlook`), for the queue notices."""
         self._catalog = catalog
+        self._load_outlook = load_outlook
         self._admission = admission
         self._attempts = Attempts(forwarder, admission.release, max_answer_bytes)
         self._reports = reports
@@ -112,6 +117,8 @@ class Proxy:
         `tool_mode`: the route's (None: the model's or `[tools].mode`); `tasks`: the request's own nursery, where
         a streamed tool loop runs."""
         request = parse_request(raw_body, record.endpoint)
+        if record.endpoint == "chat" and (kept := strip_notices(request.body)) is not request.body:
+            request = forwarding(request, kept)  # (its own queue notices, sent back as the model's thinking)
         spec = self._resolve(request.model, record)
         record.model = spec.name
         record.stream = request.stream
@@ -233,6 +240,9 @@ class Proxy:
 
     def position(self, ticket: Ticket) -> QueuePosition | None:
         return self._admission.position(ticket)
+
+    def load_outlook(self, model: str) -> LoadOutlook | None:
+        return self._load_outlook(model) if self._load_outlook is not None else None
 
     def withdraw(self, ticket: Ticket) -> None:
         self._admission.withdraw(ticket)

@@ -153,6 +153,10 @@ class Admission:
         """Its node reports whether its model is loaded (see SchedulerCore.set_upstream_load_cost)."""
         self._core.set_upstream_load_cost(upstream_id, cost)
 
+    def service_s(self, model: str) -> float | None:
+        """How long a request of `model` holds its slot, on average (None: not known yet)."""
+        return self._core.service_s(model)
+
     def serving(self, model: str) -> bool:
         """Whether the model has an upstream taking requests now (no load to wait for)."""
         return self._core.serving(model)

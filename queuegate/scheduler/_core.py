@@ -640,6 +640,11 @@ class SchedulerCore:
             return QueuePosition(ahead + 1, round(max(eta or 0.0, limited_until - now), 1), rate_limited=True)
         return QueuePosition(ahead + 1, eta)
 
+    def service_s(self, model: str) -> float | None:
+        """How long a request of `model` holds its slot, on average (None: not known yet)."""
+        found = self._models.get(model)
+        return found.service_s if found is not None else None
+
     def serving(self, model: str) -> bool:
         """Whether one of the model's upstreams is ready and not drained (its queue aside)."""
         found = self._models.get(model)
