@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ from queuegate.config import (
     parse_config,
     usage_db_path,
 )
-from queuegate.config.importers import FORMATS, ImportFailed, import_file
+from queuegate.config.importers import FORMATS, ImportFailed, config_from_environment, import_file
 from queuegate.config.template import render_template
 from queuegate.daemon import Daemon, Endpoints, claim_endpoints
 from queuegate.errors import leaf_exceptions
@@ -38,6 +39,7 @@ from queuegate.logs import configure_logging
 
 DEFAULT_CONFIG = "queuegate.toml"
 DEMO_LISTEN = "127.0.0.1:8080"
+log = logging.getLogger("queuegate.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             return _import(args)
         if args.command == "check":
-            return _check(load_config(args.config))
+            loaded = _config_or_environment(args.config)
+            return _check(loaded[0] if loaded else load_config(args.config))
         if args.command == "admin":
             return admin_command.run(args, _admin_socket(args))
         if args.command == "top":
@@ -166,6 +169,14 @@ def _import(args: argparse.Namespace) -> int:
     if not args.stdout:
         print(f"wrote {output} from the {tool} config {args.file}; next: queuegate check --config {output}")
     return 0
+
+
+def _config_or_environment(path: str) -> tuple[Config, list[str]] | None:
+    """(config, []) from the file at `path`; without one, the config the original proxy's environment variables
+    describe, with their names; None when there is neither."""
+    if Path(path).exists():
+        return load_config(path), []
+    return config_from_environment(os.environ)
 
 
 def _check(config: Config) -> int:
@@ -255,22 +266,25 @@ def _run(args: argparse.Namespace) -> int:
             )
             return 2
         args.demo = False
-    if not args.demo and not Path(args.config).exists():
+    loaded = None if args.demo else _config_or_environment(args.config)
+    if not args.demo and loaded is None:
         print(
             f"queuegate: no config at {args.config}. Write one with `queuegate init` (or `queuegate import` from "
-            "another tool's), or try `queuegate run --demo` for a simulated fleet.",
+            "another tool's), set LLM_UPSTREAMS and PROXY_MODELS, or try `queuegate run --demo` for a simulated fleet.",
             file=sys.stderr,
         )
         return 2
-    config = None if args.demo else load_config(args.config)
+    config, variables = loaded or (None, [])
     level = config.server.log_level if config else "info"
     configure_logging(config.server.log_format if config else "text", level)
+    if variables:
+        log.info("config from environment variables", extra={"fields": {"variables": ",".join(variables)}})
     listen = args.listen or (config.server.listen if config else DEMO_LISTEN)
     if config is not None:
         config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, listen=listen))
     cannot_start: list[str] = []
     try:
-        trio.run(_serve, config, listen, None if args.demo else Path(args.config))
+        trio.run(_serve, config, listen, None if args.demo or variables else Path(args.config))
     except* (ListenError, AdminSocketError, UsageStoreError, BatchStoreError, ConfigError) as group:
         cannot_start.append(str(leaf_exceptions(group)[0]))
     if cannot_start:

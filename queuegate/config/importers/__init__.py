@@ -1,5 +1,6 @@
 """Coming from another tool: `queuegate import` turns a llama-swap, Docker swap proxy or RoleMesh config into a
-commented queuegate.toml (one module per format, each naming what it cannot carry over)."""
+commented queuegate.toml (one module per format, each naming what it cannot carry over), and `environment` serves
+the original proxy's environment variables when there is no config file."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import yaml
 
 from queuegate.config.importers import llama_swap, rolemesh, swap_proxy
 from queuegate.config.importers._draft import Draft, ImportFailed
+from queuegate.config.importers.environment import config_from_environment
 
 FORMATS = {"llama-swap": llama_swap, "swap-proxy": swap_proxy, "rolemesh": rolemesh}
 
-__all__ = ["FORMATS", "Draft", "ImportFailed", "import_file"]
+__all__ = ["FORMATS", "Draft", "ImportFailed", "config_from_environment", "import_file"]
 
 
 def import_file(path: str | Path, tool: str | None = None) -> tuple[str, Draft]:
