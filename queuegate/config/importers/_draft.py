@@ -108,9 +108,16 @@ def number(value: Any, where: str) -> float | int:
     return value
 
 
-def escaped(text: str) -> str:
-    """A literal string as a QueueGate config value: `$` doubled, so `${NAME}` in it is not read as a variable."""
-    return text.replace("$", "$$")
+def escaped(value: Any) -> Any:
+    """A literal value as a QueueGate config value: `$` doubled in every string, so QueueGate reads no `${NAME}` in
+    it as a variable."""
+    if isinstance(value, str):
+        return value.replace("$", "$$")
+    if isinstance(value, dict):
+        return {k: escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [escaped(v) for v in value]
+    return value
 
 
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")  # a value that is one environment variable, whole

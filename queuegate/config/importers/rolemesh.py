@@ -38,11 +38,10 @@ def convert(data: dict[str, Any]) -> Draft:
             continue
         if not spec.get("proxy_url"):
             raise ImportFailed(f"`{where}`: no proxy_url")
-        defaults = mapping(spec.get("defaults"), f"{where}.defaults")
+        defaults = escaped(mapping(spec.get("defaults"), f"{where}.defaults"))
         upstream = base_url(escaped(str(spec["proxy_url"])))
-        served.setdefault(json.dumps([upstream, defaults], sort_keys=True), (upstream, dict(defaults), []))[2].append(
-            role
-        )
+        same = json.dumps([upstream, defaults], sort_keys=True, default=str)
+        served.setdefault(same, (upstream, defaults, []))[2].append(role)
         if spec.get("openai_model_name", role) != role:
             draft.drop(f"{where}.openai_model_name", f"QueueGate lists the model under the name clients send: {role}")
         for setting in spec.keys() - _ROLE_KEYS:
@@ -51,9 +50,7 @@ def convert(data: dict[str, Any]) -> Draft:
         table = draft.table("models", roles[0], doc=f"RoleMesh's role{'s' * (len(roles) > 1)} {', '.join(roles)}.")
         table.set("upstreams", [upstream])
         if "model" in defaults:
-            table.set(
-                "upstream_model", str(defaults.pop("model")), "RoleMesh's defaults.model: the name sent upstream."
-            )
+            table.set("upstream_model", str(defaults.pop("model")), "RoleMesh's defaults.model: the name sent on.")
         if defaults:
             table.set("defaults", defaults, "Used when the request leaves them out.")
         if roles[1:]:
