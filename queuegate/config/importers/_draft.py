@@ -47,9 +47,8 @@ class Draft:
     def drop(self, setting: str, why: str, table: Table | None = None) -> None:
         """Name a setting of the source that the written config does not carry (in the file, under `table` if given,
         and in `notes()`)."""
-        (table.dropped if table is not None else self.dropped).append(
-            f"{self.tool} `{setting}` not carried over: {why}"
-        )
+        notes = table.dropped if table is not None else self.dropped
+        notes.append(f"{self.tool} `{setting}` not carried over: {why}")
 
     def notes(self) -> list[str]:
         return [*self.dropped, *(note for table in self._ordered() for note in table.dropped)]

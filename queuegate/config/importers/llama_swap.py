@@ -49,6 +49,10 @@ _NOT_CARRIED = {
     "profiles": "QueueGate routes by a model's name or alias only",
     "selectors": "QueueGate routes by a model's name or alias only; several upstreams of one model share its load",
 }
+_TOP_KEYS = {"models", "macros", "groups", "routing", "matrix", "hooks", "peers", "apiKeys", "logLevel"}
+_TOP_KEYS |= {"healthCheckTimeout", "globalTTL", "unloadTimeout", "sendLoadingState"}  # (what the top level carries)
+_MODEL_KEYS = {"cmd", "proxy", "checkEndpoint", "env", "useModelName", "aliases", "concurrencyLimit", "ttl"}
+_MODEL_KEYS |= {"unloadTimeout", "macros", "filters"}  # (what a model's table carries over)
 _MODEL_NOT_CARRIED = {
     "cmdStop": "QueueGate stops the command's process group with SIGTERM (then SIGKILL); `docker run` passes the "
     'signal on to its container. For a container QueueGate should start and stop, use launcher = "docker"',
@@ -72,21 +76,20 @@ def looks_like(data: dict[str, Any]) -> bool:
 
 def convert(data: dict[str, Any]) -> Draft:
     draft = Draft(TOOL)
-    macros = _Macros(mapping(data.get("macros"), "macros"), "macros")
+    macros = _Macros(mapping(data.get("macros"), "macros"))
     models = mapping(data.get("models"), "models")
     devices = _devices(draft, data, models)
     preload = _preloaded(draft, data, models)
+    startup = data.get("healthCheckTimeout")  # (llama-swap waits at least 15 s)
     defaults = _ModelDefaults(
         ttl=number(data.get("globalTTL", 0), "globalTTL"),
-        startup=max(15, number(data["healthCheckTimeout"], "healthCheckTimeout"))
-        if "healthCheckTimeout" in data
-        else None,
+        startup=None if startup is None else max(15, number(startup, "healthCheckTimeout")),
         unload=number(data.get("unloadTimeout", 0), "unloadTimeout"),
     )
     for model_id, spec in models.items():
         where = f"models.{model_id}"
         spec = mapping(spec, where)
-        scope = macros.scoped(mapping(spec.get("macros"), f"{where}.macros"), model_id, where)
+        scope = macros.scoped(mapping(spec.get("macros"), f"{where}.macros"), model_id)
         _model(draft, model_id, spec, scope, defaults, devices.get(model_id), model_id in preload)
     _peers(draft, mapping(data.get("peers"), "peers"), macros, models)
     _globals(draft, data, macros)
@@ -107,13 +110,13 @@ class _Macros:
     `${env.NAME}` becomes `${NAME}` (read when QueueGate loads the config), `${MODEL_ID}` the model's name, and every
     macro of the config (a model's own before the top level's) is written out in full."""
 
-    def __init__(self, declared: dict[str, Any], where: str, model_id: str | None = None) -> None:
+    def __init__(self, declared: dict[str, Any], model_id: str | None = None) -> None:
         self.declared = declared
-        self.where = where
         self.model_id = model_id
 
-    def scoped(self, declared: dict[str, Any], model_id: str, where: str) -> _Macros:
-        return _Macros({**self.declared, **declared}, where, model_id)
+    def scoped(self, declared: dict[str, Any], model_id: str) -> _Macros:
+        """A model's macros: its own, then the top level's; `${MODEL_ID}` is its name."""
+        return _Macros({**self.declared, **declared}, model_id)
 
     def value(self, value: Any, where: str) -> Any:
         """Any value with its strings converted; a string that is one macro of a number or bool is that value."""
@@ -197,8 +200,7 @@ def _model(
     if preload:
         table.set("preload", True, "llama-swap's hooks.on_startup.preload.")
     _filters(draft, table, macros.value(mapping(spec.get("filters"), f"{where}.filters"), f"{where}.filters"))
-    known = {"cmd", "proxy", "checkEndpoint", "env", "useModelName", "aliases", "concurrencyLimit", "ttl"}
-    for key in spec.keys() - known - {"unloadTimeout", "macros", "filters"}:
+    for key in spec.keys() - _MODEL_KEYS:
         draft.drop(f"{where}.{key}", _MODEL_NOT_CARRIED.get(key, "unknown to this importer"), table)
 
 
@@ -330,9 +332,9 @@ def _peers(draft: Draft, peers: dict[str, Any], macros: _Macros, models: dict[st
             table = draft.table("models", name, doc=f"Served by llama-swap's peer {peer_id}.")
             table.set("upstreams", [url])
             if name != model_id:
-                table.set("upstream_model", model_id)
+                table.set("upstream_model", escaped(model_id))
             else:
-                table.set("aliases", [qualified])
+                table.set("aliases", [escaped(qualified)])
             if key_env:
                 table.set("api_key_env", key_env)
         if key and not key_env:
@@ -362,7 +364,5 @@ def _globals(draft: Draft, data: dict[str, Any], macros: _Macros) -> None:
         where = f"apiKeys[{i}]"
         doc = "One of llama-swap's apiKeys: every model, class user."
         secret_key(draft, ("keys", f"key{i + 1}"), where, macros.text(str(key), where), doc)
-    handled = {"models", "macros", "groups", "routing", "matrix", "hooks", "peers", "apiKeys", "logLevel"}
-    handled |= {"healthCheckTimeout", "globalTTL", "unloadTimeout", "sendLoadingState"}
-    for key in data.keys() - handled:
+    for key in data.keys() - _TOP_KEYS:
         draft.drop(key, _NOT_CARRIED.get(key, "unknown to this importer"))
