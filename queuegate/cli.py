@@ -1,9 +1,10 @@
-"""The command line: `queuegate run | node | check | init | admin | top`."""
+"""The command line: `queuegate run | node | check | init | import | admin | top`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -26,8 +27,10 @@ from queuegate.config import (
     build_config,
     load_config,
     memory_db_path,
+    parse_config,
     usage_db_path,
 )
+from queuegate.config.importers import FORMATS, ImportFailed, config_from_environment, import_file
 from queuegate.config.template import render_template
 from queuegate.daemon import Daemon, Endpoints, claim_endpoints
 from queuegate.errors import leaf_exceptions
@@ -36,6 +39,7 @@ from queuegate.logs import configure_logging
 
 DEFAULT_CONFIG = "queuegate.toml"
 DEMO_LISTEN = "127.0.0.1:8080"
+log = logging.getLogger("queuegate.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,12 +72,28 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.add_argument("--stdout", action="store_true", help="print it instead of writing a file")
 
+    imports = commands.add_parser(
+        "import", help="write a commented queuegate.toml from a llama-swap, Docker swap proxy or RoleMesh config"
+    )
+    imports.add_argument("file", help="the other tool's YAML config")
+    imports.add_argument(
+        "-o", "--output", default=DEFAULT_CONFIG, help=f"where to write it (default: {DEFAULT_CONFIG})"
+    )
+    imports.add_argument(
+        "--from", dest="tool", choices=list(FORMATS), help="its format (default: told from its content)"
+    )
+    imports.add_argument("--force", action="store_true", help="overwrite an existing file")
+    imports.add_argument("--stdout", action="store_true", help="print it instead of writing a file")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "init":
             return _init(args)
+        if args.command == "import":
+            return _import(args)
         if args.command == "check":
-            return _check(load_config(args.config))
+            loaded = _config_or_environment(args.config)
+            return _check(loaded[0] if loaded else load_config(args.config))
         if args.command == "admin":
             return admin_command.run(args, _admin_socket(args))
         if args.command == "top":
@@ -121,6 +141,42 @@ def _init(args: argparse.Namespace) -> int:
     path.write_text(text, encoding="utf-8")
     print(f"wrote {path}; edit [models], then: queuegate check --config {path}")
     return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    """Write the config, name on stderr what it could not carry over, and say whether it loads as it is."""
+    try:
+        tool, draft = import_file(args.file, args.tool)
+    except ImportFailed as exc:
+        print(f"queuegate: cannot import {args.file}: {exc}", file=sys.stderr)
+        return 2
+    text = draft.render(Path(args.file).name)
+    output = Path(args.output)
+    if not args.stdout and output.exists() and not args.force:
+        print(f"queuegate: {output} exists; use --force to overwrite it", file=sys.stderr)
+        return 1
+    for note in draft.notes():
+        print(f"queuegate import: {note}", file=sys.stderr)
+    if args.stdout:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+    try:
+        parse_config(text, source=str(output), base_dir=str(output.resolve().parent))
+    except ConfigError as exc:
+        print(f"queuegate: the imported config does not load yet: {exc}", file=sys.stderr)
+        return 1
+    if not args.stdout:
+        print(f"wrote {output} from the {tool} config {args.file}; next: queuegate check --config {output}")
+    return 0
+
+
+def _config_or_environment(path: str) -> tuple[Config, list[str]] | None:
+    """(config, []) from the file at `path`; without one, the config the original proxy's environment variables
+    describe, with their names; None when there is neither."""
+    if Path(path).exists():
+        return load_config(path), []
+    return config_from_environment(os.environ)
 
 
 def _check(config: Config) -> int:
@@ -210,22 +266,25 @@ def _run(args: argparse.Namespace) -> int:
             )
             return 2
         args.demo = False
-    if not args.demo and not Path(args.config).exists():
+    loaded = None if args.demo else _config_or_environment(args.config)
+    if not args.demo and loaded is None:
         print(
-            f"queuegate: no config at {args.config}. Write one with `queuegate init`, "
-            "or try `queuegate run --demo` for a simulated fleet.",
+            f"queuegate: no config at {args.config}. Write one with `queuegate init` (or `queuegate import` from "
+            "another tool's), set LLM_UPSTREAMS and PROXY_MODELS, or try `queuegate run --demo` for a simulated fleet.",
             file=sys.stderr,
         )
         return 2
-    config = None if args.demo else load_config(args.config)
+    config, variables = loaded or (None, [])
     level = config.server.log_level if config else "info"
     configure_logging(config.server.log_format if config else "text", level)
+    if variables:
+        log.info("config from environment variables", extra={"fields": {"variables": ",".join(variables)}})
     listen = args.listen or (config.server.listen if config else DEMO_LISTEN)
     if config is not None:
         config = msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, listen=listen))
     cannot_start: list[str] = []
     try:
-        trio.run(_serve, config, listen, None if args.demo else Path(args.config))
+        trio.run(_serve, config, listen, None if args.demo or variables else Path(args.config))
     except* (ListenError, AdminSocketError, UsageStoreError, BatchStoreError, ConfigError) as group:
         cannot_start.append(str(leaf_exceptions(group)[0]))
     if cannot_start:

@@ -1,15 +1,14 @@
 """The commented config template written by `queuegate init` (and shipped as `queuegate.toml.example`).
 
-Values are rendered by tomli-w, so they are always valid TOML; the defaults shown are read from the config structs,
-so the documentation cannot drift from what QueueGate really does. Keys marked optional are written commented out.
+Values are rendered by tomli-w (`tomltext.py`), so they are always valid TOML; the defaults shown are read from the
+config structs, so the documentation cannot drift from what QueueGate really does. Keys marked optional are written
+commented out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-import tomli_w
 
 from queuegate.config import (
     AffinityConfig,
@@ -23,6 +22,7 @@ from queuegate.config import (
     UpstreamDefaults,
     UsageConfig,
 )
+from queuegate.config.tomltext import comment, key_line
 
 
 @dataclass(frozen=True)
@@ -507,27 +507,10 @@ HEADER = """\
 def render_template() -> str:
     parts = [HEADER]
     for table in template_tables():
-        parts.append("\n" + _comment(table.doc) + ("# " if table.optional else "") + f"[{table.name}]\n")
+        parts.append("\n" + comment(table.doc) + ("# " if table.optional else "") + f"[{table.name}]\n")
         for key in table.keys:
             if key.doc:
-                parts.append(_comment(key.doc))
+                parts.append(comment(key.doc))
             commented = key.optional or table.optional
-            parts.append(("# " if commented else "") + _render_key(key.name, key.value) + "\n")
+            parts.append(("# " if commented else "") + key_line(key.name, key.value) + "\n")
     return "".join(parts)
-
-
-def _comment(text: str) -> str:
-    return "".join(f"# {line}\n" for line in text.splitlines())
-
-
-def _render_key(name: str, value: Any) -> str:
-    return f"{name} = {_inline(value)}"
-
-
-def _inline(value: Any) -> str:
-    """A value on one line: scalars via tomli-w, arrays and tables inline, so each key stays under its comment."""
-    if isinstance(value, dict):
-        return "{ " + ", ".join(_render_key(k, v) for k, v in value.items()) + " }"
-    if isinstance(value, list):
-        return "[" + ", ".join(_inline(v) for v in value) + "]"
-    return tomli_w.dumps({"v": value}).strip().removeprefix("v = ")
