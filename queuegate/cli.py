@@ -43,6 +43,14 @@ log = logging.getLogger("queuegate.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # (`queuegate admin status --json | head`: the reader had enough; end quietly)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing left to flush at exit)
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="queuegate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -93,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             return _import(args)
         if args.command == "check":
             loaded = _config_or_environment(args.config)
-            return _check(loaded[0] if loaded else load_config(args.config))
+            if loaded is None:
+                print(_no_config(args.config), file=sys.stderr)
+                return 2
+            return _check(loaded[0])
         if args.command == "admin":
             return admin_command.run(args, _admin_socket(args))
         if args.command == "top":
@@ -105,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _admin_socket(args: argparse.Namespace) -> Path:
-    """--socket, else the config's admin socket, else the default one (./.queuegate/admin.sock, as the demo's)."""
+    """--socket, else the config's admin socket, else the default one (./.queuegate/admin.sock, as the demo's); an
+    absolute path, so an error names exactly where it looked."""
     if args.socket:
-        return Path(args.socket)
+        return Path(args.socket).absolute()
     if Path(args.config).exists():
-        return admin_socket_path(load_config(args.config))
-    return admin_socket_path(build_config({}))
+        return admin_socket_path(load_config(args.config)).absolute()
+    return admin_socket_path(build_config({})).absolute()
 
 
 def _top(socket_path: Path) -> int:
@@ -184,6 +196,12 @@ def _check(config: Config) -> int:
 
     catalog = Catalog.from_config(config)
     print(f"config ok: listen {config.server.listen}, {len(catalog.models)} model(s)")
+    if (nothing := _serves_nothing(config)) is not None:
+        print(f"  warning: {nothing}")
+    for name, model in config.models.items():
+        bare = [url for url in model.upstreams if not url.rstrip("/").endswith("/v1")]
+        if bare:
+            print(f"  warning: models.{name}: {', '.join(bare)} does not end in /v1 (an OpenAI base URL usually does)")
     for spec in catalog.models.values():
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         print(f"  {spec.name}{aliases}")
@@ -253,6 +271,23 @@ def _limits(rpm: int | None, tpm: int | None) -> str:
     return ", ".join(f"{value} {unit}" for value, unit in ((rpm, "rpm"), (tpm, "tpm")) if value)
 
 
+def _no_config(path: str) -> str:
+    return (
+        f"queuegate: no config at {path}. Write one with `queuegate init` (or `queuegate import` from another "
+        "tool's), set LLM_UPSTREAMS and PROXY_MODELS, or try `queuegate run --demo` for a simulated fleet."
+    )
+
+
+def _serves_nothing(config: Config) -> str | None:
+    """Why a config can serve nothing (no models, and no node may register or be polled), else None."""
+    if config.models or config.node_keys or config.nodes.polled:
+        return None
+    return (
+        "the config has no [models.*] (and no [node_keys] or [nodes.NAME] through which nodes would bring some): "
+        "there is nothing to serve; add a model (see queuegate.toml.example)"
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "node":
         if not Path(args.config).exists():
@@ -268,13 +303,12 @@ def _run(args: argparse.Namespace) -> int:
         args.demo = False
     loaded = None if args.demo else _config_or_environment(args.config)
     if not args.demo and loaded is None:
-        print(
-            f"queuegate: no config at {args.config}. Write one with `queuegate init` (or `queuegate import` from "
-            "another tool's), set LLM_UPSTREAMS and PROXY_MODELS, or try `queuegate run --demo` for a simulated fleet.",
-            file=sys.stderr,
-        )
+        print(_no_config(args.config), file=sys.stderr)
         return 2
     config, variables = loaded or (None, [])
+    if config is not None and (nothing := _serves_nothing(config)):
+        print(f"queuegate: {nothing}", file=sys.stderr)
+        return 2
     level = config.server.log_level if config else "info"
     configure_logging(config.server.log_format if config else "text", level)
     if variables:

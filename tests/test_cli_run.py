@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -206,3 +207,32 @@ async def test_a_second_signal_stops_at_once_even_with_a_client_that_reads_nothi
     assert daemon.process.returncode == 0, daemon.stderr
     await wait_until(lambda: not sim.stats.active, timeout=2)
     await stuck.aclose()
+
+
+def test_small_frictions_of_the_command_line(tmp_path):
+    """Real `queuegate` subprocesses in an empty folder: what a user meets before anything runs."""
+
+    def queuegate(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "queuegate.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+
+    run, check = queuegate("run"), queuegate("check")
+    assert run.returncode == check.returncode == 2 and run.stderr == check.stderr  # the same words, the same advice
+    assert "no config at queuegate.toml" in check.stderr and "queuegate run --demo" in check.stderr
+    admin = queuegate("admin", "status")
+    assert str(tmp_path / ".queuegate" / "admin.sock") in admin.stderr and "--socket PATH" in admin.stderr
+    # Typos: the closest key or section; zero models: an error for run, a warning for check.
+    (tmp_path / "typo.toml").write_text('[sever]\nlisten = "127.0.0.1:0"\n')
+    assert "unknown section [sever]; did you mean [server]?" in queuegate("check", "--config", "typo.toml").stderr
+    (tmp_path / "empty.toml").write_text("[queue]\nmax_size = 3\n")
+    assert "warning: the config has no [models.*]" in queuegate("check", "--config", "empty.toml").stdout
+    refused = queuegate("run", "--config", "empty.toml")
+    assert refused.returncode == 2 and "there is nothing to serve" in refused.stderr
+    (tmp_path / "bare.toml").write_text('[models.m]\nupstreams = ["http://127.0.0.1:9"]\n')
+    assert "does not end in /v1" in queuegate("check", "--config", "bare.toml").stdout
+    # A reader that stops early (`| head`) ends the output quietly, without a traceback.
+    writer = subprocess.Popen([sys.executable, "-m", "queuegate.cli", "init", "--stdout"], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert writer.stdout is not None and writer.stderr is not None
+    writer.stdout.close()  # (before it writes a byte)
+    assert writer.wait(60) == 0 and b"Traceback" not in writer.stderr.read()

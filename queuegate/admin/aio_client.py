@@ -21,6 +21,7 @@ from queuegate.admin.protocol import (
     Subscribe,
     check_hello,
     encode_line,
+    no_daemon,
     parse_reply,
     result,
 )
@@ -64,7 +65,7 @@ class AsyncioAdminClient:
         try:
             reader, writer = await asyncio.open_unix_connection(str(self.path), limit=MAX_LINE_BYTES * 64)
         except OSError as exc:
-            raise AdminUnavailable(f"no QueueGate daemon at {self.path}: {exc.strerror or exc}") from None
+            raise AdminUnavailable(no_daemon(self.path, exc)) from None
         try:
             check_hello(await self._receive(reader), self.path)
         except AdminUnavailable:

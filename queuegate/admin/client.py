@@ -22,6 +22,7 @@ from queuegate.admin.protocol import (
     Subscribe,
     check_hello,
     encode_line,
+    no_daemon,
     parse_reply,
     result,
 )
@@ -40,7 +41,7 @@ class AdminClient:
         try:
             stream = await trio.open_unix_socket(str(self.path))
         except OSError as exc:
-            raise AdminUnavailable(f"no QueueGate daemon at {self.path}: {exc.strerror or exc}") from None
+            raise AdminUnavailable(no_daemon(self.path, exc)) from None
         self._lines = LineStream(stream)
         try:
             self.daemon_pid = check_hello(await self._receive(), self.path).pid

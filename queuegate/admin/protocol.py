@@ -146,6 +146,14 @@ class AdminUnavailable(Exception):
     """No daemon answers on the socket, or it speaks another protocol version."""
 
 
+def no_daemon(path: object, exc: OSError) -> str:
+    """Why no daemon answered at `path`, and how to point the command at another one."""
+    return (
+        f"no QueueGate daemon at {path}: {exc.strerror or exc} (a daemon's socket is <state_dir>/admin.sock beside "
+        "its config: run this where its queuegate.toml is, or pass --config FILE or --socket PATH)"
+    )
+
+
 class AdminError(Exception):
     """The daemon refused the request; the message says why."""
 

@@ -6,6 +6,7 @@ Secret values (keys read from the environment) never appear in an error message 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -28,6 +29,7 @@ from queuegate.config.schema import (
 )
 
 _T = TypeVar("_T")
+_INTERNAL = frozenset({"base_dir", "polled"})  # fields the loader sets, not keys a user writes
 
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Inside a model's table these stay literal for the launcher: ${PORT} (its port), ${MODEL} (its name) and
@@ -119,7 +121,31 @@ def _convert(data: Any, type_: type[_T], source: str, path: str) -> _T:
         allowed = _allowed_values(type_, message)
         if allowed:
             message = message.replace(" - at `$", f"; expected one of {', '.join(allowed)} - at `$", 1)
+        unknown = _unknown_key(type_, message, path)
+        if unknown is not None:
+            raise ConfigError(f"{source}: {unknown}") from None
         raise ConfigError(f"{source}: {_readable(message, path)}") from None
+
+
+def _unknown_key(type_: Any, message: str, path: str) -> str | None:
+    """For msgspec's 'Object contains unknown field `x`': which key or section is unknown, and the closest known one
+    (a typo's likely meaning). None for any other message."""
+    found = re.match(r"Object contains unknown field `([^`]*)`(?: - at `\$(.*)`)?$", message)
+    if found is None:
+        return None
+    name, where = found.group(1), found.group(2) or ""
+    for part in re.findall(r"\.(\w+)", where):
+        hints = typing.get_type_hints(type_) if isinstance(type_, type) else {}
+        type_ = _unwrapped(hints.get(part))
+    is_struct = isinstance(type_, type) and issubclass(type_, msgspec.Struct)
+    known = [f.encode_name for f in msgspec.structs.fields(type_) if f.name not in _INTERNAL] if is_struct else []
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    table = ".".join(p for p in (path, where.lstrip(".")) if p)
+    if not table:
+        hint = f"; did you mean [{close[0]}]?" if close else f"; the sections are {', '.join(f'[{k}]' for k in known)}"
+        return f"unknown section [{name}]{hint}"
+    hint = f"; did you mean `{close[0]}`?" if close else f"; the keys of [{table}] are {', '.join(known)}"
+    return f"at `{table}`: unknown key `{name}`{hint}"
 
 
 def _allowed_values(type_: Any, message: str) -> tuple[str, ...]:
