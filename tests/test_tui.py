@@ -16,7 +16,7 @@ from collections.abc import Callable
 import httpx
 import openai
 import trio
-from textual.widgets import Sparkline
+from textual.widgets import Label, Sparkline
 
 from queuegate.admin.aio_client import AsyncioAdminClient
 from queuegate.config import admin_socket_path, build_config
@@ -56,6 +56,8 @@ async def test_keys_preload_and_evict_and_the_row_shows_the_load(start_gateway):
             table = app.query_one(ModelsTable)
             await until(pilot, lambda: table.row_count == 2)
             assert table.selected_key == "a" and cell(app, "a", "STATE") == "stopped"
+            assert cell(app, "a", "IDLE") == "-"  # (never loaded: not idle since the daemon started)
+            assert str(app.query_one(UpstreamsTable).get_cell("a#0", "STATE")) == "stopped"  # (not "loading")
             await pilot.press("p")
 
             def loaded() -> bool:
@@ -233,6 +235,28 @@ async def test_the_batches_panel_shows_progress_and_b_pauses_and_resumes_and_x_c
     await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))
     finished = await in_thread(lambda: client.batches.retrieve(batch.id))
     assert finished.status == "cancelled" and 0 < finished.request_counts.completed < 50
+
+
+async def test_evict_of_a_model_queuegate_does_not_start_asks_nothing_and_help_fits_its_text(start_sim, start_gateway):
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+
+    async def scenario() -> None:
+        app = TopApp(AsyncioAdminClient(admin_socket_path(gw.daemon.config), interval_ms=200))
+        async with app.run_test(size=(150, 45)) as pilot:
+            await until(pilot, lambda: app.query_one(ModelsTable).row_count == 1)
+            await pilot.press("e")
+            await pilot.pause(0.1)
+            assert not isinstance(app.screen, ConfirmScreen)
+            assert any("not started by QueueGate" in str(n.message) for n in app._notifications)
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            label = app.screen.query_one(Label)
+            longest = max(len(line) for line in str(label.render()).splitlines())
+            assert label.region.width >= longest, (label.region.width, longest)  # (no line cut)
+            await pilot.press("escape", "q")
+
+    await trio.to_thread.run_sync(lambda: asyncio.run(scenario()))
 
 
 def test_the_tui_loads_only_the_admin_protocol_of_queuegate():

@@ -501,7 +501,7 @@ class FleetPlanner:
                     device=m.spec.device,
                     memory_gb=m.spec.memory_gb,
                     in_state_s=round(now - m.since, 3),
-                    idle_s=None if m.idle_since is None or not m.spec.managed else round(now - m.idle_since, 3),
+                    idle_s=self._idle_s(m, now),
                     load_s=None if m.load_s is None else round(m.load_s, 3),
                     progress=self._load_progress(m, now) if m.state is ModelState.STARTING else None,
                     crashes=m.crashes,
@@ -522,6 +522,15 @@ class FleetPlanner:
                 )
             )
         return FleetStatistics(models, devices, self.loads, self.swaps)
+
+    @staticmethod
+    def _idle_s(model: _Model, now: float) -> float | None:
+        """How long a loaded model has had nothing to do: since its last request, or since it loaded if later (None:
+        busy, not loaded, or not launched here)."""
+        loaded = model.state in (ModelState.READY, ModelState.DRAINING)
+        if model.idle_since is None or not model.spec.managed or not loaded:
+            return None
+        return round(now - max(model.idle_since, model.since), 3)
 
     def _load_progress(self, model: _Model, now: float) -> SwapProgress:
         elapsed = now - model.since_launch

@@ -180,8 +180,12 @@ class TopApp(App[None]):
             await self._command(Preload(model=model))
 
     def action_evict(self) -> None:
-        model = self.query_one(ModelsTable).selected_key
+        table = self.query_one(ModelsTable)
+        model = table.selected_key
         if model is None:
+            return
+        if not table.is_launched(model):  # (nothing to ask: there is nothing QueueGate could stop)
+            self.notify(f"{model} is not started by QueueGate: nothing to evict", severity="warning")
             return
 
         async def confirmed(answer: bool | None) -> None:

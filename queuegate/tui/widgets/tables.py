@@ -41,10 +41,16 @@ class _KeyedTable(DataTable[str]):
 
 class ModelsTable(_KeyedTable):
     COLUMNS = ("MODEL", "STATE", "DEVICE", "GB", "IN FLIGHT", "WAITING", "IDLE", "LOAD / SWAP")
+    _launched: frozenset[str] = frozenset()  # models QueueGate starts and stops, as of the last status shown
+
+    def is_launched(self, model: str) -> bool:
+        return model in self._launched
 
     def show(self, status: DaemonStatus) -> None:
         rows = []
-        for view in model_views(status.scheduler, status.fleet, status.nodes):
+        views = model_views(status.scheduler, status.fleet, status.nodes)
+        self._launched = frozenset(view.name for view in views if view.managed)
+        for view in views:
             idle = "-" if view.idle_s is None else f"{view.idle_s:.0f} s"
             progress = progress_text(view.progress) if view.progress else (view.reason if view.managed else "")
             cells = (view.name, view.state, view.device or "-", f"{view.memory_gb:g}",
@@ -78,10 +84,15 @@ class UpstreamsTable(_KeyedTable):
     def show(self, status: DaemonStatus) -> None:
         upstreams = [u for model in status.scheduler.models for u in model.upstreams]
         self._drained = frozenset(u.id for u in upstreams if u.drained)
-        rows = [
-            (u.id, (u.id, f"{u.state} (drained)" if u.drained else u.state, f"{u.in_flight}/{u.capacity}", u.reason))
-            for u in upstreams
-        ]
+        # A launched model not loaded: its server is its fleet state (stopped, starting), not a health check's.
+        launched = {m.name: m for m in status.fleet.models if m.managed and m.state != "ready"}
+        rows = []
+        for model in status.scheduler.models:
+            plan = launched.get(model.name)
+            for u in model.upstreams:
+                state, reason = (plan.state, plan.reason) if plan is not None else (u.state, u.reason)
+                state = f"{state} (drained)" if u.drained else state
+                rows.append((u.id, (u.id, state, f"{u.in_flight}/{u.capacity}", reason)))
         self.replace_rows(rows)
 
     def is_drained(self, upstream: str) -> bool:
