@@ -347,7 +347,12 @@ async def _serve_on(endpoints: Endpoints, config: Config | None, listen: str, co
             daemon = Daemon(config, config_path, endpoints=endpoints, lifeline=lifeline)
             nursery.start_soon(_on_signals, daemon, nursery.cancel_scope)
             started = await nursery.start(_run_then_stop_all, daemon, nursery.cancel_scope)
-            print(f"QueueGate listening on {started.base_url}  (OpenAI base URL: {started.base_url}/v1)", flush=True)
+            print(
+                f"QueueGate listening on {started.base_url}  (OpenAI base URL: {started.base_url}/v1)\n"
+                f"  models: {', '.join(started.models) or 'none yet'}\n"
+                f"  watch it: queuegate top (admin socket {started.admin})",
+                flush=True,
+            )
         outer.cancel_scope.cancel()
 
 

@@ -113,6 +113,8 @@ class Started:
     """What `Daemon.run` reports once it is really serving."""
 
     base_url: str  # e.g. http://127.0.0.1:8080 (the bound port, also when configured as 0)
+    models: tuple[str, ...] = ()  # what it serves: each model, its aliases in parentheses
+    admin: str = ""  # its admin socket (`queuegate top`, `queuegate admin`)
 
 
 class Daemon:
@@ -321,13 +323,17 @@ class Daemon:
             self.admission.add_listener(admin.note_change)
             await nursery.start(admin.run)
             fields = {"url": self._base_url, "models": len(self.catalog.models), "admin": str(admin.path)}
-            log.info("listening", extra={"fields": fields})
+            log.debug("listening", extra={"fields": fields})  # (the banner says it: `Started`)
             if self.keyring.open and not _is_loopback(parse_listen(cfg.server.listen)[0]):
                 log.warning(
                     "no [keys] configured and listening beyond loopback: anyone who can reach it may use it",
                     extra={"fields": {"listen": cfg.server.listen}},
                 )
-            task_status.started(Started(self._base_url))
+            served = tuple(
+                f"{spec.name} ({', '.join(spec.aliases)})" if spec.aliases else spec.name
+                for spec in self.catalog.models.values()
+            )
+            task_status.started(Started(self._base_url, served, str(admin.path)))
 
     def status(self) -> DaemonStatus:
         """A snapshot of everything, for the admin socket."""
