@@ -274,3 +274,21 @@ async def sim_stats(gw, model: str) -> dict:
     root = server_root(gw.daemon.catalog.models[model].upstreams[0].base_url)
     async with httpx.AsyncClient() as http:
         return (await http.get(root + "/sim/stats")).json()
+
+
+async def hang_the_only_slot(
+    nursery: trio.Nursery, gw: Gateway, headers: dict[str, str] | None = None
+) -> trio.CancelScope:
+    """Take model "m"'s only slot with a request its simulated upstream never answers (its own fault: no race with
+    what comes after it), so the queue fills at the test's pace; cancel the returned scope to hang up on it."""
+    holder = trio.CancelScope()
+
+    async def hold() -> None:
+        with holder:
+            async with httpx.AsyncClient(timeout=30) as http:
+                chat = {"model": "m", "sim_fault": "hang", "messages": [{"role": "user", "content": "holder"}]}
+                await http.post(gw.api + "/chat/completions", json=chat, headers=headers or {})
+
+    nursery.start_soon(hold)
+    await wait_until(lambda: gw.stats().in_service == 1)
+    return holder

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import trio
 from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 from pydantic_ai import Agent
@@ -13,7 +12,7 @@ from pydantic_ai.messages import ThinkingPart
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
-from tests.helpers import in_thread, wait_until
+from tests.helpers import hang_the_only_slot, in_thread, wait_until
 
 
 async def test_pydantic_ai_keeps_a_queue_notice_as_thinking_and_the_next_turn_does_not_send_it_on(
@@ -23,16 +22,7 @@ async def test_pydantic_ai_keeps_a_queue_notice_as_thinking_and_the_next_turn_do
     gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"notify_min_ms": 0})
     agent = Agent(OpenAIChatModel("m", provider=OpenAIProvider(base_url=gw.api, api_key="unused")))
     async with trio.open_nursery() as nursery:
-        holder = trio.CancelScope()
-
-        async def hold() -> None:  # (the slot's holder hangs at the upstream until we hang up on it)
-            with holder:
-                async with httpx.AsyncClient(timeout=30) as http:
-                    chat = {"model": "m", "sim_fault": "hang", "messages": [{"role": "user", "content": "hold"}]}
-                    await http.post(gw.api + "/chat/completions", json=chat)
-
-        nursery.start_soon(hold)
-        await wait_until(lambda: gw.stats().in_service == 1)
+        holder = await hang_the_only_slot(nursery, gw)
 
         async def first_turn() -> list:
             async with agent.run_stream("first question") as result:

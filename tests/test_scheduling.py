@@ -14,7 +14,7 @@ import openai
 import pytest
 import trio
 
-from tests.helpers import EXCLUSIVE, SECRETS, in_thread, sim_model, wait_until
+from tests.helpers import EXCLUSIVE, SECRETS, hang_the_only_slot, in_thread, sim_model, wait_until
 
 
 def body(content: str, **extra) -> dict:
@@ -86,17 +86,7 @@ async def test_a_flooding_flow_delays_another_flow_by_at_most_one_slot(start_sim
     gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}}, queue={"max_size": 100})
     results: dict[str, httpx.Response] = {}
     async with trio.open_nursery() as nursery:
-        # The holder hangs at the upstream (its own fault, so no race with the requests after it) until we hang
-        # up on it, so the queue fills at our pace.
-        holder = trio.CancelScope()
-
-        async def hold() -> None:
-            with holder:
-                async with httpx.AsyncClient(timeout=30) as http:
-                    await http.post(gw.api + "/chat/completions", json=body("holder", sim_fault="hang"))
-
-        nursery.start_soon(hold)
-        await wait_until(lambda: gw.stats().in_service == 1)
+        holder = await hang_the_only_slot(nursery, gw)
         flood = [("/chat/completions", body(f"flood-{i}"), {"X-Session-Id": "agent"}) for i in range(30)]
         await post_all(gw, nursery, flood, results)
         await post_all(gw, nursery, [("/chat/completions", body("alice"), {"X-Session-Id": "alice"})], results)
@@ -122,15 +112,7 @@ async def test_open_webuis_users_behind_one_key_take_turns(start_sim, start_gate
     auth = {"authorization": f"Bearer {SECRETS['QG_ALICE']}"}
     results: dict[str, httpx.Response] = {}
     async with trio.open_nursery() as nursery:
-        holder = trio.CancelScope()
-
-        async def hold() -> None:
-            with holder:
-                async with httpx.AsyncClient(timeout=30) as http:
-                    await http.post(gw.api + "/chat/completions", json=body("holder", sim_fault="hang"), headers=auth)
-
-        nursery.start_soon(hold)
-        await wait_until(lambda: gw.stats().in_service == 1)
+        holder = await hang_the_only_slot(nursery, gw, auth)
         heavy = {**auth, "X-OpenWebUI-User-Id": "11111111-aaaa", "X-OpenWebUI-Chat-Id": "chat"}
         chats = [
             ("/chat/completions", body(f"heavy-{i}"), {**heavy, "X-OpenWebUI-Chat-Id": f"c{i}"}) for i in range(24)
