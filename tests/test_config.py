@@ -42,8 +42,10 @@ def test_defaults_are_safe():
         ('[models.m]\nupstreams = ["x"]\nkind = "gpt"', "at `models.m.kind`: Invalid enum value 'gpt'"),
         (
             '[models.m]\nupstreams = ["x"]\nmax_concurency = 2',
-            "Object contains unknown field `max_concurency`",
+            "at `models.m`: unknown key `max_concurency`; did you mean `max_concurrency`?",
         ),
+        ('[sever]\nlisten = "127.0.0.1:0"', "unknown section [sever]; did you mean [server]?"),
+        ('[queue]\nzzz = 1', "at `queue`: unknown key `zzz`; the keys of [queue] are max_size, max_wait_s"),
         (
             '[models.m]\nupstreams = ["ftp://h/v1"]',
             "at `models.m.upstreams[0]`: expected an http(s) base URL",
@@ -258,7 +260,7 @@ def test_nodes_named_in_nodes_are_polled_nodes_checked_and_reloaded_live():
     for url in ("http://10.0.0.5:8000:/v1", "http://10.0.0.5:abc/v1", "http://user:pw@10.0.0.5/v1"):
         with pytest.raises(ConfigError, match=r"nodes.box3.url`"):
             parse_config(f'[nodes.box3]\nurl = "{url}"\n')
-    with pytest.raises(ConfigError, match=r"at `nodes.box3`: Object contains unknown field `poll`"):
+    with pytest.raises(ConfigError, match=r"at `nodes.box3`: unknown key `poll`; did you mean `poll_s`\?"):
         parse_config('[nodes.box3]\nurl = "http://10.0.0.5:8000/v1"\npoll = 3\n')
     # A reload applies them at once: added, changed, removed.
     running = parse_config("[nodes]\nwait_s = 2\n")
