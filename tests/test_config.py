@@ -45,7 +45,7 @@ def test_defaults_are_safe():
             "at `models.m`: unknown key `max_concurency`; did you mean `max_concurrency`?",
         ),
         ('[sever]\nlisten = "127.0.0.1:0"', "unknown section [sever]; did you mean [server]?"),
-        ('[queue]\nzzz = 1', "at `queue`: unknown key `zzz`; the keys of [queue] are max_size, max_wait_s"),
+        ("[queue]\nzzz = 1", "at `queue`: unknown key `zzz`; the keys of [queue] are max_size, max_wait_s"),
         (
             '[models.m]\nupstreams = ["ftp://h/v1"]',
             "at `models.m.upstreams[0]`: expected an http(s) base URL",
