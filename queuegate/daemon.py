@@ -549,6 +549,8 @@ def _planner_policy(config: Config) -> PlannerPolicy:
         restart_backoff_s=fleet.restart_backoff_s,
         failure_hold_s=fleet.failure_hold_s,
         abort_abandoned=fleet.abandoned_load == "abort",
+        # The lowest class is background work (batch jobs): it uses idle capacity (see PlannerPolicy).
+        background_rank=len(config.queue.classes) - 1 if len(config.queue.classes) > 1 else None,
     )
 
 

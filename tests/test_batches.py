@@ -324,3 +324,28 @@ def test_retention_deletes_old_finished_batches_their_files_and_stray_files(tmp_
         assert store.integrity() == "ok"
     finally:
         store.close()
+
+
+async def test_a_batch_waits_for_idle_capacity_it_never_swaps_a_model_out_between_a_users_chats(start_gateway):
+    """Two launched models (real simulator processes) on one exclusive device: a user chats with a, one chat every
+    0.6 s; a batch wants b. The batch gets the device only once a has been left alone for swap_after_ms, so the
+    user's chats never wait for a swap, and no line is sent to a server being stopped (none fails)."""
+    launched = {"launcher": "process", "kind": "llamacpp", "device": "gpu", "memory_gb": 10, "startup_timeout_s": 20}
+    models = {name: {**launched, "cmd": [*SIM, "--tokens-per-s", "0"]} for name in ("a", "b")}
+    gw = await start_gateway(
+        models, devices={"gpu": {"memory_gb": 24, "exclusive": True}}, fleet={"swap_after_ms": 2000}, **FAST
+    )
+    client = gw.client(timeout=30)
+    ask = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    await in_thread(lambda: client.chat.completions.create(**ask))  # (a loaded)
+    batch = await submit(client, [chat_line(f"b{i}", "b") for i in range(20)])
+    waits = []
+    for _ in range(8):
+        started = trio.current_time()
+        await in_thread(lambda: client.chat.completions.create(**ask))
+        waits.append(trio.current_time() - started)
+        await trio.sleep(0.6)
+    assert gw.daemon.fleet.statistics().swaps == 0 and max(waits) < 0.5, waits  # (no swap while the user chats)
+    batch = await finished(client, batch.id, timeout=30)  # the user left: the batch gets the device
+    assert batch.status == "completed" and batch.request_counts.completed == 20 and batch.error_file_id is None
+    assert gw.daemon.fleet.statistics().swaps == 1

@@ -201,13 +201,18 @@ class Fleet:
                     scope.cancel()
 
     def _publish(self) -> None:
-        for transition in self._planner.take_transitions():
+        transitions = self._planner.take_transitions()
+        # The scheduler takes each model's last state only: a model that turned ready and was stopped in the same
+        # plan must not look ready for an instant (requests would be granted to a server being stopped).
+        last = {t.model: t for t in transitions}
+        for transition in last.values():
             model = self._catalog.models[transition.model]  # always a managed one: external models never move
             state = _UPSTREAM_STATE.get(transition.state, UpstreamState.LOADING)
             name = transition.state.value
             reason = name if transition.reason == name else f"{name}: {transition.reason}"
             for upstream in model.upstreams:
                 self._admission.set_upstream_state(upstream.id, state, reason)
+        for transition in transitions:
             level = logging.WARNING if transition.crashed else logging.INFO
             fields = {"model": transition.model, "state": transition.state.value, "reason": transition.reason}
             log.log(level, "model state", extra={"fields": fields})

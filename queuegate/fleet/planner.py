@@ -103,6 +103,9 @@ class PlannerPolicy:
     restart_backoff_s: float = 2.0
     failure_hold_s: float = 30.0
     abort_abandoned: bool = False
+    # Demand of this class rank or lower (the batch class) is background work: it takes a device only once what is
+    # on it has been idle swap_after_s, so it uses idle capacity and never swaps a model out between a user's chats.
+    background_rank: int | None = None
 
 
 class Want(enum.Enum):
@@ -121,6 +124,7 @@ class _Model:
     since: float = 0.0  # when it entered its state
     ready_at: float = 0.0  # when it last became ready: the start of its residency
     idle_since: float | None = None  # nothing waiting or in flight since then
+    foreground_at: float | None = None  # when work above the background class last waited for it or ran on it
     since_launch: float = 0.0  # when it was last launched
     launched: bool = False  # its server process or container is up (waiting for health)
     want: Want | None = None
@@ -309,6 +313,10 @@ class FleetPlanner:
             model.idle_since = None
         elif model.idle_since is None:
             model.idle_since = now
+        background = self.policy.background_rank
+        ranks = [r for r in (demand.top_rank, demand.serving_rank) if r is not None]
+        if background is not None and ranks and min(ranks) < background:
+            model.foreground_at = now  # (someone other than background work is using it now)
         state = model.state
         if state is ModelState.FAILED and now >= model.retry_at:
             self._set(model, ModelState.STOPPED, "failure hold over", now)
@@ -378,7 +386,13 @@ class FleetPlanner:
 
     def _swap_allowed_at(self, resident: _Model, newcomer: _Model, now: float) -> float:
         """When rule 2 lets `newcomer` displace `resident` (a time not after `now`: at once)."""
-        if not self._busy(resident, now) or newcomer.want is Want.OPERATOR:
+        if newcomer.want is Want.OPERATOR:
+            return now
+        wanted = self._demand.get(newcomer.spec.name, NO_DEMAND)
+        background = self.policy.background_rank
+        if background is not None and wanted.top_rank is not None and wanted.top_rank >= background:
+            return self._background_allowed_at(resident, now)
+        if not self._busy(resident, now):
             return now
         held = self._demand.get(resident.spec.name, NO_DEMAND)
         wants = self._demand.get(newcomer.spec.name, NO_DEMAND)
@@ -390,6 +404,18 @@ class FleetPlanner:
         if not held.waiting and not held.in_flight and resident.idle_since is not None:
             allowed_at = min(allowed_at, resident.idle_since + self.policy.idle_grace_s)  # its grace runs out
         return allowed_at
+
+    def _background_allowed_at(self, resident: _Model, now: float) -> float:
+        """When background work (the batch class) may displace `resident`: swap_after_s after anyone but background
+        work last used it (so a user's next chat finds it loaded), else as soon as its idle grace is over."""
+        held = self._demand.get(resident.spec.name, NO_DEMAND)
+        if resident.foreground_at is not None:
+            if held.waiting or held.in_flight:
+                return now + self.policy.swap_after_s  # (busy: looked at again then, or when its work ends)
+            return max(now, resident.foreground_at + self.policy.swap_after_s)
+        if held.waiting or held.in_flight or resident.idle_since is None:
+            return now + self.policy.idle_grace_s
+        return max(now, resident.idle_since + self.policy.idle_grace_s)
 
     def _busy(self, model: _Model, now: float) -> bool:
         demand = self._demand.get(model.spec.name, NO_DEMAND)
