@@ -8,7 +8,7 @@ from textual.widgets import DataTable
 
 from queuegate.admin.protocol import DaemonStatus
 from queuegate.statistics import model_views, node_devices_text, node_model_text
-from queuegate.tui.widgets.progress import progress_text
+from queuegate.tui.widgets.progress import bar, progress_text
 
 
 class _KeyedTable(DataTable[str]):
@@ -174,8 +174,7 @@ class BatchesTable(_KeyedTable):
         rows = []
         for b in status.batches:
             done = b.completed + b.failed
-            filled = round(_BAR * done / b.total) if b.total else _BAR
-            progress = f"{'█' * filled}{'░' * (_BAR - filled)} {done}/{b.total}"
+            progress = f"{bar(done / b.total if b.total else 1.0)} {done}/{b.total}"
             left = "-" if b.eta_s is None or b.paused else f"~{b.eta_s:.0f} s"
             state = f"{b.status} (paused)" if b.paused else b.status
             rows.append((b.id, (b.id, b.key or "-", state, progress, str(b.failed), str(b.in_flight),
@@ -184,6 +183,3 @@ class BatchesTable(_KeyedTable):
 
     def is_paused(self, batch: str) -> bool:
         return batch in self._paused
-
-
-_BAR = 12
