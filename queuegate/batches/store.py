@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS lines (
 );
 CREATE INDEX IF NOT EXISTS lines_todo ON lines (batch_id, outcome, model);
 """
+_SELECT_FILE = "SELECT id, purpose, filename, bytes, created_at FROM files"  # (the columns `_file_document` reads)
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
 
 
@@ -113,21 +114,15 @@ class BatchStore:
         """Store a file whole (written, synced and renamed into place before its row is committed)."""
         _write_whole(self.path_of(document["id"]), content)
         with self._transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
-                (document["id"], key, document["purpose"], document["filename"], document["bytes"],
-                 document["created_at"]),
-            )  # fmt: skip
+            _put_file(db, document, key)
 
     def file(self, file_id: str, key: str | None) -> dict[str, Any] | None:
-        row = self._db.execute(
-            "SELECT id, purpose, filename, bytes, created_at FROM files WHERE id = ? AND key IS ?", (file_id, key)
-        ).fetchone()
+        row = self._db.execute(_SELECT_FILE + " WHERE id = ? AND key IS ?", (file_id, key)).fetchone()
         return None if row is None else _file_document(row)
 
     def files(self, key: str | None, purpose: str | None, limit: int, after: str | None) -> list[dict[str, Any]]:
         """The key's files, newest first (after: from the one after that id)."""
-        query = "SELECT id, purpose, filename, bytes, created_at FROM files WHERE key IS ?"
+        query = _SELECT_FILE + " WHERE key IS ?"
         args: list[Any] = [key]
         if purpose is not None:
             query += " AND purpose = ?"
@@ -249,10 +244,7 @@ class BatchStore:
             file["bytes"] = self.path_of(file["id"]).stat().st_size
         with self._transaction() as db:
             for file in files:
-                db.execute(
-                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
-                    (file["id"], key, "batch_output", file["filename"], file["bytes"], file["created_at"]),
-                )
+                _put_file(db, {**file, "purpose": "batch_output"}, key)
             _save(db, document)
 
     def purge(self, before: int) -> int:
@@ -275,6 +267,12 @@ class BatchStore:
 
     def integrity(self) -> str:
         return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def _put_file(db: sqlite3.Connection, file: dict[str, Any], key: str | None) -> None:
+    """A file's row (its id, purpose, filename, bytes and created_at), new or replaced."""
+    row = (file["id"], key, file["purpose"], file["filename"], file["bytes"], file["created_at"])
+    db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", row)
 
 
 def _save(db: sqlite3.Connection, document: dict[str, Any]) -> dict[str, int]:
