@@ -132,8 +132,9 @@ class Fleet:
         if progress is None:
             return None
         eta = progress.eta_s
-        if eta is not None and progress.phase.startswith("draining "):
-            eta += self._admission.service_s(progress.phase.removeprefix("draining ")) or 0.0
+        draining = self._planner.draining_for(model)
+        if eta is not None and draining is not None:
+            eta += self._admission.service_s(draining) or 0.0
         spec = self._catalog.models.get(model)
         bound = spec.launch.startup_timeout_s if spec is not None and spec.launch is not None else None
         return LoadOutlook(progress.phase, eta, bound if eta is None else None)

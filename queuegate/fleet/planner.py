@@ -515,6 +515,18 @@ class FleetPlanner:
         busy = f"waiting for device {model.spec.device}" if model.spec.device else "waiting to be loaded"
         return SwapProgress(name, busy, 0.0, None)
 
+    def draining_for(self, name: str) -> str | None:
+        """The model draining to make room for `name` now, if its swap is at that step (None: it is not)."""
+        model = self._models.get(name)
+        swap = self._swaps.get(model.spec.device or "") if model is not None else None
+        if swap is None or swap.target != name or model is None or model.state is ModelState.STARTING:
+            return None
+        for victim in swap.victims:
+            state = self._models[victim].state
+            if state in (ModelState.DRAINING, ModelState.STOPPING):  # (the first one on its way out is the phase)
+                return victim if state is ModelState.DRAINING else None
+        return None
+
     def statistics(self, now: float) -> FleetStatistics:
         models = []
         for name, m in self._models.items():
