@@ -411,21 +411,19 @@ class NodeRegistry:
             upstream = make_upstream(
                 f"{name}@{node.name}", name, urls[name], health_path, model.max_concurrency, model.api_key, host
             )
-            if node.upstreams.get(name) == upstream:
-                self._pool.set_upstream_load_cost(upstream.id, _load_cost(model.state))
-                if back:  # (unchanged, but not polled while its node was stale)
-                    self._pool.set_upstream_state(upstream.id, UpstreamState.LOADING, f"node {node.name} is back")
-                    self._health.watch(upstream)
-                continue
-            if name in node.upstreams:  # the same upstream, changed (a new address, key): its requests stay
-                self._catalog.replace_upstream(upstream)
-                self._pool.replace_upstream(upstream.id, upstream.capacity)
-            else:
-                self._catalog.add_upstream(upstream, spec)
-                self._pool.add_upstream(upstream.id, name, upstream.capacity)
-            node.upstreams[name] = upstream
+            if node.upstreams.get(name) != upstream:
+                if name in node.upstreams:  # the same upstream, changed (a new address, key): its requests stay
+                    self._catalog.replace_upstream(upstream)
+                    self._pool.replace_upstream(upstream.id, upstream.capacity)
+                else:
+                    self._catalog.add_upstream(upstream, spec)
+                    self._pool.add_upstream(upstream.id, name, upstream.capacity)
+                node.upstreams[name] = upstream
+                self._health.watch(upstream)
+            elif back:  # (unchanged, but not polled while its node was stale)
+                self._pool.set_upstream_state(upstream.id, UpstreamState.LOADING, f"node {node.name} is back")
+                self._health.watch(upstream)
             self._pool.set_upstream_load_cost(upstream.id, _load_cost(model.state))
-            self._health.watch(upstream)
         if back:
             log.info("node back", extra={"fields": {"node": node.name}})
 
