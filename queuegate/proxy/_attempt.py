@@ -25,7 +25,7 @@ import trio
 from queuegate.errors import GatewayError, UpstreamError, UpstreamTimeout
 from queuegate.fleet.catalog import Upstream
 from queuegate.proxy._convert import AnswerFromEvents, answer_as_events
-from queuegate.proxy._dialects import DIALECTS, WireUsage
+from queuegate.proxy._dialects import DIALECTS, OPENAI_STREAMS, WireUsage
 from queuegate.proxy._forwarder import ChunkReader, Forwarder, RetryableFailure, UpstreamResponse, close_response
 from queuegate.proxy._record import RequestRecord, Usage, tokens_in
 from queuegate.proxy._relay import EventReader, RelayStream, looks_like_sse
@@ -149,7 +149,7 @@ class Attempts:
                 raise RetryableFailure(f"upstream {upstream.id} sent invalid JSON") from None
             estimate = Usage.estimate(record.prompt_chars, tokens_in(_answer_chars(parsed)))
             record.usage = parsed.usage.usage() if parsed.usage is not None else estimate
-            if record.stream and dialect.openai and record.endpoint != "embeddings":  # it asked for a stream
+            if record.stream and record.endpoint in OPENAI_STREAMS:  # it asked for a stream: it gets one
                 events = answer_as_events(
                     msgspec.json.decode(body), chat=record.endpoint == "chat", include_usage=record.wants_usage
                 )

@@ -73,6 +73,7 @@ OPENAI = Dialect(openai=True, end=re.compile(rb"(?m)^data:[ \t]*\[DONE\]"))
 RESPONSES = Dialect(openai=False, end=re.compile(rb'"type"\s*:\s*"response\.(?:completed|incomplete|failed)"'))
 MESSAGES = Dialect(openai=False, end=re.compile(rb'"type"\s*:\s*"message_stop"'))
 DIALECTS = {"chat": OPENAI, "completions": OPENAI, "embeddings": OPENAI, "responses": RESPONSES, "messages": MESSAGES}
+OPENAI_STREAMS = frozenset({"chat", "completions"})  # the endpoints whose streams QueueGate reads and makes (OPENAI)
 
 
 def _event_value(block: bytes, kind: bytes, path: tuple[str, ...]) -> Any:

@@ -27,6 +27,7 @@ import msgspec
 import trio
 
 from queuegate.errors import GatewayError, InternalError, UpstreamError
+from queuegate.proxy._dialects import OPENAI_STREAMS
 from queuegate.proxy._record import CLIENT_CLOSED, RequestRecord
 from queuegate.proxy._relay import RelayStream
 from queuegate.proxy._reply import Reply
@@ -52,7 +53,7 @@ class NoticePolicy:
     keepalive_s: float = 10.0
 
     def applies(self, record: RequestRecord) -> bool:
-        if not record.stream or record.endpoint not in ("chat", "completions") or self.mode == "never":
+        if not record.stream or record.endpoint not in OPENAI_STREAMS or self.mode == "never":
             return False
         return self.mode == "always" or record.klass == "user"
 

@@ -18,7 +18,7 @@ import trio
 from queuegate.errors import GatewayError, ModelNotFound, NotSupported
 from queuegate.fleet.catalog import Catalog, ModelSpec, Upstream
 from queuegate.proxy._attempt import Attempts, UpstreamBusy, UpstreamNotReady
-from queuegate.proxy._dialects import DIALECTS
+from queuegate.proxy._dialects import OPENAI_STREAMS
 from queuegate.proxy._forwarder import Forwarder, RetryableFailure
 from queuegate.proxy._notices import NoticePolicy, QueuedStream, strip_notices
 from queuegate.proxy._record import RequestRecord
@@ -175,8 +175,7 @@ class Proxy:
         upstream_body = {**spec.defaults, **request.body, "model": spec.upstream_model}
         if tools is not None and tools.suppresses(tool_mode, spec):
             upstream_body = {k: v for k, v in upstream_body.items() if k not in TOOL_FIELDS}
-        openai_stream = DIALECTS[record.endpoint].openai and record.endpoint != "embeddings"
-        if record.stream and spec.kind.stream_usage and openai_stream and not record.wants_usage:
+        if record.stream and spec.kind.stream_usage and record.endpoint in OPENAI_STREAMS and not record.wants_usage:
             # Count the tokens of every stream: ask for the usage chunk, and keep it from the client who did not.
             options = request.body.get("stream_options") or {}
             upstream_body["stream_options"] = {**options, "include_usage": True}
