@@ -154,7 +154,7 @@ def render_status(status: DaemonStatus) -> str:
             f"node {node.name} at {node.address}: {state}, last heartbeat {node.last_heartbeat_s:g} s ago; "
             f"{served}{devices}"
         )
-    lines += render_batches(status).splitlines() if status.batches else []
+    lines += [f"batch {batch_text(b)}" for b in status.batches]
     for request in status.requests:
         if request.step is not None:
             lines.append(f"request {request.id} ({request.model}): tool loop {request.step}")
