@@ -521,11 +521,8 @@ class FleetPlanner:
         swap = self._swaps.get(model.spec.device or "") if model is not None else None
         if swap is None or swap.target != name or model is None or model.state is ModelState.STARTING:
             return None
-        for victim in swap.victims:
-            state = self._models[victim].state
-            if state in (ModelState.DRAINING, ModelState.STOPPING):  # (the first one on its way out is the phase)
-                return victim if state is ModelState.DRAINING else None
-        return None
+        leaving = self._leaving(swap)
+        return leaving.spec.name if leaving is not None and leaving.state is ModelState.DRAINING else None
 
     def statistics(self, now: float) -> FleetStatistics:
         models = []
@@ -583,14 +580,22 @@ class FleetPlanner:
             load = self._load_progress(target, now)
             return SwapProgress(swap.target, load.phase, elapsed, load.eta_s)
         eta: float | None = target.load_s
+        victim = self._leaving(swap)
+        if victim is not None:
+            verb = "draining" if victim.state is ModelState.DRAINING else "stopping"
+            if victim.stop_s is not None and eta is not None:
+                eta += max(0.0, victim.stop_s - (now - victim.since)) if verb == "stopping" else victim.stop_s
+            phase = f"{verb} {victim.spec.name}"
+            return SwapProgress(swap.target, phase, elapsed, None if eta is None else round(eta, 1))
+        return SwapProgress(swap.target, f"starting {swap.target}", elapsed, None if eta is None else round(eta, 1))
+
+    def _leaving(self, swap: _Swap) -> _Model | None:
+        """The first of a swap's victims still on its way out (draining or stopping): the swap's phase."""
         for name in swap.victims:
             victim = self._models[name]
             if victim.state in (ModelState.DRAINING, ModelState.STOPPING):
-                verb = "draining" if victim.state is ModelState.DRAINING else "stopping"
-                if victim.stop_s is not None and eta is not None:
-                    eta += max(0.0, victim.stop_s - (now - victim.since)) if verb == "stopping" else victim.stop_s
-                return SwapProgress(swap.target, f"{verb} {name}", elapsed, None if eta is None else round(eta, 1))
-        return SwapProgress(swap.target, f"starting {swap.target}", elapsed, None if eta is None else round(eta, 1))
+                return victim
+        return None
 
 
 def _average(previous: float | None, sample: float) -> float:
