@@ -311,19 +311,19 @@ class BatchService:
     async def _run_batch(self, run: _Run) -> None:
         document = run.document
         try:
-            ended = "completed"
+            window_ended = False
             if document["status"] == "in_progress":
                 deadline = trio.current_time() + document["expires_at"] - time.time()
                 with trio.move_on_at(deadline) as window, run.scope:
                     await self._run_lines(run)
-                run.finishing = True
-                if run.cancelling:
-                    ended = "cancelled"
-                elif window.cancelled_caught and await self._db(self._store.open_lines, document["id"]):
-                    ended = "expired"  # (not when its last line finished just as the window ended)
-            elif document["status"] == "cancelling":
+                window_ended = window.cancelled_caught
+            run.finishing = True  # (from here a cancel changes nothing; a batch resumed as cancelling is cancelling)
+            if run.cancelling:
                 ended = "cancelled"
-            run.finishing = True
+            elif window_ended and await self._db(self._store.open_lines, document["id"]):
+                ended = "expired"  # (not when its last line finished just as the window ended)
+            else:
+                ended = "completed"
             await self._finish(run, ended)
         except Exception:
             log.exception(
