@@ -130,7 +130,7 @@ def serve_app(app: Any, *, backlog: int = 100) -> None:
 class Result:
     requests: int = 0
     errors: int = 0
-    chunks: int = 0
+    events: int = 0
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
 
@@ -154,7 +154,9 @@ class Connection:
         self.buffer = bytearray()
 
     async def request(self, raw: bytes) -> tuple[int, int]:
-        """Send one request; return (status, number of body chunks)."""
+        """Send one request; return (status, number of events): the SSE events of a chunked (streamed) body,
+        counted by their blank-line ends so how the server groups them into writes does not matter; 1 for a
+        plain body."""
         if self.stream is None:
             self.stream = await trio.open_tcp_stream(self.host, self.port)
             self.buffer.clear()
@@ -167,19 +169,19 @@ class Connection:
             name, _, value = line.partition(b":")
             headers[name.strip().lower()] = value.strip().lower()
         if headers.get(b"transfer-encoding") == b"chunked":
-            chunks = 0
+            body = bytearray()
             while True:
                 size = int((await self._read_until(b"\r\n")).split(b";")[0], 16)
-                await self._read_exactly(size + 2)
+                body += (await self._read_exactly(size + 2))[:size]
                 if size == 0:
                     break
-                chunks += 1
+            events = body.count(b"\n\n")
         else:
             await self._read_exactly(int(headers.get(b"content-length", b"0")))
-            chunks = 1
+            events = 1
         if headers.get(b"connection") == b"close":
             await self.close()
-        return status, chunks
+        return status, events
 
     async def close(self) -> None:
         if self.stream is not None:
@@ -231,7 +233,7 @@ async def drive(
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 try:
-                    status, chunks = await conn.request(raw)
+                    status, events = await conn.request(raw)
                 except (OSError, ConnectionError, ValueError, IndexError):
                     result.errors += 1
                     await conn.close()
@@ -239,7 +241,7 @@ async def drive(
                 result.latencies.append(time.perf_counter() - t0)
                 if status == 200:
                     result.requests += 1
-                    result.chunks += chunks
+                    result.events += events
                 else:
                     result.errors += 1
         finally:

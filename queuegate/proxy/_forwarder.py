@@ -1,4 +1,4 @@
-"""The one boundary where bytes go to an upstream: httpcore (the lean engine under httpx) and its errors.
+"""The one boundary where bytes go to an upstream: its HTTP/1.1 connections (`_http11`) and their errors.
 
 Transport and trio errors become domain errors here and nowhere else. Every wait is under a deadline; every
 response is closed with `close_response`, shielded, so a cancelled request still closes its upstream connection.
@@ -7,14 +7,14 @@ response is closed with `close_response`, shielded, so a cancelled request still
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+import ssl
 from dataclasses import dataclass
 
-import httpcore
 import trio
 
 from queuegate.errors import UpstreamError, UpstreamTimeout
 from queuegate.fleet.catalog import Upstream
+from queuegate.proxy._http11 import ConnectFailed, ConnectionDropped, Http11Connection, Target
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,43 +45,40 @@ class RetryableFailure(UpstreamError):
         self.dropped = dropped
 
 
-_DROPPED = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
-
-
 class UpstreamConnections:
-    """Idle keep-alive connections per upstream server (its base URL: an upstream a node registers again at another
-    address gets new ones), reused newest first.
+    """Idle keep-alive connections per upstream server (scheme, host and port: an upstream a node registers again
+    at another address gets new ones), reused newest first.
 
-    httpcore's own pool polls every pooled socket for expiry on every request (one syscall each), which at a few
-    hundred connections costs more than the forwarding itself. The scheduler already bounds how many requests run
-    on an upstream, so this pool only keeps idle connections and checks the one it hands out.
+    The scheduler already bounds how many requests run on an upstream, so this pool only keeps idle connections
+    and checks the one it hands out (a general pool polling every idle socket on every request costs more than the
+    forwarding itself at a few hundred connections).
     """
 
     def __init__(self, keepalive_expiry_s: float, max_idle_per_upstream: int) -> None:
         self._expiry = keepalive_expiry_s
         self._max_idle = max_idle_per_upstream
-        self._idle: dict[str, list[httpcore.AsyncHTTPConnection]] = {}
-        self._origins: dict[str, httpcore.Origin] = {}
+        self._idle: dict[tuple[bool, str, int], list[Http11Connection]] = {}
+        self._tls: ssl.SSLContext | None = None  # made on the first https upstream (making one is slow)
 
-    async def checkout(self, upstream: Upstream) -> tuple[httpcore.AsyncHTTPConnection, bool]:
-        """A connection to `upstream` and whether it is a reused one (a fresh one connects on first use)."""
-        idle = self._idle.get(upstream.base_url)
+    async def checkout(self, server: tuple[bool, str, int]) -> tuple[Http11Connection, bool]:
+        """A connection to `server` and whether it is a reused one (a fresh one connects on first use)."""
+        idle = self._idle.get(server)
         while idle:
             connection = idle.pop()
-            if not connection.has_expired():
+            if not connection.expired():
                 return connection, True
             await connection.aclose()
-        origin = self._origins.get(upstream.base_url)
-        if origin is None:
-            origin = self._origins[upstream.base_url] = httpcore.URL(upstream.base_url).origin
-        return httpcore.AsyncHTTPConnection(origin, keepalive_expiry=self._expiry), False
+        tls = server[0]
+        if tls and self._tls is None:
+            self._tls = ssl.create_default_context()
+        return Http11Connection(server, self._expiry, self._tls if tls else None), False
 
-    async def checkin(self, upstream: Upstream, connection: httpcore.AsyncHTTPConnection) -> None:
+    async def checkin(self, server: tuple[bool, str, int], connection: Http11Connection) -> None:
         """Keep a connection whose exchange completed cleanly; close anything else."""
-        idle = self._idle.setdefault(upstream.base_url, [])
-        if connection.is_idle() and len(idle) < self._max_idle:
+        idle = self._idle.setdefault(server, [])
+        if connection.finish_exchange() and len(idle) < self._max_idle:
             idle.append(connection)
-        elif not connection.is_closed():
+        else:
             await connection.aclose()
 
     async def __aenter__(self) -> UpstreamConnections:
@@ -97,85 +94,83 @@ class UpstreamConnections:
 
 
 class UpstreamResponse:
-    """An upstream's answer: status, headers and a body stream; `aclose` gives the connection back to the pool."""
+    """An upstream's answer: status, headers and a body read with `receive_body`; `aclose` gives the connection
+    back to the pool."""
 
     def __init__(
         self,
-        response: httpcore.Response,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
         upstream: Upstream,
-        connection: httpcore.AsyncHTTPConnection,
+        connection: Http11Connection,
         pool: UpstreamConnections,
+        server: tuple[bool, str, int],
     ) -> None:
-        self.status = response.status
+        self.status = status
         self.upstream = upstream
-        self._response = response
+        self._headers = headers
         self._connection = connection
         self._pool = pool
+        self._server = server
 
     def header(self, name: bytes) -> str | None:
-        for key, value in self._response.headers:
-            if key.lower() == name:
+        for key, value in self._headers:
+            if key == name:
                 return value.decode("latin-1")
         return None
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        return self._response.stream.__aiter__()  # type: ignore[union-attr]
+    async def receive_body(self) -> bytes | None:
+        """All the body that has arrived (see `Http11Connection.receive_body`), or None after its end."""
+        return await self._connection.receive_body()
 
     async def aclose(self) -> None:
-        await self._response.aclose()
-        await self._pool.checkin(self.upstream, self._connection)
+        await self._pool.checkin(self._server, self._connection)
 
 
 class Forwarder:
     def __init__(self, pool: UpstreamConnections, timeouts: Timeouts) -> None:
         self._pool = pool
         self.timeouts = timeouts
-        # httpcore applies these per socket operation; our trio deadlines bound the waits that matter.
-        self._extensions = {"timeout": {"connect": timeouts.connect_s, "write": timeouts.idle_s}}
-        self._urls: dict[tuple[str, str], httpcore.URL] = {}  # parsed once per upstream and path
+        self._targets: dict[tuple[str, str], Target] = {}  # parsed once per upstream and path
 
     async def send(
         self, upstream: Upstream, path: str, body: bytes, request_id: str, deadline: float
     ) -> UpstreamResponse:
         """POST `body` to the upstream; returns once the response headers arrived. Caller closes the response."""
-        url = self._urls.get((upstream.base_url, path))
-        if url is None:
-            url = self._urls[upstream.base_url, path] = httpcore.URL(upstream.base_url + path)
-        request = httpcore.Request(
-            b"POST",
-            url,
-            headers=[
-                *upstream.headers,
-                (b"content-length", str(len(body)).encode()),
-                (b"x-request-id", request_id.encode()),
-            ],
-            content=body,
-            extensions=self._extensions,
-        )
+        target = self._targets.get((upstream.base_url, path))
+        if target is None:
+            target = self._targets[upstream.base_url, path] = Target.of(upstream.base_url + path)
+        headers = [
+            *upstream.headers,
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
         try:
             with trio.fail_at(min(trio.current_time() + self.timeouts.first_byte_s, deadline)):
-                return await self._exchange(upstream, request)
+                return await self._exchange(upstream, target, headers, body)
         except trio.TooSlowError:
             if trio.current_time() >= deadline:
                 raise UpstreamTimeout(f"upstream {upstream.id} took too long to answer in all") from None
             raise UpstreamTimeout(
                 f"upstream {upstream.id} sent no response within {self.timeouts.first_byte_s:g} s"
             ) from None
-        except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-            raise RetryableFailure(f"cannot connect to upstream {upstream.id}: {_why(exc)}", unreachable=True) from None
-        except _DROPPED as exc:
+        except ConnectFailed as exc:
+            raise RetryableFailure(f"cannot connect to upstream {upstream.id}: {exc}", unreachable=True) from None
+        except ConnectionDropped as exc:
             raise RetryableFailure(
-                f"upstream {upstream.id} closed the connection before responding: {_why(exc)}", dropped=True
+                f"upstream {upstream.id} closed the connection before responding: {exc}", dropped=True
             ) from None
 
-    async def _exchange(self, upstream: Upstream, request: httpcore.Request) -> UpstreamResponse:
+    async def _exchange(
+        self, upstream: Upstream, target: Target, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> UpstreamResponse:
         """Send on a pooled connection. A reused one the server closed while idle is retried once on a fresh one:
         the server dropped it before reading the request, so nothing was processed twice."""
         while True:
-            connection, reused = await self._pool.checkout(upstream)
+            connection, reused = await self._pool.checkout(target.server)
             try:
-                response = await connection.handle_async_request(request)
-            except (*_DROPPED, httpcore.ConnectionNotAvailable):
+                status, response_headers = await connection.request(target, headers, body, self.timeouts.connect_s)
+            except ConnectionDropped:
                 await _close_shielded(connection)
                 if reused:
                     continue
@@ -183,45 +178,38 @@ class Forwarder:
             except BaseException:
                 await _close_shielded(connection)
                 raise
-            return UpstreamResponse(response, upstream, connection, self._pool)
+            return UpstreamResponse(status, response_headers, upstream, connection, self._pool, target.server)
 
 
-async def _close_shielded(connection: httpcore.AsyncHTTPConnection) -> None:
+async def _close_shielded(connection: Http11Connection) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(2):
         await connection.aclose()
 
 
 class ChunkReader:
-    """Reads body chunks one by one under the idle and total deadlines (no async generator to finalize)."""
+    """Reads a body as it arrives, under the idle and total deadlines (no async generator to finalize)."""
 
     def __init__(self, response: UpstreamResponse, idle_s: float, deadline: float) -> None:
-        self._iterator = response.chunks()
+        self._response = response
         self._upstream = response.upstream
         self._idle_s = idle_s
         self._deadline = deadline
 
     async def next(self) -> bytes | None:
-        """The next chunk, or None at the end. Raises UpstreamTimeout / UpstreamError if the upstream fails."""
+        """All the body that arrived since the last read (waiting for some), or None at the end. Raises
+        UpstreamTimeout / UpstreamError if the upstream fails."""
         try:
             with trio.fail_at(min(trio.current_time() + self._idle_s, self._deadline)):
-                return await self._iterator.__anext__()
-        except StopAsyncIteration:
-            return None
+                return await self._response.receive_body()
         except trio.TooSlowError:
             if trio.current_time() >= self._deadline:
                 raise UpstreamTimeout(f"upstream {self._upstream.id} took too long to answer in all") from None
             raise UpstreamTimeout(f"upstream {self._upstream.id} stalled: nothing for {self._idle_s:g} s") from None
-        except _DROPPED as exc:
-            raise UpstreamError(
-                f"upstream {self._upstream.id} dropped the connection mid-response: {_why(exc)}"
-            ) from None
+        except ConnectionDropped as exc:
+            raise UpstreamError(f"upstream {self._upstream.id} dropped the connection mid-response: {exc}") from None
 
 
 async def close_response(response: UpstreamResponse) -> None:
     """Close the upstream response even inside a cancelled scope (a client disconnect must reach the upstream)."""
     with trio.CancelScope(shield=True), trio.move_on_after(2):
         await response.aclose()
-
-
-def _why(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
