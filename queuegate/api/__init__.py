@@ -1,7 +1,10 @@
-"""HTTP: the routes (`app.py`: OpenAI's API, usage, health, metrics; they only translate between HTTP and the
-daemon's components) and the server under them (`server.py`: the listening socket, client connections with write
-deadlines, refusals below the app)."""
+"""HTTP: the routes (`relay.py`: the hot OpenAI routes as plain ASGI; `app.py`: the rest, in Quart; they only
+translate between HTTP and the daemon's components), what every request goes through (`_lifetime.py`, `cors.py`)
+and the server under them (`server.py`: the listening socket, client connections with write deadlines, refusals
+below the app)."""
 
-from queuegate.api.app import InFlight, Routes, create_app
+from queuegate.api._lifetime import InFlight
+from queuegate.api._routes import Routes
+from queuegate.api.app import create_app
 
 __all__ = ["InFlight", "Routes", "create_app"]

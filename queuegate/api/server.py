@@ -248,6 +248,8 @@ class ClientConnection(TCPServer):
         super().__init__(_ConnectionApp(app, self), config, context, lifespan_state, stream)  # type: ignore[arg-type]
         self._writing: trio.CancelScope | None = None
         self._write_limit = math.inf  # no write may go on past this (trio time): set for a stopped request
+        self._head_waits_for_body = False  # `send_head_with_body`: the next answer's head is held for its body
+        self._held_head = b""
         self.aborted: str | None = None  # why it was ended by QueueGate
 
     @property
@@ -304,6 +306,15 @@ class ClientConnection(TCPServer):
             await super().protocol_send(event)
             return
         data = event.data
+        if not data:
+            return  # (the end of a body of known length: nothing to write)
+        if self._head_waits_for_body:
+            self._head_waits_for_body = False
+            if data.startswith(b"HTTP/1.1 "):
+                self._held_head = data
+                return
+        if self._held_head:
+            data, self._held_head = self._held_head + data, b""
         empty_and_closing = _empty_answer_then_close(data)
         if empty_and_closing and self._client_erred():
             data = _protocol_error_answer(int(data[9:12]))  # hypercorn's own answer to bad HTTP, with a body
@@ -361,6 +372,10 @@ class ClientConnection(TCPServer):
         for start in range(0, len(data), WRITE_SLICE):
             writing.deadline = min(trio.current_time() + self._server.write_timeout_s, self._write_limit)
             await self.stream.send_all(data[start : start + WRITE_SLICE])
+
+    def send_head_with_body(self) -> None:
+        """The next answer's body follows its head at once (a whole answer): both go out in one write."""
+        self._head_waits_for_body = True
 
     def start_request(self) -> None:
         """A new request on this connection: a limit set for the one before no longer applies."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"')
 _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
 MAX_PENDING_EVENT = 1 << 20  # an "event" larger than this without an end is garbage, not a token
 TAIL_BYTES = 8192
+TAIL_BLOCKS = 4  # the stream's last blocks kept (at most TAIL_BYTES of them are read)
 
 
 class _UsageChunk(msgspec.Struct):
@@ -137,7 +139,7 @@ class RelayStream:
         self._response = response
         self._record = record
         self._release = release
-        self._tail = b""
+        self._last_blocks: deque[bytes] = deque(maxlen=TAIL_BLOCKS)  # the stream's end: its usage is there
         self._finish_seen = False  # some event carried a finish_reason
         self._done = False  # the upstream sent data: [DONE]: the stream is complete
         self._failure: GatewayError | None = None  # how the stream ended early (upstream, stop)
@@ -198,7 +200,7 @@ class RelayStream:
 
     def _take(self, block: bytes) -> bytes:
         """Note what a block of events says about the stream's end; what of it goes to the client."""
-        self._tail = (self._tail + block)[-TAIL_BYTES:]  # the usage chunk may come in the block before [DONE]
+        self._last_blocks.append(block)  # the usage chunk may come in a block before [DONE]
         if not self._finish_seen and FINISH_REASON.search(block):
             self._finish_seen = True
         if self._dialect.end.search(block):
@@ -214,10 +216,11 @@ class RelayStream:
         return await self._last(self._dialect.error_event(error))
 
     async def _last(self, block: bytes) -> bytes:
-        """The stream's last block. With durable usage, the request is over (upstream closed, slot given back)
-        and logged, and its row committed, before it is sent."""
+        """The stream's last block. Before it is sent the upstream is closed and the slot given back (a client that
+        reads the end and asks again finds the slot free); with durable usage the request is also logged and its
+        row committed."""
+        await self._let_go()
         if self._record.commit is not None:
-            await self._let_go()
             status, error = self._outcome()
             await self._record.finish_before_last_byte(status, error=error)
         return block
@@ -232,15 +235,18 @@ class RelayStream:
             return self._stop.status, self._stop.message
         return CLIENT_CLOSED, "client closed the stream"
 
+    def _tail(self) -> bytes:
+        return b"".join(self._last_blocks)[-TAIL_BYTES:]
+
     def _settle_usage(self) -> None:
         """The tokens used: the upstream's count of a complete stream, else about one token per content event."""
         if self._record.usage is None:
             if not self._done:
                 complete = None
             elif self._dialect.openai:
-                complete = usage_from_events(self._tail)
+                complete = usage_from_events(self._tail())
             else:
-                complete = self._dialect.stream_usage(self._head, self._tail)
+                complete = self._dialect.stream_usage(self._head, self._tail())
             estimate = Usage.estimate(self._record.prompt_chars, max(0, self._record.chunks - 1))  # last: finish
             self._record.usage = complete or estimate
 
