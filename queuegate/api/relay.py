@@ -152,7 +152,10 @@ def relay_routes(routes: Routes, other_routes: ASGIApp) -> ASGIApp:
             await _send_error(send, error, request_id, {})
         else:
             with trio.CancelScope() as serving:  # cancelled when the client leaves (once its body is read)
-                await _relay(routes, incoming, send, request_id, route, session, serving)
+                try:
+                    await _relay(routes, incoming, send, request_id, route, session, serving)
+                finally:
+                    scope[CONNECTION_KEY].forget(serving)
 
     return app
 
@@ -200,7 +203,7 @@ async def _relay(
                 key_name=key.name if key else None, user=user, session=record.session, client=incoming.client
             )
             body = await incoming.body()
-            tasks.start_soon(_cancel_when_gone, incoming, serving)  # from now on a client leaving ends it
+            _cancel_when_gone(incoming, serving, tasks)  # from now on a client leaving ends it
             reply = await routes.proxy.handle(record, body, headers, tool_mode=route.tool_mode, tasks=tasks)
         except GatewayError as exc:
             error, logged = exc, exc.message
@@ -234,9 +237,18 @@ async def _relay(
     await _send_reply(send, reply, request_id, limits, scope.get(CONNECTION_KEY))
 
 
-async def _cancel_when_gone(incoming: Incoming, serving: trio.CancelScope) -> None:
-    await incoming.disconnected()
-    serving.cancel()
+def _cancel_when_gone(incoming: Incoming, serving: trio.CancelScope, tasks: trio.Nursery) -> None:
+    """Cancel `serving` when the client leaves: its HTTP/1.1 connection closing, or (HTTP/2) its stream ending,
+    which a task waiting for the ASGI disconnect notices."""
+    if not incoming.scope.get("http_version", "1.1").startswith("2"):
+        incoming.scope[CONNECTION_KEY].cancel_when_gone(serving)
+        return
+
+    async def watch() -> None:
+        await incoming.disconnected()
+        serving.cancel()
+
+    tasks.start_soon(watch)
 
 
 def _session_id(supplied: str | None) -> str | None:

@@ -247,6 +247,7 @@ class ClientConnection(TCPServer):
         self.http2 = server.http2
         super().__init__(_ConnectionApp(app, self), config, context, lifespan_state, stream)  # type: ignore[arg-type]
         self._writing: trio.CancelScope | None = None
+        self._cancel_when_gone: set[trio.CancelScope] = set()  # the requests on it that end if the client leaves
         self._write_limit = math.inf  # no write may go on past this (trio time): set for a stopped request
         self._head_waits_for_body = False  # `send_head_with_body`: the next answer's head is held for its body
         self._held_head = b""
@@ -274,7 +275,17 @@ class ClientConnection(TCPServer):
         try:
             await super()._read_data()
         finally:
+            for scope in self._cancel_when_gone:
+                scope.cancel()
             await self.idle_task.stop()
+
+    def cancel_when_gone(self, scope: trio.CancelScope) -> None:
+        """Cancel `scope` when the client closes the connection (`forget` it when its request is over). A request
+        waiting in the queue needs no task of its own to notice that its client left."""
+        self._cancel_when_gone.add(scope)
+
+    def forget(self, scope: trio.CancelScope) -> None:
+        self._cancel_when_gone.discard(scope)
 
     def limit_writes(self, until: float) -> None:
         """Writes (the one in progress too) must be done by `until`, else the connection is closed. A stopped

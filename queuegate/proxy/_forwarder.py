@@ -45,6 +45,9 @@ class RetryableFailure(UpstreamError):
         self.dropped = dropped
 
 
+END_WAIT_S = 0.5  # how long the end of a complete answer's body is waited for (it follows its last event at once)
+
+
 class UpstreamConnections:
     """Idle keep-alive connections per upstream server (scheme, host and port: an upstream a node registers again
     at another address gets new ones), reused newest first.
@@ -123,7 +126,12 @@ class UpstreamResponse:
         """All the body that has arrived (see `Http11Connection.receive_body`), or None after its end."""
         return await self._connection.receive_body()
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, ended: bool = False) -> None:
+        """Give the connection back. `ended`: the answer is complete (a stream's end event was read), so the rest
+        of its body (the end of its framing, which may trail the event) is read first, briefly, for the connection
+        to be reused rather than dropped mid-answer."""
+        if ended:
+            await self._connection.read_to_end(END_WAIT_S)
         await self._pool.checkin(self._server, self._connection)
 
 
@@ -209,7 +217,8 @@ class ChunkReader:
             raise UpstreamError(f"upstream {self._upstream.id} dropped the connection mid-response: {exc}") from None
 
 
-async def close_response(response: UpstreamResponse) -> None:
-    """Close the upstream response even inside a cancelled scope (a client disconnect must reach the upstream)."""
+async def close_response(response: UpstreamResponse, *, ended: bool = False) -> None:
+    """Close the upstream response even inside a cancelled scope (a client disconnect must reach the upstream).
+    `ended`: the answer was complete (see `UpstreamResponse.aclose`)."""
     with trio.CancelScope(shield=True), trio.move_on_after(2):
-        await response.aclose()
+        await response.aclose(ended=ended)

@@ -113,6 +113,16 @@ class Http11Connection:
             return None
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    async def read_to_end(self, within_s: float) -> None:
+        """Read what is left of the body (dropped) for up to `within_s`: an answer complete at its last event, whose
+        framing's end has not arrived yet. Anything that fails here only means the connection is not reused."""
+        with trio.move_on_after(within_s):
+            try:
+                while await self.receive_body() is not None:
+                    pass
+            except ConnectionDropped:
+                pass
+
     def finish_exchange(self) -> bool:
         """The exchange is over: ready the connection for the next one. False when it cannot be reused (the body
         was not read to its end, or either side asked to close); the caller then closes it."""

@@ -266,6 +266,6 @@ class RelayStream:
         self._closed = True
         self._settle_usage()
         try:
-            await close_response(self._response)
+            await close_response(self._response, ended=self._done)
         finally:
             self._release()
