@@ -1,12 +1,14 @@
-"""One HTTP/1.1 client connection to an upstream: h11 over a trio stream (TCP, or TLS for `https`), and no more.
+"""One HTTP/1.1 client connection to an upstream over a trio stream (TCP, or TLS for `https`): the subset of the
+protocol a POST to an OpenAI-compatible server needs, and no more.
 
-Why not httpcore here: every streamed event crossed its connection, stream and iterator layers one body chunk at a
-time, even when many events were already in the socket buffer, and a stream closed at its end event lost its
-connection. Here one read hands back all the body it holds (`receive_body`: the events already there go out to the
-client as one write), and a stream whose end of message has arrived keeps its connection for the next request.
+Why not httpcore or h11 here: every streamed event crossed their layers one body chunk (one event object, one state
+transition) at a time, even when many events were already in the socket buffer, and that was the largest cost of
+relaying a stream. Here one read decodes all the body it holds (`receive_body`: the events already there go out to
+the client as one write), and a stream read to its end keeps its connection for the next request.
 
-Errors are two, so the forwarder can say what happened: `ConnectFailed` (nothing was sent) and `ConnectionDropped`
-(the upstream closed the connection or broke HTTP mid-exchange).
+The response is read strictly: a status line, header lines (no folding), a body framed by Content-Length, chunked
+encoding, or the connection's end. Anything else is `ConnectionDropped` ("invalid HTTP"), like a connection the
+upstream closed mid-answer; `ConnectFailed` means nothing was sent.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 RECEIVE_SIZE = 64 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # a response's status line and headers
+MAX_CHUNK_LINE = 1024  # a chunk-size line (with its extensions)
 
 
 class ConnectFailed(Exception):
@@ -50,9 +53,21 @@ class Target:
         return self.tls, self.host, self.port
 
 
+class _Body:
+    """How a response's body ends: after `length` bytes, at the last chunk (`chunked`), or at the connection's end
+    (`length` None, not chunked)."""
+
+    def __init__(self, length: int | None, chunked: bool) -> None:
+        self.chunked = chunked
+        self.left = length  # bytes of the body (or of the current chunk) still to come
+        self.crlf_due = False  # a chunk's data ended: its CRLF comes next
+        self.trailers = False  # the last chunk came: trailer lines, then an empty line
+        self.done = length == 0 and not chunked
+
+
 class Http11Connection:
     """A keep-alive connection to one server: it connects on its first request, serves one exchange at a time,
-    and is `reusable` once an exchange ended cleanly on both sides."""
+    and can be reused (`finish_exchange`) once an exchange ended cleanly on both sides."""
 
     def __init__(self, server: tuple[bool, str, int], keepalive_s: float, tls: ssl.SSLContext | None) -> None:
         self._server = server
@@ -60,8 +75,9 @@ class Http11Connection:
         self._tls = tls
         self._stream: trio.abc.Stream | None = None
         self._socket: trio.socket.SocketType | None = None
-        self._h11 = h11.Connection(h11.CLIENT)
-        self._body_done = False
+        self._buffer = bytearray()
+        self._body = _Body(0, False)
+        self._keep_alive = False  # the response allows the connection to be reused
         self._idle_since = trio.current_time()
         self.closed = False
 
@@ -72,46 +88,26 @@ class Http11Connection:
         if self._stream is None:
             await self._connect(connect_timeout_s)
         assert self._stream is not None
-        self._body_done = False
-        request = h11.Request(method=b"POST", target=target.path, headers=headers)
+        head = b"".join([b"POST ", target.path, b" HTTP/1.1\r\n", *(n + b": " + v + b"\r\n" for n, v in headers)])
         try:
-            data = self._h11.send(request) + self._h11.send(h11.Data(data=body)) + self._h11.send(h11.EndOfMessage())
-            await self._stream.send_all(data)
+            await self._stream.send_all(head + b"\r\n" + body)
             while True:
-                event = await self._next_event()
-                if isinstance(event, h11.Response):
-                    return event.status_code, list(event.headers)
-                # (an InformationalResponse, such as 100 Continue, is skipped)
-        except h11.ProtocolError as exc:
-            raise ConnectionDropped(f"invalid HTTP from the upstream ({exc})") from None
+                status, response_headers = await self._read_head()
+                if status >= 200:  # (an informational answer such as 100 Continue is skipped)
+                    return status, response_headers
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ConnectionDropped(_why(exc)) from None
 
     async def receive_body(self) -> bytes | None:
         """All the body that has arrived (waiting only when none has), or None after its end."""
-        if self._body_done:
-            return None
-        pieces: list[bytes] = []
-        try:
-            while True:
-                event = self._h11.next_event()
-                if event is h11.NEED_DATA:
-                    if pieces:
-                        break
-                    assert self._stream is not None
-                    self._h11.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
-                elif isinstance(event, h11.Data):
-                    pieces.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    self._body_done = True
-                    break
-        except h11.ProtocolError as exc:
-            raise ConnectionDropped(_dropped_message(exc)) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ConnectionDropped(_why(exc)) from None
-        if not pieces:
-            return None
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        body = self._body
+        while not body.done:
+            if self._buffer:
+                data = self._decode()
+                if data or body.done:
+                    return data or None
+            await self._fill(eof_ends_body=body.left is None and not body.chunked)
+        return None
 
     async def read_to_end(self, within_s: float) -> None:
         """Read what is left of the body (dropped) for up to `within_s`: an answer complete at its last event, whose
@@ -125,17 +121,15 @@ class Http11Connection:
 
     def finish_exchange(self) -> bool:
         """The exchange is over: ready the connection for the next one. False when it cannot be reused (the body
-        was not read to its end, or either side asked to close); the caller then closes it."""
-        if not self._body_done:
-            try:  # its end may have arrived with the last events read
-                while isinstance(event := self._h11.next_event(), h11.Data):
-                    pass
-            except h11.ProtocolError:
+        was not read to its end, the upstream asked to close, or sent more than its answer); the caller then
+        closes it."""
+        if not self._body.done and self._buffer:
+            try:
+                self._decode()  # its end may have arrived with the last events read
+            except ConnectionDropped:
                 return False
-            self._body_done = isinstance(event, h11.EndOfMessage)
-        if not self._body_done or self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
+        if not (self._body.done and self._keep_alive) or self._buffer:
             return False
-        self._h11.start_next_cycle()
         self._idle_since = trio.current_time()
         return True
 
@@ -167,16 +161,121 @@ class Http11Connection:
             raise ConnectFailed(_why(exc)) from None
         self._stream, self._socket = stream, tcp.socket
 
-    async def _next_event(self) -> h11.Event | type[h11.NEED_DATA]:
+    async def _fill(self, *, eof_ends_body: bool = False) -> None:
+        """Read more into the buffer. The connection's end is the body's end when the body has no other framing;
+        anywhere else it is the upstream dropping the connection."""
         assert self._stream is not None
-        while (event := self._h11.next_event()) is h11.NEED_DATA:
-            self._h11.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
-        return event
+        try:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ConnectionDropped(_why(exc)) from None
+        if not data:
+            if eof_ends_body:
+                self._body.done = True
+                self._keep_alive = False
+                return
+            raise ConnectionDropped("the upstream closed the connection")
+        self._buffer += data
+
+    async def _read_head(self) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Read and parse a response's status line and headers; set how its body ends."""
+        while (end := self._buffer.find(b"\r\n\r\n")) < 0:
+            if len(self._buffer) > MAX_HEAD_BYTES:
+                raise _invalid("response headers too large")
+            await self._fill()
+        lines = bytes(self._buffer[:end]).split(b"\r\n")
+        del self._buffer[: end + 4]
+        version, _, rest = lines[0].partition(b" ")
+        code = rest[:3]
+        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit() or rest[3:4] not in (b"", b" "):
+            raise _invalid(f"bad status line {lines[0][:80]!r}")
+        status = int(code)
+        headers = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
+                raise _invalid(f"bad header line {line[:80]!r}")
+            headers.append((name.lower(), value.strip()))
+        self._frame(version, status, headers)
+        return status, headers
+
+    def _frame(self, version: bytes, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """How the body of this response ends, and whether the connection may be reused after it."""
+        connection = b",".join(v for n, v in headers if n == b"connection").lower()
+        self._keep_alive = b"close" not in connection and (version == b"HTTP/1.1" or b"keep-alive" in connection)
+        if status < 200 or status in (204, 304):
+            self._body = _Body(0, False)
+            return
+        encodings = b",".join(v for n, v in headers if n == b"transfer-encoding").lower()
+        if encodings:
+            chunked = encodings.rsplit(b",", 1)[-1].strip() == b"chunked"
+            self._body = _Body(None, chunked)
+            return
+        lengths = {v for n, v in headers if n == b"content-length"}
+        if not lengths:
+            self._body = _Body(None, False)
+            return
+        (length,) = lengths if len(lengths) == 1 else (b"",)
+        if not length.isdigit():
+            raise _invalid("bad Content-Length")
+        self._body = _Body(int(length), False)
+
+    def _decode(self) -> bytes:
+        """Take the body bytes the buffer holds (unframing chunks), up to the body's end."""
+        body, buffer = self._body, self._buffer
+        if not body.chunked:
+            take = len(buffer) if body.left is None else min(body.left, len(buffer))
+            data = bytes(buffer[:take])
+            del buffer[:take]
+            if body.left is not None:
+                body.left -= take
+                body.done = body.left == 0
+            return data
+        pieces = []
+        at = 0
+        while not body.done:
+            if body.left:  # inside a chunk's data
+                take = min(body.left, len(buffer) - at)
+                if not take:
+                    break
+                pieces.append(buffer[at : at + take])
+                at += take
+                body.left -= take
+                body.crlf_due = body.left == 0
+                continue
+            if body.crlf_due:
+                if len(buffer) - at < 2:
+                    break
+                if buffer[at : at + 2] != b"\r\n":
+                    raise _invalid("a chunk does not end with CRLF")
+                at += 2
+                body.crlf_due = False
+                continue
+            end = buffer.find(b"\r\n", at)
+            if end < 0:
+                if len(buffer) - at > MAX_CHUNK_LINE:
+                    raise _invalid("a chunk-size or trailer line too long")
+                break
+            line = bytes(buffer[at:end])
+            at = end + 2
+            if body.trailers:
+                body.done = not line  # (trailer fields are dropped)
+                continue
+            size = line.split(b";", 1)[0].strip()
+            try:
+                body.left = int(size, 16)
+            except ValueError:
+                raise _invalid(f"bad chunk size {size[:20]!r}") from None
+            if body.left < 0 or size[:1] in (b"+", b"-"):
+                raise _invalid(f"bad chunk size {size[:20]!r}")
+            body.trailers = body.left == 0
+        data = b"".join(pieces)
+        del buffer[:at]
+        return data
 
 
-def _dropped_message(exc: h11.ProtocolError) -> str:
-    text = str(exc)
-    return "the upstream closed the connection" if "peer closed" in text else f"invalid HTTP from the upstream ({text})"
+def _invalid(why: str) -> ConnectionDropped:
+    return ConnectionDropped(f"invalid HTTP from the upstream ({why})")
 
 
 def _why(exc: BaseException) -> str:
