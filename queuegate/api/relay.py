@@ -234,7 +234,7 @@ async def _relay(
         entry.body = reply.body  # from now on a stop ends the stream with an error event
         if entry.stopped_with is not None:  # stopped just as it was answered
             reply.body.stop(entry.stopped_with)
-    await _send_reply(send, reply, request_id, limits, scope.get(CONNECTION_KEY))
+    await _send_reply(send, reply, request_id, limits, scope.get(CONNECTION_KEY), scope.get("http_version", ""))
 
 
 def _cancel_when_gone(incoming: Incoming, serving: trio.CancelScope, tasks: trio.Nursery) -> None:
@@ -261,7 +261,12 @@ def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 async def _send_reply(
-    send: Any, reply: Reply, request_id: str, limits: dict[str, str], connection: ClientConnection | None
+    send: Any,
+    reply: Reply,
+    request_id: str,
+    limits: dict[str, str],
+    connection: ClientConnection | None,
+    http_version: str,
 ) -> None:
     """The answer: whole (head and body in one write), or streamed block by block as the relay hands them over."""
     headers = {**reply.headers, "x-request-id": request_id, **limits}
@@ -274,8 +279,13 @@ async def _send_reply(
         return
     headers["x-accel-buffering"] = "no"  # tell nginx-style proxies not to buffer the stream
     await send({"type": "http.response.start", "status": reply.status, "headers": _encoded(headers)})
-    async for block in reply.body:
-        await send({"type": "http.response.body", "body": block, "more_body": True})
+    if connection is not None and http_version == "1.1":  # (no Content-Length: the answer is chunked)
+        async for block in reply.body:
+            if block:
+                await connection.send_chunk(block)
+    else:
+        async for block in reply.body:
+            await send({"type": "http.response.body", "body": block, "more_body": True})
     await reply.body.aclose()  # the upstream closed and the slot given back before the client sees the end
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 

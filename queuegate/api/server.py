@@ -384,6 +384,13 @@ class ClientConnection(TCPServer):
             writing.deadline = min(trio.current_time() + self._server.write_timeout_s, self._write_limit)
             await self.stream.send_all(data[start : start + WRITE_SLICE])
 
+    async def send_chunk(self, data: bytes) -> None:
+        """A piece of a streamed (chunked) HTTP/1.1 answer whose head went out through ASGI: framed as a chunk and
+        written here, with the same bounded write as everything else. hypercorn's ASGI, stream and h11 layers add
+        nothing to a chunk but cost as much as the write itself; its end still goes through them (h11 writes the
+        last chunk and moves on to the next request)."""
+        await self.protocol_send(RawData(data=b"%x\r\n%b\r\n" % (len(data), data)))
+
     def send_head_with_body(self) -> None:
         """The next answer's body follows its head at once (a whole answer): both go out in one write."""
         self._head_waits_for_body = True
