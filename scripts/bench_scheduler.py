@@ -3,10 +3,12 @@
 1. Memory and decision time at 10,000 waiting requests. QueueGate (`queuegate run`, a subprocess) holds 10,000
    requests against one upstream slot that never frees (a simulated upstream told to hang). Baseline: a bare
    quart-trio app whose route just waits, holding the same 10,000 requests (the framework's own cost per request).
-   Printed: RSS per waiting request for both and their ratio. Then the time of one scheduling decision (a slot frees,
+   Printed: RSS per waiting request for both and their ratio, and how much of it each gives back once the clients
+   hang up (the queue drains). Then the time of one scheduling decision (a slot frees,
    the next request is chosen and granted) on the scheduler core with 10 and with 10,000 waiting requests spread
    over classes and flows, and the ratio (1.0 = the decision does not grow with the queue).
-   Targets: < 20 KB RSS per waiting request; < 50 us per decision at 10,000 waiting.
+   Targets: < 20 KB RSS per waiting request; >= 80 % of it given back after the drain; < 50 us per decision at
+   10,000 waiting.
 
 2. Fairness on a mixed trace through the scheduler core: one agent flow sends 200 requests at once, five users send
    5 requests each, one after another as their previous answer arrives (people chatting); one slot. For each user
@@ -57,8 +59,19 @@ REQUEST = (
 )
 
 
-async def hold_requests(url: str, count: int, pid: int) -> tuple[int, int]:
-    """Open `count` connections, send one request on each, keep them open; returns (RSS growth in KB, answers)."""
+async def settled_rss_kb(pid: int, at_least_s: float = 0.0) -> int:
+    """The process's RSS once it stopped changing (sampled each second, for at least `at_least_s`)."""
+    started = time.monotonic()
+    last = -1
+    while (now := rss_kb(pid)) != last or time.monotonic() - started < at_least_s:
+        last = now
+        await trio.sleep(1.0)
+    return last
+
+
+async def hold_requests(url: str, count: int, pid: int) -> tuple[int, int, int]:
+    """Open `count` connections, send one request on each, keep them open, then hang up on all of them (the queue
+    drains); returns (RSS growth in KB while they wait, growth left once drained, answers)."""
     host, port = url.removeprefix("http://").split(":")
     raw = (
         f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
@@ -83,16 +96,12 @@ async def hold_requests(url: str, count: int, pid: int) -> tuple[int, int]:
             nursery.start_soon(one)
         while len(streams) < count:
             await trio.sleep(0.2)
-        # Let the server read every request and settle.
-        last = -1
-        while (now := rss_kb(pid)) != last:
-            last = now
-            await trio.sleep(1.0)
-        grown = rss_kb(pid) - before
+        grown = await settled_rss_kb(pid) - before  # every request read and waiting
         nursery.cancel_scope.cancel()
     for stream in streams:
         await stream.aclose()
-    return grown, answered
+    left = await settled_rss_kb(pid, at_least_s=5.0) - before
+    return grown, left, answered
 
 
 def decision_time_us(waiting: int, rounds: int = 5000) -> float:
@@ -137,8 +146,8 @@ def measure_memory(count: int) -> None:
                 )
             gateway, gateway_url = start_server([py, "-m", "queuegate.cli", "run", "--config", config])
             servers.append(gateway)
-            base_grown, base_answered = trio.run(hold_requests, hold_url, count, hold_server.pid)
-            qg_grown, qg_answered = trio.run(hold_requests, gateway_url, count, gateway.pid)
+            base_grown, base_left, base_answered = trio.run(hold_requests, hold_url, count, hold_server.pid)
+            qg_grown, qg_left, qg_answered = trio.run(hold_requests, gateway_url, count, gateway.pid)
     finally:
         for server in servers:
             server.terminate()
@@ -148,12 +157,16 @@ def measure_memory(count: int) -> None:
     print(f"1. {count:,} waiting requests, one busy upstream slot")
     print(f"   RSS per waiting request: QueueGate {qg_kb:.1f} KB, bare quart-trio route {base_kb:.1f} KB")
     print(f"   ratio QueueGate / framework baseline: {qg_kb / base_kb:.2f}")
+    qg_back, base_back = 1 - qg_left / qg_grown, 1 - base_left / base_grown
+    print(f"   in total: QueueGate {qg_grown / 1024:.0f} MB, given back once they hung up {qg_back:.0%} ", end="")
+    print(f"(baseline {base_grown / 1024:.0f} MB, {base_back:.0%} given back)")
     if qg_answered or base_answered:
         print(f"   WARNING: {qg_answered} QueueGate and {base_answered} baseline requests were answered, not held")
     small, large = decision_time_us(10), decision_time_us(count)
     print(f"   scheduling decision: {small:.1f} us at 10 waiting, {large:.1f} us at {count:,} waiting")
     print(f"   ratio {count:,} / 10 waiting: {large / small:.2f}")
     print(f"   targets: < 20 KB per waiting request: {qg_kb:.1f} KB {'ok' if qg_kb < 20 else 'MISSED'}; ", end="")
+    print(f">= 80% given back: {qg_back:.0%} {'ok' if qg_back >= 0.8 else 'MISSED'}; ", end="")
     print(f"< 50 us per decision: {large:.1f} us {'ok' if large < 50 else 'MISSED'}")
 
 

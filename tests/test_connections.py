@@ -98,6 +98,30 @@ async def test_connection_close_and_http_1_0_are_closed_after_the_response(start
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"status":"ok"}')  # and then closed
 
 
+async def test_streams_are_well_framed_back_to_back_on_one_connection_and_for_http_1_0(start_sim, start_gateway):
+    # The relay writes a stream's events as HTTP/1.1 chunks itself: h11 on the client side checks every chunk, and
+    # the connection must carry the next request after the last one.
+    _, url = await start_sim(tokens_per_s=0)
+    gw = await start_gateway({"m": {"upstreams": [url]}})
+    body = json.dumps({"model": "m", "stream": True, "max_tokens": 30, "messages": [{"role": "user", "content": "x"}]})
+    client = await RawClient.connect(gw.base_url)
+    for _ in range(3):
+        await client.request("POST", "/v1/chat/completions", body.encode(), [("content-type", "application/json")])
+        status, headers, received = await client.response()
+        assert status == 200 and "content-length" not in headers
+        events = [e for e in received.decode().split("\n\n") if e]
+        assert len(events) == 32 and events[-1] == "data: [DONE]"  # 30 tokens, the finish, [DONE]
+    await client.aclose()
+
+    old = await RawClient.connect(gw.base_url)
+    request = f"POST /v1/chat/completions HTTP/1.0\r\ncontent-length: {len(body)}\r\n\r\n{body}"
+    await old.send_raw(request.encode())
+    reply = await old.read_until_closed(timeout=5)  # no chunks for HTTP/1.0: the body ends with the connection
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert rest.startswith(b"data: {") and rest.endswith(b"data: [DONE]\n\n")
+
+
 async def test_idle_keep_alive_connections_are_closed_after_the_keep_alive_timeout(start_sim, start_gateway):
     _, url = await start_sim(tokens_per_s=0)
     gw = await start_gateway({"m": {"upstreams": [url]}}, server={"keepalive_s": 0.5})
