@@ -17,12 +17,10 @@ ceiling; streamed events/s at concurrency 64 >= 0.7 of direct; no errors at conc
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from dataclasses import dataclass, field
 
 import trio
-from benchlib import Result, drive, instant_sim_behind_gateway, serve_app, start_server
+from benchlib import Rounds, drive, instant_sim_behind_gateway, serve_app, start_server
 
 
 def serve_noop() -> None:
@@ -70,29 +68,6 @@ def body(stream: bool, tokens: int) -> bytes:
         f'{{"model": "bench", "stream": {stream_json}, "max_tokens": {tokens}, '
         '"messages": [{"role": "user", "content": "benchmark"}]}'
     ).encode()
-
-
-@dataclass
-class Rounds:
-    """One scenario measured over several interleaved rounds: median throughput, pooled latencies."""
-
-    runs: list[Result] = field(default_factory=list)
-
-    @property
-    def rps(self) -> float:
-        return statistics.median(r.rps for r in self.runs)
-
-    @property
-    def errors(self) -> int:
-        return sum(r.errors for r in self.runs)
-
-    @property
-    def events_per_s(self) -> float:
-        return statistics.median(r.events / r.elapsed for r in self.runs)
-
-    def pct(self, q: float) -> float:
-        pooled = Result(latencies=[x for r in self.runs for x in r.latencies])
-        return pooled.pct(q)
 
 
 async def report(sim_url: str, gateway_url: str, noop_url: str, seconds: float, rounds: int) -> None:

@@ -37,18 +37,16 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-from benchlib import READY_PREFIXES, Result, drive, rss_kb
+from benchlib import READY_PREFIXES, Result, Rounds, drive, rss_kb
 
 LITELLM_VERSION = "1.108.7"  # the newest whose [proxy] extra resolves on PyPI here (later ones pin unreleased deps)
 SECRET = "sk-bench-0123456789"
@@ -205,25 +203,6 @@ def check_features(name: str, url: str, counter: str) -> int:
     return refused
 
 
-@dataclass
-class Rounds:
-    """One server in one scenario over several interleaved rounds: median throughput, pooled latencies."""
-
-    runs: list[Result] = field(default_factory=list)
-
-    @property
-    def rps(self) -> float:
-        return statistics.median(r.rps for r in self.runs)
-
-    @property
-    def errors(self) -> int:
-        return sum(r.errors for r in self.runs)
-
-    @property
-    def p50_ms(self) -> float:
-        return Result(latencies=[x for r in self.runs for x in r.latencies]).pct(0.5) * 1000
-
-
 async def measure(
     targets: dict[str, tuple[str, dict[str, str]]], seconds: float, rounds: int
 ) -> tuple[dict[str, dict[str, Rounds]], dict[str, int]]:
@@ -264,9 +243,10 @@ def report(results: dict[str, dict[str, Rounds]]) -> None:
         ratio = qg.rps / ll.rps if ll.rps else float("inf")
         ratios[stream].append(ratio)
         errors = f"{qg.errors}/{ll.errors}"
+        qg_p50, ll_p50 = qg.pct(0.5) * 1000, ll.pct(0.5) * 1000
         print(
             f"{scenario:<22}{direct.rps:>10,.0f}{qg.rps:>13,.0f}{ll.rps:>11,.1f}{ratio:>12.1f}"
-            f"{qg.rps / direct.rps:>11.2f}{ll.rps / direct.rps:>11.3f}{qg.p50_ms:>11.1f}{ll.p50_ms:>11.1f}{errors:>8}"
+            f"{qg.rps / direct.rps:>11.2f}{ll.rps / direct.rps:>11.3f}{qg_p50:>11.1f}{ll_p50:>11.1f}{errors:>8}"
         )
         if stream:
             print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,6 +144,28 @@ class Result:
             return float("nan")
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Rounds:
+    """One server in one scenario measured over several interleaved rounds: median throughput, pooled latencies."""
+
+    runs: list[Result] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return statistics.median(r.rps for r in self.runs)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.errors for r in self.runs)
+
+    @property
+    def events_per_s(self) -> float:
+        return statistics.median(r.events / r.elapsed for r in self.runs)
+
+    def pct(self, q: float) -> float:
+        return Result(latencies=[x for r in self.runs for x in r.latencies]).pct(q)
 
 
 class Connection:
