@@ -8,12 +8,15 @@ chosen byte, nor send the malformed answers these tests need.
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
+import httpx
 import pytest
 import trio
 
 from queuegate.proxy._http11 import ConnectionDropped, Http11Connection, Target
+from tests.helpers import in_thread
 
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -29,10 +32,12 @@ SIZED = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1
 
 class ScriptedServer:
     """Answers each request on a connection with the next script: a list of byte strings, written one by one with a
-    pause between them (so the client reads them apart); `None` in the list closes the connection there."""
+    pause between them (so the client reads them apart); a number in the list is a longer pause, `None` closes the
+    connection there. `early`: it answers once it has the request's head, reading none of its body."""
 
-    def __init__(self, scripts: list[list[bytes | None]]) -> None:
+    def __init__(self, scripts: list[list[bytes | float | None]], *, early: bool = False) -> None:
         self.scripts = scripts
+        self.early = early
         self.requests: list[bytes] = []
         self.connections = 0
 
@@ -46,7 +51,7 @@ class ScriptedServer:
                     return
                 buffer += data
             head, _, buffer = buffer.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            length = 0 if self.early else int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
             while len(buffer) < length:
                 buffer += await stream.receive_some(65536)
             self.requests.append(head + b"\r\n\r\n" + buffer[:length])
@@ -55,6 +60,9 @@ class ScriptedServer:
                 if piece is None:
                     await stream.aclose()
                     return
+                if isinstance(piece, float):
+                    await trio.sleep(piece)
+                    continue
                 await stream.send_all(piece)
                 await trio.sleep(0.005)
 
@@ -125,8 +133,11 @@ async def test_an_answer_ended_by_closing_is_whole_but_its_connection_is_not_reu
         SIZED.replace(b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK\r\nconnection: close"),
         SIZED.replace(b"HTTP/1.1", b"HTTP/1.0"),
         SIZED + b"HTTP/1.1 200 OK\r\n",  # more than its answer
+        SIZED.replace(b"content-length: 11", b"content-length: 11\r\ntransfer-encoding: chunked").replace(
+            b'{"ok":true}', b'b\r\n{"ok":true}\r\n0\r\n\r\n'
+        ),  # framed two ways: not to be trusted with the next answer
     ],
-    ids=["connection-close", "http-1.0", "trailing-bytes"],
+    ids=["connection-close", "http-1.0", "trailing-bytes", "length-and-chunked"],
 )
 async def test_answers_after_which_the_connection_is_not_reused(serve, answer):
     _, connection, target = await serve([[answer]])
@@ -141,10 +152,11 @@ async def test_answers_after_which_the_connection_is_not_reused(serve, answer):
         ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel", None], "closed the connection"),
         ([SIZED[:-3], None], "closed the connection"),
         ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n"], "bad chunk size"),
+        ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0x5\r\nhello\r\n"], "bad chunk size"),
         ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhello\r\n"], "does not end with CRLF"),
         ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + b"1" * 2000], "line too long"),
     ],
-    ids=["eof-mid-chunk", "eof-mid-sized", "bad-size", "overlong-chunk", "endless-size-line"],
+    ids=["eof-mid-chunk", "eof-mid-sized", "bad-size", "0x-size", "overlong-chunk", "endless-size-line"],
 )
 async def test_broken_bodies_are_a_dropped_connection(serve, answer, why):
     _, connection, target = await serve([answer])
@@ -160,11 +172,13 @@ async def test_broken_bodies_are_a_dropped_connection(serve, answer, why):
         (b"HTTP/1.1 2000 OK\r\n\r\n", "bad status line"),
         (b"HTTP/1.1 200 OK\r\n folded: header\r\n\r\n", "bad header line"),
         (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "bad header line"),
+        (b"HTTP/1.1 200 OK\r\nx-a: 1\nx-b: 2\r\n\r\n", "bad header line"),
+        (b"HTTP/1.1 000 zero\r\n\r\n", "bad status line"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", "bad Content-Length"),
         (b"HTTP/1.1 200 OK\r\n" + b"x-big: " + b"y" * 70000, "headers too large"),
         (b"", "closed the connection"),
     ],
-    ids=["not-http", "bad-code", "folded", "no-colon", "two-lengths", "endless-head", "nothing"],
+    ids=["not-http", "bad-code", "folded", "no-colon", "bare-lf", "status-0", "two-lengths", "endless-head", "nothing"],
 )
 async def test_broken_heads_are_a_dropped_connection(serve, answer, why):
     _, connection, target = await serve([[answer, None]])
@@ -178,3 +192,63 @@ async def test_an_idle_connection_the_server_closed_is_expired(serve):
     assert connection.finish_exchange()
     await trio.sleep(0.05)  # the server closes it while it is idle
     assert connection.expired()
+
+
+# -- through the gateway ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def gateway_before(nursery, start_gateway):
+    """A gateway whose model `m` is served by a scripted server (no health checks: every request it gets is one
+    the gateway forwards)."""
+
+    async def start(scripts: list[list[bytes | float | None]], **options) -> tuple[ScriptedServer, str]:
+        server = ScriptedServer(scripts, **options)
+        (listener,) = await nursery.start(partial(trio.serve_tcp, server.serve, 0, host="127.0.0.1"))
+        url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}/v1"
+        gw = await start_gateway({"m": {"upstreams": [url], "health_path": ""}}, server={"max_body_mb": 64})
+        return server, gw.base_url
+
+    return start
+
+
+def post(base_url: str, body: bytes, **kwargs) -> httpx.Response:
+    return httpx.post(base_url + "/v1/chat/completions", content=body, timeout=10, **kwargs)
+
+
+CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+async def test_an_upstream_answering_204_gets_the_client_an_error_not_a_hang(gateway_before):
+    _, base_url = await gateway_before([[b"HTTP/1.1 204 No Content\r\n\r\n"]])
+    answer = await in_thread(lambda: post(base_url, CHAT))
+    assert answer.status_code == 502 and "answered 204" in answer.json()["error"]["message"]
+
+
+async def test_the_last_event_is_not_held_back_for_the_end_of_the_upstreams_framing(gateway_before):
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    event = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}\n\n'
+    done = b"data: [DONE]\n\n"
+    chunk = b"%x\r\n%b\r\n"
+    script = [head, chunk % (len(event), event), chunk % (len(done), done), 2.0, b"0\r\n\r\n"]
+    _, base_url = await gateway_before([script])
+    stream = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+
+    def read_until_done() -> float:
+        started = time.monotonic()
+        with httpx.stream("POST", base_url + "/v1/chat/completions", content=stream, timeout=10) as answer:
+            for line in answer.iter_lines():
+                if line == "data: [DONE]":
+                    return time.monotonic() - started
+        raise AssertionError("no [DONE]")
+
+    assert await in_thread(read_until_done) < 1.0  # the upstream's last chunk comes 2 s after it
+
+
+async def test_an_upstream_refusing_a_large_body_before_reading_it_is_passed_on(gateway_before):
+    refusal = b'{"error": {"message": "too large", "type": "invalid_request_error"}}'
+    answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%b"
+    _, base_url = await gateway_before([[answer % (len(refusal), refusal), None]], early=True)
+    large = CHAT.replace(b'"hi"', b'"' + b"x" * (32 * 2**20) + b'"')
+    reply = await in_thread(lambda: post(base_url, large))
+    assert reply.status_code == 413 and reply.json()["error"]["message"] == "too large"

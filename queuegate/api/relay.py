@@ -34,13 +34,14 @@ from queuegate.proxy import (
     Reply,
     RequestCancelled,
     RequestRecord,
+    echo,
     end_user,
     request_class,
     request_flow,
 )
 
 log = logging.getLogger("queuegate.api")
-SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _SESSION_ROUTE = re.compile(r"^/v1/session/([^/]*)/chat/completions$")
 
 
@@ -145,9 +146,9 @@ def relay_routes(routes: Routes, other_routes: ASGIApp) -> ASGIApp:
         incoming = Incoming(scope, receive, routes)
         request_id = new_request_id(incoming.headers.get("x-request-id"))
         if scope["method"] != "POST":
-            error = MethodNotAllowed(f"method {scope['method']} is not allowed on {path}")
+            error = MethodNotAllowed(f"method {echo(scope['method'])} is not allowed on {echo(path)}")
             await _send_error(send, error, request_id, {})
-        elif session is not None and not SESSION_ID.match(session):
+        elif session is not None and not SESSION_ID.fullmatch(session):
             error = BadRequest("a session id may use letters, digits and . _ : - (at most 128)", param="session_id")
             await _send_error(send, error, request_id, {})
         else:
@@ -155,7 +156,8 @@ def relay_routes(routes: Routes, other_routes: ASGIApp) -> ASGIApp:
                 try:
                     await _relay(routes, incoming, send, request_id, route, session, serving)
                 finally:
-                    scope[CONNECTION_KEY].forget(serving)
+                    if (connection := scope.get(CONNECTION_KEY)) is not None:
+                        connection.forget(serving)
 
     return app
 
@@ -240,8 +242,9 @@ async def _relay(
 def _cancel_when_gone(incoming: Incoming, serving: trio.CancelScope, tasks: trio.Nursery) -> None:
     """Cancel `serving` when the client leaves: its HTTP/1.1 connection closing, or (HTTP/2) its stream ending,
     which a task waiting for the ASGI disconnect notices."""
-    if not incoming.scope.get("http_version", "1.1").startswith("2"):
-        incoming.scope[CONNECTION_KEY].cancel_when_gone(serving)
+    connection = incoming.scope.get(CONNECTION_KEY)
+    if connection is not None and not incoming.scope.get("http_version", "1.1").startswith("2"):
+        connection.cancel_when_gone(serving)
         return
 
     async def watch() -> None:
@@ -253,7 +256,7 @@ def _cancel_when_gone(incoming: Incoming, serving: trio.CancelScope, tasks: trio
 
 def _session_id(supplied: str | None) -> str | None:
     """The client's X-Session-Id when it is a sane token (else none: the flow falls back to the client address)."""
-    return supplied if supplied and SESSION_ID.match(supplied) else None
+    return supplied if supplied and SESSION_ID.fullmatch(supplied) else None
 
 
 def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

@@ -248,6 +248,7 @@ class ClientConnection(TCPServer):
         super().__init__(_ConnectionApp(app, self), config, context, lifespan_state, stream)  # type: ignore[arg-type]
         self._writing: trio.CancelScope | None = None
         self._cancel_when_gone: set[trio.CancelScope] = set()  # the requests on it that end if the client leaves
+        self._client_gone = False  # the client closed the connection (nothing more is read from it)
         self._write_limit = math.inf  # no write may go on past this (trio time): set for a stopped request
         self._head_waits_for_body = False  # `send_head_with_body`: the next answer's head is held for its body
         self._held_head = b""
@@ -275,6 +276,7 @@ class ClientConnection(TCPServer):
         try:
             await super()._read_data()
         finally:
+            self._client_gone = True
             for scope in self._cancel_when_gone:
                 scope.cancel()
             await self.idle_task.stop()
@@ -282,6 +284,8 @@ class ClientConnection(TCPServer):
     def cancel_when_gone(self, scope: trio.CancelScope) -> None:
         """Cancel `scope` when the client closes the connection (`forget` it when its request is over). A request
         waiting in the queue needs no task of its own to notice that its client left."""
+        if self._client_gone:
+            scope.cancel()  # it left before its request got this far
         self._cancel_when_gone.add(scope)
 
     def forget(self, scope: trio.CancelScope) -> None:
@@ -317,14 +321,14 @@ class ClientConnection(TCPServer):
             await super().protocol_send(event)
             return
         data = event.data
-        if not data:
+        if not data and not self._held_head:
             return  # (the end of a body of known length: nothing to write)
         if self._head_waits_for_body:
             self._head_waits_for_body = False
             if data.startswith(b"HTTP/1.1 "):
                 self._held_head = data
                 return
-        if self._held_head:
+        if self._held_head:  # (with its body, or alone when the answer has none: hypercorn drops a 204's)
             data, self._held_head = self._held_head + data, b""
         empty_and_closing = _empty_answer_then_close(data)
         if empty_and_closing and self._client_erred():
@@ -398,6 +402,7 @@ class ClientConnection(TCPServer):
     def start_request(self) -> None:
         """A new request on this connection: a limit set for the one before no longer applies."""
         self._write_limit = math.inf
+        self._head_waits_for_body = False
 
     def _close_now(self) -> None:
         """Close the socket without waiting for anything (the peer may be reading nothing at all)."""

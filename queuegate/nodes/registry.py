@@ -108,6 +108,14 @@ def _check_shape(registration: Registration) -> None:
             raise BadRequest("max_concurrency must be from 1 to 1024", param=f"{where}.max_concurrency")
         if model.health_path and not model.health_path.startswith("/"):
             raise BadRequest('health_path must start with / (or be "": no check)', param=f"{where}.health_path")
+        # (they go into request lines and headers: a space or line break would forge others)
+        for part, value in (
+            ("base_url", model.base_url),
+            ("api_key", model.api_key or ""),
+            ("health_path", model.health_path or ""),
+        ):
+            if not value.isprintable() or any(c.isspace() for c in value):
+                raise BadRequest(f"{part} may not hold spaces or control characters", param=f"{where}.{part}")
 
 
 def _inventory(registration: Registration) -> tuple[list[NodeDeviceStatistics], list[GpuMemory]]:

@@ -5,7 +5,7 @@ What happens next is decided by the outcome table (`outcome_of`), in one place, 
     status        outcome    what the retry loop (`_pipeline.Proxy.forward`) does
     200           ANSWER     the client gets it: relayed as it streams, or whole (in the shape it asked for)
     503           NOT_READY  wait it out (its Retry-After, else a backoff), on it or another upstream, bounded
-    other 5xx     FAILED     another upstream of the model (also: garbled, cut or dropped answers)
+    other 5xx     FAILED     another upstream of the model (also: other 1xx-3xx, garbled, cut or dropped answers)
     429           BUSY       wait its Retry-After, a few times, then the client gets the 429
     other         REFUSED    the client gets it (as OpenAI's envelope)
 
@@ -52,7 +52,7 @@ def outcome_of(status: int) -> Outcome:
         return Outcome.ANSWER
     if status == 503:
         return Outcome.NOT_READY
-    if status >= 500:
+    if status >= 500 or status < 400:  # (a 204 or a redirect is no answer to an API call either)
         return Outcome.FAILED
     if status == 429:
         return Outcome.BUSY

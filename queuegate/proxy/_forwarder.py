@@ -112,7 +112,7 @@ class UpstreamResponse:
         self.status = status
         self.upstream = upstream
         self._headers = headers
-        self._connection = connection
+        self._connection: Http11Connection | None = connection
         self._pool = pool
         self._server = server
 
@@ -124,15 +124,20 @@ class UpstreamResponse:
 
     async def receive_body(self) -> bytes | None:
         """All the body that has arrived (see `Http11Connection.receive_body`), or None after its end."""
+        if self._connection is None:
+            raise ConnectionDropped("the response was closed")
         return await self._connection.receive_body()
 
     async def aclose(self, *, ended: bool = False) -> None:
         """Give the connection back. `ended`: the answer is complete (a stream's end event was read), so the rest
         of its body (the end of its framing, which may trail the event) is read first, briefly, for the connection
         to be reused rather than dropped mid-answer."""
+        connection, self._connection = self._connection, None  # (given back once: never twice to the pool)
+        if connection is None:
+            return
         if ended:
-            await self._connection.read_to_end(END_WAIT_S)
-        await self._pool.checkin(self._server, self._connection)
+            await connection.read_to_end(END_WAIT_S)
+        await self._pool.checkin(self._server, connection)
 
 
 class Forwarder:

@@ -13,6 +13,7 @@ upstream closed mid-answer; `ConnectFailed` means nothing was sent.
 
 from __future__ import annotations
 
+import re
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -22,6 +23,9 @@ import trio
 RECEIVE_SIZE = 64 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # a response's status line and headers
 MAX_CHUNK_LINE = 1024  # a chunk-size line (with its extensions)
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header name
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # no header value may hold these (a tab may)
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class ConnectFailed(Exception):
@@ -91,12 +95,14 @@ class Http11Connection:
         head = b"".join([b"POST ", target.path, b" HTTP/1.1\r\n", *(n + b": " + v + b"\r\n" for n, v in headers)])
         try:
             await self._stream.send_all(head + b"\r\n" + body)
-            while True:
-                status, response_headers = await self._read_head()
-                if status >= 200:  # (an informational answer such as 100 Continue is skipped)
-                    return status, response_headers
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ConnectionDropped(_why(exc)) from None
+            # It may have answered (a 413, say) and closed before reading all of the request: read that answer.
+            self._keep_alive = False
+            try:
+                return await self._response_head()
+            except ConnectionDropped:
+                raise ConnectionDropped(_why(exc)) from None
+        return await self._response_head()
 
     async def receive_body(self) -> bytes | None:
         """All the body that has arrived (waiting only when none has), or None after its end."""
@@ -111,7 +117,11 @@ class Http11Connection:
 
     async def read_to_end(self, within_s: float) -> None:
         """Read what is left of the body (dropped) for up to `within_s`: an answer complete at its last event, whose
-        framing's end has not arrived yet. Anything that fails here only means the connection is not reused."""
+        framing's end has not arrived yet. Anything that fails here only means the connection is not reused (and
+        one that could not be reused anyway is not waited for)."""
+        body = self._body
+        if not self._keep_alive or (body.left is None and not body.chunked):
+            return
         with trio.move_on_after(within_s):
             try:
                 while await self.receive_body() is not None:
@@ -177,6 +187,13 @@ class Http11Connection:
             raise ConnectionDropped("the upstream closed the connection")
         self._buffer += data
 
+    async def _response_head(self) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """The final response's head (an informational answer such as 100 Continue is skipped)."""
+        while True:
+            status, headers = await self._read_head()
+            if status >= 200:
+                return status, headers
+
     async def _read_head(self) -> tuple[int, list[tuple[bytes, bytes]]]:
         """Read and parse a response's status line and headers; set how its body ends."""
         while (end := self._buffer.find(b"\r\n\r\n")) < 0:
@@ -187,13 +204,15 @@ class Http11Connection:
         del self._buffer[: end + 4]
         version, _, rest = lines[0].partition(b" ")
         code = rest[:3]
-        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit() or rest[3:4] not in (b"", b" "):
+        if version not in (b"HTTP/1.0", b"HTTP/1.1") or not (len(code) == 3 and code.isdigit() and code[:1] != b"0"):
+            raise _invalid(f"bad status line {lines[0][:80]!r}")
+        if rest[3:4] not in (b"", b" "):
             raise _invalid(f"bad status line {lines[0][:80]!r}")
         status = int(code)
         headers = []
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
+            if not colon or not _TOKEN.fullmatch(name) or _CONTROL.search(value):
                 raise _invalid(f"bad header line {line[:80]!r}")
             headers.append((name.lower(), value.strip()))
         self._frame(version, status, headers)
@@ -207,11 +226,13 @@ class Http11Connection:
             self._body = _Body(0, False)
             return
         encodings = b",".join(v for n, v in headers if n == b"transfer-encoding").lower()
+        lengths = {v for n, v in headers if n == b"content-length"}
         if encodings:
             chunked = encodings.rsplit(b",", 1)[-1].strip() == b"chunked"
             self._body = _Body(None, chunked)
+            if lengths or version != b"HTTP/1.1" or not chunked:  # (framing to distrust: no reuse after it)
+                self._keep_alive = False
             return
-        lengths = {v for n, v in headers if n == b"content-length"}
         if not lengths:
             self._body = _Body(None, False)
             return
@@ -262,12 +283,9 @@ class Http11Connection:
                 body.done = not line  # (trailer fields are dropped)
                 continue
             size = line.split(b";", 1)[0].strip()
-            try:
-                body.left = int(size, 16)
-            except ValueError:
-                raise _invalid(f"bad chunk size {size[:20]!r}") from None
-            if body.left < 0 or size[:1] in (b"+", b"-"):
+            if not _HEX.fullmatch(size):
                 raise _invalid(f"bad chunk size {size[:20]!r}")
+            body.left = int(size, 16)
             body.trailers = body.left == 0
         data = b"".join(pieces)
         del buffer[:at]

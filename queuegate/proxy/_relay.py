@@ -145,7 +145,8 @@ class RelayStream:
         self._failure: GatewayError | None = None  # how the stream ended early (upstream, stop)
         self._stop: GatewayError | None = None
         self._reading: trio.CancelScope | None = None
-        self._closed = False
+        self._closed = False  # the upstream response is closed
+        self._given_back = False  # the slot is given back
         self._next: bytes | None = self._take(first)
 
     @property
@@ -216,10 +217,10 @@ class RelayStream:
         return await self._last(self._dialect.error_event(error))
 
     async def _last(self, block: bytes) -> bytes:
-        """The stream's last block. Before it is sent the upstream is closed and the slot given back (a client that
-        reads the end and asks again finds the slot free); with durable usage the request is also logged and its
-        row committed."""
-        await self._let_go()
+        """The stream's last block. Before it is sent the slot is given back (a client that reads the end and asks
+        again finds it free); with durable usage the request is also logged and its row committed. The upstream is
+        closed after it (`aclose`): the end of its framing may trail its last event."""
+        self._give_back()
         if self._record.commit is not None:
             status, error = self._outcome()
             await self._record.finish_before_last_byte(status, error=error)
@@ -254,18 +255,18 @@ class RelayStream:
         """Close the upstream, give back the slot (with the tokens used), log the request. Called on every exit,
         cancelled or not (idempotent, and a no-op for what `_last` already did)."""
         try:
-            await self._let_go()
+            if not self._closed:
+                self._closed = True
+                await close_response(self._response, ended=self._done)
         finally:
+            self._give_back()
             status, error = self._outcome()
             self._record.finish(status, error=error)
 
-    async def _let_go(self) -> None:
-        """Close the upstream and give back the slot, with the tokens used (once)."""
-        if self._closed:
+    def _give_back(self) -> None:
+        """Give back the slot, with the tokens used (once)."""
+        if self._given_back:
             return
-        self._closed = True
+        self._given_back = True
         self._settle_usage()
-        try:
-            await close_response(self._response, ended=self._done)
-        finally:
-            self._release()
+        self._release()
