@@ -126,6 +126,13 @@ def _admin_socket(args: argparse.Namespace) -> Path:
 
 
 def _top(socket_path: Path) -> int:
+    """The live view; it needs a terminal (without one it would draw into a pipe and wait there for ever)."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print(
+            "queuegate top needs a terminal; for a one-shot view use `queuegate admin status` (or --json)",
+            file=sys.stderr,
+        )
+        return 2
     from queuegate.admin.aio_client import AsyncioAdminClient
     from queuegate.tui.app import TopApp
 
