@@ -112,6 +112,7 @@ async def test_completions_embeddings_and_models(start_sim, start_gateway):
     ("body", "status", "exc", "needle"),
     [
         (b"{not json", 400, openai.BadRequestError, "not valid JSON"),
+        (b"", 400, openai.BadRequestError, "the request body is empty"),
         (b'{"model": "m"}', 400, openai.BadRequestError, "messages"),
         (b'{"model": "nope", "messages": []}', 404, openai.NotFoundError, "Available models: m, e"),
         (

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 
+from queuegate.proxy._forwarder import UpstreamConnections
 from queuegate.proxy._http11 import ConnectionDropped, Http11Connection, Target
 from tests.helpers import in_thread
 
@@ -184,6 +185,20 @@ async def test_broken_heads_are_a_dropped_connection(serve, answer, why):
     _, connection, target = await serve([[answer, None]])
     with pytest.raises(ConnectionDropped, match=why):
         await connection.request(target, HEADERS, b'{"x": 1}', 5.0)
+
+
+async def test_the_pool_closes_idle_connections_a_stopped_server_closed_on_anyone_s_next_request(serve):
+    # (a swapped-out model's server closes its connections: they must not sit in CLOSE-WAIT until it is back)
+    _, _, target = await serve([[SIZED, None]])
+    _, _, other_target = await serve([[SIZED]])
+    pool = UpstreamConnections(keepalive_expiry_s=0.1, max_idle_per_upstream=4)
+    connection, _ = await pool.checkout(target.server)
+    await exchange(connection, target)
+    await pool.checkin(target.server, connection)
+    assert not connection.closed
+    await trio.sleep(0.2)
+    await pool.checkout(other_target.server)  # a request for another server
+    assert connection.closed
 
 
 async def test_an_idle_connection_the_server_closed_is_expired(serve):

@@ -62,9 +62,12 @@ class UpstreamConnections:
         self._max_idle = max_idle_per_upstream
         self._idle: dict[tuple[bool, str, int], list[Http11Connection]] = {}
         self._tls: ssl.SSLContext | None = None  # made on the first https upstream (making one is slow)
+        self._swept_at = trio.current_time()
 
     async def checkout(self, server: tuple[bool, str, int]) -> tuple[Http11Connection, bool]:
         """A connection to `server` and whether it is a reused one (a fresh one connects on first use)."""
+        if trio.current_time() - self._swept_at > self._expiry:
+            await self._sweep()
         idle = self._idle.get(server)
         while idle:
             connection = idle.pop()
@@ -82,6 +85,19 @@ class UpstreamConnections:
         if connection.finish_exchange() and len(idle) < self._max_idle:
             idle.append(connection)
         else:
+            await connection.aclose()
+
+    async def _sweep(self) -> None:
+        """Close the idle connections of every server that expired: past their keep-alive, or closed by a server
+        that stopped (a swapped-out model's), which would otherwise wait for their server's next request."""
+        self._swept_at = trio.current_time()
+        expired = []
+        for server, idle in list(self._idle.items()):  # (taken out at once: other tasks use the lists meanwhile)
+            expired += [connection for connection in idle if connection.expired()]
+            idle[:] = [connection for connection in idle if connection not in expired]
+            if not idle:
+                del self._idle[server]
+        for connection in expired:
             await connection.aclose()
 
     async def __aenter__(self) -> UpstreamConnections:

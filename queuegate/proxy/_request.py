@@ -55,6 +55,8 @@ def forwarding(request: ParsedRequest, body: dict[str, Any]) -> ParsedRequest:
 
 def parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
     """Decode and check the request body (see the module). BadRequest says which field is wrong and why."""
+    if not raw.strip():
+        raise BadRequest("the request body is empty: expected a JSON object with `model` and the request")
     try:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
