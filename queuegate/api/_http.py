@@ -21,9 +21,13 @@ def request_id(supplied: str | None) -> str:
     return "qg-" + secrets.token_hex(8)
 
 
+def error_headers(error: GatewayError, request_id: str) -> dict[str, str]:
+    """The headers of an error answer (its envelope's type, the request id, Retry-After when waiting helps)."""
+    return {"content-type": "application/json", "x-request-id": request_id, **error.headers()}
+
+
 def error_response(error: GatewayError, request_id: str) -> Response:
-    headers = {"content-type": "application/json", "x-request-id": request_id, **error.headers()}
-    return Response(error.body(), status=error.status, headers=headers)
+    return Response(error.body(), status=error.status, headers=error_headers(error, request_id))
 
 
 def json_response(doc: Any, status: int = 200) -> Response:

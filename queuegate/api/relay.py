@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from queuegate.api._http import error_headers
 from queuegate.api._http import request_id as new_request_id
 from queuegate.api._lifetime import CLEANUP_KEY, TASKS_KEY, ASGIApp
 from queuegate.api._routes import Routes
@@ -73,11 +74,11 @@ class Incoming:
     """One relayed request as the routes read it: its headers (names in lowercase, the first of each), its client
     address, and its body, read from the connection under the server's limits."""
 
-    def __init__(self, scope: dict[str, Any], receive: Any, routes: Routes) -> None:
+    def __init__(self, scope: dict[str, Any], receive: Any, max_body: int, body_timeout_s: float) -> None:
         self.scope = scope
         self._receive = receive
-        self._max_body = int(routes.server.max_body_mb * 1024 * 1024)
-        self._body_timeout_s = routes.server.body_timeout_s
+        self._max_body = max_body
+        self._body_timeout_s = body_timeout_s
         headers: dict[str, str] = {}
         for name, value in scope["headers"]:
             headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
@@ -133,6 +134,7 @@ class Incoming:
 
 def relay_routes(routes: Routes, other_routes: ASGIApp) -> ASGIApp:
     """The ASGI app: the relay routes served here, any other request passed to `other_routes`."""
+    max_body, body_timeout_s = int(routes.server.max_body_mb * 1024 * 1024), routes.server.body_timeout_s
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -143,20 +145,21 @@ def relay_routes(routes: Routes, other_routes: ASGIApp) -> ASGIApp:
         if route is None:
             await other_routes(scope, receive, send)
             return
-        incoming = Incoming(scope, receive, routes)
+        incoming = Incoming(scope, receive, max_body, body_timeout_s)
         request_id = new_request_id(incoming.headers.get("x-request-id"))
+        connection = scope.get(CONNECTION_KEY)
         if scope["method"] != "POST":
             error = MethodNotAllowed(f"method {echo(scope['method'])} is not allowed on {echo(path)}")
-            await _send_error(send, error, request_id, {})
+            await _send_whole(send, error.status, error_headers(error, request_id), error.body(), connection)
         elif session is not None and not SESSION_ID.fullmatch(session):
             error = BadRequest("a session id may use letters, digits and . _ : - (at most 128)", param="session_id")
-            await _send_error(send, error, request_id, {})
+            await _send_whole(send, error.status, error_headers(error, request_id), error.body(), connection)
         else:
             with trio.CancelScope() as serving:  # cancelled when the client leaves (once its body is read)
                 try:
                     await _relay(routes, incoming, send, request_id, route, session, serving)
                 finally:
-                    if (connection := scope.get(CONNECTION_KEY)) is not None:
+                    if connection is not None:
                         connection.forget(serving)
 
     return app
@@ -177,7 +180,8 @@ async def _relay(
     )
     scope = incoming.scope
     # An operator's cancel (or the end of a shutdown) ends the queueing and forwarding, then the stream.
-    entry = routes.active.add(record, trio.CancelScope(), scope.get(CONNECTION_KEY))
+    connection: ClientConnection | None = scope.get(CONNECTION_KEY)
+    entry = routes.active.add(record, trio.CancelScope(), connection)
 
     async def forget() -> None:
         routes.active.remove(entry)
@@ -227,7 +231,8 @@ async def _relay(
     limits = routes.admission.key_limit_headers(record.key.name) if record.key is not None else {}
     if error is not None:
         await record.finish_before_last_byte(error.status, error=logged)
-        await _send_error(send, error, request_id, limits)
+        headers = {**error_headers(error, request_id), **limits}
+        await _send_whole(send, error.status, headers, error.body(), connection)
         return
     if isinstance(reply.body, bytes):
         await record.finish_before_last_byte(reply.status)
@@ -236,7 +241,7 @@ async def _relay(
         entry.body = reply.body  # from now on a stop ends the stream with an error event
         if entry.stopped_with is not None:  # stopped just as it was answered
             reply.body.stop(entry.stopped_with)
-    await _send_reply(send, reply, request_id, limits, scope.get(CONNECTION_KEY), scope.get("http_version", ""))
+    await _send_reply(send, reply, request_id, limits, connection, scope.get("http_version", ""))
 
 
 def _cancel_when_gone(incoming: Incoming, serving: trio.CancelScope, tasks: trio.Nursery) -> None:
@@ -271,14 +276,10 @@ async def _send_reply(
     connection: ClientConnection | None,
     http_version: str,
 ) -> None:
-    """The answer: whole (head and body in one write), or streamed block by block as the relay hands them over."""
+    """The answer: whole, or streamed block by block as the relay hands them over."""
     headers = {**reply.headers, "x-request-id": request_id, **limits}
     if isinstance(reply.body, bytes):
-        headers["content-length"] = str(len(reply.body))
-        if connection is not None:
-            connection.send_head_with_body()
-        await send({"type": "http.response.start", "status": reply.status, "headers": _encoded(headers)})
-        await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+        await _send_whole(send, reply.status, headers, reply.body, connection)
         return
     headers["x-accel-buffering"] = "no"  # tell nginx-style proxies not to buffer the stream
     await send({"type": "http.response.start", "status": reply.status, "headers": _encoded(headers)})
@@ -293,10 +294,12 @@ async def _send_reply(
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _send_error(send: Any, error: GatewayError, request_id: str, limits: dict[str, str]) -> None:
-    """An error in OpenAI's envelope."""
-    body = error.body()
-    headers = {"content-type": "application/json", "x-request-id": request_id, **error.headers(), **limits}
+async def _send_whole(
+    send: Any, status: int, headers: dict[str, str], body: bytes, connection: ClientConnection | None
+) -> None:
+    """A whole answer (a reply, or an error in OpenAI's envelope): its head and body in one write."""
     headers["content-length"] = str(len(body))
-    await send({"type": "http.response.start", "status": error.status, "headers": _encoded(headers)})
+    if connection is not None:
+        connection.send_head_with_body()
+    await send({"type": "http.response.start", "status": status, "headers": _encoded(headers)})
     await send({"type": "http.response.body", "body": body, "more_body": False})
