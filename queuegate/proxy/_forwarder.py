@@ -91,10 +91,12 @@ class UpstreamConnections:
         """Close the idle connections of every server that expired: past their keep-alive, or closed by a server
         that stopped (a swapped-out model's), which would otherwise wait for their server's next request."""
         self._swept_at = trio.current_time()
-        expired = []
+        expired: list[Http11Connection] = []
         for server, idle in list(self._idle.items()):  # (taken out at once: other tasks use the lists meanwhile)
-            expired += [connection for connection in idle if connection.expired()]
-            idle[:] = [connection for connection in idle if connection not in expired]
+            kept: list[Http11Connection] = []
+            for connection in idle:
+                (expired if connection.expired() else kept).append(connection)
+            idle[:] = kept
             if not idle:
                 del self._idle[server]
         for connection in expired:

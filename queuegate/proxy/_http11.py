@@ -68,6 +68,10 @@ class _Body:
         self.trailers = False  # the last chunk came: trailer lines, then an empty line
         self.done = length == 0 and not chunked
 
+    @property
+    def ends_at_close(self) -> bool:
+        return self.left is None and not self.chunked
+
 
 class Http11Connection:
     """A keep-alive connection to one server: it connects on its first request, serves one exchange at a time,
@@ -97,11 +101,12 @@ class Http11Connection:
             await self._stream.send_all(head + b"\r\n" + body)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             # It may have answered (a 413, say) and closed before reading all of the request: read that answer.
-            self._keep_alive = False
             try:
-                return await self._response_head()
+                answer = await self._response_head()
             except ConnectionDropped:
                 raise ConnectionDropped(_why(exc)) from None
+            self._keep_alive = False  # (whatever its head says: the rest of the request was never sent)
+            return answer
         return await self._response_head()
 
     async def receive_body(self) -> bytes | None:
@@ -112,7 +117,7 @@ class Http11Connection:
                 data = self._decode()
                 if data or body.done:
                     return data or None
-            await self._fill(eof_ends_body=body.left is None and not body.chunked)
+            await self._fill(eof_ends_body=body.ends_at_close)
         return None
 
     async def read_to_end(self, within_s: float) -> None:
@@ -120,7 +125,7 @@ class Http11Connection:
         framing's end has not arrived yet. Anything that fails here only means the connection is not reused (and
         one that could not be reused anyway is not waited for)."""
         body = self._body
-        if not self._keep_alive or (body.left is None and not body.chunked):
+        if not self._keep_alive or body.ends_at_close:
             return
         with trio.move_on_after(within_s):
             try:
@@ -204,9 +209,8 @@ class Http11Connection:
         del self._buffer[: end + 4]
         version, _, rest = lines[0].partition(b" ")
         code = rest[:3]
-        if version not in (b"HTTP/1.0", b"HTTP/1.1") or not (len(code) == 3 and code.isdigit() and code[:1] != b"0"):
-            raise _invalid(f"bad status line {lines[0][:80]!r}")
-        if rest[3:4] not in (b"", b" "):
+        code_ok = len(code) == 3 and code.isdigit() and code[:1] != b"0" and rest[3:4] in (b"", b" ")
+        if version not in (b"HTTP/1.0", b"HTTP/1.1") or not code_ok:
             raise _invalid(f"bad status line {lines[0][:80]!r}")
         status = int(code)
         headers = []
