@@ -46,7 +46,7 @@ import urllib.request
 from pathlib import Path
 
 import trio
-from benchlib import READY_PREFIXES, Result, Rounds, drive, rss_kb
+from benchlib import Result, Rounds, drive, rss_kb, start_server
 
 LITELLM_VERSION = "1.108.7"  # the newest whose [proxy] extra resolves on PyPI here (later ones pin unreleased deps)
 SECRET = "sk-bench-0123456789"
@@ -106,14 +106,10 @@ def stop(process: subprocess.Popen) -> None:
 def launch(stack: contextlib.ExitStack, argv: list[str]) -> tuple[subprocess.Popen, str]:
     """Start a server that prints one of benchlib's ready lines, stopped when `stack` closes (even if it never got
     ready); the process and its base URL (without /v1)."""
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    stack.callback(stop, process)
-    assert process.stdout is not None
-    for line in process.stdout:
-        for prefix in READY_PREFIXES:
-            if line.startswith(prefix):
-                return process, line[len(prefix) :].split()[0].removesuffix("/v1")
-    raise SystemExit(f"{argv} exited before it was ready")
+    try:
+        return start_server(argv, on_start=lambda process: stack.callback(stop, process))
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def start_queuegate(stack: contextlib.ExitStack, folder: Path, sim_url: str) -> tuple[subprocess.Popen, str]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,14 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def start_server(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
-    """Start a server process and return it with its base URL (without /v1) once it says it is ready."""
+def start_server(
+    argv: list[str], on_start: Callable[[subprocess.Popen[str]], object] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start a server process and return it with its base URL (without /v1) once it says it is ready. `on_start`
+    gets the process as soon as it exists (to have it stopped even if it never gets ready)."""
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if on_start is not None:
+        on_start(process)
     assert process.stdout is not None
     for line in process.stdout:
         for prefix in READY_PREFIXES:
