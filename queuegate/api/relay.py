@@ -290,7 +290,7 @@ async def _send_reply(
     else:
         async for block in reply.body:
             await send({"type": "http.response.body", "body": block, "more_body": True})
-    await reply.body.aclose()  # the upstream closed and the slot given back before the client sees the end
+    await reply.body.aclose()  # (the upstream closed and the request logged before the answer's end goes out)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
