@@ -51,6 +51,7 @@ from queuegate.fleet.launchers.lifeline import Lifeline
 from queuegate.fleet.launchers.process import ChildProcess
 from queuegate.fleet.manager import Fleet
 from queuegate.fleet.planner import DeviceSpec, FleetPlanner, PlannedModel, PlannerPolicy
+from queuegate.heap import HeapTrimmer
 from queuegate.memory.backends import Backend, BuiltinBackend, ToolServerBackend
 from queuegate.memory.embedder import FleetEmbedder
 from queuegate.memory.outcomes import Outcomes
@@ -177,6 +178,8 @@ class Daemon:
         self.nodes = NodeRegistry(cfg.nodes, catalog, self.admission, self.health)
         self.node_poller = NodePoller(cfg.nodes.polled, self.nodes, self._health_client)
         self.node_keys = NodeKeyRing.from_config(cfg)
+        self._in_flight = InFlight()
+        self.heap = HeapTrimmer(self._in_flight)
         self.metrics = Metrics(
             self.admission.statistics,
             self.fleet.statistics,
@@ -184,6 +187,7 @@ class Daemon:
             (lambda: self.memory.counts if self.memory is not None else {}) if cfg.memory.enabled else None,
             self.nodes.statistics,
             (lambda: (self.batches.outcomes, self.batches.statistics())) if cfg.batches.enabled else None,
+            lambda: self._in_flight.count,
         )
         self.proxy = Proxy(
             catalog,
@@ -219,7 +223,6 @@ class Daemon:
             self.keyring = self.keyring.with_key("gateway", gateway_key, cfg.queue.classes[0])
             self.node_agent = NodeAgent(cfg.node, catalog, self.fleet, gateway_key, self._health_client, os.environ)
         self._active = ActiveRequests()
-        self._in_flight = InFlight()
         app = create_app(
             Routes(
                 server=cfg.server,
@@ -292,6 +295,7 @@ class Daemon:
         cfg = self.config
         async with self._pool, self._health_client, trio.open_nursery() as nursery:
             await nursery.start(self.admission.run)
+            await nursery.start(self.heap.run)
             await nursery.start(self.health.run)
             await nursery.start(self.nodes.run)
             await nursery.start(self.node_poller.run)

@@ -3,8 +3,8 @@
 Per request (observed once, when its log line is written): requests by model, class and status; queue wait by class;
 time to first token and generation speed by model; tokens; and QueueGate's own overhead, the time a request spent
 in the gateway outside the queue and the upstream. Read at scrape time from the live components: queue length and
-oldest wait by class, requests in flight by model, upstream health, model states, loads and swaps, and the usage
-store's rows (pending, written, dropped, write errors).
+oldest wait by class, requests in flight by model, HTTP requests open, upstream health, model states, loads and
+swaps, and the usage store's rows (pending, written, dropped, write errors).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Metrics:
         memory: Callable[[], Mapping[str, int]] | None = None,
         nodes: Callable[[], list[NodeStatistics]] | None = None,
         batches: BatchSource = None,
+        open_requests: Callable[[], int] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -79,7 +80,7 @@ class Metrics:
             "queuegate_tool_call_duration_seconds", "How long tool calls took, by tool.", ["tool"],
             buckets=_WAIT_BUCKETS, registry=r,
         )  # fmt: skip
-        r.register(_LiveState(scheduler, fleet, usage, memory, nodes, batches))
+        r.register(_LiveState(scheduler, fleet, usage, memory, nodes, batches, open_requests))
 
     def observe(self, record: RequestRecord, status: int) -> None:
         """One finished request (RequestRecord's `on_finish`)."""
@@ -127,6 +128,7 @@ class _LiveState(Collector):
         memory: Callable[[], Mapping[str, int]] | None,
         nodes: Callable[[], list[NodeStatistics]] | None,
         batches: BatchSource,
+        open_requests: Callable[[], int] | None,
     ) -> None:
         self._scheduler = scheduler
         self._fleet = fleet
@@ -134,6 +136,7 @@ class _LiveState(Collector):
         self._memory = memory
         self._nodes = nodes
         self._batches = batches
+        self._open_requests = open_requests
 
     def collect(self) -> Iterator[Metric]:
         stats, fleet = self._scheduler(), self._fleet()
@@ -170,6 +173,9 @@ class _LiveState(Collector):
                     limit.add_metric([lim.name, unit], allowed)
                     used.add_metric([lim.name, unit], spent)
         yield from (waiting, oldest, in_flight, healthy, state, load, limit, used)
+        if self._open_requests is not None:
+            yield GaugeMetricFamily("queuegate_http_requests_open", "HTTP requests the gateway holds: waiting, "
+                                    "being served or ending.", self._open_requests())  # fmt: skip
         yield CounterMetricFamily("queuegate_model_loads", "Models loaded (turned healthy) since start.", fleet.loads)
         yield CounterMetricFamily("queuegate_swaps", "Models stopped to make room for another.", fleet.swaps)
         if self._usage is not None:

@@ -4,9 +4,10 @@
    requests against one upstream slot that never frees (a simulated upstream told to hang). Baseline: a bare
    quart-trio app whose route just waits, holding the same 10,000 requests (the framework's own cost per request).
    Printed: RSS per waiting request for both and their ratio, and how much of it each gives back once the clients
-   hang up (the queue drains). Then the time of one scheduling decision (a slot frees,
-   the next request is chosen and granted) on the scheduler core with 10 and with 10,000 waiting requests spread
-   over classes and flows, and the ratio (1.0 = the decision does not grow with the queue).
+   hang up and the queue has drained (QueueGate's heap trimmer acts then: `queuegate/heap.py`). Then the time of
+   one scheduling decision (a slot frees, the next request is chosen and granted) on the scheduler core with 10 and
+   with 10,000 waiting requests spread over classes and flows, and the ratio (1.0 = the decision does not grow with
+   the queue).
    Targets: < 20 KB RSS per waiting request; >= 80 % of it given back after the drain; < 50 us per decision at
    10,000 waiting.
 
@@ -29,10 +30,14 @@ import sys
 import tempfile
 import time
 from collections import deque
+from functools import partial
 
+import httpx
 import trio
 from benchlib import rss_kb, serve_app, start_server
+from prometheus_client.parser import text_string_to_metric_families
 
+from queuegate.heap import CHECK_EVERY_S
 from queuegate.scheduler import Policy, SchedulerCore, Ticket, UpstreamState
 
 # -- 1. memory and decision time ----------------------------------------------------------------------------------
@@ -69,9 +74,21 @@ async def settled_rss_kb(pid: int, at_least_s: float = 0.0) -> int:
     return last
 
 
-async def hold_requests(url: str, count: int, pid: int) -> tuple[int, int, int]:
+async def open_requests(url: str) -> float:
+    """What QueueGate's /metrics says of the HTTP requests it holds (the scrape itself is one)."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        text = (await client.get(url + "/metrics")).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "queuegate_http_requests_open":
+            return family.samples[0].value
+    raise RuntimeError("no queuegate_http_requests_open in /metrics")
+
+
+async def hold_requests(url: str, count: int, pid: int, *, gateway: bool) -> tuple[int, int, int]:
     """Open `count` connections, send one request on each, keep them open, then hang up on all of them (the queue
-    drains); returns (RSS growth in KB while they wait, growth left once drained, answers)."""
+    drains); returns (RSS growth in KB while they wait, growth left once drained, answers). The gateway is drained
+    once its /metrics says no request is left (each one that ended still logs its line and records its usage),
+    and its heap trimmer has had time to act; the baseline once its RSS stays put for 5 s."""
     host, port = url.removeprefix("http://").split(":")
     raw = (
         f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
@@ -100,7 +117,11 @@ async def hold_requests(url: str, count: int, pid: int) -> tuple[int, int, int]:
         nursery.cancel_scope.cancel()
     for stream in streams:
         await stream.aclose()
-    left = await settled_rss_kb(pid, at_least_s=5.0) - before
+    if gateway:
+        with trio.fail_after(300):
+            while await open_requests(url) > 1:
+                await trio.sleep(1.0)
+    left = await settled_rss_kb(pid, at_least_s=3 * CHECK_EVERY_S if gateway else 5.0) - before
     return grown, left, answered
 
 
@@ -146,8 +167,12 @@ def measure_memory(count: int) -> None:
                 )
             gateway, gateway_url = start_server([py, "-m", "queuegate.cli", "run", "--config", config])
             servers.append(gateway)
-            base_grown, base_left, base_answered = trio.run(hold_requests, hold_url, count, hold_server.pid)
-            qg_grown, qg_left, qg_answered = trio.run(hold_requests, gateway_url, count, gateway.pid)
+            base_grown, base_left, base_answered = trio.run(
+                partial(hold_requests, gateway=False), hold_url, count, hold_server.pid
+            )
+            qg_grown, qg_left, qg_answered = trio.run(
+                partial(hold_requests, gateway=True), gateway_url, count, gateway.pid
+            )
     finally:
         for server in servers:
             server.terminate()

@@ -7,6 +7,7 @@ import sys
 import httpx
 import openai
 import pytest
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import HI, in_thread, wait_until
@@ -46,9 +47,40 @@ async def test_metrics_after_traffic(start_sim, start_gateway):
     assert 0 < found["queuegate_gateway_overhead_seconds_sum", ()] < 1.0
     assert found["queuegate_queue_length", (("class", "user"), ("model", "m"))] == 0
     assert found["queuegate_in_flight", (("model", "m"),)] == 0
+    assert found["queuegate_http_requests_open", ()] == 1  # the scrape itself
     assert found["queuegate_upstream_up", (("upstream", "m#0"),)] == 1
     assert found["queuegate_model_state", (("model", "m"), ("state", "ready"))] == 1
     assert found["queuegate_swaps_total", ()] == 0
+
+
+async def test_open_requests_count_each_http_request_the_gateway_holds(start_sim, start_gateway):
+    """One request served, one waiting for its slot, and the scrape: 3 open; once both clients hang up, the
+    scrape alone."""
+    _, url = await start_sim(tokens_per_s=5)
+    gw = await start_gateway({"m": {"upstreams": [url], "max_concurrency": 1}})
+
+    def waiting() -> int:
+        return sum(c.waiting for model in gw.daemon.admission.statistics().models for c in model.classes)
+
+    async with httpx.AsyncClient(timeout=30) as http:
+
+        async def scrape() -> float:
+            return samples((await http.get(gw.base_url + "/metrics")).text)["queuegate_http_requests_open", ()]
+
+        async def ask() -> None:
+            await http.post(
+                gw.base_url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 200}
+            )
+
+        async with trio.open_nursery() as clients:
+            clients.start_soon(ask)
+            clients.start_soon(ask)
+            await wait_until(lambda: waiting() == 1)
+            assert await scrape() == 3
+            clients.cancel_scope.cancel()
+        with trio.fail_after(5):
+            while await scrape() != 1:
+                await trio.sleep(0.05)
 
 
 async def test_metrics_time_model_loads_and_count_usage_rows(start_gateway):

@@ -15,15 +15,19 @@ ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
 class InFlight:
-    """Counts HTTP requests being served, so a graceful shutdown knows when the last one has finished."""
+    """Counts HTTP requests being served, so a graceful shutdown knows when the last one has finished; `peak` is
+    the highest count since `reset_peak` (the heap trimmer's sign that a burst came and went)."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.peak = 0
         self._idle = trio.Event()
         self._idle.set()
 
     def enter(self) -> None:
         self.count += 1
+        if self.count > self.peak:
+            self.peak = self.count
         if self.count == 1:
             self._idle = trio.Event()
 
@@ -31,6 +35,9 @@ class InFlight:
         self.count -= 1
         if self.count == 0:
             self._idle.set()
+
+    def reset_peak(self) -> None:
+        self.peak = self.count
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
