@@ -8,9 +8,11 @@ test_llama_e2e.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+import time
 
 import httpx
 import openai
@@ -19,7 +21,7 @@ import trio
 
 from queuegate.config import build_config
 from queuegate.fleet.catalog import Catalog, make_upstream
-from queuegate.fleet.health import HealthMonitor
+from queuegate.fleet.health import HealthMonitor, probe_health
 from queuegate.scheduler import UpstreamState
 from tests.helpers import (
     EXCLUSIVE,
@@ -253,3 +255,32 @@ async def test_a_health_check_that_ends_as_its_upstream_is_unwatched_reports_not
         assert [state for _, state, _ in states] == [UpstreamState.READY, UpstreamState.DOWN]  # nothing after
         health.report_failure(upstream, "refused again")  # (unwatched: not news)
         assert len(states) == 2
+
+
+async def test_a_health_check_timed_out_by_the_gateways_own_stall_is_asked_again(start_sim, nursery, caplog):
+    """The upstream (a simulated server) answers at once, but the gateway's event loop is stalled: a fake, a task
+    blocking it 0.3 s at a time, the way thousands of clients hanging up at once keep it busy. The check times out
+    on our side, is asked again, and the upstream is ready once the stall ends. A server that takes the connection
+    and never answers is still called down after one timeout when the loop is free."""
+    _, url = await start_sim()
+    answering = make_upstream("m#0", "m", url, "/health", 1)
+    silent_listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]  # never accepts, never answers
+    silent_port = silent_listener.socket.getsockname()[1]
+    silent = make_upstream("s#0", "s", f"http://127.0.0.1:{silent_port}/v1", "/health", 1)
+
+    async def stall_the_loop() -> None:
+        for _ in range(6):
+            time.sleep(0.3)  # (blocking on purpose)
+            await trio.sleep(0)
+
+    async with httpx.AsyncClient() as client:
+        nursery.start_soon(stall_the_loop)
+        with caplog.at_level(logging.INFO, logger="queuegate.health"):
+            assert await probe_health(client, answering, 0.4) == (UpstreamState.READY, "ok")
+        asked_again = [r for r in caplog.records if r.getMessage().startswith("health check timed out while")]
+        assert asked_again and asked_again[0].fields["upstream"] == "m#0"
+        started = trio.current_time()
+        state, reason = await probe_health(client, silent, 0.4)
+        assert (state, reason) == (UpstreamState.DOWN, "health check timed out after 0.4 s")
+        assert trio.current_time() - started < 1.0  # asked once
+    await silent_listener.aclose()

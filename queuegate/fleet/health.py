@@ -138,20 +138,61 @@ class HealthMonitor:
         self._on_state(upstream.id, state, reason)
 
 
+STALL_TICK_S = 0.05
+STALLED_RETRIES = 3  # a check that timed out while the gateway's own loop stalled is asked again, this many times
+
+
+class _LoopLateness:
+    """While it watches: how far behind this process's event loop ran, summed over short sleeps (each woken up late
+    by as long as the loop was blocked, or busy with a round of other tasks)."""
+
+    def __init__(self) -> None:
+        self.late_s = 0.0
+
+    async def watch(self) -> None:
+        while True:
+            asked = trio.current_time()
+            await trio.sleep(STALL_TICK_S)
+            self.late_s += max(0.0, trio.current_time() - asked - STALL_TICK_S)
+
+
 async def probe_health(client: httpx.AsyncClient, upstream: Upstream, timeout_s: float) -> tuple[UpstreamState, str]:
     """One health check: READY on 200, LOADING on 503, else DOWN; with the reason.
 
     503 is "up, not ready yet", whatever the kind: llama-server answers 503 "Loading model" on every path until its
-    model is loaded (TGI and LocalAI do the same), and a request may wait for that instead of failing at once."""
+    model is loaded (TGI and LocalAI do the same), and a request may wait for that instead of failing at once.
+
+    A timeout while the gateway itself was too busy to read the answer (its event loop ran behind for half the
+    timeout or more: thousands of clients hanging up at once take seconds to clean up) says nothing of the upstream:
+    the check is asked again, up to STALLED_RETRIES times, before the upstream is called down."""
     assert upstream.health_url is not None
     headers = [(k.decode(), v.decode()) for k, v in upstream.headers if k in (b"authorization", b"host")]
-    try:
-        with trio.fail_after(timeout_s):
-            response = await client.get(upstream.health_url, headers=headers)
-    except trio.TooSlowError:
-        return UpstreamState.DOWN, f"health check timed out after {timeout_s:g} s"
-    except httpx.HTTPError as exc:
-        return UpstreamState.DOWN, f"health check failed: {type(exc).__name__}: {exc}"
+    stalled = 0
+    while True:
+        lateness = _LoopLateness()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lateness.watch)
+            try:
+                with trio.fail_after(timeout_s):
+                    response = await client.get(upstream.health_url, headers=headers)
+            except (trio.TooSlowError, httpx.TimeoutException):
+                response = None
+            except httpx.HTTPError as exc:
+                return UpstreamState.DOWN, f"health check failed: {type(exc).__name__}: {exc}"
+            finally:
+                nursery.cancel_scope.cancel()
+        if response is not None:
+            break
+        if lateness.late_s < timeout_s / 2:
+            return UpstreamState.DOWN, f"health check timed out after {timeout_s:g} s"
+        if stalled == STALLED_RETRIES:
+            return UpstreamState.DOWN, (
+                f"health check timed out after {timeout_s:g} s, {stalled + 1} times in a row, each time while this "
+                f"gateway's event loop ran behind (last by {lateness.late_s:.1f} s)"
+            )
+        stalled += 1
+        fields = {"upstream": upstream.id, "loop_late_s": round(lateness.late_s, 2), "asked": stalled}
+        log.info("health check timed out while the gateway was busy; asking again", extra={"fields": fields})
     if response.status_code == 200:
         return UpstreamState.READY, "ok"
     if response.status_code == 503:
