@@ -6,6 +6,7 @@ Only values that code chose to log appear: no request bodies, no headers, so no 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -21,9 +22,17 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 class TextFormatter(logging.Formatter):
     """`2026-11-22T10:00:00.123Z INFO request rid=qg-1 model=coder status=200`."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # (second, its stamp): made once a second, as a line per request is hot; one tuple, so threads agree
+        self._second_stamp = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        parts = [stamp, record.levelname, record.getMessage()]
+        second, stamp = self._second_stamp
+        if int(record.created) != second:
+            second = int(record.created)
+            self._second_stamp = (second, stamp := time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        parts = [f"{stamp}.{int(record.msecs):03d}Z", record.levelname, record.getMessage()]
         parts.extend(f"{key}={_text_value(value)}" for key, value in _fields(record).items() if value is not None)
         line = " ".join(parts)
         if record.exc_info:
@@ -44,9 +53,12 @@ class JsonFormatter(logging.Formatter):
         return msgspec.json.encode(doc).decode()
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\n]')
+
+
 def _text_value(value: Any) -> str:
-    text = str(value)
-    if not text or any(c in text for c in ' "=\n'):
+    text = value if type(value) is str else str(value)
+    if not text or _NEEDS_QUOTES.search(text):
         return msgspec.json.encode(text).decode()
     return text
 
