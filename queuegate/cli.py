@@ -116,12 +116,15 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _admin_socket(args: argparse.Namespace) -> Path:
-    """--socket, else the config's admin socket, else the default one (./.queuegate/admin.sock, as the demo's); an
-    absolute path, so an error names exactly where it looked."""
+    """--socket, else the config's admin socket, else (no ./queuegate.toml) the default one (./.queuegate/admin.sock,
+    as the demo's); an absolute path, so an error names exactly where it looked. A config named by --config or
+    $QUEUEGATE_CONFIG must exist: guessing another daemon's socket would answer for the wrong one."""
     if args.socket:
         return Path(args.socket).absolute()
     if Path(args.config).exists():
         return admin_socket_path(load_config(args.config)).absolute()
+    if args.config != DEFAULT_CONFIG:
+        raise ConfigError(f"no config at {args.config} (it names the daemon's admin socket; or give --socket PATH)")
     return admin_socket_path(build_config({})).absolute()
 
 

@@ -221,6 +221,9 @@ def test_small_frictions_of_the_command_line(tmp_path):
     assert "no config at queuegate.toml" in check.stderr and "queuegate run --demo" in check.stderr
     admin = queuegate("admin", "status")
     assert str(tmp_path / ".queuegate" / "admin.sock") in admin.stderr and "--socket PATH" in admin.stderr
+    for argv in (("admin", "--config", "missing.toml", "status"), ("top", "--config", "missing.toml")):
+        missing = queuegate(*argv)  # a config asked for by name must be there (not another daemon's socket)
+        assert missing.returncode == 2 and "no config at missing.toml" in missing.stderr, missing.stderr
     top = queuegate("top")  # (no terminal here: it says so rather than drawing into a pipe for ever)
     assert top.returncode == 2 and "needs a terminal" in top.stderr and "admin status" in top.stderr
     # Typos: the closest key or section; zero models: an error for run, a warning for check.
