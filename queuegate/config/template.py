@@ -92,7 +92,8 @@ def template_tables() -> list[Table]:
                     "max_answer_mb": "Largest non-streamed answer QueueGate holds in memory; a larger one is a 502.",
                     "keepalive_connections": "Idle keep-alive connections kept open per upstream for reuse.",
                     "health_interval_s": "Health check period of a ready upstream (1 s while it is down or loading).",
-                    "health_timeout_s": "A health check slower than this counts as failed.",
+                    "health_timeout_s": "A health check slower than this counts as failed (it is asked again if the "
+                    "gateway itself was too busy to hear the answer).",
                 },
             ),
         ),
