@@ -144,16 +144,20 @@ STALLED_RETRIES = 3  # a check that timed out while the gateway's own loop stall
 
 class _LoopLateness:
     """While it watches: how far behind this process's event loop ran, summed over short sleeps (each woken up late
-    by as long as the loop was blocked, or busy with a round of other tasks)."""
+    by as long as the loop was blocked, or busy with a round of other tasks), the sleep under way included."""
 
     def __init__(self) -> None:
-        self.late_s = 0.0
+        self._late_s = 0.0
+        self._tick_started = trio.current_time()
+
+    def late_s(self) -> float:
+        return self._late_s + max(0.0, trio.current_time() - self._tick_started - STALL_TICK_S)
 
     async def watch(self) -> None:
         while True:
-            asked = trio.current_time()
+            self._tick_started = trio.current_time()
             await trio.sleep(STALL_TICK_S)
-            self.late_s += max(0.0, trio.current_time() - asked - STALL_TICK_S)
+            self._late_s += max(0.0, trio.current_time() - self._tick_started - STALL_TICK_S)
 
 
 async def probe_health(client: httpx.AsyncClient, upstream: Upstream, timeout_s: float) -> tuple[UpstreamState, str]:
@@ -170,6 +174,7 @@ async def probe_health(client: httpx.AsyncClient, upstream: Upstream, timeout_s:
     stalled = 0
     while True:
         lateness = _LoopLateness()
+        failure: str | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lateness.watch)
             try:
@@ -177,21 +182,23 @@ async def probe_health(client: httpx.AsyncClient, upstream: Upstream, timeout_s:
                     response = await client.get(upstream.health_url, headers=headers)
             except (trio.TooSlowError, httpx.TimeoutException):
                 response = None
-            except httpx.HTTPError as exc:
-                return UpstreamState.DOWN, f"health check failed: {type(exc).__name__}: {exc}"
-            finally:
-                nursery.cancel_scope.cancel()
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                failure = f"health check failed: {type(exc).__name__}: {exc}"
+            late_s = lateness.late_s()
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            return UpstreamState.DOWN, failure
         if response is not None:
             break
-        if lateness.late_s < timeout_s / 2:
+        if late_s < timeout_s / 2:
             return UpstreamState.DOWN, f"health check timed out after {timeout_s:g} s"
         if stalled == STALLED_RETRIES:
             return UpstreamState.DOWN, (
                 f"health check timed out after {timeout_s:g} s, {stalled + 1} times in a row, each time while this "
-                f"gateway's event loop ran behind (last by {lateness.late_s:.1f} s)"
+                f"gateway's event loop ran behind (last by {late_s:.1f} s)"
             )
         stalled += 1
-        fields = {"upstream": upstream.id, "loop_late_s": round(lateness.late_s, 2), "asked": stalled}
+        fields = {"upstream": upstream.id, "loop_late_s": round(late_s, 2), "asked": stalled}
         log.info("health check timed out while the gateway was busy; asking again", extra={"fields": fields})
     if response.status_code == 200:
         return UpstreamState.READY, "ok"
