@@ -3,11 +3,10 @@
 A gateway that held 10,000 waiting requests would otherwise stay at that size once they are gone: requests that
 ended by cancellation (their client hung up) leave their exceptions, tracebacks and frames in reference cycles that
 only the cycle collector frees, and CPython never runs its oldest generation once allocations stop; glibc keeps the
-pages it got back for later. So once a burst has ended (the peak of open requests was a burst, and they have been
-down to a tenth of it at two checks in a row: the burst's requests have finished ending), the trimmer collects the
-cycles and asks glibc to return its free pages (`malloc_trim`, in a worker thread: it takes a while on a large
-heap). What CPython's own arenas keep (a few live objects pin a
-1 MiB arena) stays: `scripts/bench_scheduler.py` measures what is given back.
+pages it got back for later. So once a burst is over (the peak of open requests was a burst, and they have been
+down to a tenth of it or less at two checks in a row), the trimmer collects the cycles and asks glibc to return its
+free pages (`malloc_trim`, in a worker thread: it takes a while on a large heap). What CPython's own arenas keep
+(a few live objects pin a 1 MiB arena) stays: `scripts/bench_scheduler.py` measures what is given back.
 """
 
 from __future__ import annotations
@@ -18,10 +17,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
-from queuegate.api import InFlight
+if TYPE_CHECKING:
+    from queuegate.api import InFlight
 
 log = logging.getLogger("queuegate.heap")
 
@@ -33,7 +34,7 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
     """glibc's `malloc_trim` (None where the C library has none, e.g. musl or macOS)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # (TypeError: Windows has no CDLL(None))
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
@@ -57,8 +58,9 @@ class HeapTrimmer:
         self._in_flight = in_flight
         self._burst = burst
         self._every_s = every_s
-        self._malloc_trim = _find_malloc_trim()
+        self.malloc_trim = _find_malloc_trim()
         self.trims = 0  # give-backs begun
+        self._over_at_last_check = False
 
     def burst_is_over(self) -> bool:
         peak = self._in_flight.peak
@@ -66,15 +68,18 @@ class HeapTrimmer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        over_at_last_check = False
         while True:
             await trio.sleep(self._every_s)
-            over, over_at_last_check = over_at_last_check, self.burst_is_over()
-            if over and over_at_last_check:
-                peak = self._in_flight.peak
-                self._in_flight.reset_peak()
-                over_at_last_check = False
-                await self.give_back(peak)
+            await self.check()
+
+    async def check(self) -> None:
+        """One check: give back when the burst was over at this check and at the one before."""
+        over_before, self._over_at_last_check = self._over_at_last_check, self.burst_is_over()
+        if over_before and self._over_at_last_check:
+            peak = self._in_flight.peak
+            self._in_flight.reset_peak()
+            self._over_at_last_check = False
+            await self.give_back(peak)
 
     async def give_back(self, peak: int) -> None:
         """Collect reference cycles (this blocks the loop: tens of ms on an idle heap, a few hundred after a burst
@@ -82,8 +87,8 @@ class HeapTrimmer:
         self.trims += 1
         before, started = resident_mb(), time.perf_counter()
         collected = gc.collect()
-        if self._malloc_trim is not None:
-            await trio.to_thread.run_sync(self._malloc_trim, 0)
+        if self.malloc_trim is not None:
+            await trio.to_thread.run_sync(self.malloc_trim, 0)
         after = resident_mb()
         fields = {
             "peak_requests": peak,
