@@ -167,7 +167,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_the_slot(start_s
     stuck = await stuck_stream(gw.base_url)
     # Buffers fill within moments; one second later the connection is closed and the upstream with it.
     await wait_until(lambda: sim.stats.disconnects == 1, timeout=15)
-    assert gw.stats().in_service == 0
+    await wait_until(lambda: gw.stats().in_service == 0, timeout=1)  # (the same cleanup, just after the close)
     assert (await in_thread(lambda: chat(gw.client(), max_tokens=2))).choices  # the one slot serves others again
     line = next(line for line in request_lines(caplog) if line["rid"] == "stuck")
     assert line["status"] == 499
