@@ -2,8 +2,9 @@
 
 1. Memory and decision time at 10,000 waiting requests. QueueGate (`queuegate run`, a subprocess) holds 10,000
    requests against one upstream slot that never frees (a simulated upstream told to hang). Baseline: a bare
-   quart-trio app whose route just waits, holding the same 10,000 requests (the framework's own cost per request).
-   Printed: RSS per waiting request for both and their ratio, and how much of it each gives back once the clients
+   quart-trio app whose route just waits, holding the same 10,000 requests (the framework's own cost per request);
+   and hypercorn holding them for a bare ASGI app that only reads the body (the HTTP server's own floor).
+   Printed: RSS per waiting request for each and the ratios, and how much of it each gives back once the clients
    hang up and the queue has drained (QueueGate's heap trimmer acts then: `queuegate/heap.py`). Then the time of
    one scheduling decision (a slot frees, the next request is chosen and granted) on the scheduler core with 10 and
    with 10,000 waiting requests spread over classes and flows, and the ratio (1.0 = the decision does not grow with
@@ -34,7 +35,7 @@ from functools import partial
 
 import httpx
 import trio
-from benchlib import rss_kb, serve_app, start_server
+from benchlib import bare_asgi_app, rss_kb, serve_app, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from queuegate.heap import CHECK_EVERY_S
@@ -155,6 +156,8 @@ def measure_memory(count: int) -> None:
     try:
         hold_server, hold_url = start_server([py, __file__, "--serve-hold"])
         servers.append(hold_server)
+        bare_server, bare_url = start_server([py, __file__, "--serve-bare"])
+        servers.append(bare_server)
         sim, sim_url = start_server([py, "-m", "queuegate.sim", "--port", "0", "--tokens-per-s", "0"])
         servers.append(sim)
         with tempfile.TemporaryDirectory() as tmp:
@@ -169,6 +172,9 @@ def measure_memory(count: int) -> None:
             servers.append(gateway)
             base_grown, base_left, base_answered = trio.run(
                 partial(hold_requests, gateway=False), hold_url, count, hold_server.pid
+            )
+            bare_grown, bare_left, bare_answered = trio.run(
+                partial(hold_requests, gateway=False), bare_url, count, bare_server.pid
             )
             qg_grown, qg_left, qg_answered = trio.run(
                 partial(hold_requests, gateway=True), gateway_url, count, gateway.pid
@@ -185,8 +191,12 @@ def measure_memory(count: int) -> None:
     qg_back, base_back = 1 - qg_left / qg_grown, 1 - base_left / base_grown
     print(f"   in total: QueueGate {qg_grown / 1024:.0f} MB, given back once they hung up {qg_back:.0%} ", end="")
     print(f"(baseline {base_grown / 1024:.0f} MB, {base_back:.0%} given back)")
-    if qg_answered or base_answered:
-        print(f"   WARNING: {qg_answered} QueueGate and {base_answered} baseline requests were answered, not held")
+    bare_kb, bare_back = bare_grown / count, 1 - bare_left / bare_grown
+    print(f"   the HTTP server's floor (hypercorn holding them for a bare ASGI app): {bare_kb:.1f} KB each, ", end="")
+    print(f"{bare_back:.0%} given back; QueueGate / floor: {qg_kb / bare_kb:.2f}")
+    if qg_answered or base_answered or bare_answered:
+        answered = f"{qg_answered} QueueGate, {base_answered} baseline and {bare_answered} floor requests"
+        print(f"   WARNING: {answered} were answered, not held")
     small, large = decision_time_us(10), decision_time_us(count)
     print(f"   scheduling decision: {small:.1f} us at 10 waiting, {large:.1f} us at {count:,} waiting")
     print(f"   ratio {count:,} / 10 waiting: {large / small:.2f}")
@@ -271,9 +281,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--waiting", type=int, default=10_000, help="waiting requests to hold")
     parser.add_argument("--serve-hold", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_hold:
         serve_hold()
+        return
+    if args.serve_bare:
+        serve_app(bare_asgi_app(hold=True), backlog=4096)
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = args.waiting * 2 + 1000

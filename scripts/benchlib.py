@@ -114,8 +114,32 @@ def instant_sim_behind_gateway(
             server.wait(10)
 
 
+def bare_asgi_app(*, hold: bool) -> Callable[..., Any]:
+    """hypercorn's own floor, as a baseline: an ASGI app without a framework that reads the request's body, then
+    answers a small JSON or (`hold`) waits for the client to hang up."""
+    body = b'{"ok": true}'
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        if hold:
+            await receive()  # http.disconnect, once the client hangs up
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
 def serve_app(app: Any, *, backlog: int = 100) -> None:
-    """Serve a baseline quart-trio app on a free loopback port; print its URL after APP_READY once it listens."""
+    """Serve a baseline ASGI app (quart-trio, or bare) with hypercorn on a free loopback port; print its URL after
+    APP_READY once it listens."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
