@@ -155,9 +155,8 @@ class _LoopLateness:
 
     async def watch(self) -> None:
         while True:
-            self._tick_started = trio.current_time()
             await trio.sleep(STALL_TICK_S)
-            self._late_s += max(0.0, trio.current_time() - self._tick_started - STALL_TICK_S)
+            self._late_s, self._tick_started = self.late_s(), trio.current_time()
 
 
 async def probe_health(client: httpx.AsyncClient, upstream: Upstream, timeout_s: float) -> tuple[UpstreamState, str]:
